@@ -1,0 +1,62 @@
+"""In-process Python API: numpy in, numpy out, no cluster.  See :func:`kernel_gradients`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+from .gradients import DTYPES, MODES, TileShape, block_sums, formulation, prepare_sources
+from .inputs import as_point_array, as_weights, check_same_dim
+from .kernels import make_spec
+from .plan import make_plan
+
+
+def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", lengthscale=1.0, variance=1.0,
+                     dtype="float32", mode="auto", return_value=False, **params):
+    """Summed input-gradients of a kernel sum, in this process.
+
+    For queries ``q_j`` (rows of ``points``) and sources ``x_i`` with weights ``w_i``:
+
+        g_j = sum_i w_i grad_q k(q_j, x_i)     (the derivative in the first argument only)
+        v_j = sum_i w_i k(q_j, x_i)
+
+    Parameters
+    ----------
+    points : array (N, D), or (N,) meaning D = 1 (the gradient then has shape (N,)).
+    sources : array (M, D), default ``points``.
+    weights : array (M,), default ones.
+    kernel : a name from :data:`pipeline.kernels.KERNELS` or a user kernel ``"module:function"``.
+    lengthscale : scalar or one per dimension (same units as the points).
+    variance : the kernel's scale s2 (units of k).
+    dtype : ``"float32"`` or ``"float64"``: the compute precision (sums are accumulated in float64).
+    mode : ``"auto"`` (structured fast path where the kernel has one), ``"jacfwd"`` or ``"jacrev"``
+        (generic ``vmap`` over rows of that JAX transform).
+    return_value : also return the kernel sums ``v``.
+    **params : the kernel's own parameters (``alpha``, ``c``, ``beta``, ``period``, ``degree``).
+
+    Returns
+    -------
+    g, or (g, v) with ``return_value=True``; numpy arrays of ``dtype``.
+    """
+    one_d = np.ndim(points) == 1
+    queries = as_point_array(points, "points")
+    srcs = queries if sources is None else as_point_array(sources, "sources")
+    check_same_dim(queries, srcs)
+    w = None if weights is None else as_weights(weights, srcs.shape[0])
+    if dtype not in DTYPES:
+        raise InputError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if mode not in MODES:
+        raise InputError(f"mode={mode!r} is not known; use one of {', '.join(MODES)}")
+    spec = make_spec(kernel, queries.shape[1], lengthscale, variance, **params)
+    plan = make_plan(queries.shape[0], srcs.shape[0], queries.shape[1], dtype=dtype,
+                     formulation=formulation(spec, mode))
+    shape = TileShape(plan.rows, plan.cols, plan.tiles_per_call)
+    prepared = prepare_sources(srcs, w, spec, dtype, shape)
+    g = np.empty(queries.shape, dtype=dtype)
+    v = np.empty(queries.shape[0], dtype=dtype)
+    for start in range(0, queries.shape[0], plan.rows):
+        stop = min(start + plan.rows, queries.shape[0])
+        g[start:stop], v[start:stop] = block_sums(queries[start:stop], prepared, spec, mode, dtype, shape)
+    if one_d:
+        g = g[:, 0]
+    return (g, v) if return_value else g

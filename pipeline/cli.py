@@ -1,0 +1,160 @@
+"""The ``kgrad`` command: ``run``, ``plan``, ``inspect``.
+
+Exit codes: 0 done; 2 bad input or usage (one line on stderr, nothing written); 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import InputError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line (exit 2), like every other bad input."""
+
+    def error(self, message):
+        raise InputError(f"{message} (see 'kgrad {self.prog.split()[-1]} --help')"
+                         if " " in self.prog else f"{message} (see 'kgrad --help')")
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("workflow", nargs="?", help="TOML workflow file (flags override it)")
+    p.add_argument("--points", help="zarr array, zarr group with 'points', .npy file, or URL")
+    p.add_argument("--sources", help="sources (default: the points)")
+    p.add_argument("--weights", help="weights, one per source (default: ones)")
+    p.add_argument("--kernel", help="kernel name or user kernel 'module:function' (default rbf)")
+    p.add_argument("--lengthscale", nargs="+", type=float, metavar="L", help="one value, or one per dimension")
+    p.add_argument("--variance", type=float)
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a kernel parameter, e.g. --param alpha=2 (repeatable)")
+    p.add_argument("--dtype", help="float32 (default) or float64")
+    p.add_argument("--mode", help="auto (default), jacfwd or jacrev")
+    p.add_argument("--out", help="output zarr group")
+    p.add_argument("--scheduler", help="local (default), a scheduler address, or a scheduler file")
+    p.add_argument("--workers", type=int, help="workers of the local cluster (default: the cores)")
+    p.add_argument("--memory-limit", dest="memory_limit", help="memory per local worker, e.g. 4GiB")
+    p.add_argument("--tile-rows", dest="tile_rows", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--tile-cols", dest="tile_cols", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--rows-per-task", dest="rows_per_task", type=int, help="query rows per task / chunk")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run of the same job")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def _parse_params(items) -> dict:
+    params = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise InputError(f"--param {item!r} is not NAME=VALUE (e.g. --param alpha=2)")
+        try:
+            params[name] = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            raise InputError(f"--param {item!r}: {value!r} is not a number") from None
+    return params
+
+
+def config_from_args(args):
+    from .workflow import RunConfig, load_workflow
+
+    config = load_workflow(args.workflow) if args.workflow else RunConfig()
+    lengthscale = None
+    if args.lengthscale:
+        lengthscale = args.lengthscale[0] if len(args.lengthscale) == 1 else list(args.lengthscale)
+    params = {**config.params, **_parse_params(args.param)}
+    return config.replace(points=args.points, sources=args.sources, weights=args.weights, kernel=args.kernel,
+                          lengthscale=lengthscale, variance=args.variance, params=params, dtype=args.dtype,
+                          mode=args.mode, out=args.out, scheduler=args.scheduler, workers=args.workers,
+                          memory_limit=args.memory_limit, tile_rows=args.tile_rows, tile_cols=args.tile_cols,
+                          rows_per_task=args.rows_per_task, progress=args.progress,
+                          resume=args.resume or None, overwrite=args.overwrite or None)
+
+
+def _format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_plan(args) -> int:
+    from .workflow import prepare
+
+    config = config_from_args(args)
+    if not config.out:
+        config = config.replace(out="(not written)")
+    prepared = prepare(config)
+    plan = prepared.plan
+    print(f"kernel        {prepared.job.spec.describe()}  [{plan.formulation}, mode={config.mode}]")
+    print(f"inputs        N={plan.n_points} points x M={plan.n_sources} sources, D={plan.dim}, {plan.dtype}")
+    print(f"tile          {plan.rows} rows x {plan.cols} cols, {plan.tiles_per_call} tiles per compiled call")
+    print(f"tasks         {plan.n_tasks} of {plan.rows_per_task} rows (output chunks), "
+          f"{plan.pairs / 1e9:.3g} G pairs in all")
+    limit = "" if plan.worker_memory_bytes is None else f" (worker limit {_format_bytes(plan.worker_memory_bytes)})"
+    print(f"memory        {_format_bytes(plan.task_memory_bytes)} per task{limit}")
+    print(f"workers       {plan.workers}")
+    print(f"rough time    {plan.estimated_seconds:.1f} s of compute")
+    print(f"output        {config.out}: {prepared.action}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .workflow import prepare, run_prepared
+
+    prepared = prepare(config_from_args(args))
+    run_prepared(prepared)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import describe_output
+
+    info = describe_output(args.out)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        from .inspect import format_output
+
+        print(format_output(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kgrad", description="Summed kernel gradients over large point sets "
+                                               "(dask + JAX + zarr).")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    run = sub.add_parser("run", help="compute and write an output group")
+    _run_arguments(run)
+    run.set_defaults(func=cmd_run)
+    plan = sub.add_parser("plan", help="print tiles, tasks, memory and time; write nothing")
+    _run_arguments(plan)
+    plan.set_defaults(func=cmd_plan)
+    inspect = sub.add_parser("inspect", help="what an output holds and how it was made")
+    inspect.add_argument("out")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return args.func(args)
+    except InputError as exc:
+        print(f"kgrad: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kgrad: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Execution on dask.distributed: one task per output chunk, reduced in a fixed order inside the task.
+
+``execute(job, plan, ...)`` submits :func:`run_task` for each task not yet done (resume state lives in
+the output), shows progress, and returns timings.  ``scheduler="local"`` starts a ``LocalCluster`` bound
+to loopback; anything else is an existing scheduler's address (``tcp://``, ``tls://``) or a scheduler
+file.
+
+Workers build their jitted functions lazily (one compile per process and tile shape, kept in the
+persistent compilation cache), read their query rows and the sources from the input stores themselves,
+write whole output chunks, and return only small dicts: no JAX arrays or jitted functions cross the wire.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import store
+from .gradients import TileShape
+from .kernels import KernelSpec
+from .plan import Plan, Task
+
+
+@dataclass(frozen=True)
+class Job:
+    """All a worker needs for any task of a run (small, picklable, immutable)."""
+
+    points: store.InputRef
+    sources: store.InputRef | None  # None: the points are the sources
+    weights: store.InputRef | None  # None: unit weights
+    spec: KernelSpec
+    mode: str
+    dtype: str
+    shape: TileShape
+    center: tuple[float, ...]
+    out: str
+    out_options: tuple = ()
+    fingerprint: str = ""
+    pin_cores: bool = False
+    cache_dir: str | None = None
+
+
+# ----------------------------------------------------------------------------------------- worker side
+
+_SOURCES: dict = {}
+
+
+def _prepared_sources(job: Job):
+    """Sources prepared once per worker process and run (keyed by the run's fingerprint)."""
+    from .gradients import prepare_sources
+
+    key = (job.fingerprint, job.dtype, job.shape)
+    if key not in _SOURCES:
+        _SOURCES.clear()
+        ref = job.sources or job.points
+        sources, _ = store.load_input(ref, "sources")
+        weights = None if job.weights is None else store.load_input(job.weights, "weights")[0]
+        _SOURCES[key] = prepare_sources(sources, weights, job.spec, job.dtype, job.shape,
+                                        center=np.asarray(job.center))
+    return _SOURCES[key]
+
+
+_PINNED = False
+
+
+def _pin_to_core() -> None:
+    """Pin every thread of this worker process to one core (local clusters with workers <= cores).
+
+    XLA sizes its thread pool from the machine, not from dask; pinning stops two workers' pools from
+    fighting over the same cores.  Threads started later inherit the mask of the thread that starts them.
+    """
+    global _PINNED
+    if _PINNED or not hasattr(os, "sched_setaffinity"):
+        return
+    _PINNED = True
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+        index = int(name) if str(name).isdigit() else 0
+    except Exception:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    core = {cores[index % len(cores)]}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), core)
+        except OSError:
+            pass
+
+
+def run_task(job: Job, task: Task) -> dict:
+    """Compute and store one output chunk: rows ``[task.start, task.stop)`` against all sources."""
+    from .cache import enable_compilation_cache
+    from .gradients import block_sums, ensure_dtype
+
+    started = time.perf_counter()
+    if job.pin_cores:
+        _pin_to_core()
+    enable_compilation_cache(job.cache_dir)
+    ensure_dtype(job.dtype)
+    prepared = _prepared_sources(job)
+    queries = store.read_rows(job.points, task.start, task.stop)
+    gradient = np.empty((task.rows, queries.shape[1]), dtype=job.dtype)
+    value = np.empty(task.rows, dtype=job.dtype)
+    computed = time.perf_counter()
+    for start in range(0, task.rows, job.shape.rows):
+        stop = min(start + job.shape.rows, task.rows)
+        gradient[start:stop], value[start:stop] = block_sums(queries[start:stop], prepared, job.spec,
+                                                             job.mode, job.dtype, job.shape)
+    compute_seconds = time.perf_counter() - computed
+    store.write_task(job.out, task.start, task.stop, task.index, gradient, value, job.out_options)
+    return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
+            "compute_seconds": compute_seconds, "pid": os.getpid()}
+
+
+# ----------------------------------------------------------------------------------------- client side
+
+
+@dataclass
+class Progress:
+    """Prints 'tasks done/total, pair rate, time left' to a stream at most once a second."""
+
+    total: int
+    pairs_per_task: float
+    stream: object = field(default_factory=lambda: sys.stderr)
+    enabled: bool = True
+    done: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    _last: float = 0.0
+
+    def update(self, finished: int = 1) -> None:
+        self.done += finished
+        now = time.perf_counter()
+        if not self.enabled or (now - self._last < 1.0 and self.done < self.total):
+            return
+        self._last = now
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.done * self.pairs_per_task / elapsed
+        left = (self.total - self.done) * elapsed / max(self.done, 1)
+        print(f"\rkgrad: {self.done}/{self.total} tasks ({100 * self.done / self.total:.0f}%), "
+              f"{rate / 1e9:.2f} G pairs/s, {left:.0f} s left   ", end="", file=self.stream, flush=True)
+        if self.done >= self.total:
+            print(file=self.stream, flush=True)
+
+
+def local_cluster(workers: int, memory_limit: int | str = "auto", threads_per_worker: int = 1):
+    """A LocalCluster on loopback only, with workers that keep XLA's large temporaries mapped.
+
+    distributed's nanny sets MALLOC_TRIM_THRESHOLD_, which also pins glibc's mmap threshold at 128 KiB, so
+    every multi-MB XLA temporary would be mapped and unmapped (page faults on every tile).  Raising both
+    thresholds before the worker starts keeps them in the heap.
+    """
+    import dask
+    from distributed import LocalCluster
+
+    environ = {"MALLOC_TRIM_THRESHOLD_": str(256 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ,
+                          "distributed.scheduler.allowed-failures": 5,
+                          "distributed.worker.daemon": False}):
+        return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+                            host="127.0.0.1", dashboard_address="127.0.0.1:0", memory_limit=memory_limit,
+                            silence_logs=40)
+
+
+def connect(scheduler: str, security=None):
+    """A Client for an existing scheduler: ``tcp://host:port``, ``tls://...`` or a scheduler file."""
+    from distributed import Client
+
+    if os.path.isfile(scheduler):
+        return Client(scheduler_file=scheduler, security=security)
+    return Client(scheduler, security=security, timeout="20s")
+
+
+def execute(job: Job, plan: Plan, client, *, done: np.ndarray | None = None, retries: int = 2,
+            progress: bool = True, stream=None) -> dict:
+    """Run every task not marked done; return timings.  Raises if a task fails after its retries."""
+    from distributed import as_completed
+
+    todo = [t for t in plan.tasks if done is None or not done[t.index]]
+    started = time.perf_counter()
+    bar = Progress(total=len(todo), pairs_per_task=plan.rows_per_task * plan.n_sources,
+                   stream=stream or sys.stderr, enabled=progress and len(todo) > 0)
+    futures = [client.submit(run_task, job, task, key=f"kgrad-{job.fingerprint[:12]}-task-{task.index}",
+                             retries=retries, pure=False) for task in todo]
+    results = []
+    try:
+        for future in as_completed(futures):
+            results.append(future.result())
+            bar.update()
+    finally:
+        for future in futures:
+            future.release()
+    elapsed = time.perf_counter() - started
+    return {"tasks_run": len(results), "tasks_skipped": plan.n_tasks - len(todo),
+            "execute_seconds": round(elapsed, 4),
+            "task_seconds_total": round(sum(r["seconds"] for r in results), 4),
+            "compute_seconds_total": round(sum(r["compute_seconds"] for r in results), 4),
+            "worker_pids": sorted({r["pid"] for r in results})}

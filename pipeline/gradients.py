@@ -1,0 +1,205 @@
+"""Tile math: summed kernel gradients and kernel sums for one block of query rows.
+
+For a block of queries ``q_j`` (B, D) and sources ``x_i`` with weights ``w_i`` this computes
+
+    g_j = sum_i w_i grad_q k(q_j, x_i)      (B, D), units of k per unit of q
+    v_j = sum_i w_i k(q_j, x_i)             (B,),   units of k
+
+Gradients are always derived by JAX, never written by hand per kernel.  Three formulations:
+
+``radial`` (``mode="auto"`` on a kernel with a radial profile ``k = f(r2)``, ``r2 = |(q - x) / l|^2``)
+    grad_q k(q, x) = 2 f'(r2) (q - x) / l^2, so with ``u = q / l`` and ``F'_ji = w_i f'(r2_ji)``:
+    ``g_j = (2 / l) * (u_j * sum_i F'_ji - (F' @ u_x)_j)``.  ``f'`` comes from ``vmap(jacfwd(f))``
+    elementwise; ``r2`` and both sums are GEMMs.
+``dot`` (``mode="auto"`` on a kernel with a dot-product profile ``k = f(q . x)``)
+    grad_q k = f'(q . x) x, so ``g = (w * F') @ X``.
+``generic`` (``mode="jacfwd"`` or ``"jacrev"``, and kernels without structure)
+    ``vmap`` over query rows of ``jacfwd`` (or ``jacrev``) of the row sum ``q -> sum_i w_i k(q, x_i)``.
+
+Shapes are fixed and padded, so each process compiles once per (kernel, mode, dtype, tile shape):
+sources are padded to whole tiles with zero weight (padding contributes exactly 0), query blocks are
+padded by repeating a row and trimmed after.  One jitted call handles ``tiles_per_call`` source tiles
+with ``lax.scan`` and returns one partial sum per tile; partials are added in float64, in a fixed order,
+so results are reproducible bit for bit and float32 error does not grow with the number of sources.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .kernels import KernelSpec, get_kernel
+
+MODES = ("auto", "jacfwd", "jacrev")
+DTYPES = ("float32", "float64")
+HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes on GPUs: r2 needs full precision
+
+
+@dataclass(frozen=True)
+class TileShape:
+    """Fixed shapes of one compiled call: ``rows`` queries x ``tiles_per_call`` tiles of ``cols`` sources."""
+
+    rows: int
+    cols: int
+    tiles_per_call: int
+
+    @property
+    def sources_per_call(self) -> int:
+        return self.cols * self.tiles_per_call
+
+
+def formulation(spec: KernelSpec, mode: str) -> str:
+    """Which tile formulation a kernel and mode use: ``radial``, ``dot`` or ``generic``."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; choose one of {', '.join(MODES)}")
+    structure = get_kernel(spec.name).structure
+    return structure if mode == "auto" else "generic"
+
+
+def ensure_dtype(dtype: str) -> None:
+    """float64 needs JAX's x64 switch; float32 arrays stay float32 either way (inputs are cast)."""
+    if dtype == "float64" and not jax.config.read("jax_enable_x64"):
+        jax.config.update("jax_enable_x64", True)
+
+
+def split_params(spec: KernelSpec, dtype: str):
+    """Parameters as (dynamic arrays, static integers): changing a float parameter never recompiles."""
+    dynamic = {"lengthscale": np.asarray(spec.lengthscale, dtype=dtype),
+               "variance": np.asarray(spec.variance, dtype=dtype)}
+    static = []
+    for name, value in spec.params:
+        if isinstance(value, int) and not isinstance(value, bool):
+            static.append((name, value))
+        else:
+            dynamic[name] = np.asarray(value, dtype=dtype)
+    return dynamic, tuple(static)
+
+
+def _radial_tile(profile, q, x, w, p):
+    """(g, v) of one tile for k = f(|(q - x)/l|^2).  q (B, D), x (C, D), w (C,)."""
+    inv_l = 1.0 / p["lengthscale"]
+    u, ux = q * inv_l, x * inv_l
+    qa = jnp.concatenate([u, jnp.sum(u * u, 1, keepdims=True), jnp.ones_like(u[:, :1])], 1)
+    xa = jnp.concatenate([-2.0 * ux, jnp.ones_like(ux[:, :1]), jnp.sum(ux * ux, 1, keepdims=True)], 1)
+    r2 = jnp.maximum(jnp.matmul(qa, xa.T, precision=HIGHEST), 0.0)  # |u|^2 + |ux|^2 - 2 u.ux
+    d_f, f = _elementwise_jacfwd(lambda r: profile(r, p))(r2)
+    xw = jnp.concatenate([ux * w[:, None], w[:, None]], 1)  # (C, D + 1)
+    s = jnp.matmul(d_f, xw, precision=HIGHEST)  # (B, D + 1): [F'w @ ux, F'w @ 1]
+    g = 2.0 * inv_l * (u * s[:, -1:] - s[:, :-1])
+    return g, jnp.matmul(f, w, precision=HIGHEST)
+
+
+def _dot_tile(profile, q, x, w, p):
+    """(g, v) of one tile for k = f(q . x)."""
+    s = jnp.matmul(q, x.T, precision=HIGHEST)
+    d_f, f = _elementwise_jacfwd(lambda t: profile(t, p))(s)
+    return jnp.matmul(d_f * w, x, precision=HIGHEST), jnp.matmul(f, w, precision=HIGHEST)
+
+
+def _generic_tile(evaluate, ad, q, x, w, p):
+    """(g, v) of one tile for any single-point k, by vmap over rows of jacfwd/jacrev of the row sum."""
+
+    def row_sum(qj):
+        s = jnp.dot(jax.vmap(evaluate, (None, 0, None))(qj, x, p), w, precision=HIGHEST)
+        return s, s
+
+    return jax.vmap(ad(row_sum, has_aux=True))(q)
+
+
+def _elementwise_jacfwd(scalar_fn):
+    """Elementwise (f'(t), f(t)) over a 2-D array, by vmap of jacfwd of the scalar function."""
+    fn = jax.jacfwd(lambda t: (scalar_fn(t), scalar_fn(t)), has_aux=True)
+    return jax.vmap(jax.vmap(fn))
+
+
+@functools.lru_cache(maxsize=64)
+def compiled_block(name: str, static: tuple, form: str, mode: str, dtype: str, shape: TileShape, dim: int):
+    """The jitted call for one (kernel, formulation, dtype, tile shape): built lazily, once per process.
+
+    Signature: ``(q (rows, D), x (tiles, cols, D), w (tiles, cols), dynamic params) -> (g, v)`` with
+    ``g`` (tiles, rows, D) and ``v`` (tiles, rows): one partial sum per source tile.
+    """
+    kernel = get_kernel(name)
+    extra = dict(static)
+    if form == "radial":
+        tile = functools.partial(_radial_tile, kernel.radial_profile)
+    elif form == "dot":
+        tile = functools.partial(_dot_tile, kernel.dot_profile)
+    else:
+        ad = jax.jacrev if mode == "jacrev" else jax.jacfwd
+        tile = functools.partial(_generic_tile, kernel.evaluate, ad)
+
+    def block(q, xs, ws, dynamic):
+        p = {**dynamic, **extra}
+
+        def step(carry, xw):
+            return carry, tile(q, xw[0], xw[1], p)
+
+        _, (g, v) = jax.lax.scan(step, None, (xs, ws))
+        return g, v
+
+    return jax.jit(block)
+
+
+@dataclass(frozen=True)
+class PreparedSources:
+    """Sources cast, re-centred and padded to whole calls of ``shape``: ready for every query block."""
+
+    coords: np.ndarray  # (calls, tiles_per_call, cols, D), compute dtype
+    weights: np.ndarray  # (calls, tiles_per_call, cols), compute dtype; 0 on padding
+    center: np.ndarray  # (D,) float64, subtracted from sources and queries (zeros if not stationary)
+    count: int
+
+
+def source_center(sources: np.ndarray, spec: KernelSpec) -> np.ndarray:
+    """Stationary kernels depend on q - x only: shift by the sources' mid-range (in float64) so that
+    coordinates far from the origin lose no float32 precision.  Other kernels are not shifted."""
+    dim = sources.shape[1]
+    if not get_kernel(spec.name).stationary or len(sources) == 0:
+        return np.zeros(dim)
+    lo = np.min(sources, axis=0).astype(np.float64)
+    hi = np.max(sources, axis=0).astype(np.float64)
+    return 0.5 * (lo + hi)
+
+
+def prepare_sources(sources, weights, spec: KernelSpec, dtype: str, shape: TileShape,
+                    center: np.ndarray | None = None) -> PreparedSources:
+    sources = np.asarray(sources)
+    m, dim = sources.shape
+    center = source_center(sources, spec) if center is None else np.asarray(center, np.float64)
+    per_call = shape.sources_per_call
+    calls = max(1, -(-m // per_call))
+    padded = calls * per_call
+    coords = np.empty((padded, dim), dtype=dtype)
+    coords[:m] = sources.astype(np.float64) - center
+    coords[m:] = coords[0] if m else 0.0  # a real point with weight 0: contributes exactly 0
+    w = np.zeros(padded, dtype=dtype)
+    w[:m] = 1.0 if weights is None else weights
+    return PreparedSources(coords.reshape(calls, shape.tiles_per_call, shape.cols, dim),
+                           w.reshape(calls, shape.tiles_per_call, shape.cols), center, m)
+
+
+def block_sums(queries, prepared: PreparedSources, spec: KernelSpec, mode: str, dtype: str,
+               shape: TileShape) -> tuple[np.ndarray, np.ndarray]:
+    """Summed gradient (b, D) and kernel sum (b,) in float64 for up to ``shape.rows`` query rows."""
+    ensure_dtype(dtype)
+    queries = np.asarray(queries)
+    b, dim = queries.shape
+    if b > shape.rows:
+        raise ValueError(f"block of {b} rows exceeds the tile's {shape.rows} rows")
+    q = np.empty((shape.rows, dim), dtype=dtype)
+    q[:b] = queries.astype(np.float64) - prepared.center
+    q[b:] = q[0] if b else 0.0
+    dynamic, static = split_params(spec, dtype)
+    fn = compiled_block(spec.name, static, formulation(spec, mode), mode, dtype, shape, dim)
+    g_total = np.zeros((shape.rows, dim))
+    v_total = np.zeros(shape.rows)
+    for xs, ws in zip(prepared.coords, prepared.weights):
+        g, v = fn(q, xs, ws, dynamic)
+        g_total += np.sum(np.asarray(g, dtype=np.float64), axis=0)
+        v_total += np.sum(np.asarray(v, dtype=np.float64), axis=0)
+    return g_total[:b], v_total[:b]

@@ -1,0 +1,66 @@
+"""Validation of in-memory inputs: shapes, dtypes, finiteness.  Every check raises before any work.
+
+Points are (N, D) or (N,) (meaning D = 1); sources (M, D) share D with the points; weights are (M,).
+Messages name the array, the offending value or row, and what is allowed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+
+
+def as_point_array(values, name: str) -> np.ndarray:
+    """Return ``values`` as a 2-D real array (N, D); a 1-D array is taken as N points in D = 1."""
+    try:
+        array = np.asarray(values)
+    except Exception as exc:  # ragged lists and the like
+        raise InputError(f"{name} could not be read as an array ({exc})") from None
+    if array.dtype.kind not in "fiu" or array.dtype.kind == "b":
+        raise InputError(f"{name} has dtype {array.dtype}; it must hold real numbers (float or int)")
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2:
+        raise InputError(f"{name} has shape {array.shape} ({array.ndim} dimensions); "
+                         f"it must be (N, D), or (N,) for D = 1")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise InputError(f"{name} is empty (shape {array.shape}); it needs at least one point "
+                         f"of at least one dimension")
+    check_finite(array, name)
+    return array
+
+
+def as_weights(values, n_sources: int, name: str = "weights") -> np.ndarray:
+    try:
+        weights = np.asarray(values)
+    except Exception as exc:
+        raise InputError(f"{name} could not be read as an array ({exc})") from None
+    if weights.dtype.kind not in "fiu":
+        raise InputError(f"{name} has dtype {weights.dtype}; it must hold real numbers")
+    if weights.ndim == 2 and weights.shape[1] == 1:
+        weights = weights[:, 0]
+    if weights.ndim != 1 or weights.shape[0] != n_sources:
+        raise InputError(f"{name} has shape {weights.shape}; it must be ({n_sources},), "
+                         f"one weight per source")
+    check_finite(weights, name)
+    return weights
+
+
+def check_finite(array: np.ndarray, name: str, offset: int = 0) -> None:
+    """Raise on the first NaN or inf, naming its row (``offset`` is added for arrays read in blocks)."""
+    if array.dtype.kind != "f":
+        return
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = np.argwhere(~finite)[0]
+        row = int(bad[0]) + offset
+        value = array[tuple(bad)]
+        raise InputError(f"{name} holds {value} at row {row}; every value must be finite "
+                         f"(drop or fix that row)")
+
+
+def check_same_dim(points: np.ndarray, sources: np.ndarray) -> None:
+    if points.shape[1] != sources.shape[1]:
+        raise InputError(f"points have D={points.shape[1]} dimensions but sources have "
+                         f"D={sources.shape[1]}; they must match")

@@ -1,0 +1,59 @@
+"""``kgrad inspect``: what an output group holds and how it was made."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import store
+from .errors import InputError
+
+
+def describe_output(location: str, storage_options: tuple = ()) -> dict:
+    if not store.exists(location, storage_options):
+        raise InputError(f"output {location!r} does not exist")
+    group = store.open_output(location, storage_options)
+    attrs = dict(group.attrs)
+    if "run_fingerprint" not in attrs or "gradient" not in group.array_keys():
+        raise InputError(f"{location!r} is a zarr group but not a kgrad output (no run attributes)")
+    done = np.asarray(group["task_done"][:]).astype(bool)
+    info = {"location": location, "complete": bool(attrs.get("complete")),
+            "tasks_done": int(done.sum()), "tasks_total": int(done.size),
+            "arrays": {name: {"shape": list(group[name].shape), "dtype": str(group[name].dtype),
+                              "chunks": list(group[name].chunks),
+                              "dimension_names": list(group[name].metadata.dimension_names or ())}
+                       for name in sorted(group.array_keys())}}
+    info.update({k: attrs.get(k) for k in ("kernel_description", "formulation", "dtype", "mode", "N", "M",
+                                           "D", "inputs", "kgrad_version", "run_fingerprint", "plan",
+                                           "timings")})
+    if info["complete"]:
+        g = np.asarray(group["gradient"][:], dtype=np.float64)
+        norms = np.linalg.norm(g, axis=1)
+        info["gradient_norm"] = {"min": float(norms.min()), "median": float(np.median(norms)),
+                                 "max": float(norms.max()), "nan": int(np.isnan(g).sum())}
+    return info
+
+
+def format_output(info: dict) -> str:
+    state = "complete" if info["complete"] else f"INCOMPLETE ({info['tasks_done']}/{info['tasks_total']} " \
+                                                 f"tasks written; finish it with kgrad run ... --resume)"
+    lines = [f"{info['location']}: {state}",
+             f"  kernel      {info['kernel_description']}  [{info['formulation']}, mode={info['mode']}, "
+             f"{info['dtype']}]",
+             f"  sizes       N={info['N']} points, M={info['M']} sources, D={info['D']}"]
+    for role, meta in (info.get("inputs") or {}).items():
+        if meta:
+            lines.append(f"  {role:<11} {meta['location']}  (fingerprint {meta['fingerprint'][:12]})")
+    for name, meta in info["arrays"].items():
+        lines.append(f"  array       {name} {tuple(meta['shape'])} {meta['dtype']} "
+                     f"dims={tuple(meta['dimension_names'])} chunks={tuple(meta['chunks'])}")
+    if "gradient_norm" in info:
+        n = info["gradient_norm"]
+        lines.append(f"  |gradient|  min {n['min']:.4g}, median {n['median']:.4g}, max {n['max']:.4g}, "
+                     f"NaN {n['nan']}")
+    t = info.get("timings") or {}
+    if t:
+        lines.append(f"  timings     total {t.get('total_seconds')} s, compute {t.get('execute_seconds')} s, "
+                     f"{(t.get('pairs_per_second') or 0) / 1e9:.2f} G pairs/s, "
+                     f"{t.get('tasks_run')} tasks run, {t.get('tasks_skipped')} resumed")
+    lines.append(f"  made by     kgrad {info['kgrad_version']}, run {info['run_fingerprint'][:12]}")
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""Pure planning: tile shapes, the task list, projected memory and time.  No dask, no zarr, no JAX.
+
+A run over N query points and M sources is split into *tasks* of ``rows_per_task`` consecutive query
+rows (one output chunk each).  A task walks all M sources in fixed-shape calls of ``tiles_per_call``
+tiles of ``rows x cols`` pairs, so each worker compiles once per (kernel, dtype, tile shape).
+
+Memory is a checked quantity: :func:`make_plan` projects the bytes one task holds at its peak and
+raises :class:`~pipeline.errors.InputError` before anything runs when that cannot fit the workers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import InputError
+
+MiB = 2**20
+GiB = 2**30
+
+# Tile shapes per formulation, chosen by measurement on a 2-core AVX-512 machine (benchmarks/).
+DEFAULT_TILES = {
+    "radial": (512, 1024),
+    "dot": (512, 1024),
+    "generic": (128, 1024),
+}
+MAX_TILES_PER_CALL = 64
+# Rough single-process throughput (pairs per second, float32) used for the time estimate only.
+PAIR_RATE = {"radial": 1.2e9, "dot": 1.5e9, "generic": 0.03e9}
+FLOAT64_SLOWDOWN = 3.0
+# Resident memory of an idle worker process with JAX loaded (measured: ~250 MiB), and the live
+# (rows x cols) temporaries of one tile call (r2, f', f, and XLA's scratch).
+WORKER_BASELINE_BYTES = 400 * MiB
+TILE_TEMPORARIES = 6
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work: query rows ``[start, stop)``, written as output chunk ``index``."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided before a run starts.  Frozen: the executor only reads it."""
+
+    n_points: int
+    n_sources: int
+    dim: int
+    dtype: str
+    formulation: str
+    rows: int  # query rows per compiled call (padded)
+    cols: int  # sources per tile
+    tiles_per_call: int
+    rows_per_task: int  # = output chunk length along "point"
+    tasks: tuple[Task, ...]
+    task_memory_bytes: int  # projected peak bytes one task holds, beyond the worker's baseline
+    worker_memory_bytes: int | None  # each worker's memory limit (None: not checked)
+    workers: int
+    estimated_seconds: float
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def pairs(self) -> int:
+        return self.n_points * self.n_sources
+
+    @property
+    def calls_per_task(self) -> int:
+        return max(1, math.ceil(self.n_sources / (self.cols * self.tiles_per_call)))
+
+    def summary(self) -> dict:
+        """Plain-data view (for printing, JSON and the output's attributes)."""
+        return {
+            "n_points": self.n_points, "n_sources": self.n_sources, "dim": self.dim,
+            "dtype": self.dtype, "formulation": self.formulation,
+            "tile_rows": self.rows, "tile_cols": self.cols, "tiles_per_call": self.tiles_per_call,
+            "rows_per_task": self.rows_per_task, "n_tasks": self.n_tasks,
+            "pairs": self.pairs, "task_memory_bytes": self.task_memory_bytes,
+            "worker_memory_bytes": self.worker_memory_bytes, "workers": self.workers,
+            "estimated_seconds": round(self.estimated_seconds, 3),
+        }
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "float64": 8}[dtype]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _pow2_at_least(value: int, floor: int = 8) -> int:
+    return max(floor, 1 << max(0, (value - 1).bit_length()))
+
+
+def tile_shape(n_points: int, n_sources: int, formulation: str, rows: int | None = None,
+               cols: int | None = None) -> tuple[int, int, int]:
+    """(rows, cols, tiles_per_call): defaults per formulation, shrunk (to powers of two) for small
+    inputs so that a 100-point problem does not pad to a 512 x 1024 tile."""
+    default_rows, default_cols = DEFAULT_TILES[formulation]
+    rows = rows or min(default_rows, _pow2_at_least(n_points))
+    cols = cols or min(default_cols, _pow2_at_least(n_sources))
+    tiles = min(MAX_TILES_PER_CALL, max(1, math.ceil(n_sources / cols)))
+    return rows, cols, tiles
+
+
+def task_memory(n_sources: int, dim: int, dtype: str, rows: int, cols: int, tiles_per_call: int,
+                rows_per_task: int) -> int:
+    """Projected peak bytes held by one task (beyond the worker's baseline):
+
+    sources as read (float64) + weights, the padded compute-dtype copy, one call's tile temporaries,
+    its per-tile partial sums, and the task's float64 output block.
+    """
+    item = _itemsize(dtype)
+    padded = _round_up(max(n_sources, 1), cols * tiles_per_call)
+    read = n_sources * (dim + 1) * 8
+    prepared = padded * (dim + 1) * item
+    temporaries = TILE_TEMPORARIES * rows * cols * item + rows * (dim + 2) * item * 2
+    partials = tiles_per_call * rows * (dim + 1) * (item + 8)
+    output = rows_per_task * (dim + 1) * (8 + item)
+    return read + prepared + temporaries + partials + output
+
+
+def make_plan(n_points: int, n_sources: int, dim: int, *, dtype: str = "float32",
+              formulation: str = "radial", workers: int = 1, worker_memory_bytes: int | None = None,
+              rows: int | None = None, cols: int | None = None, rows_per_task: int | None = None,
+              cores: int | None = None) -> Plan:
+    """Plan a run; raise :class:`InputError` if the inputs are empty or a task cannot fit in memory."""
+    if n_points < 1 or n_sources < 1 or dim < 1:
+        raise InputError(f"nothing to compute: N={n_points} points, M={n_sources} sources, D={dim}; "
+                         f"each must be at least 1")
+    if dtype not in ("float32", "float64"):
+        raise InputError(f"dtype={dtype!r} is not supported; use float32 or float64")
+    if formulation not in DEFAULT_TILES:
+        raise ValueError(f"formulation={formulation!r}; one of {', '.join(DEFAULT_TILES)}")
+    if workers < 1:
+        raise InputError(f"workers={workers} must be at least 1")
+    for name, value in (("tile rows", rows), ("tile cols", cols), ("rows per task", rows_per_task)):
+        if value is not None and value < 1:
+            raise InputError(f"{name}={value} must be at least 1")
+    rows, cols, tiles = tile_shape(n_points, n_sources, formulation, rows, cols)
+    if rows_per_task is None:
+        # 1..16 blocks per task, aiming at >= 16 tasks.  Independent of the worker count, so the task
+        # list (and the output's chunks) is the same however many workers run or resume it.
+        blocks = math.ceil(n_points / rows)
+        per_task = min(16, max(1, blocks // 16))
+        rows_per_task = rows * per_task
+    else:
+        rows_per_task = _round_up(rows_per_task, rows)
+    tasks = tuple(Task(i, start, min(start + rows_per_task, n_points))
+                  for i, start in enumerate(range(0, n_points, rows_per_task)))
+    memory = task_memory(n_sources, dim, dtype, rows, cols, tiles, rows_per_task)
+    if worker_memory_bytes is not None and memory + WORKER_BASELINE_BYTES > worker_memory_bytes:
+        raise InputError(
+            f"a task needs about {memory / MiB:.0f} MiB (+{WORKER_BASELINE_BYTES / MiB:.0f} MiB worker "
+            f"baseline) but each worker has {worker_memory_bytes / MiB:.0f} MiB; use fewer workers "
+            f"(more memory each), float32, or fewer sources per run (M={n_sources})")
+    rate = PAIR_RATE[formulation] / (FLOAT64_SLOWDOWN if dtype == "float64" else 1.0)
+    parallel = max(1, min(workers, cores or workers))
+    estimated = n_points * n_sources / (rate * parallel)
+    return Plan(n_points, n_sources, dim, dtype, formulation, rows, cols, tiles, rows_per_task, tasks,
+                memory, worker_memory_bytes, workers, estimated)

@@ -1,0 +1,220 @@
+"""Zarr (and .npy) in and out: reading inputs, the output group's layout, resume state, provenance.
+
+Inputs: a zarr array, a zarr group holding an array ``points`` (and optionally ``weights``), or a ``.npy``
+file; local paths or fsspec URLs (``s3://...``).  Any chunking.
+
+Output: a zarr v3 group that ``xarray.open_zarr`` reads:
+
+* ``gradient`` (N, D), dimensions ("point", "dim"), one chunk of ``rows_per_task`` rows per task;
+* ``value`` (N,), dimension ("point",);
+* ``task_done`` (n_tasks,), dimension ("task",), uint8: 1 once a task's chunks are written (resume state:
+  a chunk that merely exists proves nothing, since zarr skips writing chunks equal to the fill value);
+* attributes: kernel and parameters, dtype, mode, N, M, D, input locations and fingerprints, version,
+  plan, timings, and ``complete`` (set last, after every task has written its chunks).
+
+Each task writes whole chunks that no other task touches, so concurrent writers never overlap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import zarr
+
+from .errors import InputError
+from .inputs import check_finite
+
+FORMAT_VERSION = 1
+READ_ROWS = 1 << 20  # rows read at a time when loading and checking an input
+
+
+def _quiet_zarr():
+    warnings.filterwarnings("ignore", message=".*Consolidated metadata.*", category=UserWarning)
+
+
+_quiet_zarr()
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """Where one input array lives: ``location`` plus, for a group, the array's name inside it."""
+
+    location: str
+    array: str | None = None  # None: the location is the array itself (zarr array or .npy)
+    storage_options: tuple = ()
+
+    def describe(self) -> str:
+        return self.location if self.array is None else f"{self.location}[{self.array}]"
+
+
+def _fs(location: str, storage_options: tuple = ()):
+    fs, path = fsspec.core.url_to_fs(location, **dict(storage_options))
+    return fs, path
+
+
+def exists(location: str, storage_options: tuple = ()) -> bool:
+    fs, path = _fs(location, storage_options)
+    return fs.exists(path)
+
+
+def remove(location: str, storage_options: tuple = ()) -> None:
+    fs, path = _fs(location, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _store(location: str, storage_options: tuple = (), read_only: bool = False):
+    """A zarr store for a local path or an fsspec URL (``s3://bucket/path``, ``memory://...``)."""
+    if "://" in location and not location.startswith("file://"):
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(location, storage_options=dict(storage_options), read_only=read_only)
+    return location.removeprefix("file://")
+
+
+def _open_zarr(location: str, storage_options: tuple, mode: str = "r"):
+    return zarr.open(store=_store(location, storage_options, mode == "r"), mode=mode)
+
+
+def resolve_input(location: str, role: str, storage_options: tuple = ()) -> InputRef:
+    """Find the array behind ``location`` (``role`` names it in errors: points, sources, weights)."""
+    location = os.fspath(location)
+    if not exists(location, storage_options):
+        raise InputError(f"{role}: {location!r} does not exist; give a zarr array, a zarr group with an "
+                         f"array 'points', or a .npy file")
+    if location.endswith(".npy"):
+        return InputRef(location, None, storage_options)
+    try:
+        node = _open_zarr(location, storage_options)
+    except Exception as exc:
+        raise InputError(f"{role}: {location!r} could not be read as a zarr array or group "
+                         f"({type(exc).__name__}: {exc}); is it a .npy file or a corrupt store?") from None
+    if isinstance(node, zarr.Array):
+        return InputRef(location, None, storage_options)
+    wanted = "weights" if role == "weights" else "points"
+    if wanted in node.array_keys():
+        return InputRef(location, wanted, storage_options)
+    raise InputError(f"{role}: zarr group {location!r} holds no array {wanted!r} "
+                     f"(it holds: {', '.join(sorted(node.array_keys())) or 'nothing'})")
+
+
+def group_weights(ref: InputRef) -> InputRef | None:
+    """The ``weights`` array next to ``points`` in a group input, if there is one."""
+    if ref.array != "points":
+        return None
+    group = _open_zarr(ref.location, ref.storage_options)
+    return InputRef(ref.location, "weights", ref.storage_options) if "weights" in group.array_keys() else None
+
+
+def open_array(ref: InputRef):
+    """A sliceable array (zarr array or memory-mapped .npy) for ``ref``."""
+    if ref.array is None and ref.location.endswith(".npy"):
+        fs, path = _fs(ref.location, ref.storage_options)
+        if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+            return np.load(path, mmap_mode="r")
+        with fs.open(path, "rb") as f:
+            return np.load(f)
+    node = _open_zarr(ref.location, ref.storage_options)
+    return node if ref.array is None else node[ref.array]
+
+
+def read_rows(ref: InputRef, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of an input as a 2-D array (a 1-D input is one column)."""
+    array = open_array(ref)
+    rows = np.asarray(array[start:stop])
+    return rows[:, None] if rows.ndim == 1 else rows
+
+
+def load_input(ref: InputRef, role: str) -> tuple[np.ndarray, str]:
+    """Read a whole input, check it, and return (array, fingerprint).
+
+    Points and sources come back 2-D (N, D); weights 1-D.  The fingerprint (blake2b of shape, dtype and
+    bytes) identifies the data for resume and provenance.
+    """
+    try:
+        array = open_array(ref)
+        shape, dtype = tuple(array.shape), np.dtype(array.dtype)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{role}: {ref.describe()} could not be read ({type(exc).__name__}: {exc})") from None
+    if dtype.kind not in "fiu":
+        raise InputError(f"{role}: {ref.describe()} has dtype {dtype}; it must hold real numbers")
+    expected = (1,) if role == "weights" else (1, 2)
+    if len(shape) not in expected:
+        allowed = "(M,)" if role == "weights" else "(N, D) or (N,)"
+        raise InputError(f"{role}: {ref.describe()} has shape {shape}; it must be {allowed}")
+    if 0 in shape:
+        raise InputError(f"{role}: {ref.describe()} is empty (shape {shape}); it needs at least one row")
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr((shape, dtype.str)).encode())
+    parts = []
+    try:
+        for start in range(0, shape[0], READ_ROWS):
+            block = np.ascontiguousarray(array[start:start + READ_ROWS])
+            check_finite(block, f"{role} ({ref.describe()})", offset=start)
+            digest.update(block.tobytes())
+            parts.append(block)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{role}: {ref.describe()} could not be read ({type(exc).__name__}: {exc}); "
+                         f"the store may be corrupt") from None
+    data = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    if role != "weights" and data.ndim == 1:
+        data = data[:, None]
+    return data, digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- output
+
+
+def create_output(location: str, *, n_points: int, dim: int, dtype: str, rows_per_task: int,
+                  n_tasks: int, attributes: dict, storage_options: tuple = ()) -> None:
+    """Create the output group (``complete`` false) with empty arrays sized for the plan."""
+    group = zarr.open_group(store=_store(location, storage_options), mode="w")
+    group.attrs.update({**attributes, "complete": False, "format_version": FORMAT_VERSION})
+    group.create_array("gradient", shape=(n_points, dim), chunks=(rows_per_task, dim), dtype=dtype,
+                       dimension_names=("point", "dim"), fill_value=np.nan,
+                       attributes={"long_name": "sum_i w_i grad_q k(q, x_i)",
+                                   "units": "kernel units per point unit"})
+    group.create_array("value", shape=(n_points,), chunks=(rows_per_task,), dtype=dtype,
+                       dimension_names=("point",), fill_value=np.nan,
+                       attributes={"long_name": "sum_i w_i k(q, x_i)", "units": "kernel units"})
+    group.create_array("task_done", shape=(n_tasks,), chunks=(1,), dtype="uint8",
+                       dimension_names=("task",), fill_value=0,
+                       attributes={"long_name": "1 once the task's chunks are written"})
+
+
+def open_output(location: str, storage_options: tuple = (), mode: str = "r"):
+    try:
+        return zarr.open_group(store=_store(location, storage_options, mode == "r"), mode=mode)
+    except Exception as exc:
+        raise InputError(f"output {location!r} is not a kgrad output group ({type(exc).__name__}: {exc})") \
+            from None
+
+
+def write_task(location: str, start: int, stop: int, index: int, gradient: np.ndarray, value: np.ndarray,
+               storage_options: tuple = ()) -> None:
+    """Write one task's rows (whole chunks), then mark it done.  Rewriting gives the same bytes."""
+    group = open_output(location, storage_options, mode="r+")
+    group["gradient"][start:stop] = gradient
+    group["value"][start:stop] = value
+    group["task_done"][index:index + 1] = np.ones(1, np.uint8)
+
+
+def done_tasks(location: str, storage_options: tuple = ()) -> np.ndarray:
+    group = open_output(location, storage_options)
+    return np.asarray(group["task_done"][:]).astype(bool)
+
+
+def finish_output(location: str, attributes: dict, storage_options: tuple = ()) -> None:
+    """Record final attributes and the completion flag, last, then consolidate metadata once."""
+    group = open_output(location, storage_options, mode="r+")
+    group.attrs.update({**attributes, "complete": True})
+    zarr.consolidate_metadata(_store(location, storage_options))

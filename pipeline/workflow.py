@@ -1,0 +1,320 @@
+"""Workflows: a run's configuration (TOML file and/or flags), its validation and plan, and the run itself.
+
+The data go one way: inputs -> validate -> plan -> tile tasks on dask workers -> output group.  Every
+check in :func:`prepare` happens before anything is written; :func:`run_workflow` then writes.
+
+Workflow file schema (TOML; every key optional except ``inputs.points``; paths are relative to the
+current directory; command-line flags override the file)::
+
+    [inputs]
+    points = "data/points.zarr"      # zarr array, zarr group with 'points' (+ 'weights'), or .npy; or URL
+    sources = "data/sources.zarr"    # default: the points
+    weights = "data/weights.npy"     # default: the group's 'weights' array if any, else ones
+    storage_options = {}             # fsspec options for URLs (s3://...), e.g. {anon = false}
+
+    [kernel]
+    name = "rbf"                     # or a user kernel "module:function"
+    lengthscale = 1.0                # or one per dimension: [0.5, 1.0, 2.0]
+    variance = 1.0
+    [kernel.params]                  # the kernel's own parameters
+    alpha = 1.0
+
+    [run]
+    out = "out/result.zarr"
+    dtype = "float32"                # float32 | float64
+    mode = "auto"                    # auto | jacfwd | jacrev
+    scheduler = "local"              # local | tcp://host:port | tls://... | scheduler.json
+    workers = 2                      # local cluster only; default: the cores available
+    memory_limit = "auto"            # per local worker, e.g. "4GiB"
+    tile_rows = 512                  # optional tile overrides
+    tile_cols = 1024
+    rows_per_task = 8192
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import __version__ as VERSION  # noqa: N812
+from . import store
+from .errors import InputError
+from .gradients import DTYPES, MODES, TileShape, formulation, source_center
+from .inputs import check_same_dim
+from .kernels import make_spec
+from .plan import Plan, make_plan
+
+_SECTIONS = {
+    "inputs": {"points", "sources", "weights", "storage_options"},
+    "kernel": {"name", "lengthscale", "variance", "params"},
+    "run": {"out", "dtype", "mode", "scheduler", "workers", "memory_limit", "tile_rows", "tile_cols",
+            "rows_per_task", "progress", "cache_dir", "security"},
+}
+
+
+@dataclass
+class RunConfig:
+    """One run's settings, from a workflow file, flags, or Python."""
+
+    points: str | None = None
+    sources: str | None = None
+    weights: str | None = None
+    storage_options: dict = field(default_factory=dict)
+    kernel: str = "rbf"
+    lengthscale: float | list = 1.0
+    variance: float = 1.0
+    params: dict = field(default_factory=dict)
+    out: str | None = None
+    dtype: str = "float32"
+    mode: str = "auto"
+    scheduler: str = "local"
+    workers: int | None = None
+    memory_limit: str | int = "auto"
+    tile_rows: int | None = None
+    tile_cols: int | None = None
+    rows_per_task: int | None = None
+    progress: bool = True
+    cache_dir: str | None = None
+    security: dict = field(default_factory=dict)  # tls_ca_file, tls_client_cert, tls_client_key
+    resume: bool = False
+    overwrite: bool = False
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def load_workflow(path: str) -> RunConfig:
+    """Read a TOML workflow file (data only: nothing in it is executed)."""
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise InputError(f"workflow file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"workflow file {path!r} is not valid TOML: {exc}") from None
+    values: dict = {}
+    for section, table in doc.items():
+        if section not in _SECTIONS or not isinstance(table, dict):
+            raise InputError(f"workflow file {path!r}: unknown section [{section}]; "
+                             f"allowed: {', '.join('[' + s + ']' for s in _SECTIONS)}")
+        for key, value in table.items():
+            if key not in _SECTIONS[section]:
+                raise InputError(f"workflow file {path!r}: unknown key {key!r} in [{section}]; "
+                                 f"allowed: {', '.join(sorted(_SECTIONS[section]))}")
+            values["kernel" if (section, key) == ("kernel", "name") else key] = value
+    return RunConfig(**values)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated run: what it reads, computes and writes.  Nothing has been written yet."""
+
+    config: RunConfig
+    job: "object"  # execute.Job
+    plan: Plan
+    attributes: dict
+    action: str  # "create", "overwrite", "resume" or "complete"
+    done: np.ndarray | None
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise InputError(f"{name}={value!r} is not supported; use one of {', '.join(allowed)}")
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _parse_memory(value) -> int | None:
+    if value in (None, "auto"):
+        return None
+    from dask.utils import parse_bytes
+
+    try:
+        return int(parse_bytes(value))
+    except (ValueError, TypeError):
+        raise InputError(f"memory_limit={value!r} is not a size; use e.g. '4GiB' or 'auto'") from None
+
+
+def local_worker_memory(config: RunConfig, workers: int) -> int:
+    explicit = _parse_memory(config.memory_limit)
+    if explicit:
+        return explicit
+    import psutil
+
+    return int(psutil.virtual_memory().total / workers)
+
+
+def prepare(config: RunConfig, worker_memory: int | None = None) -> Prepared:
+    """Validate everything and plan the run.  Raises InputError on any bad input; writes nothing."""
+    from .execute import Job
+
+    if not config.points:
+        raise InputError("no points given; pass --points PATH or set [inputs] points in the workflow")
+    if not config.out:
+        raise InputError("no output given; pass --out PATH or set [run] out in the workflow")
+    _check_choice("dtype", config.dtype, DTYPES)
+    _check_choice("mode", config.mode, MODES)
+    if config.resume and config.overwrite:
+        raise InputError("--resume and --overwrite exclude each other; choose one")
+    workers = config.workers if config.workers is not None else default_workers()
+    if not isinstance(workers, int) or workers < 1:
+        raise InputError(f"workers={workers!r} must be a whole number >= 1")
+    opts = tuple(sorted(config.storage_options.items()))
+
+    points_ref = store.resolve_input(config.points, "points", opts)
+    points, points_fp = store.load_input(points_ref, "points")
+    if config.sources:
+        sources_ref = store.resolve_input(config.sources, "sources", opts)
+        sources, sources_fp = store.load_input(sources_ref, "sources")
+        check_same_dim(points, sources)
+    else:
+        sources_ref, sources, sources_fp = None, points, points_fp
+    weights_ref = (store.resolve_input(config.weights, "weights", opts) if config.weights
+                   else store.group_weights(sources_ref or points_ref))
+    weights_fp = None
+    if weights_ref is not None:
+        weights, weights_fp = store.load_input(weights_ref, "weights")
+        if weights.shape[0] != sources.shape[0]:
+            raise InputError(f"weights ({weights_ref.describe()}) has {weights.shape[0]} entries but there "
+                             f"are M={sources.shape[0]} sources; give one weight per source")
+
+    n, dim = points.shape
+    m = sources.shape[0]
+    spec = make_spec(config.kernel, dim, config.lengthscale, config.variance, **config.params)
+    form = formulation(spec, config.mode)
+    if worker_memory is None and config.scheduler == "local":
+        worker_memory = local_worker_memory(config, workers)
+    plan = make_plan(n, m, dim, dtype=config.dtype, formulation=form, workers=workers,
+                     worker_memory_bytes=worker_memory, rows=config.tile_rows, cols=config.tile_cols,
+                     rows_per_task=config.rows_per_task, cores=default_workers())
+    identity = {
+        "points": {"location": points_ref.describe(), "fingerprint": points_fp, "shape": list(points.shape)},
+        "sources": None if sources_ref is None else {"location": sources_ref.describe(),
+                                                      "fingerprint": sources_fp, "shape": [m, dim]},
+        "weights": None if weights_ref is None else {"location": weights_ref.describe(),
+                                                      "fingerprint": weights_fp},
+        "kernel": spec.name, "lengthscale": list(spec.lengthscale), "variance": spec.variance,
+        "kernel_params": dict(spec.params), "dtype": config.dtype, "mode": config.mode,
+        "tile_rows": plan.rows, "tile_cols": plan.cols, "tiles_per_call": plan.tiles_per_call,
+        "rows_per_task": plan.rows_per_task,
+    }
+    fingerprint = hashlib.blake2b(json.dumps(identity, sort_keys=True, default=str).encode(),
+                                  digest_size=16).hexdigest()
+    attributes = {
+        **{k: v for k, v in identity.items() if k not in ("points", "sources", "weights")},
+        "inputs": {k: identity[k] for k in ("points", "sources", "weights")},
+        "formulation": form, "kernel_description": spec.describe(),
+        "N": n, "M": m, "D": dim, "run_fingerprint": fingerprint, "kgrad_version": VERSION,
+        "plan": plan.summary(),
+    }
+    action, done = _output_action(config, fingerprint, identity, opts, plan)
+    center = source_center(sources, spec)
+    job = Job(points=points_ref, sources=sources_ref, weights=weights_ref, spec=spec, mode=config.mode,
+              dtype=config.dtype, shape=TileShape(plan.rows, plan.cols, plan.tiles_per_call),
+              center=tuple(float(c) for c in center), out=config.out, out_options=opts,
+              fingerprint=fingerprint, pin_cores=config.scheduler == "local" and workers <= default_workers(),
+              cache_dir=config.cache_dir)
+    return Prepared(config, job, plan, attributes, action, done)
+
+
+def _output_action(config: RunConfig, fingerprint: str, identity: dict, opts: tuple, plan: Plan):
+    if not store.exists(config.out, opts):
+        return "create", None
+    if config.overwrite:
+        return "overwrite", None
+    if not config.resume:
+        raise InputError(f"output {config.out!r} already exists; pass --overwrite to start over or "
+                         f"--resume to finish an interrupted run of the same inputs and parameters")
+    group = store.open_output(config.out, opts)
+    attrs = dict(group.attrs)
+    if attrs.get("run_fingerprint") != fingerprint:
+        differs = [k for k in identity if k not in ("points", "sources", "weights")
+                   and attrs.get(k) != json.loads(json.dumps(identity[k]))]
+        stored_inputs = attrs.get("inputs", {}) or {}
+        for k in ("points", "sources", "weights"):
+            old, new = stored_inputs.get(k), identity[k]
+            if (old or {}).get("fingerprint") != (new or {}).get("fingerprint"):
+                differs.append(f"{k} data")
+        raise InputError(f"cannot resume {config.out!r}: it was made with different inputs or parameters "
+                         f"({', '.join(differs) or 'unknown run'}); use --overwrite to start over")
+    if attrs.get("complete"):
+        return "complete", None
+    return "resume", store.done_tasks(config.out, opts)
+
+
+def _security(config: RunConfig):
+    if not config.security:
+        return None
+    from distributed.security import Security
+
+    return Security(require_encryption=True, **config.security)
+
+
+def run_prepared(prepared: Prepared, stream=None) -> dict:
+    """Write the output for a prepared run on the configured scheduler; return the final attributes."""
+    from .execute import connect, execute, local_cluster
+
+    stream = stream or sys.stderr
+    config, plan, job = prepared.config, prepared.plan, prepared.job
+    if prepared.action == "complete":
+        print(f"kgrad: {config.out} is already complete; nothing to do", file=stream)
+        return dict(store.open_output(config.out, job.out_options).attrs)
+    started = time.perf_counter()
+    if prepared.action == "overwrite":
+        store.remove(config.out, job.out_options)
+    if prepared.action in ("create", "overwrite"):
+        store.create_output(config.out, n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
+                            rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks,
+                            attributes=prepared.attributes, storage_options=job.out_options)
+    cluster = None
+    if config.scheduler == "local":
+        workers = config.workers or default_workers()
+        cluster = local_cluster(workers, memory_limit=config.memory_limit)
+        from distributed import Client
+
+        client = Client(cluster)
+    else:
+        client = connect(config.scheduler, _security(config))
+    cluster_seconds = time.perf_counter() - started
+    try:
+        link = client.dashboard_link if "dashboard" in client.scheduler_info().get("services", {}) else None
+        n_workers = len(client.scheduler_info()["workers"])
+        print(f"kgrad: {plan.n_tasks} tasks ({plan.n_points} x {plan.n_sources} pairs, D={plan.dim}, "
+              f"{plan.dtype}, {plan.formulation}) on {n_workers} workers"
+              + (f"; dashboard {link}" if link else ""), file=stream, flush=True)
+        timings = execute(job, plan, client, done=prepared.done, progress=config.progress, stream=stream)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    total = time.perf_counter() - started
+    timings.update({"cluster_start_seconds": round(cluster_seconds, 4), "total_seconds": round(total, 4),
+                    "pairs_per_second": round(plan.pairs * (timings["tasks_run"] / max(plan.n_tasks, 1))
+                                              / max(timings["execute_seconds"], 1e-9)),
+                    "resumed": prepared.action == "resume", "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    store.finish_output(config.out, {"timings": timings}, job.out_options)
+    print(f"kgrad: wrote {config.out} in {total:.2f} s ({timings['tasks_run']} tasks run, "
+          f"{timings['tasks_skipped']} already done)", file=stream, flush=True)
+    return {**prepared.attributes, "timings": timings}
+
+
+def run_workflow(config: RunConfig | str, **overrides) -> dict:
+    """Validate, plan and run a workflow (a RunConfig or a TOML path); return the output's attributes."""
+    if isinstance(config, str):
+        config = load_workflow(config)
+    config = config.replace(**overrides)
+    worker_memory = None
+    return run_prepared(prepare(config, worker_memory))
