@@ -61,8 +61,9 @@ def formulation(spec: KernelSpec, mode: str) -> str:
 
 
 def ensure_dtype(dtype: str) -> None:
-    """float64 needs JAX's x64 switch; float32 arrays stay float32 either way (inputs are cast)."""
-    if dtype == "float64" and not jax.config.read("jax_enable_x64"):
+    """Turn on JAX's x64 switch (float64 runs, and float32 runs that compute some steps in float64).
+    Arrays are always cast explicitly, so float32 inputs stay float32."""
+    if not jax.config.read("jax_enable_x64"):
         jax.config.update("jax_enable_x64", True)
 
 
@@ -79,13 +80,38 @@ def split_params(spec: KernelSpec, dtype: str):
     return dynamic, tuple(static)
 
 
-def _radial_tile(profile, q, x, w, p):
+def squared_distances(u, ux, wide=False):
+    """r2_ji = |u_j|^2 + |ux_i|^2 - 2 u_j.ux_i as one GEMM (clamped at 0).  ``wide``: in float64."""
+    if wide:
+        return squared_distances(u.astype(jnp.float64), ux.astype(jnp.float64)).astype(u.dtype)
+    qa = jnp.concatenate([u, jnp.sum(u * u, 1, keepdims=True), jnp.ones_like(u[:, :1])], 1)
+    xa = jnp.concatenate([-2.0 * ux, jnp.ones_like(ux[:, :1]), jnp.sum(ux * ux, 1, keepdims=True)], 1)
+    return jnp.maximum(jnp.matmul(qa, xa.T, precision=HIGHEST), 0.0)
+
+
+def _radial_direct_tile(profile, q, x, w, p):
+    """(g, v) of one tile for k = f(r2) from exact per-dimension differences (no GEMM cancellation).
+
+    Slower than :func:`_radial_tile` (B x C elementwise work per dimension) but accurate for close pairs
+    when f'(r2) grows like 1/r (Matern 1/2).
+    """
+    inv_l = 1.0 / p["lengthscale"]
+    qt, xt = q.T, x.T  # (D, B), (D, C): contiguous rows per dimension
+    # Subtract first, then scale: q == x gives exactly 0 however XLA fuses (no FMA residue), so the
+    # safe square root at r = 0 sees the same r2 = 0 wherever XLA recomputes it.
+    diffs = [(qt[d][:, None] - xt[d][None, :]) * inv_l[d] for d in range(qt.shape[0])]
+    r2 = sum(t * t for t in diffs)
+    d_f, f = _elementwise_jacfwd(lambda r: profile(r, p))(r2)
+    fw = d_f * w
+    g = jnp.stack([jnp.sum(fw * t, axis=1) for t in diffs], axis=1)
+    return 2.0 * inv_l * g, jnp.matmul(f, w, precision=HIGHEST)
+
+
+def _radial_tile(profile, wide, q, x, w, p):
     """(g, v) of one tile for k = f(|(q - x)/l|^2).  q (B, D), x (C, D), w (C,)."""
     inv_l = 1.0 / p["lengthscale"]
     u, ux = q * inv_l, x * inv_l
-    qa = jnp.concatenate([u, jnp.sum(u * u, 1, keepdims=True), jnp.ones_like(u[:, :1])], 1)
-    xa = jnp.concatenate([-2.0 * ux, jnp.ones_like(ux[:, :1]), jnp.sum(ux * ux, 1, keepdims=True)], 1)
-    r2 = jnp.maximum(jnp.matmul(qa, xa.T, precision=HIGHEST), 0.0)  # |u|^2 + |ux|^2 - 2 u.ux
+    r2 = squared_distances(u, ux, wide)
     d_f, f = _elementwise_jacfwd(lambda r: profile(r, p))(r2)
     xw = jnp.concatenate([ux * w[:, None], w[:, None]], 1)  # (C, D + 1)
     s = jnp.matmul(d_f, xw, precision=HIGHEST)  # (B, D + 1): [F'w @ ux, F'w @ 1]
@@ -125,8 +151,11 @@ def compiled_block(name: str, static: tuple, form: str, mode: str, dtype: str, s
     """
     kernel = get_kernel(name)
     extra = dict(static)
-    if form == "radial":
-        tile = functools.partial(_radial_tile, kernel.radial_profile)
+    if form == "radial" and kernel.distances == "direct":
+        tile = functools.partial(_radial_direct_tile, kernel.radial_profile)
+    elif form == "radial":
+        wide = kernel.distances == "wide" and dtype == "float32"
+        tile = functools.partial(_radial_tile, kernel.radial_profile, wide)
     elif form == "dot":
         tile = functools.partial(_dot_tile, kernel.dot_profile)
     else:
@@ -145,7 +174,7 @@ def compiled_block(name: str, static: tuple, form: str, mode: str, dtype: str, s
     return jax.jit(block)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PreparedSources:
     """Sources cast, re-centred and padded to whole calls of ``shape``: ready for every query block."""
 
@@ -153,6 +182,15 @@ class PreparedSources:
     weights: np.ndarray  # (calls, tiles_per_call, cols), compute dtype; 0 on padding
     center: np.ndarray  # (D,) float64, subtracted from sources and queries (zeros if not stationary)
     count: int
+
+    @functools.cached_property
+    def device_coords(self) -> list:
+        """One device array per call (put once: on a GPU the sources cross the bus once per process)."""
+        return [jax.device_put(c) for c in self.coords]
+
+    @functools.cached_property
+    def device_weights(self) -> list:
+        return [jax.device_put(w) for w in self.weights]
 
 
 def source_center(sources: np.ndarray, spec: KernelSpec) -> np.ndarray:
@@ -196,10 +234,12 @@ def block_sums(queries, prepared: PreparedSources, spec: KernelSpec, mode: str, 
     q[b:] = q[0] if b else 0.0
     dynamic, static = split_params(spec, dtype)
     fn = compiled_block(spec.name, static, formulation(spec, mode), mode, dtype, shape, dim)
+    q = jax.device_put(q)
+    # Dispatch every call first (JAX runs them asynchronously), then add the partials in a fixed order.
+    partials = [fn(q, xs, ws, dynamic) for xs, ws in zip(prepared.device_coords, prepared.device_weights)]
     g_total = np.zeros((shape.rows, dim))
     v_total = np.zeros(shape.rows)
-    for xs, ws in zip(prepared.coords, prepared.weights):
-        g, v = fn(q, xs, ws, dynamic)
+    for g, v in partials:
         g_total += np.sum(np.asarray(g, dtype=np.float64), axis=0)
         v_total += np.sum(np.asarray(v, dtype=np.float64), axis=0)
     return g_total[:b], v_total[:b]

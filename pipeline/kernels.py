@@ -85,6 +85,12 @@ class Kernel:
     uses_lengthscale: bool = True
     stationary: bool = True  # k(q + c, x + c) = k(q, x): inputs may be re-centred
     user: bool = False  # loaded from 'module:function'; takes any numeric parameters
+    # How the radial fast path gets r2 and the sum over (q - x).  "gemm": |u|^2 + |x|^2 - 2 u.x by GEMM
+    # (fastest; fine for kernels smooth in r2).  "wide": that GEMM in float64 for float32 runs (Matern
+    # 3/2, 5/2 use r = sqrt(r2), whose derivative is infinite at 0, so r2's rounding near 0 matters).
+    # "direct": exact per-dimension differences for r2 and for sum_i f'_ji (q_j - x_i) (Matern 1/2,
+    # whose f'(r2) ~ 1/r turns the GEMM form's cancellation into large errors for close pairs).
+    distances: str = "gemm"
     doc: str = ""
 
     @property
@@ -107,11 +113,12 @@ def _scaled_r2(q, x, p):
     return jnp.sum(d * d)
 
 
-def _radial(name, profile, params=(), doc=""):
+def _radial(name, profile, params=(), doc="", distances="gemm"):
     def evaluate(q, x, p):
         return profile(_scaled_r2(q, x, p), p)
 
-    return Kernel(name=name, evaluate=evaluate, params=params, radial_profile=profile, doc=doc)
+    return Kernel(name=name, evaluate=evaluate, params=params, radial_profile=profile, doc=doc,
+                  distances=distances)
 
 
 def _rbf(r2, p):
@@ -166,9 +173,10 @@ KERNELS: Mapping[str, Kernel] = {
     k.name: k
     for k in (
         _radial("rbf", _rbf, doc="s2 exp(-r^2/2)"),
-        _radial("matern12", _matern12, doc="s2 exp(-r)"),
-        _radial("matern32", _matern32, doc="s2 (1 + sqrt3 r) exp(-sqrt3 r)"),
-        _radial("matern52", _matern52, doc="s2 (1 + sqrt5 r + 5 r^2/3) exp(-sqrt5 r)"),
+        _radial("matern12", _matern12, doc="s2 exp(-r)", distances="direct"),
+        _radial("matern32", _matern32, doc="s2 (1 + sqrt3 r) exp(-sqrt3 r)", distances="wide"),
+        _radial("matern52", _matern52, doc="s2 (1 + sqrt5 r + 5 r^2/3) exp(-sqrt5 r)",
+                distances="wide"),
         _radial("rational_quadratic", _rational_quadratic, (Param("alpha", 1.0),),
                 doc="s2 (1 + r^2/(2 alpha))^(-alpha)"),
         _radial("imq", _imq, (Param("c", 1.0), Param("beta", 0.5)), doc="s2 (c^2 + r^2)^(-beta)"),

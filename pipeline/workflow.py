@@ -263,6 +263,25 @@ def _security(config: RunConfig):
     return Security(require_encryption=True, **config.security)
 
 
+def check_cluster_memory(client, plan: Plan) -> None:
+    """Refuse, before anything is written, a plan whose tasks cannot fit the smallest worker."""
+    from .plan import WORKER_BASELINE_BYTES, MiB
+
+    try:
+        client.wait_for_workers(1, timeout=30)
+    except TimeoutError:
+        pass
+    workers = client.scheduler_info().get("workers", {})
+    if not workers:
+        raise InputError("the dask cluster has no workers; start some (see cluster/) and try again")
+    limits = [w.get("memory_limit") or 0 for w in workers.values()]
+    smallest = min(limits)
+    if smallest and plan.task_memory_bytes + WORKER_BASELINE_BYTES > smallest:
+        raise InputError(f"a task needs about {plan.task_memory_bytes / MiB:.0f} MiB "
+                         f"(+{WORKER_BASELINE_BYTES / MiB:.0f} MiB worker baseline) but the smallest worker "
+                         f"has {smallest / MiB:.0f} MiB; give workers more memory or use float32")
+
+
 def run_prepared(prepared: Prepared, stream=None) -> dict:
     """Write the output for a prepared run on the configured scheduler; return the final attributes."""
     from .execute import connect, execute, local_cluster
@@ -273,12 +292,6 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
         print(f"kgrad: {config.out} is already complete; nothing to do", file=stream)
         return dict(store.open_output(config.out, job.out_options).attrs)
     started = time.perf_counter()
-    if prepared.action == "overwrite":
-        store.remove(config.out, job.out_options)
-    if prepared.action in ("create", "overwrite"):
-        store.create_output(config.out, n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
-                            rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks,
-                            attributes=prepared.attributes, storage_options=job.out_options)
     cluster = None
     if config.scheduler == "local":
         workers = config.workers or default_workers()
@@ -287,9 +300,20 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
 
         client = Client(cluster)
     else:
-        client = connect(config.scheduler, _security(config))
+        try:
+            client = connect(config.scheduler, _security(config))
+        except OSError as exc:
+            raise InputError(f"could not reach the dask scheduler {config.scheduler!r} ({exc}); "
+                             f"check the address or scheduler file, and TLS settings") from None
     cluster_seconds = time.perf_counter() - started
     try:
+        check_cluster_memory(client, plan)
+        if prepared.action == "overwrite":
+            store.remove(config.out, job.out_options)
+        if prepared.action in ("create", "overwrite"):
+            store.create_output(config.out, n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
+                                rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks,
+                                attributes=prepared.attributes, storage_options=job.out_options)
         link = client.dashboard_link if "dashboard" in client.scheduler_info().get("services", {}) else None
         n_workers = len(client.scheduler_info()["workers"])
         print(f"kgrad: {plan.n_tasks} tasks ({plan.n_points} x {plan.n_sources} pairs, D={plan.dim}, "

@@ -1,0 +1,207 @@
+"""Properties of the pure planner ``pipeline.plan.make_plan`` (hypothesis), and ``kgrad plan`` against it."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline import InputError
+from pipeline.plan import (
+    DEFAULT_TILES,
+    MAX_TILES_PER_CALL,
+    WORKER_BASELINE_BYTES,
+    make_plan,
+    tile_shape,
+)
+
+FORMULATIONS = tuple(DEFAULT_TILES)
+DTYPES = ("float32", "float64")
+
+sizes = st.integers(min_value=1, max_value=10**8)
+small_sizes = st.integers(min_value=1, max_value=5000)
+dims = st.integers(min_value=1, max_value=64)
+formulations = st.sampled_from(FORMULATIONS)
+dtypes = st.sampled_from(DTYPES)
+workers = st.integers(min_value=1, max_value=512)
+overrides = st.one_of(st.none(), st.integers(min_value=1, max_value=4096))
+
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def check_tasks(plan):
+    """The task list covers [0, N) exactly, in order, without overlap, in whole tiles but the last."""
+    tasks = plan.tasks
+    assert tasks, "at least one task"
+    assert tasks[0].start == 0 and tasks[-1].stop == plan.n_points
+    for i, task in enumerate(tasks):
+        assert task.index == i
+        assert 0 < task.rows <= plan.rows_per_task
+        if i:
+            assert task.start == tasks[i - 1].stop
+    for task in tasks[:-1]:
+        assert task.rows == plan.rows_per_task
+        assert task.rows % plan.rows == 0
+    assert sum(t.rows for t in tasks) == plan.n_points
+    assert plan.n_tasks == math.ceil(plan.n_points / plan.rows_per_task)
+
+
+@SETTINGS
+@given(n=sizes, m=sizes, d=dims, form=formulations, dtype=dtypes)
+def test_default_plan(n, m, d, form, dtype):
+    plan = make_plan(n, m, d, dtype=dtype, formulation=form)
+    check_tasks(plan)
+    default_rows, default_cols = DEFAULT_TILES[form]
+    assert plan.rows <= default_rows and plan.cols <= default_cols
+    assert is_pow2(plan.rows) or plan.rows == default_rows
+    assert is_pow2(plan.cols) or plan.cols == default_cols
+    assert plan.rows_per_task % plan.rows == 0
+    assert 1 <= plan.rows_per_task // plan.rows <= 16
+    assert 1 <= plan.tiles_per_call <= MAX_TILES_PER_CALL
+    # one call covers all the sources, or is as large as allowed
+    assert plan.cols * plan.tiles_per_call >= m or plan.tiles_per_call == MAX_TILES_PER_CALL
+    assert plan.pairs == n * m
+    assert plan.task_memory_bytes > 0 and plan.estimated_seconds > 0
+    assert (plan.n_points, plan.n_sources, plan.dim, plan.dtype, plan.formulation) == (n, m, d, dtype, form)
+
+
+@SETTINGS
+@given(n=small_sizes, m=small_sizes, d=dims, form=formulations, rows=overrides, cols=overrides,
+       per_task=overrides)
+def test_overrides(n, m, d, form, rows, cols, per_task):
+    plan = make_plan(n, m, d, formulation=form, rows=rows, cols=cols, rows_per_task=per_task)
+    check_tasks(plan)
+    if rows is not None:
+        assert plan.rows == rows
+    if cols is not None:
+        assert plan.cols == cols
+    assert plan.rows_per_task % plan.rows == 0
+    if per_task is not None:  # rounded up to whole tiles, never down
+        assert per_task <= plan.rows_per_task < per_task + plan.rows
+
+
+@SETTINGS
+@given(n=sizes, m=sizes, d=dims, form=formulations, dtype=dtypes, w1=workers, w2=workers)
+def test_tasks_do_not_depend_on_workers(n, m, d, form, dtype, w1, w2):
+    a = make_plan(n, m, d, dtype=dtype, formulation=form, workers=w1)
+    b = make_plan(n, m, d, dtype=dtype, formulation=form, workers=w2)
+    assert a.tasks == b.tasks
+    assert (a.rows, a.cols, a.tiles_per_call, a.rows_per_task) == (b.rows, b.cols, b.tiles_per_call, b.rows_per_task)
+    assert a.task_memory_bytes == b.task_memory_bytes
+
+
+@SETTINGS
+@given(n=sizes, m1=sizes, m2=sizes, d=dims, form=formulations, dtype=dtypes)
+def test_memory_grows_with_sources(n, m1, m2, d, form, dtype):
+    small, large = sorted((m1, m2))
+    a = make_plan(n, small, d, dtype=dtype, formulation=form)
+    b = make_plan(n, large, d, dtype=dtype, formulation=form)
+    assert a.task_memory_bytes <= b.task_memory_bytes
+
+
+@SETTINGS
+@given(n=sizes, m=sizes, d=dims, form=formulations)
+def test_float64_needs_more_memory(n, m, d, form):
+    assert (make_plan(n, m, d, dtype="float32", formulation=form).task_memory_bytes
+            < make_plan(n, m, d, dtype="float64", formulation=form).task_memory_bytes)
+
+
+@SETTINGS
+@given(n=sizes, m=sizes, d=dims, form=formulations, dtype=dtypes)
+def test_memory_limit_is_checked(n, m, d, form, dtype):
+    need = make_plan(n, m, d, dtype=dtype, formulation=form).task_memory_bytes + WORKER_BASELINE_BYTES
+    fits = make_plan(n, m, d, dtype=dtype, formulation=form, worker_memory_bytes=need)
+    assert fits.worker_memory_bytes == need
+    with pytest.raises(InputError, match="MiB") as info:
+        make_plan(n, m, d, dtype=dtype, formulation=form, worker_memory_bytes=need - 1)
+    assert f"M={m}" in str(info.value)
+
+
+def test_large_run_refused_with_a_useful_message():
+    with pytest.raises(InputError) as info:
+        make_plan(10**6, 10**9, 3, worker_memory_bytes=4 * 2**30)
+    message = str(info.value)
+    assert re.search(r"\d+ MiB", message) and "4096 MiB" in message and "M=1000000000" in message
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(n_points=0), dict(n_sources=0), dict(dim=0), dict(n_points=-5),
+    dict(rows=0), dict(cols=0), dict(rows_per_task=0), dict(workers=0), dict(rows=-1),
+    dict(dtype="float16"),
+], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_invalid_sizes_raise(kwargs):
+    args = dict(n_points=100, n_sources=100, dim=3)
+    args.update(kwargs)
+    n, m, d = args.pop("n_points"), args.pop("n_sources"), args.pop("dim")
+    with pytest.raises(InputError):
+        make_plan(n, m, d, **args)
+
+
+@SETTINGS
+@given(n=sizes, m=sizes, form=formulations)
+def test_tile_shape_shrinks_for_small_inputs(n, m, form):
+    rows, cols, tiles = tile_shape(n, m, form)
+    default_rows, default_cols = DEFAULT_TILES[form]
+    assert rows == default_rows or rows >= n  # a smaller tile is only chosen when all rows fit in it
+    assert cols == default_cols or cols * tiles >= m
+    assert rows < 2 * max(n, 8) and cols < 2 * max(m, 8)  # never more than twice the padding needed
+
+
+def test_plan_is_frozen():
+    plan = make_plan(100, 100, 3)
+    with pytest.raises(Exception):
+        plan.rows = 1  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------------- kgrad plan
+
+
+def _parse_plan(stdout: str) -> dict:
+    tile = re.search(r"tile\s+(\d+) rows x (\d+) cols, (\d+) tiles per compiled call", stdout)
+    tasks = re.search(r"tasks\s+(\d+) of (\d+) rows", stdout)
+    memory = re.search(r"memory\s+([\d.]+) (B|KiB|MiB|GiB) per task \(worker limit ([\d.]+) (\w+)\)", stdout)
+    inputs = re.search(r"N=(\d+) points x M=(\d+) sources, D=(\d+), (float\d+)", stdout)
+    assert tile and tasks and memory and inputs, stdout
+    unit = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+    return {"rows": int(tile[1]), "cols": int(tile[2]), "tiles_per_call": int(tile[3]),
+            "n_tasks": int(tasks[1]), "rows_per_task": int(tasks[2]),
+            "memory": float(memory[1]) * unit[memory[2]], "memory_unit": unit[memory[2]],
+            "n": int(inputs[1]), "m": int(inputs[2]), "d": int(inputs[3]), "dtype": inputs[4]}
+
+
+@pytest.mark.parametrize("extra, n, m, d, dtype, form, overrides", [
+    ([], 3000, 3000, 3, "float32", "radial", {}),
+    (["--dtype", "float64", "--kernel", "polynomial", "--tile-rows", "64", "--rows-per-task", "100"],
+     3000, 3000, 3, "float64", "dot", {"rows": 64, "rows_per_task": 100}),
+    (["--mode", "jacrev", "--sources", "SOURCES"], 3000, 1500, 3, "float32", "generic", {}),
+], ids=["default", "overrides", "generic-with-sources"])
+def test_kgrad_plan_matches_make_plan(tmp_path, extra, n, m, d, dtype, form, overrides):
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "points.npy", rng.normal(size=(n, d)))
+    np.save(tmp_path / "sources.npy", rng.normal(size=(m, d)))
+    extra = [str(tmp_path / "sources.npy") if a == "SOURCES" else a for a in extra]
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--points", "points.npy", "--out", "out.zarr",
+                           "--workers", "2", "--memory-limit", "3GiB", *extra],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "out.zarr").exists()
+    printed = _parse_plan(proc.stdout)
+    plan = make_plan(n, m, d, dtype=dtype, formulation=form, workers=2, worker_memory_bytes=3 * 2**30, **overrides)
+    assert (printed["n"], printed["m"], printed["d"], printed["dtype"]) == (n, m, d, dtype)
+    assert printed["rows"] == plan.rows and printed["cols"] == plan.cols
+    assert printed["tiles_per_call"] == plan.tiles_per_call
+    assert printed["n_tasks"] == plan.n_tasks and printed["rows_per_task"] == plan.rows_per_task
+    # printed with one decimal in the largest unit that keeps it under 1024
+    assert abs(printed["memory"] - plan.task_memory_bytes) <= 0.05 * printed["memory_unit"] + 1
+    assert f"[{form}," in proc.stdout
+    assert "workers       2" in proc.stdout
