@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InputError
-from .gradients import DTYPES, MODES, TileShape, block_sums, formulation, prepare_sources
-from .inputs import as_point_array, as_weights, check_same_dim
+from .gradients import DTYPES, MODES, TileShape, block_sums, formulation, prepare_sources, source_center
+from .inputs import as_point_array, as_weights, check_range, check_same_dim
 from .kernels import make_spec
 from .plan import make_plan
 
@@ -38,8 +38,8 @@ def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", length
     -------
     g, or (g, v) with ``return_value=True``; numpy arrays of ``dtype``.
     """
-    one_d = np.ndim(points) == 1
     queries = as_point_array(points, "points")
+    one_d = np.ndim(points) == 1
     srcs = queries if sources is None else as_point_array(sources, "sources")
     check_same_dim(queries, srcs)
     w = None if weights is None else as_weights(weights, srcs.shape[0])
@@ -51,7 +51,10 @@ def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", length
     plan = make_plan(queries.shape[0], srcs.shape[0], queries.shape[1], dtype=dtype,
                      formulation=formulation(spec, mode))
     shape = TileShape(plan.rows, plan.cols, plan.tiles_per_call)
-    prepared = prepare_sources(srcs, w, spec, dtype, shape)
+    center = source_center(srcs, spec)
+    check_range(srcs, "sources", center, spec.lengthscale, dtype)
+    check_range(queries, "points", center, spec.lengthscale, dtype)
+    prepared = prepare_sources(srcs, w, spec, dtype, shape, center=center)
     g = np.empty(queries.shape, dtype=dtype)
     v = np.empty(queries.shape[0], dtype=dtype)
     for start in range(0, queries.shape[0], plan.rows):

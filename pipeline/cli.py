@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from .errors import InputError
@@ -51,7 +52,13 @@ def _parse_params(items) -> dict:
         if not sep or not name:
             raise InputError(f"--param {item!r} is not NAME=VALUE (e.g. --param alpha=2)")
         try:
-            params[name] = float(value) if any(c in value for c in ".eE") else int(value)
+            params[name] = int(value)
+        except ValueError:
+            pass
+        else:
+            continue
+        try:
+            params[name] = float(value)
         except ValueError:
             raise InputError(f"--param {item!r}: {value!r} is not a number") from None
     return params
@@ -137,16 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("out")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(func=cmd_inspect)
+    from .plot import add_plot_command
+
+    add_plot_command(sub)
     return parser
 
 
 def main(argv=None) -> int:
+    # A store that fails mid-read leaves zarr's pending asyncio tasks behind; their complaints at
+    # interpreter exit would bury the one-line error.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
-            parser.print_help()
-            return 2
+            raise InputError("no command given; use one of run, plan, inspect, plot (see 'kgrad --help')")
         return args.func(args)
     except InputError as exc:
         print(f"kgrad: error: {exc}", file=sys.stderr)

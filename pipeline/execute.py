@@ -40,6 +40,8 @@ class Job:
     out: str
     out_options: tuple = ()
     fingerprint: str = ""
+    sources_fingerprint: str | None = None  # checked by each worker after it reads the sources
+    weights_fingerprint: str | None = None
     pin_cores: bool = False
     cache_dir: str | None = None
 
@@ -57,11 +59,21 @@ def _prepared_sources(job: Job):
     if key not in _SOURCES:
         _SOURCES.clear()
         ref = job.sources or job.points
-        sources, _ = store.load_input(ref, "sources")
-        weights = None if job.weights is None else store.load_input(job.weights, "weights")[0]
+        sources, fingerprint = store.load_input(ref, "sources")
+        _check_same_data(ref, fingerprint, job.sources_fingerprint)
+        weights = None
+        if job.weights is not None:
+            weights, fingerprint = store.load_input(job.weights, "weights")
+            _check_same_data(job.weights, fingerprint, job.weights_fingerprint)
         _SOURCES[key] = prepare_sources(sources, weights, job.spec, job.dtype, job.shape,
                                         center=np.asarray(job.center))
     return _SOURCES[key]
+
+
+def _check_same_data(ref, found: str, expected: str | None) -> None:
+    if expected is not None and found != expected:
+        raise RuntimeError(f"worker read different data at {ref.describe()} than the client validated "
+                           f"(fingerprint {found[:12]} != {expected[:12]}); is the path shared by all workers?")
 
 
 _PINNED = False
@@ -172,8 +184,13 @@ def connect(scheduler: str, security=None):
     """A Client for an existing scheduler: ``tcp://host:port``, ``tls://...`` or a scheduler file."""
     from distributed import Client
 
+    from .errors import InputError
+
     if os.path.isfile(scheduler):
         return Client(scheduler_file=scheduler, security=security)
+    if "://" not in scheduler and (os.sep in scheduler or scheduler.endswith(".json")):
+        raise InputError(f"scheduler file {scheduler!r} does not exist; give 'local', a scheduler address "
+                         f"(tcp://host:8786) or an existing scheduler file")
     return Client(scheduler, security=security, timeout="20s")
 
 

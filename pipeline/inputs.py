@@ -15,7 +15,7 @@ def as_point_array(values, name: str) -> np.ndarray:
     """Return ``values`` as a 2-D real array (N, D); a 1-D array is taken as N points in D = 1."""
     try:
         array = np.asarray(values)
-    except Exception as exc:  # ragged lists and the like
+    except Exception as exc:  # ragged lists and the like (numpy raises ValueError)
         raise InputError(f"{name} could not be read as an array ({exc})") from None
     if array.dtype.kind not in "fiu" or array.dtype.kind == "b":
         raise InputError(f"{name} has dtype {array.dtype}; it must hold real numbers (float or int)")
@@ -64,3 +64,17 @@ def check_same_dim(points: np.ndarray, sources: np.ndarray) -> None:
     if points.shape[1] != sources.shape[1]:
         raise InputError(f"points have D={points.shape[1]} dimensions but sources have "
                          f"D={sources.shape[1]}; they must match")
+
+
+# Largest scaled coordinate |(x - center) / l| whose square stays finite in each compute dtype.
+_RANGE = {"float32": 1e19, "float64": 1e153}
+
+
+def check_range(array: np.ndarray, name: str, center, lengthscale, dtype: str) -> None:
+    """Raise if a re-centred, scaled coordinate would overflow (its square) in the compute dtype."""
+    scaled = np.abs((np.asarray(array, np.float64) - np.asarray(center)) / np.asarray(lengthscale))
+    limit = _RANGE[dtype]
+    if scaled.size and scaled.max() > limit:
+        row = int(np.argwhere(scaled > limit)[0][0])
+        raise InputError(f"{name} row {row} is too far out for {dtype} ({array[row].tolist()} is more than "
+                         f"{limit:g} lengthscales from the data's centre); use dtype float64 or rescale")

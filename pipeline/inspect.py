@@ -42,7 +42,8 @@ def format_output(info: dict) -> str:
              f"  sizes       N={info['N']} points, M={info['M']} sources, D={info['D']}"]
     for role, meta in (info.get("inputs") or {}).items():
         if meta:
-            lines.append(f"  {role:<11} {meta['location']}  (fingerprint {meta['fingerprint'][:12]})")
+            where = meta["location"] + (f"[{meta['array']}]" if meta.get("array") else "")
+            lines.append(f"  {role:<11} {where}  (fingerprint {meta['fingerprint'][:12]})")
     for name, meta in info["arrays"].items():
         lines.append(f"  array       {name} {tuple(meta['shape'])} {meta['dtype']} "
                      f"dims={tuple(meta['dimension_names'])} chunks={tuple(meta['chunks'])}")

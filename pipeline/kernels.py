@@ -56,6 +56,9 @@ class Param:
     integer: bool = False
 
     def check(self, kernel: str, value) -> float | int:
+        if isinstance(value, bool):
+            raise InputError(f"kernel {kernel!r}: parameter {self.name}={value!r} is not a number; "
+                             f"it must be {self.describe()}")
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -250,6 +253,8 @@ def get_kernel(name: str) -> Kernel:
 
 def make_spec(name: str, dim: int, lengthscale=1.0, variance=1.0, **params) -> KernelSpec:
     """Validate a kernel's parameters for inputs of dimension ``dim`` and freeze them in a spec."""
+    if not isinstance(name, str):
+        raise InputError(f"kernel={name!r} must be a kernel name (a string), e.g. 'rbf'")
     kernel = get_kernel(name)
     try:
         var = float(variance)

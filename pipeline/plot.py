@@ -2,9 +2,13 @@
 
 * D = 2: the gradient field g as arrows at (a sample of) the points, coloured by the kernel sum v,
   over all sampled points, with a colorbar; the title names the kernel.
-* D != 2: left, the points projected on their first two principal components (D >= 3; for D = 1 the
-  points themselves on the x-axis), coloured by v, with the gradients projected the same way as arrows;
-  right, a histogram of the gradient magnitudes |g| (all D components).
+* D >= 3: left, the points projected on their first two principal components, coloured by v, with the
+  gradients projected the same way as arrows; right, a histogram of the gradient magnitudes |g| (all D
+  components; a log axis when they span more than three decades).
+* D = 1: left, v and g against x; right, the histogram of |g|.
+
+Large outputs are sampled: at most ``SCATTER_POINTS`` rows are read for the dots, the projection and the
+histogram, and ``max_points`` of them get arrows.
 
 The points are reloaded from where the output says they came from (attribute ``inputs.points``); pass
 ``points=`` (``--points``) if they have moved since.  matplotlib is imported only when a picture is drawn.
@@ -64,8 +68,11 @@ def _points_ref(attrs: dict, points: str | None, storage_options: tuple):
     if not described:
         raise InputError("the output does not record where its points came from (attribute "
                          "inputs.points.location); pass the points with --points PATH")
-    match = _LOCATION.match(described)
-    location, array = (match["location"], match["array"]) if match else (described, None)
+    if "array" in meta:
+        location, array = described, meta["array"]
+    else:  # outputs from before the array name was stored on its own
+        match = _LOCATION.match(described)
+        location, array = (match["location"], match["array"]) if match else (described, None)
     if not store.exists(location, storage_options):
         raise InputError(f"the output's points {described!r} are not there any more (relative paths are "
                          f"relative to where 'kgrad run' ran); pass them with --points PATH")

@@ -57,6 +57,27 @@ def _fs(location: str, storage_options: tuple = ()):
     return fs, path
 
 
+def _normalise(location: str) -> str:
+    location = os.fspath(location)
+    if "://" in location and not location.startswith("file://"):
+        return location.rstrip("/")
+    return os.path.realpath(location.removeprefix("file://"))
+
+
+def absolute(location: str) -> str:
+    """A local path made absolute (workers may run elsewhere); URLs unchanged."""
+    location = os.fspath(location)
+    if "://" in location and not location.startswith("file://"):
+        return location
+    return os.path.abspath(location.removeprefix("file://"))
+
+
+def overlaps(out: str, location: str) -> bool:
+    """True if writing ``out`` could touch ``location``: the same path, or one inside the other."""
+    a, b = _normalise(out), _normalise(location)
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
 def exists(location: str, storage_options: tuple = ()) -> bool:
     fs, path = _fs(location, storage_options)
     return fs.exists(path)

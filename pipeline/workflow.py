@@ -47,16 +47,44 @@ from . import __version__ as VERSION  # noqa: N812
 from . import store
 from .errors import InputError
 from .gradients import DTYPES, MODES, TileShape, formulation, source_center
-from .inputs import check_same_dim
+from .inputs import check_range, check_same_dim
 from .kernels import make_spec
 from .plan import Plan, make_plan
 
+_NUMBER = "a number"
+_TEXT = "a string"
+_WHOLE = "a whole number"
+_TABLE = "a table"
 _SECTIONS = {
-    "inputs": {"points", "sources", "weights", "storage_options"},
-    "kernel": {"name", "lengthscale", "variance", "params"},
-    "run": {"out", "dtype", "mode", "scheduler", "workers", "memory_limit", "tile_rows", "tile_cols",
-            "rows_per_task", "progress", "cache_dir", "security"},
+    "inputs": {"points": _TEXT, "sources": _TEXT, "weights": _TEXT, "storage_options": _TABLE},
+    "kernel": {"name": _TEXT, "lengthscale": "a number or a list of numbers", "variance": _NUMBER,
+               "params": _TABLE},
+    "run": {"out": _TEXT, "dtype": _TEXT, "mode": _TEXT, "scheduler": _TEXT, "workers": _WHOLE,
+            "memory_limit": "a size such as '4GiB'", "tile_rows": _WHOLE, "tile_cols": _WHOLE,
+            "rows_per_task": _WHOLE, "progress": "true or false", "cache_dir": _TEXT, "security": _TABLE},
 }
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _type_ok(kind: str, value) -> bool:
+    if kind == _TEXT:
+        return isinstance(value, str)
+    if kind == _NUMBER:
+        return _is_number(value)
+    if kind == _WHOLE:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _TABLE:
+        return isinstance(value, dict)
+    if kind.startswith("a number or a list"):
+        return _is_number(value) or (isinstance(value, list) and all(_is_number(v) for v in value))
+    if kind.startswith("a size"):
+        return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+    if kind == "true or false":
+        return isinstance(value, bool)
+    return True
 
 
 @dataclass
@@ -112,6 +140,14 @@ def load_workflow(path: str) -> RunConfig:
             if key not in _SECTIONS[section]:
                 raise InputError(f"workflow file {path!r}: unknown key {key!r} in [{section}]; "
                                  f"allowed: {', '.join(sorted(_SECTIONS[section]))}")
+            kind = _SECTIONS[section][key]
+            if not _type_ok(kind, value):
+                raise InputError(f"workflow file {path!r}: [{section}] {key} = {value!r} must be {kind}")
+            if (section, key) == ("kernel", "params"):
+                bad = [k for k, v in value.items() if not _is_number(v)]
+                if bad:
+                    raise InputError(f"workflow file {path!r}: [kernel.params] {bad[0]} = {value[bad[0]]!r} "
+                                     f"must be a number")
             values["kernel" if (section, key) == ("kernel", "name") else key] = value
     return RunConfig(**values)
 
@@ -170,9 +206,19 @@ def prepare(config: RunConfig, worker_memory: int | None = None) -> Prepared:
     if config.resume and config.overwrite:
         raise InputError("--resume and --overwrite exclude each other; choose one")
     workers = config.workers if config.workers is not None else default_workers()
-    if not isinstance(workers, int) or workers < 1:
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise InputError(f"workers={workers!r} must be a whole number >= 1")
+    # Workers resolve paths in their own working directory: make local paths absolute here.
+    config = config.replace(**{role: store.absolute(getattr(config, role))
+                               for role in ("points", "sources", "weights", "out") if getattr(config, role)})
+    if not isinstance(config.storage_options, dict):
+        raise InputError(f"storage_options={config.storage_options!r} must be a table/dict of fsspec options")
     opts = tuple(sorted(config.storage_options.items()))
+    for role in ("points", "sources", "weights"):
+        location = getattr(config, role)
+        if location and store.overlaps(config.out, location):
+            raise InputError(f"--out {config.out!r} would overwrite the {role} input {location!r}; "
+                             f"write the output somewhere else")
 
     points_ref = store.resolve_input(config.points, "points", opts)
     points, points_fp = store.load_input(points_ref, "points")
@@ -201,11 +247,13 @@ def prepare(config: RunConfig, worker_memory: int | None = None) -> Prepared:
                      worker_memory_bytes=worker_memory, rows=config.tile_rows, cols=config.tile_cols,
                      rows_per_task=config.rows_per_task, cores=default_workers())
     identity = {
-        "points": {"location": points_ref.describe(), "fingerprint": points_fp, "shape": list(points.shape)},
-        "sources": None if sources_ref is None else {"location": sources_ref.describe(),
+        "points": {"location": points_ref.location, "array": points_ref.array, "fingerprint": points_fp,
+                   "shape": list(points.shape)},
+        "sources": None if sources_ref is None else {"location": sources_ref.location,
+                                                      "array": sources_ref.array,
                                                       "fingerprint": sources_fp, "shape": [m, dim]},
-        "weights": None if weights_ref is None else {"location": weights_ref.describe(),
-                                                      "fingerprint": weights_fp},
+        "weights": None if weights_ref is None else {"location": weights_ref.location,
+                                                      "array": weights_ref.array, "fingerprint": weights_fp},
         "kernel": spec.name, "lengthscale": list(spec.lengthscale), "variance": spec.variance,
         "kernel_params": dict(spec.params), "dtype": config.dtype, "mode": config.mode,
         "tile_rows": plan.rows, "tile_cols": plan.cols, "tiles_per_call": plan.tiles_per_call,
@@ -222,10 +270,13 @@ def prepare(config: RunConfig, worker_memory: int | None = None) -> Prepared:
     }
     action, done = _output_action(config, fingerprint, identity, opts, plan)
     center = source_center(sources, spec)
+    check_range(sources, "sources", center, spec.lengthscale, config.dtype)
+    check_range(points, "points", center, spec.lengthscale, config.dtype)
     job = Job(points=points_ref, sources=sources_ref, weights=weights_ref, spec=spec, mode=config.mode,
               dtype=config.dtype, shape=TileShape(plan.rows, plan.cols, plan.tiles_per_call),
               center=tuple(float(c) for c in center), out=config.out, out_options=opts,
-              fingerprint=fingerprint, pin_cores=config.scheduler == "local" and workers <= default_workers(),
+              fingerprint=fingerprint, sources_fingerprint=sources_fp, weights_fingerprint=weights_fp,
+              pin_cores=config.scheduler == "local" and workers <= default_workers(),
               cache_dir=config.cache_dir)
     return Prepared(config, job, plan, attributes, action, done)
 
@@ -302,7 +353,7 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
     else:
         try:
             client = connect(config.scheduler, _security(config))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise InputError(f"could not reach the dask scheduler {config.scheduler!r} ({exc}); "
                              f"check the address or scheduler file, and TLS settings") from None
     cluster_seconds = time.perf_counter() - started

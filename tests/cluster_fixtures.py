@@ -2,7 +2,7 @@
 cluster (cluster/start-local-cluster.sh), and readers that compare outputs bit for bit.
 
 Test modules load this as a plugin (``pytest_plugins = ["cluster_fixtures"]``) so that the session-scoped
-fixtures (the inputs, the undisturbed reference run, the dask CLI cluster) are built once per session
+fixtures (job_inputs: the inputs; undisturbed: the reference run; dask_cli_cluster) are built once per session
 however many modules use them.
 
 Sizes: ``KGRAD_RELIABILITY_N`` (default 40000) points, also the sources, D = 3, float32, 2048 rows per task
@@ -326,8 +326,8 @@ class Inputs:
 
 
 @pytest.fixture(scope="session")
-def inputs(tmp_path_factory) -> Inputs:
-    root = tmp_path_factory.mktemp("inputs")
+def job_inputs(tmp_path_factory) -> Inputs:
+    root = tmp_path_factory.mktemp("job_inputs")
     rng = np.random.default_rng(20240611)
     points = rng.normal(size=(N, DIM)).astype(np.float32)
     np.save(root / "points.npy", points)
@@ -345,11 +345,11 @@ class Reference:
 
 
 @pytest.fixture(scope="session")
-def reference(inputs, tmp_path_factory) -> Reference:
+def undisturbed(job_inputs, tmp_path_factory) -> Reference:
     """An undisturbed run of the standard job on a 2-worker local cluster."""
-    out = tmp_path_factory.mktemp("reference") / "ref.zarr"
+    out = tmp_path_factory.mktemp("undisturbed") / "ref.zarr"
     started = time.monotonic()
-    result = kgrad(run_args(inputs.points, out, workers=2))
+    result = kgrad(run_args(job_inputs.points, out, workers=2))
     seconds = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     timings = assert_complete(out, tasks_run=N_TASKS, tasks_skipped=0)
@@ -403,7 +403,7 @@ def stop_cluster(cluster: DaskCluster) -> None:
 
 
 @pytest.fixture(scope="session")
-def dask_cluster(tmp_path_factory):
+def dask_cli_cluster(tmp_path_factory):
     """A 2-worker dask cluster started with the dask CLI (scheduler + nannies), stopped at the end."""
     cluster = start_cluster(tmp_path_factory.mktemp("dask-cluster"), 2)
     try:

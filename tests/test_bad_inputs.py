@@ -242,10 +242,7 @@ CASES = [
     Case("group-without-points", cli=("--points", "{d}/no_points.zarr"),
          words=("points", "no_points.zarr", "coords")),
     Case("corrupt-chunk", cli=("--points", "{d}/bad_chunk.zarr"), words=("points", "bad_chunk.zarr"),
-         patterns=(r"could not be read|corrupt",),
-         cli_xfail="zarr's pending asyncio tasks print 'Task was destroyed but it is pending!' on stderr at exit "
-                   "after a chunk fails to decode (not every time, hence not strict)",
-         cli_xfail_strict=False),
+         patterns=(r"could not be read|corrupt",)),
     # --- workflow files
     Case("workflow-unknown-key", cli=(), toml='[inputs]\npoints = "{d}/points.npy"\nbogus = 1\n',
          words=("wf.toml", "bogus", "[inputs]")),
@@ -254,17 +251,12 @@ CASES = [
     Case("workflow-invalid-toml", cli=(), toml='[inputs\npoints = "{d}/points.npy"\n', words=("wf.toml", "TOML")),
     Case("workflow-missing-file", cli=("nothere.toml",), words=("nothere.toml", "does not exist")),
     Case("workflow-params-not-a-table", cli=(), toml='[inputs]\npoints = "{d}/points.npy"\n[kernel]\nparams = 3\n',
-         words=("params",),
-         cli_xfail="a non-table [kernel] params crashes config_from_args with TypeError (exit 1, traceback)"),
-    Case("workflow-points-not-a-string", cli=(), toml="[inputs]\npoints = 5\n", words=("points", "5"),
-         cli_xfail="a non-string [inputs] points crashes store.resolve_input with TypeError (exit 1, traceback)"),
+         words=("params",)),
+    Case("workflow-points-not-a-string", cli=(), toml="[inputs]\npoints = 5\n", words=("points", "5")),
     Case("workflow-tile-rows-not-a-number", cli=(),
-         toml='[inputs]\npoints = "{d}/points.npy"\n[run]\ntile_rows = "a"\n', words=("tile", "'a'"),
-         cli_xfail="a string [run] tile_rows crashes make_plan with TypeError (exit 1, traceback)"),
+         toml='[inputs]\npoints = "{d}/points.npy"\n[run]\ntile_rows = "a"\n', words=("tile", "'a'")),
     # --- the other commands
-    Case("no-command", cli=(), command=None, add_out=False, words=("run", "plan", "inspect"),
-         cli_xfail="'kgrad' with no command prints the help on stdout and nothing on stderr (exit 2, "
-                   "but the contract wants one line on stderr)"),
+    Case("no-command", cli=(), command=None, add_out=False, words=("run", "plan", "inspect")),
     Case("inspect-missing", cli=("nothere.zarr",), command="inspect", add_out=False,
          words=("nothere.zarr", "does not exist")),
     Case("inspect-not-an-output", cli=("{d}/points.npy",), command="inspect", add_out=False,
@@ -283,9 +275,7 @@ CASES = [
     Case("overwrite-with-bad-input", cli=("--points", "{d}/points_nan.npy", "--overwrite"), existing=True,
          words=("points", "nan"), patterns=(r"\brow 7\b",)),
     Case("out-is-the-input-group", cli=("--points", "group.zarr", "--out", "group.zarr", "--overwrite"),
-         copy_group=True, add_out=False, words=("group.zarr",),
-         cli_xfail="--out naming the input group with --overwrite deletes the input before the run, then the "
-                   "workers fail to read it (exit 2, but the input is gone and a half-made output remains)"),
+         copy_group=True, add_out=False, words=("group.zarr",)),
 ]
 
 CLI_CASES = [c for c in CASES if c.cli is not None]
@@ -384,16 +374,11 @@ def test_api_rejects_more(kwargs, words):
         assert word in str(info.value), str(info.value)
 
 
-@pytest.mark.xfail(reason="a ragged list reaches np.ndim() in api.kernel_gradients before as_point_array, "
-                          "so numpy's ValueError escapes instead of InputError", strict=True)
 def test_api_ragged_list():
     with pytest.raises(InputError, match="points"):
         pipeline.kernel_gradients([[0.0, 1.0], [2.0]])
 
 
-@pytest.mark.xfail(reason="points finite in float64 but beyond float32's range give NaN gradients with "
-                          "dtype='float32' (only an overflow RuntimeWarning), instead of an InputError",
-                   strict=True)
 def test_api_float32_overflow_is_rejected_or_finite():
     """Finite input must never come out as NaN: either refuse it (naming the row) or compute it."""
     points = POINTS.copy()

@@ -162,8 +162,11 @@ def test_workflow_file_with_flag_overrides(workflow_run, workdir):
     # from the file
     assert attrs["kernel"] == "matern52"
     assert attrs["plan"]["workers"] == 2
-    assert attrs["inputs"]["weights"]["location"] == "group.zarr[weights]", "the group's weights are used"
-    assert attrs["inputs"]["points"]["location"] == "group.zarr[points]"
+    group = str(workdir / "group.zarr")  # relative paths are recorded absolute (workers may run elsewhere)
+    assert attrs["inputs"]["weights"]["location"] == group, "the group's weights are used"
+    assert attrs["inputs"]["weights"]["array"] == "weights"
+    assert attrs["inputs"]["points"]["location"] == group
+    assert attrs["inputs"]["points"]["array"] == "points"
     assert attrs["inputs"]["sources"] is None
     g, v = pipeline.kernel_gradients(POINTS, weights=POINT_WEIGHTS, kernel="matern52", lengthscale=[0.8, 0.9, 1.1],
                                      variance=1.7, dtype="float64", return_value=True)
@@ -198,7 +201,7 @@ def test_split_inputs_chunked_along_either_axis(split_run, workdir):
     assert attrs["complete"] is True
     for role, path in (("points", "points_7x3.zarr"), ("sources", "sources_Mx1.zarr"),
                        ("weights", "source_weights.npy")):
-        assert attrs["inputs"][role]["location"] == path
+        assert attrs["inputs"][role]["location"] == str(workdir / path)
         assert attrs["inputs"][role]["fingerprint"] == fingerprint(workdir / path, role)
     g, v = pipeline.kernel_gradients(POINTS, SOURCES, SOURCE_WEIGHTS, kernel="rational_quadratic", alpha=2,
                                      lengthscale=0.7, dtype="float64", return_value=True)

@@ -17,50 +17,50 @@ pytest_plugins = ["cluster_fixtures"]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 4])
-def test_same_bits_for_any_local_worker_count(inputs, reference, tmp_path, workers):
-    """The reference ran on 2 workers; 1 and 4 give the same bytes."""
+def test_same_bits_for_any_local_worker_count(job_inputs, undisturbed, tmp_path, workers):
+    """The undisturbed run (2 workers) is the reference; 1 and 4 give the same bytes."""
     out = tmp_path / "out.zarr"
-    result = kgrad(run_args(inputs.points, out, workers=workers))
+    result = kgrad(run_args(job_inputs.points, out, workers=workers))
     assert result.returncode == 0, result.stderr[-3000:]
     timings = assert_complete(out, tasks_run=N_TASKS, tasks_skipped=0)
     assert len(timings["worker_pids"]) <= workers
-    compared = assert_bit_identical(out, reference.out)
+    compared = assert_bit_identical(out, undisturbed.out)
     record(f"same_bits_workers[{workers}]", bytes_compared=compared, seconds=timings["total_seconds"],
            worker_pids=len(timings["worker_pids"]))
 
 
 @pytest.mark.slow
-def test_same_bits_on_the_dask_cli_cluster(dask_cluster, inputs, reference, tmp_path):
+def test_same_bits_on_the_dask_cli_cluster(dask_cli_cluster, job_inputs, undisturbed, tmp_path):
     out = tmp_path / "out.zarr"
-    result = kgrad(run_args(inputs.points, out, scheduler=dask_cluster.scheduler_file))
+    result = kgrad(run_args(job_inputs.points, out, scheduler=dask_cli_cluster.scheduler_file))
     assert result.returncode == 0, result.stderr[-3000:]
     timings = assert_complete(out, tasks_run=N_TASKS, tasks_skipped=0)
-    compared = assert_bit_identical(out, reference.out)
+    compared = assert_bit_identical(out, undisturbed.out)
     record("same_bits_dask_cli", bytes_compared=compared, seconds=timings["total_seconds"])
 
 
 @pytest.mark.slow
-def test_same_bits_after_resume_with_another_worker_count(inputs, reference, tmp_path):
+def test_same_bits_after_resume_with_another_worker_count(job_inputs, undisturbed, tmp_path):
     """Killed on 1 worker (SIGKILL to the process group) after a third of the tasks; resumed on 4."""
     out = tmp_path / "out.zarr"
-    killed = run_and_kill(run_args(inputs.points, out, workers=1), out,
+    killed = run_and_kill(run_args(job_inputs.points, out, workers=1), out,
                           lambda t, done: done is not None and done.sum() >= N_TASKS // 3)
     assert not killed.finished_first and N_TASKS // 3 <= killed.done < N_TASKS
-    result = kgrad(run_args(inputs.points, out, "--resume", workers=4))
+    result = kgrad(run_args(job_inputs.points, out, "--resume", workers=4))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_complete(out, tasks_run=N_TASKS - killed.done, tasks_skipped=killed.done)
-    compared = assert_bit_identical(out, reference.out)
+    compared = assert_bit_identical(out, undisturbed.out)
     record("same_bits_after_resume_1_to_4_workers", faults_injected=1, runs_survived=1,
            tasks_done_before=killed.done, bytes_compared=compared)
 
 
 @pytest.mark.slow
-def test_in_process_api_equals_the_cli(inputs, reference):
+def test_in_process_api_equals_the_cli(job_inputs, undisturbed):
     """pipeline.kernel_gradients on the same array: same dtype, same bits as the CLI's output."""
     from pipeline import kernel_gradients
 
-    g, v = kernel_gradients(inputs.array, kernel="rbf", lengthscale=0.5, dtype="float32", return_value=True)
-    g_cli, v_cli = read_result(reference.out)
+    g, v = kernel_gradients(job_inputs.array, kernel="rbf", lengthscale=0.5, dtype="float32", return_value=True)
+    g_cli, v_cli = read_result(undisturbed.out)
     assert g.dtype == g_cli.dtype == np.float32 and v.dtype == v_cli.dtype == np.float32
     assert g.shape == g_cli.shape and v.shape == v_cli.shape
     assert np.array_equal(g, g_cli), f"{int((g != g_cli).any(1).sum())} rows differ"
@@ -70,9 +70,9 @@ def test_in_process_api_equals_the_cli(inputs, reference):
 
 
 @pytest.mark.slow
-def test_repeated_runs_are_identical(inputs, reference, tmp_path):
+def test_repeated_runs_are_identical(job_inputs, undisturbed, tmp_path):
     """The same command twice on the same cluster size: same bytes (no run-to-run noise)."""
     out = tmp_path / "again.zarr"
-    result = kgrad(run_args(inputs.points, out, workers=2))
+    result = kgrad(run_args(job_inputs.points, out, workers=2))
     assert result.returncode == 0, result.stderr[-3000:]
-    record("repeat_run", bytes_compared=assert_bit_identical(out, reference.out))
+    record("repeat_run", bytes_compared=assert_bit_identical(out, undisturbed.out))

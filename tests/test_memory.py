@@ -66,14 +66,16 @@ def test_task_peak_memory_within_plan(memory_inputs, tmp_path, sources):
 
     warm = _prepare(memory_inputs / "queries.npy", memory_inputs / "warmup.npy", tmp_path / "warm.zarr")
     job = _prepare(memory_inputs / "queries.npy", memory_inputs / sources, tmp_path / "big.zarr")
-    assert (warm.plan.rows, warm.plan.cols, warm.plan.tiles_per_call) == \
-        (job.plan.rows, job.plan.cols, job.plan.tiles_per_call), "the warm-up must compile the same call"
+    if (warm.plan.rows, warm.plan.cols, warm.plan.tiles_per_call) != \
+            (job.plan.rows, job.plan.cols, job.plan.tiles_per_call):
+        pytest.fail("the warm-up must compile the same call (same tile shape)")
     jobs = tmp_path / "jobs.pkl"
     with open(jobs, "wb") as f:
         pickle.dump({"warmup": (warm.job, warm.plan.tasks[:1]), "job": (job.job, job.plan.tasks[:2])}, f)
     result = subprocess.run([PYTHON, str(REPO / "tests" / "memory_probe.py"), str(jobs)], cwd=REPO,
                             env=kgrad_env(**WORKER_ENV), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    if result.returncode != 0:
+        pytest.fail(f"memory_probe.py failed:\n{result.stderr[-3000:]}")
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     projected = job.plan.task_memory_bytes
     record(f"task_peak_memory[{sources}]", projected_task_mib=round(projected / MiB, 1),
@@ -83,10 +85,11 @@ def test_task_peak_memory_within_plan(memory_inputs, tmp_path, sources):
            projected_absolute_mib=round((projected + WORKER_BASELINE_BYTES) / MiB, 1),
            ratio=round(figures["task_peak"] / projected, 2), task_seconds=figures["task_seconds"])
     assert figures["baseline_rss"] <= WORKER_BASELINE_BYTES, "the worker baseline itself is above the plan's"
-    assert figures["peak_rss"] <= projected + WORKER_BASELINE_BYTES, \
-        f"peak RSS {figures['peak_rss'] / MiB:.0f} MiB > projected {(projected + WORKER_BASELINE_BYTES) / MiB:.0f} MiB"
+    absolute = projected + WORKER_BASELINE_BYTES
     assert figures["task_peak"] <= projected, \
-        f"the task added {figures['task_peak'] / MiB:.0f} MiB at its peak; the plan projected {projected / MiB:.0f} MiB"
+        f"the task added {figures['task_peak'] / MiB:.0f} MiB at its peak; the plan projected {projected / MiB:.0f}"
+    assert figures["peak_rss"] <= absolute, \
+        f"peak RSS {figures['peak_rss'] / MiB:.0f} MiB > projected {absolute / MiB:.0f} MiB (task + baseline)"
 
 
 def _big_args(memory_inputs, out, *extra):
@@ -137,8 +140,12 @@ def test_plan_that_fits_the_memory_limit_runs(memory_inputs, tmp_path):
     limit_mib = -(-(plan.task_memory_bytes + WORKER_BASELINE_BYTES) // MiB) + 1
     args = ["run", "--points", memory_inputs / "queries.npy", "--sources", sources, "--out", out,
             "--rows-per-task", "512", "--no-progress", "--workers", "1", "--memory-limit", f"{limit_mib}MiB"]
-    result = kgrad(args, timeout=180)
+    try:
+        result = kgrad(args, timeout=180)
+    except AssertionError as exc:  # a hang (e.g. a paused worker) is not the known bug
+        pytest.fail(str(exc))
     record("memory_limit_just_fits", limit_mib=limit_mib, exit_code=result.returncode,
            killed_worker="KilledWorker" in result.stderr)
+    # the bug: exit 1, distributed.scheduler.KilledWorker after 6 workers died (memory) on the task
     assert result.returncode == 0, result.stderr.strip().splitlines()[-1:]
     assert_complete(out, tasks_run=plan.n_tasks)

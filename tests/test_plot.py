@@ -208,3 +208,33 @@ def test_output_of_a_real_run(tmp_path):
     path = tmp_path / "run.png"
     plot_output(out, path)
     assert_png(path)
+
+
+def test_large_output_reads_only_sampled_rows(outputs, tmp_path, monkeypatch):
+    """Above CHECK_FINGERPRINT_ROWS the points are not reloaded whole: only the sampled rows are read."""
+    import pipeline.plot as plot
+
+    monkeypatch.setattr(plot, "CHECK_FINGERPRINT_ROWS", 100)
+    data = plot.read_plot_data(outputs[3], sample=500)
+    assert data["x"].shape == (500, 3) and data["g"].shape == (500, 3) and data["v"].shape == (500,)
+    every = plot.read_plot_data(outputs[3], sample=10**6)  # all rows: points and values stay aligned
+    np.testing.assert_allclose(every["v"], rbf_sums(every["x"])[1], rtol=1e-4)
+    path = tmp_path / "large.png"
+    plot_output(outputs[3], path, max_points=50)
+    assert_png(path)
+
+
+def test_npy_points(tmp_path):
+    x = blobs(200, 2)
+    np.save(tmp_path / "points.npy", x)
+    out = str(tmp_path / "out.zarr")
+    prepared = prepare(RunConfig(points=str(tmp_path / "points.npy"), out=out, lengthscale=LENGTHSCALE,
+                                 workers=1, progress=False))
+    plan = prepared.plan
+    store.create_output(out, n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
+                        rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks, attributes=prepared.attributes)
+    g, v = rbf_sums(x)
+    store.write_task(out, 0, len(x), 0, g.astype(np.float32), v.astype(np.float32))
+    store.finish_output(out, {})
+    plot_output(out, tmp_path / "npy.png")
+    assert_png(tmp_path / "npy.png")

@@ -335,3 +335,30 @@ def test_kgrad_cli_over_tls_dask_config_environment(tls_cluster, certs, job, tmp
                             capture_output=True, text=True, env=env, cwd=REPO, timeout=90)
     assert result.returncode == 0, result.stderr
     _check_output(out, job)
+
+
+def _cli_has_tls_flags() -> bool:
+    from pipeline.cli import build_parser
+
+    try:
+        build_parser().parse_args(["run", "--tls-ca-file", "a", "--tls-cert", "b", "--tls-key", "c"])
+    except Exception:
+        return False
+    return True
+
+
+def test_kgrad_cli_over_tls_flags(tls_cluster, certs, job, tmp_path):
+    """`kgrad run --scheduler tls://... --tls-ca-file CA --tls-cert CERT --tls-key KEY`."""
+    if not _cli_has_tls_flags():
+        pytest.skip("pipeline/cli.py has no --tls-ca-file/--tls-cert/--tls-key flags yet (see cluster/README.md)")
+    out = tmp_path / "out.zarr"
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run", "--points", str(job["points"]),
+                             "--out", str(out), "--scheduler", tls_cluster["address"], "--dtype", "float64",
+                             "--lengthscale", str(LENGTHSCALE), "--rows-per-task", str(ROWS_PER_TASK),
+                             "--tile-rows", str(TILE_ROWS), "--no-progress",
+                             "--tls-ca-file", str(certs / "ca.pem"), "--tls-cert", str(certs / "client.pem"),
+                             "--tls-key", str(certs / "client.key")],
+                            capture_output=True, text=True, env=_env(), cwd=REPO, timeout=90)
+    assert result.returncode == 0, result.stderr
+    _check_output(out, job)
+
