@@ -66,7 +66,7 @@ def _prepared_sources(job: Job):
             weights, fingerprint = store.load_input(job.weights, "weights")
             _check_same_data(job.weights, fingerprint, job.weights_fingerprint)
         _SOURCES[key] = prepare_sources(sources, weights, job.spec, job.dtype, job.shape,
-                                        center=np.asarray(job.center))
+                                        center=np.asarray(job.center)).to_device()
     return _SOURCES[key]
 
 

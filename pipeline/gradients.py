@@ -25,6 +25,7 @@ so results are reproducible bit for bit and float32 error does not grow with the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -126,6 +127,21 @@ def _dot_tile(profile, q, x, w, p):
     return jnp.matmul(d_f * w, x, precision=HIGHEST), jnp.matmul(f, w, precision=HIGHEST)
 
 
+def _total_grad_tile(evaluate, q, x, w, p):
+    """(g, v) of one tile for any single-point k, by reverse mode on the tile's total.
+
+    Row j of Q enters only row j's sum, so grad_Q sum_j sum_i w_i k(q_j, x_i) is exactly (g_j)_j: one
+    backward pass over the B x C pairs, instead of one forward pass per input dimension.
+    """
+
+    def total(qs):
+        kv = jax.vmap(jax.vmap(evaluate, (None, 0, None)), (0, None, None))(qs, x, p)  # (B, C)
+        v = jnp.matmul(kv, w, precision=HIGHEST)
+        return jnp.sum(v), v
+
+    return jax.grad(total, has_aux=True)(q)
+
+
 def _generic_tile(evaluate, ad, q, x, w, p):
     """(g, v) of one tile for any single-point k, by vmap over rows of jacfwd/jacrev of the row sum."""
 
@@ -158,6 +174,8 @@ def compiled_block(name: str, static: tuple, form: str, mode: str, dtype: str, s
         tile = functools.partial(_radial_tile, kernel.radial_profile, wide)
     elif form == "dot":
         tile = functools.partial(_dot_tile, kernel.dot_profile)
+    elif mode == "auto":  # a kernel without structure: the fastest generic formulation measured
+        tile = functools.partial(_total_grad_tile, kernel.evaluate)
     else:
         ad = jax.jacrev if mode == "jacrev" else jax.jacfwd
         tile = functools.partial(_generic_tile, kernel.evaluate, ad)
@@ -174,23 +192,20 @@ def compiled_block(name: str, static: tuple, form: str, mode: str, dtype: str, s
     return jax.jit(block)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class PreparedSources:
     """Sources cast, re-centred and padded to whole calls of ``shape``: ready for every query block."""
 
-    coords: np.ndarray  # (calls, tiles_per_call, cols, D), compute dtype
+    coords: np.ndarray  # (calls, tiles_per_call, cols, D), compute dtype (or a list of device arrays)
     weights: np.ndarray  # (calls, tiles_per_call, cols), compute dtype; 0 on padding
     center: np.ndarray  # (D,) float64, subtracted from sources and queries (zeros if not stationary)
     count: int
 
-    @functools.cached_property
-    def device_coords(self) -> list:
-        """One device array per call (put once: on a GPU the sources cross the bus once per process)."""
-        return [jax.device_put(c) for c in self.coords]
-
-    @functools.cached_property
-    def device_weights(self) -> list:
-        return [jax.device_put(w) for w in self.weights]
+    def to_device(self) -> "PreparedSources":
+        """The same sources held on the default device, one array per call: workers that reuse them for
+        many query blocks then move them once (on a GPU, once over the bus per process)."""
+        return dataclasses.replace(self, coords=[jax.device_put(c) for c in self.coords],
+                                   weights=[jax.device_put(w) for w in self.weights])
 
 
 def source_center(sources: np.ndarray, spec: KernelSpec) -> np.ndarray:
@@ -234,9 +249,8 @@ def block_sums(queries, prepared: PreparedSources, spec: KernelSpec, mode: str, 
     q[b:] = q[0] if b else 0.0
     dynamic, static = split_params(spec, dtype)
     fn = compiled_block(spec.name, static, formulation(spec, mode), mode, dtype, shape, dim)
-    q = jax.device_put(q)
     # Dispatch every call first (JAX runs them asynchronously), then add the partials in a fixed order.
-    partials = [fn(q, xs, ws, dynamic) for xs, ws in zip(prepared.device_coords, prepared.device_weights)]
+    partials = [fn(q, xs, ws, dynamic) for xs, ws in zip(prepared.coords, prepared.weights)]
     g_total = np.zeros((shape.rows, dim))
     v_total = np.zeros(shape.rows)
     for g, v in partials:
