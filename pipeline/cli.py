@@ -164,8 +164,15 @@ def main(argv=None) -> int:
         print(f"kgrad: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("kgrad: interrupted", file=sys.stderr)
+        print("kgrad: interrupted; finish the run later with 'kgrad run ... --resume'", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if type(exc).__name__ != "KilledWorker":
+            raise
+        print(f"kgrad: failed: workers kept dying while running a task ({exc}); out of memory? give "
+              f"workers more memory (--memory-limit) or run fewer at once, then 'kgrad run ... --resume'",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

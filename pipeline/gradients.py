@@ -37,7 +37,8 @@ from .kernels import KernelSpec, get_kernel
 
 MODES = ("auto", "jacfwd", "jacrev")
 DTYPES = ("float32", "float64")
-HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes on GPUs: r2 needs full precision
+HIGHEST = jax.lax.Precision.HIGHEST
+PREPARE_ROWS = 1 << 16  # no TF32 / bf16 passes on GPUs: r2 needs full precision
 
 
 @dataclass(frozen=True)
@@ -202,8 +203,10 @@ class PreparedSources:
     count: int
 
     def to_device(self) -> "PreparedSources":
-        """The same sources held on the default device, one array per call: workers that reuse them for
-        many query blocks then move them once (on a GPU, once over the bus per process)."""
+        """The same sources held on an accelerator, one array per call: workers that reuse them for many
+        query blocks move them over the bus once.  On the CPU it returns ``self`` (no second copy)."""
+        if jax.default_backend() == "cpu":
+            return self
         return dataclasses.replace(self, coords=[jax.device_put(c) for c in self.coords],
                                    weights=[jax.device_put(w) for w in self.weights])
 
@@ -228,7 +231,9 @@ def prepare_sources(sources, weights, spec: KernelSpec, dtype: str, shape: TileS
     calls = max(1, -(-m // per_call))
     padded = calls * per_call
     coords = np.empty((padded, dim), dtype=dtype)
-    coords[:m] = sources.astype(np.float64) - center
+    for start in range(0, m, PREPARE_ROWS):  # centre in float64, a block at a time (bounded memory)
+        stop = min(start + PREPARE_ROWS, m)
+        coords[start:stop] = sources[start:stop].astype(np.float64) - center
     coords[m:] = coords[0] if m else 0.0  # a real point with weight 0: contributes exactly 0
     w = np.zeros(padded, dtype=dtype)
     w[:m] = 1.0 if weights is None else weights

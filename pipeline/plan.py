@@ -31,7 +31,8 @@ FLOAT64_SLOWDOWN = 3.0
 # Resident memory of an idle worker process with JAX loaded (measured: ~250 MiB), and the live
 # (rows x cols) temporaries of one tile call (r2, f', f, and XLA's scratch).
 WORKER_BASELINE_BYTES = 400 * MiB
-TILE_TEMPORARIES = 6
+TILE_TEMPORARIES = 8
+READ_BLOCK_ROWS = 1 << 18  # = pipeline.store.READ_ROWS
 
 
 @dataclass(frozen=True)
@@ -116,19 +117,22 @@ def tile_shape(n_points: int, n_sources: int, formulation: str, rows: int | None
 
 def task_memory(n_sources: int, dim: int, dtype: str, rows: int, cols: int, tiles_per_call: int,
                 rows_per_task: int) -> int:
-    """Projected peak bytes held by one task (beyond the worker's baseline):
+    """Projected peak bytes held by one task (beyond the worker's baseline), the terms in the order a
+    worker holds them (pipeline.store.load_input, pipeline.gradients.prepare_sources, block_sums):
 
-    sources as read (float64) + weights, the padded compute-dtype copy, one call's tile temporaries,
-    its per-tile partial sums, and the task's float64 output block.
+    the sources as read (up to float64) and the read buffers of one block, the padded compute-dtype
+    copy, one call's tile temporaries (r2, f', f and XLA scratch, in float64 at worst), the per-tile
+    partial sums of every call in flight, and the task's queries and output block.
     """
     item = _itemsize(dtype)
     padded = _round_up(max(n_sources, 1), cols * tiles_per_call)
-    read = n_sources * (dim + 1) * 8
+    calls = padded // (cols * tiles_per_call)
+    read = n_sources * (dim + 1) * 8 + min(n_sources, READ_BLOCK_ROWS) * (dim + 1) * 8 * 2
     prepared = padded * (dim + 1) * item
-    temporaries = TILE_TEMPORARIES * rows * cols * item + rows * (dim + 2) * item * 2
-    partials = tiles_per_call * rows * (dim + 1) * (item + 8)
-    output = rows_per_task * (dim + 1) * (8 + item)
-    return read + prepared + temporaries + partials + output
+    temporaries = TILE_TEMPORARIES * rows * cols * 8 + rows * (dim + 2) * 8 * 2
+    partials = calls * tiles_per_call * rows * (dim + 1) * item + rows * (dim + 1) * 8 * 2
+    task = rows_per_task * dim * 8 + rows_per_task * (dim + 1) * (8 + item)
+    return read + prepared + temporaries + partials + task
 
 
 def make_plan(n_points: int, n_sources: int, dim: int, *, dtype: str = "float32",
@@ -164,7 +168,8 @@ def make_plan(n_points: int, n_sources: int, dim: int, *, dtype: str = "float32"
         raise InputError(
             f"a task needs about {memory / MiB:.0f} MiB (+{WORKER_BASELINE_BYTES / MiB:.0f} MiB worker "
             f"baseline) but each worker has {worker_memory_bytes / MiB:.0f} MiB; use fewer workers "
-            f"(more memory each), float32, or fewer sources per run (M={n_sources})")
+            f"(more memory each){', float32' if dtype == 'float64' else ''}, or fewer sources per run "
+            f"(M={n_sources})")
     rate = PAIR_RATE[formulation] / (FLOAT64_SLOWDOWN if dtype == "float64" else 1.0)
     parallel = max(1, min(workers, cores or workers))
     estimated = n_points * n_sources / (rate * parallel)

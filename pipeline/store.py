@@ -30,7 +30,7 @@ from .errors import InputError
 from .inputs import check_finite
 
 FORMAT_VERSION = 1
-READ_ROWS = 1 << 20  # rows read at a time when loading and checking an input
+READ_ROWS = 1 << 18  # rows read at a time when loading and checking an input (= plan.READ_BLOCK_ROWS)
 
 
 def _quiet_zarr():
@@ -174,19 +174,19 @@ def load_input(ref: InputRef, role: str) -> tuple[np.ndarray, str]:
         raise InputError(f"{role}: {ref.describe()} is empty (shape {shape}); it needs at least one row")
     digest = hashlib.blake2b(digest_size=16)
     digest.update(repr((shape, dtype.str)).encode())
-    parts = []
+    data = np.empty(shape, dtype=dtype)  # filled block by block: peak = the array + one block
     try:
         for start in range(0, shape[0], READ_ROWS):
             block = np.ascontiguousarray(array[start:start + READ_ROWS])
             check_finite(block, f"{role} ({ref.describe()})", offset=start)
             digest.update(block.tobytes())
-            parts.append(block)
+            data[start:start + len(block)] = block
+            del block
     except InputError:
         raise
     except Exception as exc:
         raise InputError(f"{role}: {ref.describe()} could not be read ({type(exc).__name__}: {exc}); "
                          f"the store may be corrupt") from None
-    data = np.concatenate(parts) if len(parts) > 1 else parts[0]
     if role != "weights" and data.ndim == 1:
         data = data[:, None]
     return data, digest.hexdigest()
@@ -199,7 +199,6 @@ def create_output(location: str, *, n_points: int, dim: int, dtype: str, rows_pe
                   n_tasks: int, attributes: dict, storage_options: tuple = ()) -> None:
     """Create the output group (``complete`` false) with empty arrays sized for the plan."""
     group = zarr.open_group(store=_store(location, storage_options), mode="w")
-    group.attrs.update({**attributes, "complete": False, "format_version": FORMAT_VERSION})
     group.create_array("gradient", shape=(n_points, dim), chunks=(rows_per_task, dim), dtype=dtype,
                        dimension_names=("point", "dim"), fill_value=np.nan,
                        attributes={"long_name": "sum_i w_i grad_q k(q, x_i)",
@@ -210,6 +209,21 @@ def create_output(location: str, *, n_points: int, dim: int, dtype: str, rows_pe
     group.create_array("task_done", shape=(n_tasks,), chunks=(1,), dtype="uint8",
                        dimension_names=("task",), fill_value=0,
                        attributes={"long_name": "1 once the task's chunks are written"})
+    # Attributes last and in one write: an output with a run fingerprint always has its arrays.
+    group.update_attributes({**attributes, "complete": False, "format_version": FORMAT_VERSION})
+
+
+def half_created(location: str, storage_options: tuple = ()) -> bool:
+    """True for a group that a killed run left while creating it: no run attributes, and nothing in it
+    but (some of) kgrad's arrays, none of them with a task done.  Safe to create afresh."""
+    try:
+        group = open_output(location, storage_options)
+    except InputError:
+        return False
+    names = set(group.array_keys())
+    if "run_fingerprint" in group.attrs or not names <= {"gradient", "value", "task_done"}:
+        return False
+    return "task_done" not in names or not np.asarray(group["task_done"][:]).any()
 
 
 def open_output(location: str, storage_options: tuple = (), mode: str = "r"):
@@ -237,5 +251,5 @@ def done_tasks(location: str, storage_options: tuple = ()) -> np.ndarray:
 def finish_output(location: str, attributes: dict, storage_options: tuple = ()) -> None:
     """Record final attributes and the completion flag, last, then consolidate metadata once."""
     group = open_output(location, storage_options, mode="r+")
-    group.attrs.update({**attributes, "complete": True})
+    group.update_attributes({**attributes, "complete": True})
     zarr.consolidate_metadata(_store(location, storage_options))

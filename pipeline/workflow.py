@@ -289,8 +289,13 @@ def _output_action(config: RunConfig, fingerprint: str, identity: dict, opts: tu
     if not config.resume:
         raise InputError(f"output {config.out!r} already exists; pass --overwrite to start over or "
                          f"--resume to finish an interrupted run of the same inputs and parameters")
+    if store.half_created(config.out, opts):
+        return "overwrite", None  # killed while being created: no task ever ran, so start it afresh
     group = store.open_output(config.out, opts)
     attrs = dict(group.attrs)
+    if "run_fingerprint" not in attrs or "task_done" not in group.array_keys():
+        raise InputError(f"cannot resume {config.out!r}: it is not a kgrad output; "
+                         f"use --overwrite to replace it")
     if attrs.get("run_fingerprint") != fingerprint:
         differs = [k for k in identity if k not in ("points", "sources", "weights")
                    and attrs.get(k) != json.loads(json.dumps(identity[k]))]
@@ -330,7 +335,8 @@ def check_cluster_memory(client, plan: Plan) -> None:
     if smallest and plan.task_memory_bytes + WORKER_BASELINE_BYTES > smallest:
         raise InputError(f"a task needs about {plan.task_memory_bytes / MiB:.0f} MiB "
                          f"(+{WORKER_BASELINE_BYTES / MiB:.0f} MiB worker baseline) but the smallest worker "
-                         f"has {smallest / MiB:.0f} MiB; give workers more memory or use float32")
+                         f"has {smallest / MiB:.0f} MiB; give workers more memory"
+                         + (" or use float32" if plan.dtype == "float64" else ""))
 
 
 def run_prepared(prepared: Prepared, stream=None) -> dict:

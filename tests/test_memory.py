@@ -56,10 +56,6 @@ def _prepare(points, sources, out):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: plan.task_memory undercounts a task's peak (load_input holds the blocks and "
-                          "their concatenation; prepare_sources makes two float64 temporaries of the "
-                          "sources; device copies of the prepared sources)")
 @pytest.mark.parametrize("sources", ["sources32.npy", "sources64.zarr"])
 def test_task_peak_memory_within_plan(memory_inputs, tmp_path, sources):
     from pipeline.plan import WORKER_BASELINE_BYTES
@@ -124,9 +120,6 @@ def test_plan_over_an_external_clusters_memory_is_refused(memory_inputs, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: a plan accepted for --memory-limit (task + baseline fits) is killed by the "
-                          "nanny: the real task peak is above plan.task_memory_bytes")
 def test_plan_that_fits_the_memory_limit_runs(memory_inputs, tmp_path):
     """The converse: with the limit just above what the plan needs (float64 zarr sources, 1 worker) the
     run must finish without its worker being killed for memory."""

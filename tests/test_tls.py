@@ -282,6 +282,9 @@ def test_kgrad_without_certificates_fails_and_writes_nothing(tls_cluster, job, t
     assert result.returncode != 0
     assert "ssl" in result.stderr.lower() or "tls" in result.stderr.lower(), result.stderr
     assert not out.exists()
+    if _cli_has_tls_flags():  # with the TLS flags comes a one-line usage error (exit 2) instead of a traceback
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 # ----------------------------------------------------------------------------------------- accepted

@@ -18,7 +18,7 @@ import pytest
 pytest.register_assert_rewrite("cluster_fixtures")
 from cluster_fixtures import (N_TASKS, assert_bit_identical, assert_complete, assert_no_leftovers,  # noqa: E402
                               chunk_files, count_done, group_members, kgrad, kill_group, poll, read_streams,
-                              record, run_args, start_kgrad)
+                              record, run_and_kill, run_args, start_kgrad)
 
 pytest_plugins = ["cluster_fixtures"]
 
@@ -84,7 +84,32 @@ def test_worker_killed_in_mid_run(dask_cli_cluster, job_inputs, undisturbed, tmp
     compared = assert_bit_identical(out, undisturbed.out)
     record(f"worker_killed[{kills}]", faults_injected=kills, runs_survived=1, victims=victims,
            tasks_done_at_kills=done_at_kill, worker_pids_with_results=timings["worker_pids"],
-           bytes_compared=compared, seconds=timings["total_seconds"])
+           bytes_compared=compared, seconds=timings["total_seconds"],
+           execute_seconds=timings["execute_seconds"], connect_seconds=timings["cluster_start_seconds"],
+           stderr_tail=stderr.strip().splitlines()[-3:] if timings["total_seconds"] > 20 else None)
+
+
+@pytest.mark.slow
+def test_client_killed_then_resumed_on_the_same_cluster(dask_cli_cluster, job_inputs, undisturbed, tmp_path):
+    """SIGKILL the `kgrad run --scheduler FILE` process (the client; the cluster lives on, and tasks that
+    were running on it finish and write after the client is gone), then resume at once on the same
+    cluster: exit 0, every task counted once (skipped or run), the same bits."""
+    out = tmp_path / "out.zarr"
+    killed = run_and_kill(run_args(job_inputs.points, out, scheduler=dask_cli_cluster.scheduler_file), out,
+                          lambda t, done: done is not None and done.sum() >= 3)
+    assert not killed.finished_first and 3 <= killed.done < N_TASKS
+    assert killed.processes_killed == 1, "only the client: the cluster runs in its own process groups"
+    result = kgrad(run_args(job_inputs.points, out, "--resume", scheduler=dask_cli_cluster.scheduler_file))
+    assert result.returncode == 0, result.stderr[-3000:]
+    timings = assert_complete(out)
+    assert timings["tasks_skipped"] >= killed.done
+    assert timings["tasks_skipped"] + timings["tasks_run"] == N_TASKS
+    compared = assert_bit_identical(out, undisturbed.out)
+    with dask_cli_cluster.client() as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+    record("client_killed_resumed_on_cluster", faults_injected=1, runs_survived=1,
+           tasks_done_at_kill=killed.done, tasks_skipped=timings["tasks_skipped"],
+           tasks_rerun=timings["tasks_run"], bytes_compared=compared)
 
 
 @pytest.fixture
@@ -151,21 +176,15 @@ def test_task_run_concurrently_twice_writes_same_bytes(prepared_output, undistur
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: with --scheduler, relative --points/--out are resolved in the *workers'* "
-                          "working directory, not the client's")
 def test_relative_paths_with_an_external_scheduler(dask_cli_cluster, job_inputs, undisturbed, tmp_path):
     """`kgrad run --points rel.npy --out rel.zarr --scheduler FILE` run from a directory other than the
-    one the workers were started in: the paths mean what they mean to the user (the client's cwd)."""
+    one the workers were started in: the paths mean what they mean to the user (the client's cwd).
+    (Regression: workers used to resolve them in their own working directory, exit 2, output left behind.)"""
     shutil.copyfile(job_inputs.points, tmp_path / "points.npy")
     args = run_args("points.npy", "out.zarr", scheduler=dask_cli_cluster.scheduler_file)
     result = kgrad(args, cwd=tmp_path)
-    # the bug: exit 2, "sources: points.npy could not be read (FileNotFoundError ...)" from a worker
     assert result.returncode == 0, result.stderr[-3000:]
-    try:
-        assert_bit_identical(tmp_path / "out.zarr", undisturbed.out)
-    except AssertionError as exc:
-        pytest.fail(f"ran, but: {exc}")
+    assert_bit_identical(tmp_path / "out.zarr", undisturbed.out)
 
 
 def test_dask_cli_cluster_fixture_is_real(dask_cli_cluster):
