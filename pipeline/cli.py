@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .errors import InputError
@@ -36,6 +37,10 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output zarr group")
     p.add_argument("--scheduler", help="local (default), a scheduler address, or a scheduler file")
     p.add_argument("--workers", type=int, help="workers of the local cluster (default: the cores)")
+    p.add_argument("--tls-ca-file", dest="tls_ca_file", metavar="PEM",
+                   help="TLS scheduler: the cluster's CA certificate (see cluster/make-tls-certs.sh)")
+    p.add_argument("--tls-cert", dest="tls_cert", metavar="PEM", help="TLS scheduler: this client's certificate")
+    p.add_argument("--tls-key", dest="tls_key", metavar="PEM", help="TLS scheduler: this client's private key")
     p.add_argument("--memory-limit", dest="memory_limit", help="memory per local worker, e.g. 4GiB")
     p.add_argument("--tile-rows", dest="tile_rows", type=int, help=argparse.SUPPRESS)
     p.add_argument("--tile-cols", dest="tile_cols", type=int, help=argparse.SUPPRESS)
@@ -72,11 +77,13 @@ def config_from_args(args):
     if args.lengthscale:
         lengthscale = args.lengthscale[0] if len(args.lengthscale) == 1 else list(args.lengthscale)
     params = {**config.params, **_parse_params(args.param)}
+    tls = {"tls_ca_file": args.tls_ca_file, "tls_client_cert": args.tls_cert, "tls_client_key": args.tls_key}
+    security = {**config.security, **{k: v for k, v in tls.items() if v}} or None
     return config.replace(points=args.points, sources=args.sources, weights=args.weights, kernel=args.kernel,
                           lengthscale=lengthscale, variance=args.variance, params=params, dtype=args.dtype,
                           mode=args.mode, out=args.out, scheduler=args.scheduler, workers=args.workers,
                           memory_limit=args.memory_limit, tile_rows=args.tile_rows, tile_cols=args.tile_cols,
-                          rows_per_task=args.rows_per_task, progress=args.progress,
+                          rows_per_task=args.rows_per_task, progress=args.progress, security=security,
                           resume=args.resume or None, overwrite=args.overwrite or None)
 
 
@@ -150,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_exit() -> None:
+    """After the one-line error: keep interpreter shutdown from adding lines to stderr (zarr's pending
+    asyncio tasks on a store that failed mid-read report themselves as they are collected)."""
+    sys.stderr.flush()
+    sys.unraisablehook = lambda unraisable: None
+    sys.stderr = open(os.devnull, "w")
+
+
 def main(argv=None) -> int:
     # A store that fails mid-read leaves zarr's pending asyncio tasks behind; their complaints at
     # interpreter exit would bury the one-line error.
@@ -162,6 +177,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except InputError as exc:
         print(f"kgrad: error: {exc}", file=sys.stderr)
+        _quiet_exit()
         return 2
     except KeyboardInterrupt:
         print("kgrad: interrupted; finish the run later with 'kgrad run ... --resume'", file=sys.stderr)

@@ -180,18 +180,44 @@ def local_cluster(workers: int, memory_limit: int | str = "auto", threads_per_wo
                             silence_logs=40)
 
 
-def connect(scheduler: str, security=None):
-    """A Client for an existing scheduler: ``tcp://host:port``, ``tls://...`` or a scheduler file."""
+def _client(*args, **kwargs):
+    """``distributed.Client(*args, **kwargs)``, cleaning up after a Client that fails to start.
+
+    Such a Client is closed (and ``dask.config["scheduler"]`` restored) only by its ``__del__``.  Run later,
+    inside another Client's start-up, that ``__del__`` waits on distributed's class-wide LoopRunner lock (a
+    deadlock seen with distributed 2026.8), and until then dask.config says "dask.distributed".  So collect
+    it now, before the error goes up.
+    """
+    import gc
+
     from distributed import Client
 
+    try:
+        return Client(*args, **kwargs)
+    except Exception as exc:
+        error = exc
+    cause = error
+    while cause is not None:  # tracebacks hold the failed Client's frames
+        cause.__traceback__ = None
+        cause = cause.__cause__ or cause.__context__
+    gc.collect()
+    raise error
+
+
+def connect(scheduler: str, security=None):
+    """A Client for an existing scheduler: ``tcp://host:port``, ``tls://...`` or a scheduler file.
+
+    ``security`` None: distributed's configuration decides (``distributed.comm.tls.*``, e.g. from
+    ``DASK_DISTRIBUTED__COMM__TLS__CA_FILE``).
+    """
     from .errors import InputError
 
     if os.path.isfile(scheduler):
-        return Client(scheduler_file=scheduler, security=security)
+        return _client(scheduler_file=scheduler, security=security, timeout="20s")
     if "://" not in scheduler and (os.sep in scheduler or scheduler.endswith(".json")):
         raise InputError(f"scheduler file {scheduler!r} does not exist; give 'local', a scheduler address "
                          f"(tcp://host:8786) or an existing scheduler file")
-    return Client(scheduler, security=security, timeout="20s")
+    return _client(scheduler, security=security, timeout="20s")
 
 
 def execute(job: Job, plan: Plan, client, *, done: np.ndarray | None = None, retries: int = 2,

@@ -53,7 +53,11 @@ class InputRef:
 
 
 def _fs(location: str, storage_options: tuple = ()):
-    fs, path = fsspec.core.url_to_fs(location, **dict(storage_options))
+    try:
+        fs, path = fsspec.core.url_to_fs(location, **dict(storage_options))
+    except (ImportError, ValueError, TypeError) as exc:  # no s3fs/gcsfs/adlfs, unknown protocol or option
+        raise InputError(f"{location!r} cannot be opened ({type(exc).__name__}: {exc}); install the "
+                         f"filesystem's package (e.g. s3fs) and check storage_options") from None
     return fs, path
 
 
@@ -80,7 +84,11 @@ def overlaps(out: str, location: str) -> bool:
 
 def exists(location: str, storage_options: tuple = ()) -> bool:
     fs, path = _fs(location, storage_options)
-    return fs.exists(path)
+    try:
+        return fs.exists(path)
+    except Exception as exc:  # credentials, endpoint, permissions: botocore & co. raise their own types
+        raise InputError(f"{location!r} could not be reached ({type(exc).__name__}: {exc}); check the URL, "
+                         f"the credentials and storage_options (e.g. client_kwargs.endpoint_url)") from None
 
 
 def remove(location: str, storage_options: tuple = ()) -> None:

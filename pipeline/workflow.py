@@ -25,6 +25,8 @@ current directory; command-line flags override the file)::
     mode = "auto"                    # auto | jacfwd | jacrev
     scheduler = "local"              # local | tcp://host:port | tls://... | scheduler.json
     workers = 2                      # local cluster only; default: the cores available
+    threads_per_worker = 1           # local cluster only
+    pin_cores = true                 # local cluster only; default: pin when workers <= cores
     memory_limit = "auto"            # per local worker, e.g. "4GiB"
     tile_rows = 512                  # optional tile overrides
     tile_cols = 1024
@@ -60,6 +62,7 @@ _SECTIONS = {
     "kernel": {"name": _TEXT, "lengthscale": "a number or a list of numbers", "variance": _NUMBER,
                "params": _TABLE},
     "run": {"out": _TEXT, "dtype": _TEXT, "mode": _TEXT, "scheduler": _TEXT, "workers": _WHOLE,
+            "threads_per_worker": _WHOLE, "pin_cores": "true or false",
             "memory_limit": "a size such as '4GiB'", "tile_rows": _WHOLE, "tile_cols": _WHOLE,
             "rows_per_task": _WHOLE, "progress": "true or false", "cache_dir": _TEXT, "security": _TABLE},
 }
@@ -104,6 +107,8 @@ class RunConfig:
     mode: str = "auto"
     scheduler: str = "local"
     workers: int | None = None
+    threads_per_worker: int = 1
+    pin_cores: bool | None = None  # None: pin when a local cluster has no more workers than cores
     memory_limit: str | int = "auto"
     tile_rows: int | None = None
     tile_cols: int | None = None
@@ -276,7 +281,8 @@ def prepare(config: RunConfig, worker_memory: int | None = None) -> Prepared:
               dtype=config.dtype, shape=TileShape(plan.rows, plan.cols, plan.tiles_per_call),
               center=tuple(float(c) for c in center), out=config.out, out_options=opts,
               fingerprint=fingerprint, sources_fingerprint=sources_fp, weights_fingerprint=weights_fp,
-              pin_cores=config.scheduler == "local" and workers <= default_workers(),
+              pin_cores=(config.scheduler == "local" and workers <= default_workers()
+                         and config.threads_per_worker == 1) if config.pin_cores is None else config.pin_cores,
               cache_dir=config.cache_dir)
     return Prepared(config, job, plan, attributes, action, done)
 
@@ -311,9 +317,33 @@ def _output_action(config: RunConfig, fingerprint: str, identity: dict, opts: tu
     return "resume", store.done_tasks(config.out, opts)
 
 
+_SECURITY_KEYS = ("tls_ca_file", "tls_client_cert", "tls_client_key")
+
+
 def _security(config: RunConfig):
+    """distributed Security for ``config.security`` (CA, client certificate and key), or None.
+
+    None leaves it to dask's configuration (``distributed.comm.tls.ca-file``, ``...tls.client.cert``,
+    ``...tls.client.key``, e.g. from DASK_DISTRIBUTED__COMM__TLS__* variables).
+    """
     if not config.security:
+        import dask
+
+        if config.scheduler.startswith("tls://") and not dask.config.get("distributed.comm.tls.ca-file", None):
+            raise InputError(f"scheduler {config.scheduler!r} uses TLS but no certificates were given; pass "
+                             f"--tls-ca-file, --tls-cert and --tls-key (or [run] security in the workflow)")
         return None
+    unknown = sorted(set(config.security) - set(_SECURITY_KEYS))
+    missing = [k for k in _SECURITY_KEYS if not config.security.get(k)]
+    if unknown or missing:
+        raise InputError(f"security={config.security!r}: "
+                         + (f"unknown keys {', '.join(unknown)}; " if unknown else "")
+                         + (f"missing {', '.join(missing)}; " if missing else "")
+                         + f"give all of {', '.join(_SECURITY_KEYS)} (--tls-ca-file, --tls-cert, --tls-key)")
+    for key in _SECURITY_KEYS:
+        if not os.path.isfile(config.security[key]):
+            raise InputError(f"security {key}={config.security[key]!r} is not a file; "
+                             f"see cluster/make-tls-certs.sh")
     from distributed.security import Security
 
     return Security(require_encryption=True, **config.security)
@@ -352,14 +382,15 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
     cluster = None
     if config.scheduler == "local":
         workers = config.workers or default_workers()
-        cluster = local_cluster(workers, memory_limit=config.memory_limit)
+        cluster = local_cluster(workers, memory_limit=config.memory_limit,
+                                threads_per_worker=config.threads_per_worker)
         from distributed import Client
 
         client = Client(cluster)
     else:
         try:
             client = connect(config.scheduler, _security(config))
-        except (OSError, ValueError) as exc:
+        except (OSError, TypeError, ValueError) as exc:  # TypeError: a tls:// address, no certificates
             raise InputError(f"could not reach the dask scheduler {config.scheduler!r} ({exc}); "
                              f"check the address or scheduler file, and TLS settings") from None
     cluster_seconds = time.perf_counter() - started

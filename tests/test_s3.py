@@ -190,8 +190,6 @@ def test_cli_plan_with_aws_environment_only(endpoint, data):
     assert not data["fs"].exists(f"{BUCKET}/out-plan.zarr")  # plan writes nothing
 
 
-@pytest.mark.xfail(reason="store.exists lets s3fs/botocore errors (NoCredentialsError) escape: exit 1 with a "
-                          "traceback; fixed by the store.py diff in cluster/README.md's notes", strict=False)
 def test_no_credentials_is_a_one_line_error(endpoint, data):
     """Without credentials the bucket cannot be read: a one-line error and exit 2 (bad input), no traceback."""
     env = {k: v for k, v in _env().items() if not k.startswith("AWS_")}
