@@ -44,12 +44,12 @@ import report  # noqa: E402
 # ~30 s compile), the GEMM form holds N * N matrices, and KeOps on 2 cores does ~0.3 G pairs/s.
 MODES = {
     "quick": dict(main=[100, 1024, 4096], seed_max=1024, seed_jacrev_max=100, gemm_max=4096, keops_max=4096,
-                  e2e=[16384], fit_min=1024, periodic=[256, 1024], periodic_seed_max=1024,
+                  e2e=[16384], fit_min=1024, periodic=[256, 1024], periodic_seed_max=1024, periodic_e2e=4096,
                   periodic_jacrev_max=256, float64=[4096], cache_n=4096, reference_max=4096, e2e_runs=(1, 1),
                   max_repeats=5, budget_s=1.5, ceiling_log2=25),
     "full": dict(main=[100, 1024, 4096, 8192, 16384, 65536, 262144], seed_max=8192, seed_jacrev_max=1024,
                  gemm_max=16384, keops_max=65536, e2e=[1024, 16384, 65536, 262144], fit_min=16384,
-                 periodic=[256, 1024, 4096], periodic_seed_max=4096, periodic_jacrev_max=256,
+                 periodic=[256, 1024, 4096], periodic_seed_max=4096, periodic_jacrev_max=256, periodic_e2e=16384,
                  float64=[16384, 65536], cache_n=16384, reference_max=8192, e2e_runs=(3, 2), max_repeats=7,
                  budget_s=8.0, ceiling_log2=25),
 }
@@ -250,7 +250,7 @@ class Harness:
         for n in c["periodic"]:
             x = M.points(n)
             ref = self.reference("periodic", x)
-            for mode in ("jacfwd", "jacrev"):
+            for mode in ("auto", "jacfwd", "jacrev"):
                 self.timed("periodic", f"kgrad_{mode}", n,
                            lambda mode=mode: kernel_gradients(x, kernel="periodic", mode=mode),
                            reference=ref, kernel="periodic")
@@ -265,6 +265,10 @@ class Harness:
                 rec, _ = self.timed("periodic", f"seed_{ad}", n, lambda fn=fn: fn(x), reference=ref,
                                     kernel="periodic", jacobian_bytes=F.seed_bytes(n, 3, 4))
                 self.xla_memory(rec, fn, x)
+        # The generic path end to end (kgrad run, mode auto), against the seed's in-process rate above.
+        cache = os.path.join(self.work, "jax-cache-e2e")
+        self.e2e_one("periodic", c["periodic_e2e"], cache, runs=2, extra_args=("--kernel", "periodic"),
+                     kernel="periodic")
         self.save()
 
     def float64(self):
@@ -303,7 +307,7 @@ class Harness:
         self.results["scale_fit"] = report.scale_fit(self.results["measurements"], c["fit_min"])
         self.save()
 
-    def e2e_one(self, section, n, cache, runs, workers=None, extra_args=(), method="kgrad_e2e"):
+    def e2e_one(self, section, n, cache, runs, workers=None, extra_args=(), method="kgrad_e2e", kernel="rbf"):
         store = M.write_points_store(os.path.join(self.work, f"points-{n}.zarr"), M.points(n))
         out = os.path.join(self.work, f"out-{section}-{n}.zarr")
         walls, infos = [], []
@@ -314,8 +318,12 @@ class Harness:
                 return None
             walls.append(info["wall_s"])
             infos.append(info)
-        ref = self.kgrad_out.get(n)
-        if ref is None and n <= 65536 and section != "gpu":  # check the output against kgrad in-process
+        ref = self.kgrad_out.get(n) if kernel == "rbf" else None
+        if kernel != "rbf":
+            from pipeline import kernel_gradients
+
+            ref = kernel_gradients(M.points(n), kernel=kernel)
+        elif ref is None and n <= 65536 and section != "gpu":  # check the output against kgrad in-process
             from pipeline import kernel_gradients
 
             ref = self.kgrad_out[n] = kernel_gradients(M.points(n))
@@ -327,7 +335,8 @@ class Harness:
             ref_name = "float64 numpy"
         t = [i["timings"] for i in infos]
         per_worker = [max(i["peak_rss_per_worker_bytes"] or [0]) for i in infos]
-        return self.add(section, method, n, first=walls[0], warm=walls[1:], rel_err=err, reference_name=ref_name,
+        return self.add(section, method, n, kernel=kernel, first=walls[0], warm=walls[1:], rel_err=err,
+                        reference_name=ref_name,
                         execute_s=M.median([x["execute_seconds"] for x in t]),
                         kgrad_total_s=M.median([x["total_seconds"] for x in t]),
                         cluster_start_s=M.median([x["cluster_start_seconds"] for x in t]),

@@ -13,8 +13,11 @@ Gradients are always derived by JAX, never written by hand per kernel.  Three fo
     elementwise; ``r2`` and both sums are GEMMs.
 ``dot`` (``mode="auto"`` on a kernel with a dot-product profile ``k = f(q . x)``)
     grad_q k = f'(q . x) x, so ``g = (w * F') @ X``.
-``generic`` (``mode="jacfwd"`` or ``"jacrev"``, and kernels without structure)
-    ``vmap`` over query rows of ``jacfwd`` (or ``jacrev``) of the row sum ``q -> sum_i w_i k(q, x_i)``.
+``generic`` (kernels without structure, and any kernel with ``mode="jacfwd"`` or ``"jacrev"``)
+    ``mode="auto"``: ``vmap`` over every pair of JAX's per-pair gradient of k, in a structure-of-arrays
+    layout (see :func:`_pairwise_grad_tile`); ``mode="jacfwd"`` / ``"jacrev"``: ``vmap`` over query rows of
+    ``jacfwd`` (or ``jacrev``) of the row sum ``q -> sum_i w_i k(q, x_i)``, the seed post's formulation
+    in tiles.
 
 Shapes are fixed and padded, so each process compiles once per (kernel, mode, dtype, tile shape):
 sources are padded to whole tiles with zero weight (padding contributes exactly 0), query blocks are
@@ -128,19 +131,22 @@ def _dot_tile(profile, q, x, w, p):
     return jnp.matmul(d_f * w, x, precision=HIGHEST), jnp.matmul(f, w, precision=HIGHEST)
 
 
-def _total_grad_tile(evaluate, q, x, w, p):
-    """(g, v) of one tile for any single-point k, by reverse mode on the tile's total.
+def _pairwise_grad_tile(evaluate, q, x, w, p):
+    """(g, v) of one tile for any single-point k: ``vmap`` over all B x C pairs of JAX's gradient of k.
 
-    Row j of Q enters only row j's sum, so grad_Q sum_j sum_i w_i k(q_j, x_i) is exactly (g_j)_j: one
-    backward pass over the B x C pairs, instead of one forward pass per input dimension.
+    The pairs are laid out structure-of-arrays, (D, B*C) with the pair axis last, so the kernel's
+    reductions over the D coordinates run across whole rows.  XLA:CPU vectorises that well; with the
+    pair axis first (``vmap`` over rows of ``jacfwd(row_sum)``) it spends its time on length-D inner loops
+    and runs several times slower (benchmarks/).  Reverse mode (``value_and_grad``) gives each pair's
+    value and gradient in one forward and one backward pass.
     """
-
-    def total(qs):
-        kv = jax.vmap(jax.vmap(evaluate, (None, 0, None)), (0, None, None))(qs, x, p)  # (B, C)
-        v = jnp.matmul(kv, w, precision=HIGHEST)
-        return jnp.sum(v), v
-
-    return jax.grad(total, has_aux=True)(q)
+    dim, rows, cols = q.shape[1], q.shape[0], x.shape[0]
+    qs = jnp.broadcast_to(q.T[:, :, None], (dim, rows, cols)).reshape(dim, rows * cols)
+    xs = jnp.broadcast_to(x.T[:, None, :], (dim, rows, cols)).reshape(dim, rows * cols)
+    pair = jax.value_and_grad(lambda a, b: evaluate(a, b, p))
+    k, dk = jax.vmap(pair, in_axes=(1, 1), out_axes=(0, 1))(qs, xs)
+    g = jnp.matmul(dk.reshape(dim, rows, cols), w, precision=HIGHEST).T
+    return g, jnp.matmul(k.reshape(rows, cols), w, precision=HIGHEST)
 
 
 def _generic_tile(evaluate, ad, q, x, w, p):
@@ -176,7 +182,7 @@ def compiled_block(name: str, static: tuple, form: str, mode: str, dtype: str, s
     elif form == "dot":
         tile = functools.partial(_dot_tile, kernel.dot_profile)
     elif mode == "auto":  # a kernel without structure: the fastest generic formulation measured
-        tile = functools.partial(_total_grad_tile, kernel.evaluate)
+        tile = functools.partial(_pairwise_grad_tile, kernel.evaluate)
     else:
         ad = jax.jacrev if mode == "jacrev" else jax.jacfwd
         tile = functools.partial(_generic_tile, kernel.evaluate, ad)

@@ -20,13 +20,13 @@ GiB = 2**30
 
 # Tile shapes per formulation, chosen by measurement on a 2-core AVX-512 machine (benchmarks/).
 DEFAULT_TILES = {
-    "radial": (512, 1024),
+    "radial": (1024, 512),
     "dot": (512, 1024),
-    "generic": (128, 1024),
+    "generic": (128, 512),
 }
 MAX_TILES_PER_CALL = 64
 # Rough single-process throughput (pairs per second, float32) used for the time estimate only.
-PAIR_RATE = {"radial": 1.2e9, "dot": 1.5e9, "generic": 0.03e9}
+PAIR_RATE = {"radial": 1.2e9, "dot": 1.5e9, "generic": 0.15e9}
 FLOAT64_SLOWDOWN = 3.0
 # Resident memory of an idle worker process with JAX loaded (measured: ~250 MiB), and the live
 # (rows x cols) temporaries of one tile call (r2, f', f, and XLA's scratch).
@@ -152,6 +152,7 @@ def make_plan(n_points: int, n_sources: int, dim: int, *, dtype: str = "float32"
     for name, value in (("tile rows", rows), ("tile cols", cols), ("rows per task", rows_per_task)):
         if value is not None and value < 1:
             raise InputError(f"{name}={value} must be at least 1")
+    explicit_rows = rows is not None
     rows, cols, tiles = tile_shape(n_points, n_sources, formulation, rows, cols)
     if rows_per_task is None:
         # 1..16 blocks per task, aiming at >= 16 tasks.  Independent of the worker count, so the task
@@ -160,6 +161,8 @@ def make_plan(n_points: int, n_sources: int, dim: int, *, dtype: str = "float32"
         per_task = min(16, max(1, blocks // 16))
         rows_per_task = rows * per_task
     else:
+        if rows_per_task < rows and not explicit_rows:  # honour the chunking asked for: shrink the tile
+            rows = 1 << (rows_per_task.bit_length() - 1)
         rows_per_task = _round_up(rows_per_task, rows)
     tasks = tuple(Task(i, start, min(start + rows_per_task, n_points))
                   for i, start in enumerate(range(0, n_points, rows_per_task)))

@@ -116,7 +116,8 @@ def workflow_run(workdir):
     """A workflow file (group input with weights, 2 workers) with some of its settings overridden."""
     (workdir / "wf.toml").write_text(WORKFLOW)
     proc = kgrad(["run", "wf.toml", "--dtype", "float64", "--lengthscale", "0.8", "0.9", "1.1",
-                  "--variance", "1.7", "--out", "workflow.zarr", "--no-progress"], cwd=workdir)
+                  "--variance", "1.7", "--out", "workflow.zarr", "--rows-per-task", "256", "--no-progress"],
+                 cwd=workdir)
     return workdir / "workflow.zarr", proc
 
 
