@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InputError
-from .gradients import DTYPES, MODES, TileShape, block_sums, formulation, prepare_sources, source_center
+from .gradients import (DTYPES, MODES, TileShape, block_sums, formulation, prepare_sources, source_center,
+                        x64_enabled)
 from .inputs import as_point_array, as_weights, check_range, check_same_dim
 from .kernels import make_spec
 from .plan import make_plan
@@ -57,9 +58,11 @@ def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", length
     prepared = prepare_sources(srcs, w, spec, dtype, shape, center=center)
     g = np.empty(queries.shape, dtype=dtype)
     v = np.empty(queries.shape[0], dtype=dtype)
-    for start in range(0, queries.shape[0], plan.rows):
-        stop = min(start + plan.rows, queries.shape[0])
-        g[start:stop], v[start:stop] = block_sums(queries[start:stop], prepared, spec, mode, dtype, shape)
+    with x64_enabled():
+        for start in range(0, queries.shape[0], plan.rows):
+            stop = min(start + plan.rows, queries.shape[0])
+            g[start:stop], v[start:stop] = block_sums(queries[start:stop], prepared, spec, mode, dtype,
+                                                      shape)
     if one_d:
         g = g[:, 0]
     return (g, v) if return_value else g

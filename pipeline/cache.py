@@ -29,7 +29,7 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     global _ENABLED
     if os.environ.get("KGRAD_NO_CACHE"):
         return None
-    path = os.path.abspath(path or default_cache_dir())
+    path = os.path.abspath(os.path.expanduser(path or default_cache_dir()))
     if _ENABLED == path:
         return path
     try:

@@ -48,6 +48,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="finish an interrupted run of the same job")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--performance-report", dest="performance_report", metavar="FILE.html",
+                   help="write dask's performance report (needs bokeh: pip install 'kgrad[dashboard]')")
 
 
 def _parse_params(items) -> dict:
@@ -84,6 +86,7 @@ def config_from_args(args):
                           mode=args.mode, out=args.out, scheduler=args.scheduler, workers=args.workers,
                           memory_limit=args.memory_limit, tile_rows=args.tile_rows, tile_cols=args.tile_cols,
                           rows_per_task=args.rows_per_task, progress=args.progress, security=security,
+                          performance_report=args.performance_report,
                           resume=args.resume or None, overwrite=args.overwrite or None)
 
 
@@ -99,9 +102,7 @@ def cmd_plan(args) -> int:
     from .workflow import prepare
 
     config = config_from_args(args)
-    if not config.out:
-        config = config.replace(out="(not written)")
-    prepared = prepare(config)
+    prepared = prepare(config, planning=True)
     plan = prepared.plan
     print(f"kernel        {prepared.job.spec.describe()}  [{plan.formulation}, mode={config.mode}]")
     print(f"inputs        N={plan.n_points} points x M={plan.n_sources} sources, D={plan.dim}, {plan.dtype}")
@@ -112,7 +113,8 @@ def cmd_plan(args) -> int:
     print(f"memory        {_format_bytes(plan.task_memory_bytes)} per task{limit}")
     print(f"workers       {plan.workers}")
     print(f"rough time    {plan.estimated_seconds:.1f} s of compute")
-    print(f"output        {config.out}: {prepared.action}")
+    print(f"output        {prepared.config.out}: {prepared.action}" if prepared.config.out
+          else "output        (none given)")
     return 0
 
 
@@ -177,17 +179,22 @@ def main(argv=None) -> int:
         return args.func(args)
     except InputError as exc:
         print(f"kgrad: error: {exc}", file=sys.stderr)
-        _quiet_exit()
+        if argv is None:  # the console script, about to exit
+            _quiet_exit()
         return 2
     except KeyboardInterrupt:
         print("kgrad: interrupted; finish the run later with 'kgrad run ... --resume'", file=sys.stderr)
-        return 130
+        return 1
     except Exception as exc:
-        if type(exc).__name__ != "KilledWorker":
+        if os.environ.get("KGRAD_DEBUG"):
             raise
-        print(f"kgrad: failed: workers kept dying while running a task ({exc}); out of memory? give "
-              f"workers more memory (--memory-limit) or run fewer at once, then 'kgrad run ... --resume'",
-              file=sys.stderr)
+        if type(exc).__name__ == "KilledWorker":
+            print(f"kgrad: failed: workers kept dying while running a task ({exc}); out of memory? give "
+                  f"workers more memory (--memory-limit) or run fewer at once, then 'kgrad run ... --resume'",
+                  file=sys.stderr)
+        else:
+            print(f"kgrad: failed: {type(exc).__name__}: {exc} (KGRAD_DEBUG=1 shows the traceback)",
+                  file=sys.stderr)
         return 1
 
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import store
+from .errors import InputError
 from .gradients import TileShape
 from .kernels import KernelSpec
 from .plan import Plan, Task
@@ -117,6 +119,10 @@ def run_task(job: Job, task: Task) -> dict:
     ensure_dtype(job.dtype)
     prepared = _prepared_sources(job)
     queries = store.read_rows(job.points, task.start, task.stop)
+    if queries.shape != (task.rows, len(job.center)):
+        raise RuntimeError(f"worker read points of shape {queries.shape} for rows {task.start}:{task.stop} of "
+                           f"{job.points.describe()}, expected {(task.rows, len(job.center))}; "
+                           f"is the path shared by all workers?")
     gradient = np.empty((task.rows, queries.shape[1]), dtype=job.dtype)
     value = np.empty(task.rows, dtype=job.dtype)
     computed = time.perf_counter()
@@ -125,7 +131,8 @@ def run_task(job: Job, task: Task) -> dict:
         gradient[start:stop], value[start:stop] = block_sums(queries[start:stop], prepared, job.spec,
                                                              job.mode, job.dtype, job.shape)
     compute_seconds = time.perf_counter() - computed
-    store.write_task(job.out, task.start, task.stop, task.index, gradient, value, job.out_options)
+    store.write_task(job.out, task.start, task.stop, task.index, gradient, value, job.out_options,
+                     run_fingerprint=job.fingerprint)
     return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
             "compute_seconds": compute_seconds, "pid": os.getpid()}
 
@@ -226,15 +233,21 @@ def execute(job: Job, plan: Plan, client, *, done: np.ndarray | None = None, ret
     from distributed import as_completed
 
     todo = [t for t in plan.tasks if done is None or not done[t.index]]
+    # Keys unique to this execution: a scheduler keeps an existing key's task, so a second run of the same
+    # job (another --out, or after --overwrite) must never share keys with one still known to it.
+    token = uuid.uuid4().hex[:8]
     started = time.perf_counter()
     bar = Progress(total=len(todo), pairs_per_task=plan.rows_per_task * plan.n_sources,
                    stream=stream or sys.stderr, enabled=progress and len(todo) > 0)
-    futures = [client.submit(run_task, job, task, key=f"kgrad-{job.fingerprint[:12]}-task-{task.index}",
+    futures = [client.submit(run_task, job, task, key=f"kgrad-{job.fingerprint[:12]}-{token}-task-{task.index}",
                              retries=retries, pure=False) for task in todo]
     results = []
     try:
         for future in as_completed(futures):
-            results.append(future.result())
+            try:
+                results.append(future.result())
+            except InputError as exc:  # raised on a worker, after the output exists: not a usage error
+                raise RuntimeError(f"a task failed on a worker: {exc}") from None
             bar.update()
     finally:
         for future in futures:

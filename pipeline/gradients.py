@@ -28,6 +28,7 @@ so results are reproducible bit for bit and float32 error does not grow with the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -40,8 +41,8 @@ from .kernels import KernelSpec, get_kernel
 
 MODES = ("auto", "jacfwd", "jacrev")
 DTYPES = ("float32", "float64")
-HIGHEST = jax.lax.Precision.HIGHEST
-PREPARE_ROWS = 1 << 16  # no TF32 / bf16 passes on GPUs: r2 needs full precision
+HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes on GPUs: r2 needs full precision
+PREPARE_ROWS = 1 << 16  # sources re-centred in float64 this many rows at a time
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,22 @@ def formulation(spec: KernelSpec, mode: str) -> str:
 
 
 def ensure_dtype(dtype: str) -> None:
-    """Turn on JAX's x64 switch (float64 runs, and float32 runs that compute some steps in float64).
-    Arrays are always cast explicitly, so float32 inputs stay float32."""
+    """Turn on JAX's x64 switch for the rest of this process (worker processes: float64 runs, and float32
+    runs that take some steps in float64).  Arrays are always cast explicitly, so float32 stays float32."""
     if not jax.config.read("jax_enable_x64"):
         jax.config.update("jax_enable_x64", True)
+
+
+@contextlib.contextmanager
+def x64_enabled():
+    """JAX's x64 switch on inside the block and restored after: the in-process API leaves the caller's
+    JAX configuration as it found it."""
+    before = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", before)
 
 
 def split_params(spec: KernelSpec, dtype: str):
@@ -249,8 +262,8 @@ def prepare_sources(sources, weights, spec: KernelSpec, dtype: str, shape: TileS
 
 def block_sums(queries, prepared: PreparedSources, spec: KernelSpec, mode: str, dtype: str,
                shape: TileShape) -> tuple[np.ndarray, np.ndarray]:
-    """Summed gradient (b, D) and kernel sum (b,) in float64 for up to ``shape.rows`` query rows."""
-    ensure_dtype(dtype)
+    """Summed gradient (b, D) and kernel sum (b,) in float64 for up to ``shape.rows`` query rows.
+    Needs JAX's x64 switch on (:func:`ensure_dtype` or :func:`x64_enabled`)."""
     queries = np.asarray(queries)
     b, dim = queries.shape
     if b > shape.rows:

@@ -17,7 +17,7 @@ def as_point_array(values, name: str) -> np.ndarray:
         array = np.asarray(values)
     except Exception as exc:  # ragged lists and the like (numpy raises ValueError)
         raise InputError(f"{name} could not be read as an array ({exc})") from None
-    if array.dtype.kind not in "fiu" or array.dtype.kind == "b":
+    if array.dtype.kind not in "fiu":
         raise InputError(f"{name} has dtype {array.dtype}; it must hold real numbers (float or int)")
     if array.ndim == 1:
         array = array[:, None]
@@ -66,14 +66,11 @@ def check_same_dim(points: np.ndarray, sources: np.ndarray) -> None:
                          f"D={sources.shape[1]}; they must match")
 
 
-# Largest scaled coordinate |(x - center) / l| whose square stays finite in each compute dtype.
-_RANGE = {"float32": 1e19, "float64": 1e153}
-
-
 def check_range(array: np.ndarray, name: str, center, lengthscale, dtype: str) -> None:
-    """Raise if a re-centred, scaled coordinate would overflow (its square) in the compute dtype."""
+    """Raise if a re-centred, scaled coordinate would overflow in the compute dtype: |u|^2 + |x|^2 (and
+    q.x) must stay finite, so each coordinate must be below sqrt(max / (4 D))."""
     scaled = np.abs((np.asarray(array, np.float64) - np.asarray(center)) / np.asarray(lengthscale))
-    limit = _RANGE[dtype]
+    limit = float(np.sqrt(np.finfo(dtype).max / (4 * max(1, scaled.shape[-1]))))
     if scaled.size and scaled.max() > limit:
         row = int(np.argwhere(scaled > limit)[0][0])
         raise InputError(f"{name} row {row} is too far out for {dtype} ({array[row].tolist()} is more than "

@@ -53,7 +53,7 @@ def format_output(info: dict) -> str:
                      f"NaN {n['nan']}")
     t = info.get("timings") or {}
     if t:
-        lines.append(f"  timings     total {t.get('total_seconds')} s, compute {t.get('execute_seconds')} s, "
+        lines.append(f"  timings     total {t.get('total_seconds')} s, tasks {t.get('execute_seconds')} s, "
                      f"{(t.get('pairs_per_second') or 0) / 1e9:.2f} G pairs/s, "
                      f"{t.get('tasks_run')} tasks run, {t.get('tasks_skipped')} resumed")
     lines.append(f"  made by     kgrad {info['kgrad_version']}, run {info['run_fingerprint'][:12]}")

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 
 from .errors import InputError
 
@@ -260,7 +261,7 @@ def load_user_kernel(ref: str) -> Kernel:
     try:
         module = importlib.import_module(module_name)
         fn = getattr(module, attr)
-    except (ImportError, AttributeError) as exc:
+    except Exception as exc:  # ImportError, AttributeError, or the module's own errors on import
         raise InputError(f"user kernel {ref!r} could not be loaded ({exc}); it must be an importable "
                          f"'module:function' taking (q, x, params)") from None
     if not callable(fn):
@@ -288,7 +289,13 @@ def make_spec(name: str, dim: int, lengthscale=1.0, variance=1.0, **params) -> K
         raise InputError(f"variance={variance!r} is not a number; it must be a finite number > 0") from None
     if not (math.isfinite(var) and var > 0):
         raise InputError(f"variance={variance!r} is out of its domain; it must be a finite number > 0")
-    ls = _check_lengthscale(lengthscale, dim) if kernel.uses_lengthscale else (1.0,) * dim
+    if kernel.uses_lengthscale:
+        ls = _check_lengthscale(lengthscale, dim)
+    elif np.any(np.asarray(lengthscale, dtype=object) != 1.0):
+        raise InputError(f"kernel {name!r} has no lengthscale (got lengthscale={lengthscale!r}); leave it out "
+                         f"or scale the points instead")
+    else:
+        ls = (1.0,) * dim
     known = {p.name: p for p in kernel.params}
     if kernel.user:
         checked = {k: _user_param(name, k, v) for k, v in params.items()}
@@ -298,7 +305,26 @@ def make_spec(name: str, dim: int, lengthscale=1.0, variance=1.0, **params) -> K
             allowed = ", ".join(known) or "none"
             raise InputError(f"kernel {name!r} has no parameter {unknown[0]!r}; its parameters: {allowed}")
         checked = {p.name: p.check(name, params.get(p.name, p.default)) for p in kernel.params}
-    return KernelSpec(name=name, lengthscale=ls, variance=var, params=tuple(sorted(checked.items())))
+    spec = KernelSpec(name=name, lengthscale=ls, variance=var, params=tuple(sorted(checked.items())))
+    if kernel.user:
+        _check_user_kernel(kernel, spec, dim)
+    return spec
+
+
+def _check_user_kernel(kernel: Kernel, spec: KernelSpec, dim: int) -> None:
+    """Trace a user kernel once on two points (no compile) so that a broken one fails before any work."""
+    import jax
+
+    p = {k: jnp.asarray(v, jnp.float32) for k, v in spec.param_dict().items()}
+    point = jax.ShapeDtypeStruct((dim,), jnp.float32)
+    try:
+        out = jax.eval_shape(lambda q, x: kernel.evaluate(q, x, p), point, point)
+    except Exception as exc:
+        raise InputError(f"user kernel {kernel.name!r} failed on two points of dimension {dim} "
+                         f"({type(exc).__name__}: {exc})") from None
+    if getattr(out, "shape", None) != ():
+        raise InputError(f"user kernel {kernel.name!r} returned shape {getattr(out, 'shape', out)} for two "
+                         f"points; it must return a scalar k(q, x)")
 
 
 def _user_param(kernel: str, key: str, value) -> float:

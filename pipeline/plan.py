@@ -75,10 +75,6 @@ class Plan:
     def pairs(self) -> int:
         return self.n_points * self.n_sources
 
-    @property
-    def calls_per_task(self) -> int:
-        return max(1, math.ceil(self.n_sources / (self.cols * self.tiles_per_call)))
-
     def summary(self) -> dict:
         """Plain-data view (for printing, JSON and the output's attributes)."""
         return {
@@ -115,8 +111,19 @@ def tile_shape(n_points: int, n_sources: int, formulation: str, rows: int | None
     return rows, cols, tiles
 
 
+def pair_arrays(formulation: str, dim: int, distances: str = "gemm") -> int:
+    """How many (rows x cols) arrays one tile call holds at its peak: r2, f', f and XLA scratch for the
+    GEMM forms; plus the D coordinate-difference arrays (direct distances) or the pairs' coordinates and
+    gradients, 3 D arrays (the generic path)."""
+    if formulation == "generic":
+        return TILE_TEMPORARIES + 3 * dim
+    if distances == "direct":
+        return TILE_TEMPORARIES + dim
+    return TILE_TEMPORARIES
+
+
 def task_memory(n_sources: int, dim: int, dtype: str, rows: int, cols: int, tiles_per_call: int,
-                rows_per_task: int) -> int:
+                rows_per_task: int, pair_arrays: int = None) -> int:
     """Projected peak bytes held by one task (beyond the worker's baseline), the terms in the order a
     worker holds them (pipeline.store.load_input, pipeline.gradients.prepare_sources, block_sums):
 
@@ -129,7 +136,7 @@ def task_memory(n_sources: int, dim: int, dtype: str, rows: int, cols: int, tile
     calls = padded // (cols * tiles_per_call)
     read = n_sources * (dim + 1) * 8 + min(n_sources, READ_BLOCK_ROWS) * (dim + 1) * 8 * 2
     prepared = padded * (dim + 1) * item
-    temporaries = TILE_TEMPORARIES * rows * cols * 8 + rows * (dim + 2) * 8 * 2
+    temporaries = (pair_arrays or TILE_TEMPORARIES) * rows * cols * 8 + rows * (dim + 2) * 8 * 2
     partials = calls * tiles_per_call * rows * (dim + 1) * item + rows * (dim + 1) * 8 * 2
     task = rows_per_task * dim * 8 + rows_per_task * (dim + 1) * (8 + item)
     return read + prepared + temporaries + partials + task
@@ -138,7 +145,8 @@ def task_memory(n_sources: int, dim: int, dtype: str, rows: int, cols: int, tile
 def make_plan(n_points: int, n_sources: int, dim: int, *, dtype: str = "float32",
               formulation: str = "radial", workers: int = 1, worker_memory_bytes: int | None = None,
               rows: int | None = None, cols: int | None = None, rows_per_task: int | None = None,
-              cores: int | None = None) -> Plan:
+              cores: int | None = None, threads_per_worker: int = 1,
+              distances: str = "gemm") -> Plan:
     """Plan a run; raise :class:`InputError` if the inputs are empty or a task cannot fit in memory."""
     if n_points < 1 or n_sources < 1 or dim < 1:
         raise InputError(f"nothing to compute: N={n_points} points, M={n_sources} sources, D={dim}; "
@@ -161,16 +169,19 @@ def make_plan(n_points: int, n_sources: int, dim: int, *, dtype: str = "float32"
         per_task = min(16, max(1, blocks // 16))
         rows_per_task = rows * per_task
     else:
-        if rows_per_task < rows and not explicit_rows:  # honour the chunking asked for: shrink the tile
-            rows = 1 << (rows_per_task.bit_length() - 1)
+        if not explicit_rows:  # honour the chunking asked for: the fewest equal tiles that cover it
+            rows = math.ceil(rows_per_task / math.ceil(rows_per_task / rows))
         rows_per_task = _round_up(rows_per_task, rows)
     tasks = tuple(Task(i, start, min(start + rows_per_task, n_points))
                   for i, start in enumerate(range(0, n_points, rows_per_task)))
-    memory = task_memory(n_sources, dim, dtype, rows, cols, tiles, rows_per_task)
-    if worker_memory_bytes is not None and memory + WORKER_BASELINE_BYTES > worker_memory_bytes:
+    memory = task_memory(n_sources, dim, dtype, rows, cols, tiles, rows_per_task,
+                         pair_arrays=pair_arrays(formulation, dim, distances))
+    concurrent = max(1, threads_per_worker)  # a worker with T threads runs T tasks at once
+    if worker_memory_bytes is not None and concurrent * memory + WORKER_BASELINE_BYTES > worker_memory_bytes:
+        tasks = "a task needs" if concurrent == 1 else f"{concurrent} tasks at once need"
         raise InputError(
-            f"a task needs about {memory / MiB:.0f} MiB (+{WORKER_BASELINE_BYTES / MiB:.0f} MiB worker "
-            f"baseline) but each worker has {worker_memory_bytes / MiB:.0f} MiB; use fewer workers "
+            f"{tasks} about {concurrent * memory / MiB:.0f} MiB (+{WORKER_BASELINE_BYTES / MiB:.0f} MiB "
+            f"worker baseline) but each worker has {worker_memory_bytes / MiB:.0f} MiB; use fewer workers "
             f"(more memory each){', float32' if dtype == 'float64' else ''}, or fewer sources per run "
             f"(M={n_sources})")
     rate = PAIR_RATE[formulation] / (FLOAT64_SLOWDOWN if dtype == "float64" else 1.0)

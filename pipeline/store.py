@@ -28,9 +28,10 @@ import zarr
 
 from .errors import InputError
 from .inputs import check_finite
+from .plan import READ_BLOCK_ROWS
 
 FORMAT_VERSION = 1
-READ_ROWS = 1 << 18  # rows read at a time when loading and checking an input (= plan.READ_BLOCK_ROWS)
+READ_ROWS = READ_BLOCK_ROWS  # rows read at a time when loading and checking an input
 
 
 def _quiet_zarr():
@@ -229,7 +230,8 @@ def half_created(location: str, storage_options: tuple = ()) -> bool:
     except InputError:
         return False
     names = set(group.array_keys())
-    if "run_fingerprint" in group.attrs or not names <= {"gradient", "value", "task_done"}:
+    if "run_fingerprint" in group.attrs or not names <= {"gradient", "value", "task_done"} \
+            or list(group.group_keys()):
         return False
     return "task_done" not in names or not np.asarray(group["task_done"][:]).any()
 
@@ -243,9 +245,14 @@ def open_output(location: str, storage_options: tuple = (), mode: str = "r"):
 
 
 def write_task(location: str, start: int, stop: int, index: int, gradient: np.ndarray, value: np.ndarray,
-               storage_options: tuple = ()) -> None:
-    """Write one task's rows (whole chunks), then mark it done.  Rewriting gives the same bytes."""
+               storage_options: tuple = (), run_fingerprint: str | None = None) -> None:
+    """Write one task's rows (whole chunks), then mark it done.  Rewriting gives the same bytes.
+
+    With ``run_fingerprint``, refuse to write into an output that now belongs to another run (a task of
+    a killed client finishing after ``--overwrite`` started a new run at the same place)."""
     group = open_output(location, storage_options, mode="r+")
+    if run_fingerprint is not None and group.attrs.get("run_fingerprint") != run_fingerprint:
+        raise RuntimeError(f"output {location!r} now belongs to another run; this task's results are dropped")
     group["gradient"][start:stop] = gradient
     group["value"][start:stop] = value
     group["task_done"][index:index + 1] = np.ones(1, np.uint8)

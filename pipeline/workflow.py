@@ -31,10 +31,15 @@ current directory; command-line flags override the file)::
     tile_rows = 512                  # optional tile overrides
     tile_cols = 1024
     rows_per_task = 8192
+    progress = true                  # tasks done / total, rate, time left on stderr
+    performance_report = "report.html"   # optional: dask's HTML performance report (needs bokeh)
+    cache_dir = "~/.cache/kgrad/jax"     # JAX compilation cache (must be private to the user)
+    security = {tls_ca_file = "ca.pem", tls_client_cert = "client.pem", tls_client_key = "client-key.pem"}
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -42,6 +47,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -52,6 +58,9 @@ from .gradients import DTYPES, MODES, TileShape, formulation, source_center
 from .inputs import check_range, check_same_dim
 from .kernels import make_spec
 from .plan import Plan, make_plan
+
+if TYPE_CHECKING:
+    from .execute import Job
 
 _NUMBER = "a number"
 _TEXT = "a string"
@@ -64,7 +73,8 @@ _SECTIONS = {
     "run": {"out": _TEXT, "dtype": _TEXT, "mode": _TEXT, "scheduler": _TEXT, "workers": _WHOLE,
             "threads_per_worker": _WHOLE, "pin_cores": "true or false",
             "memory_limit": "a size such as '4GiB'", "tile_rows": _WHOLE, "tile_cols": _WHOLE,
-            "rows_per_task": _WHOLE, "progress": "true or false", "cache_dir": _TEXT, "security": _TABLE},
+            "rows_per_task": _WHOLE, "progress": "true or false", "cache_dir": _TEXT, "security": _TABLE,
+            "performance_report": _TEXT},
 }
 
 
@@ -114,6 +124,7 @@ class RunConfig:
     tile_cols: int | None = None
     rows_per_task: int | None = None
     progress: bool = True
+    performance_report: str | None = None  # write dask's HTML performance report here
     cache_dir: str | None = None
     security: dict = field(default_factory=dict)  # tls_ca_file, tls_client_cert, tls_client_key
     resume: bool = False
@@ -162,7 +173,7 @@ class Prepared:
     """A validated run: what it reads, computes and writes.  Nothing has been written yet."""
 
     config: RunConfig
-    job: "object"  # execute.Job
+    job: "Job"
     plan: Plan
     attributes: dict
     action: str  # "create", "overwrite", "resume" or "complete"
@@ -198,18 +209,25 @@ def local_worker_memory(config: RunConfig, workers: int) -> int:
     return int(psutil.virtual_memory().total / workers)
 
 
-def prepare(config: RunConfig, worker_memory: int | None = None) -> Prepared:
-    """Validate everything and plan the run.  Raises InputError on any bad input; writes nothing."""
+def prepare(config: RunConfig, worker_memory: int | None = None, planning: bool = False) -> Prepared:
+    """Validate everything and plan the run.  Raises InputError on any bad input; writes nothing.
+
+    ``planning``: for ``kgrad plan``; the output may be left out (its state is then not checked)."""
     from .execute import Job
 
     if not config.points:
         raise InputError("no points given; pass --points PATH or set [inputs] points in the workflow")
-    if not config.out:
+    if not config.out and not planning:
         raise InputError("no output given; pass --out PATH or set [run] out in the workflow")
     _check_choice("dtype", config.dtype, DTYPES)
     _check_choice("mode", config.mode, MODES)
     if config.resume and config.overwrite:
         raise InputError("--resume and --overwrite exclude each other; choose one")
+    if config.performance_report:
+        try:
+            import bokeh  # noqa: F401  (distributed renders the report with bokeh)
+        except ImportError:
+            raise InputError("--performance-report needs bokeh; pip install 'kgrad[dashboard]'") from None
     workers = config.workers if config.workers is not None else default_workers()
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise InputError(f"workers={workers!r} must be a whole number >= 1")
@@ -250,7 +268,8 @@ def prepare(config: RunConfig, worker_memory: int | None = None) -> Prepared:
         worker_memory = local_worker_memory(config, workers)
     plan = make_plan(n, m, dim, dtype=config.dtype, formulation=form, workers=workers,
                      worker_memory_bytes=worker_memory, rows=config.tile_rows, cols=config.tile_cols,
-                     rows_per_task=config.rows_per_task, cores=default_workers())
+                     rows_per_task=config.rows_per_task, cores=default_workers(),
+                     threads_per_worker=config.threads_per_worker, distances=spec.kernel.distances)
     identity = {
         "points": {"location": points_ref.location, "array": points_ref.array, "fingerprint": points_fp,
                    "shape": list(points.shape)},
@@ -262,7 +281,7 @@ def prepare(config: RunConfig, worker_memory: int | None = None) -> Prepared:
         "kernel": spec.name, "lengthscale": list(spec.lengthscale), "variance": spec.variance,
         "kernel_params": dict(spec.params), "dtype": config.dtype, "mode": config.mode,
         "tile_rows": plan.rows, "tile_cols": plan.cols, "tiles_per_call": plan.tiles_per_call,
-        "rows_per_task": plan.rows_per_task,
+        "rows_per_task": plan.rows_per_task, "kgrad_version": VERSION,
     }
     fingerprint = hashlib.blake2b(json.dumps(identity, sort_keys=True, default=str).encode(),
                                   digest_size=16).hexdigest()
@@ -273,7 +292,7 @@ def prepare(config: RunConfig, worker_memory: int | None = None) -> Prepared:
         "N": n, "M": m, "D": dim, "run_fingerprint": fingerprint, "kgrad_version": VERSION,
         "plan": plan.summary(),
     }
-    action, done = _output_action(config, fingerprint, identity, opts, plan)
+    action, done = _output_action(config, fingerprint, identity, opts, plan) if config.out else ("none", None)
     center = source_center(sources, spec)
     check_range(sources, "sources", center, spec.lengthscale, config.dtype)
     check_range(points, "points", center, spec.lengthscale, config.dtype)
@@ -310,6 +329,8 @@ def _output_action(config: RunConfig, fingerprint: str, identity: dict, opts: tu
             old, new = stored_inputs.get(k), identity[k]
             if (old or {}).get("fingerprint") != (new or {}).get("fingerprint"):
                 differs.append(f"{k} data")
+            elif (old or {}).get("location") != (new or {}).get("location"):
+                differs.append(f"{k} location")
         raise InputError(f"cannot resume {config.out!r}: it was made with different inputs or parameters "
                          f"({', '.join(differs) or 'unknown run'}); use --overwrite to start over")
     if attrs.get("complete"):
@@ -349,6 +370,15 @@ def _security(config: RunConfig):
     return Security(require_encryption=True, **config.security)
 
 
+def _performance_report(path: str | None):
+    """dask's performance report (an HTML page of task stream, profiles, bandwidth) around the run."""
+    if not path:
+        return contextlib.nullcontext()
+    from distributed import performance_report
+
+    return performance_report(filename=path)
+
+
 def check_cluster_memory(client, plan: Plan) -> None:
     """Refuse, before anything is written, a plan whose tasks cannot fit the smallest worker."""
     from .plan import WORKER_BASELINE_BYTES, MiB
@@ -360,13 +390,14 @@ def check_cluster_memory(client, plan: Plan) -> None:
     workers = client.scheduler_info().get("workers", {})
     if not workers:
         raise InputError("the dask cluster has no workers; start some (see cluster/) and try again")
-    limits = [w.get("memory_limit") or 0 for w in workers.values()]
-    smallest = min(limits)
-    if smallest and plan.task_memory_bytes + WORKER_BASELINE_BYTES > smallest:
-        raise InputError(f"a task needs about {plan.task_memory_bytes / MiB:.0f} MiB "
-                         f"(+{WORKER_BASELINE_BYTES / MiB:.0f} MiB worker baseline) but the smallest worker "
-                         f"has {smallest / MiB:.0f} MiB; give workers more memory"
-                         + (" or use float32" if plan.dtype == "float64" else ""))
+    for worker in workers.values():  # a worker runs as many tasks at once as it has threads
+        limit, threads = worker.get("memory_limit"), worker.get("nthreads", 1)
+        need = threads * plan.task_memory_bytes + WORKER_BASELINE_BYTES
+        if limit and need > limit:
+            raise InputError(f"a worker with {threads} thread(s) needs about {need / MiB:.0f} MiB "
+                             f"({plan.task_memory_bytes / MiB:.0f} MiB per task + {WORKER_BASELINE_BYTES / MiB:.0f}"
+                             f" MiB baseline) but has {limit / MiB:.0f} MiB; give workers more memory or "
+                             f"fewer threads" + (", or use float32" if plan.dtype == "float64" else ""))
 
 
 def run_prepared(prepared: Prepared, stream=None) -> dict:
@@ -381,8 +412,7 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
     started = time.perf_counter()
     cluster = None
     if config.scheduler == "local":
-        workers = config.workers or default_workers()
-        cluster = local_cluster(workers, memory_limit=config.memory_limit,
+        cluster = local_cluster(plan.workers, memory_limit=config.memory_limit,
                                 threads_per_worker=config.threads_per_worker)
         from distributed import Client
 
@@ -407,7 +437,8 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
         print(f"kgrad: {plan.n_tasks} tasks ({plan.n_points} x {plan.n_sources} pairs, D={plan.dim}, "
               f"{plan.dtype}, {plan.formulation}) on {n_workers} workers"
               + (f"; dashboard {link}" if link else ""), file=stream, flush=True)
-        timings = execute(job, plan, client, done=prepared.done, progress=config.progress, stream=stream)
+        with _performance_report(config.performance_report):
+            timings = execute(job, plan, client, done=prepared.done, progress=config.progress, stream=stream)
     finally:
         client.close()
         if cluster is not None:
@@ -417,6 +448,10 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
                     "pairs_per_second": round(plan.pairs * (timings["tasks_run"] / max(plan.n_tasks, 1))
                                               / max(timings["execute_seconds"], 1e-9)),
                     "resumed": prepared.action == "resume", "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    missing = int((~store.done_tasks(config.out, job.out_options)).sum())
+    if missing:
+        raise RuntimeError(f"{missing} of {plan.n_tasks} tasks are not marked done in {config.out}; "
+                           f"finish it with --resume")
     store.finish_output(config.out, {"timings": timings}, job.out_options)
     print(f"kgrad: wrote {config.out} in {total:.2f} s ({timings['tasks_run']} tasks run, "
           f"{timings['tasks_skipped']} already done)", file=stream, flush=True)
@@ -428,5 +463,4 @@ def run_workflow(config: RunConfig | str, **overrides) -> dict:
     if isinstance(config, str):
         config = load_workflow(config)
     config = config.replace(**overrides)
-    worker_memory = None
-    return run_prepared(prepare(config, worker_memory))
+    return run_prepared(prepare(config))
