@@ -6,7 +6,7 @@ import numpy as np
 
 from .errors import InputError
 from .gradients import (DTYPES, MODES, TileShape, block_sums, formulation, prepare_sources, source_center,
-                        x64_enabled)
+                        needs_x64, x64_enabled)
 from .inputs import as_point_array, as_weights, check_range, check_same_dim
 from .kernels import make_spec
 from .plan import make_plan
@@ -58,7 +58,7 @@ def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", length
     prepared = prepare_sources(srcs, w, spec, dtype, shape, center=center)
     g = np.empty(queries.shape, dtype=dtype)
     v = np.empty(queries.shape[0], dtype=dtype)
-    with x64_enabled():
+    with x64_enabled(needs_x64(spec, mode, dtype)):
         for start in range(0, queries.shape[0], plan.rows):
             stop = min(start + plan.rows, queries.shape[0])
             g[start:stop], v[start:stop] = block_sums(queries[start:stop], prepared, spec, mode, dtype,

@@ -73,11 +73,21 @@ def ensure_dtype(dtype: str) -> None:
         jax.config.update("jax_enable_x64", True)
 
 
+def needs_x64(spec: KernelSpec, mode: str, dtype: str) -> bool:
+    """float64 runs, and float32 runs that take their distances in float64 (Matern 3/2, 5/2)."""
+    kernel = get_kernel(spec.name)
+    return dtype == "float64" or (formulation(spec, mode) == "radial" and kernel.distances == "wide")
+
+
 @contextlib.contextmanager
-def x64_enabled():
-    """JAX's x64 switch on inside the block and restored after: the in-process API leaves the caller's
-    JAX configuration as it found it."""
+def x64_enabled(needed: bool = True):
+    """JAX's x64 switch on inside the block (if ``needed``) and restored after: the in-process API leaves
+    the caller's JAX configuration as it found it.  (Switched per call, it costs JAX its fast dispatch
+    path, so float32 runs that need no float64 step leave it alone.)"""
     before = jax.config.read("jax_enable_x64")
+    if not needed or before:
+        yield
+        return
     jax.config.update("jax_enable_x64", True)
     try:
         yield
