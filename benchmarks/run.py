@@ -49,7 +49,7 @@ MODES = {
                   max_repeats=5, budget_s=1.5, ceiling_log2=25),
     "full": dict(main=[100, 1024, 4096, 8192, 16384, 65536, 262144], seed_max=8192, seed_jacrev_max=1024,
                  gemm_max=16384, keops_max=65536, e2e=[1024, 16384, 65536, 262144], fit_min=16384,
-                 periodic=[256, 1024, 4096], periodic_seed_max=4096, periodic_jacrev_max=256, periodic_e2e=16384,
+                 periodic=[256, 1024, 4096], periodic_seed_max=4096, periodic_jacrev_max=256, periodic_e2e=65536,
                  float64=[16384, 65536], cache_n=16384, reference_max=8192, e2e_runs=(3, 2), max_repeats=7,
                  budget_s=8.0, ceiling_log2=25),
 }
