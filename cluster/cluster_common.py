@@ -30,6 +30,15 @@ WORKER_ENV = {
 TLS_FILES = ("ca.pem", "scheduler.pem", "scheduler.key", "worker.pem", "worker.key", "client.pem", "client.key")
 
 
+def split_kgrad_args(argv=None) -> tuple[list[str], list[str]]:
+    """(this script's arguments, those after '--', which go to `kgrad run`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
 def tls_files(tls_dir: str | os.PathLike) -> dict[str, str]:
     """Absolute paths of the certificate files in ``tls_dir``; raises SystemExit if one is missing."""
     root = Path(tls_dir).expanduser().resolve()

@@ -29,15 +29,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster_common import WORKER_ENV, serve, tls_config  # noqa: E402
+from cluster_common import WORKER_ENV, serve, split_kgrad_args, tls_config  # noqa: E402
 
 
 def parse(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    kgrad_args = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, kgrad_args = argv[:i], argv[i + 1:]
+    argv, kgrad_args = split_kgrad_args(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Anything after -- is passed to `kgrad run` (with --scheduler added).")

@@ -9,7 +9,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 
 from .errors import InputError
 
@@ -171,6 +173,10 @@ def main(argv=None) -> int:
     # A store that fails mid-read leaves zarr's pending asyncio tasks behind; their complaints at
     # interpreter exit would bury the one-line error.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    if argv is None and threading.current_thread() is threading.main_thread():
+        # Ctrl-C stops a run even when started from a shell that ignores SIGINT in background jobs
+        # (Python keeps an inherited "ignore" and would then run to the end).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -184,7 +190,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         print("kgrad: interrupted; finish the run later with 'kgrad run ... --resume'", file=sys.stderr)
-        return 1
+        return 130  # the shell's convention for a command stopped by Ctrl-C (128 + SIGINT)
     except Exception as exc:
         if os.environ.get("KGRAD_DEBUG"):
             raise

@@ -14,7 +14,6 @@ need an existing output copy one made once per module by a real ``kgrad run --wo
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ import zarr
 
 import pipeline
 from pipeline import InputError
+from fileutil import tree_digest
 
 N, M, D = 50, 40, 3
 _rng = np.random.default_rng(20240611)
@@ -74,19 +74,6 @@ def kgrad(args, cwd, timeout=240):
     """Run the real command line in a subprocess."""
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def tree_digest(root) -> dict:
-    """Every file and directory under ``root``: relative path -> sha256 of its bytes ('dir' for dirs)."""
-    digest = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            digest[os.path.relpath(os.path.join(dirpath, name), root)] = "dir"
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                digest[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return digest
 
 
 def assert_one_line_error(proc, words=(), patterns=()):

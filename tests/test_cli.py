@@ -8,9 +8,7 @@ module-scoped fixtures, and every other test reads them.  Outputs are checked ag
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +19,7 @@ import zarr
 
 import pipeline
 from pipeline import store
+from fileutil import tree_digest
 
 xr = pytest.importorskip("xarray")
 
@@ -41,18 +40,6 @@ def kgrad(args, cwd, check=True):
     if check:
         assert proc.returncode == 0, f"kgrad {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}"
     return proc
-
-
-def tree_digest(root) -> dict:
-    digest = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            digest[os.path.relpath(os.path.join(dirpath, name), root)] = "dir"
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                digest[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return digest
 
 
 def assert_close(actual, expected, dtype):

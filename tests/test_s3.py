@@ -13,7 +13,6 @@ Skipped when moto's server or s3fs is not installed (``pip install 'moto[server]
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
