@@ -39,6 +39,15 @@ def split_kgrad_args(argv=None) -> tuple[list[str], list[str]]:
     return argv[:i], argv[i + 1:]
 
 
+def script_parser(doc: str):
+    """The argument parser the cluster scripts share: their docstring's first paragraph as description."""
+    import argparse
+
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="Anything after -- is passed to `kgrad run` (with --scheduler added).")
+
+
 def tls_files(tls_dir: str | os.PathLike) -> dict[str, str]:
     """Absolute paths of the certificate files in ``tls_dir``; raises SystemExit if one is missing."""
     root = Path(tls_dir).expanduser().resolve()

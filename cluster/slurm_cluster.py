@@ -26,19 +26,16 @@ kgrad client use TLS; DIR must be readable on the compute nodes at the same path
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster_common import WORKER_ENV, serve, split_kgrad_args, tls_files  # noqa: E402
+from cluster_common import WORKER_ENV, script_parser, serve, split_kgrad_args, tls_files  # noqa: E402
 
 
 def parse(argv=None):
     argv, kgrad_args = split_kgrad_args(argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Anything after -- is passed to `kgrad run` (with --scheduler added).")
+    p = script_parser(__doc__)
     p.add_argument("--jobs", type=int, default=2, help="SLURM jobs = dask workers (default 2)")
     p.add_argument("--cpus", type=int, default=4, help="CPUs booked per job (default 4)")
     p.add_argument("--nthreads", type=int, default=1, help="dask threads of each worker (default 1)")

@@ -24,19 +24,16 @@ require TLS; the same files must exist at the same absolute paths on every host.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster_common import WORKER_ENV, serve, split_kgrad_args, tls_config  # noqa: E402
+from cluster_common import WORKER_ENV, script_parser, serve, split_kgrad_args, tls_config  # noqa: E402
 
 
 def parse(argv=None):
     argv, kgrad_args = split_kgrad_args(argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Anything after -- is passed to `kgrad run` (with --scheduler added).")
+    p = script_parser(__doc__)
     p.add_argument("hosts", nargs="+", help="scheduler host first, then worker hosts")
     p.add_argument("--nworkers", type=int, default=1, help="worker processes per worker host (default 1)")
     p.add_argument("--nthreads", type=int, default=1, help="dask threads per worker process (default 1)")

@@ -110,13 +110,13 @@ def _pin_to_core() -> None:
 def run_task(job: Job, task: Task) -> dict:
     """Compute and store one output chunk: rows ``[task.start, task.stop)`` against all sources."""
     from .cache import enable_compilation_cache
-    from .gradients import block_sums, ensure_dtype
+    from .gradients import block_sums, enable_x64
 
     started = time.perf_counter()
     if job.pin_cores:
         _pin_to_core()
     enable_compilation_cache(job.cache_dir)
-    ensure_dtype(job.dtype)
+    enable_x64()
     prepared = _prepared_sources(job)
     queries = store.read_rows(job.points, task.start, task.stop)
     if queries.shape != (task.rows, len(job.center)):

@@ -66,7 +66,7 @@ def formulation(spec: KernelSpec, mode: str) -> str:
     return structure if mode == "auto" else "generic"
 
 
-def ensure_dtype(dtype: str) -> None:
+def enable_x64() -> None:
     """Turn on JAX's x64 switch for the rest of this process (worker processes: float64 runs, and float32
     runs that take some steps in float64).  Arrays are always cast explicitly, so float32 stays float32."""
     if not jax.config.read("jax_enable_x64"):
@@ -273,7 +273,7 @@ def prepare_sources(sources, weights, spec: KernelSpec, dtype: str, shape: TileS
 def block_sums(queries, prepared: PreparedSources, spec: KernelSpec, mode: str, dtype: str,
                shape: TileShape) -> tuple[np.ndarray, np.ndarray]:
     """Summed gradient (b, D) and kernel sum (b,) in float64 for up to ``shape.rows`` query rows.
-    Needs JAX's x64 switch on (:func:`ensure_dtype` or :func:`x64_enabled`)."""
+    Needs JAX's x64 switch on (:func:`enable_x64` or :func:`x64_enabled`)."""
     queries = np.asarray(queries)
     b, dim = queries.shape
     if b > shape.rows:

@@ -17,7 +17,6 @@ The points are reloaded from where the output says they came from (attribute ``i
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
 
@@ -27,7 +26,6 @@ DEFAULT_MAX_POINTS = 2000  # arrows drawn (a random sample of the points)
 SCATTER_POINTS = 50_000  # points drawn as dots / used for the histogram and the projection
 CHECK_FINGERPRINT_ROWS = 2_000_000  # reload (and fingerprint-check) the whole input up to this size
 
-_LOCATION = re.compile(r"^(?P<location>.*)\[(?P<array>[A-Za-z0-9_.-]+)\]$")
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -68,11 +66,7 @@ def _points_ref(attrs: dict, points: str | None, storage_options: tuple):
     if not described:
         raise InputError("the output does not record where its points came from (attribute "
                          "inputs.points.location); pass the points with --points PATH")
-    if "array" in meta:
-        location, array = described, meta["array"]
-    else:  # outputs from before the array name was stored on its own
-        match = _LOCATION.match(described)
-        location, array = (match["location"], match["array"]) if match else (described, None)
+    location, array = described, meta.get("array")
     if not store.exists(location, storage_options):
         raise InputError(f"the output's points {described!r} are not there any more (relative paths are "
                          f"relative to where 'kgrad run' ran); pass them with --points PATH")
