@@ -10,7 +10,9 @@ Gradients are always derived by JAX, never written by hand per kernel.  Three fo
 ``radial`` (``mode="auto"`` on a kernel with a radial profile ``k = f(r2)``, ``r2 = |(q - x) / l|^2``)
     grad_q k(q, x) = 2 f'(r2) (q - x) / l^2, so with ``u = q / l`` and ``F'_ji = w_i f'(r2_ji)``:
     ``g_j = (2 / l) * (u_j * sum_i F'_ji - (F' @ u_x)_j)``.  ``f'`` comes from ``vmap(jacfwd(f))``
-    elementwise; ``r2`` and both sums are GEMMs.
+    elementwise; ``r2`` and both sums are GEMMs.  For the Gaussian family (``f(r2) = f(0) exp(e(r2))``
+    with ``e`` linear, e.g. rbf), ``f' = e' f`` with ``e'`` from ``jacfwd(e)``: the GEMM yields ``e(r2)``
+    directly, and ``S = F @ [w u_x, w]`` is the only other GEMM (``v = S[:, -1]``); one exp per pair.
 ``dot`` (``mode="auto"`` on a kernel with a dot-product profile ``k = f(q . x)``)
     grad_q k = f'(q . x) x, so ``g = (w * F') @ X``.
 ``generic`` (kernels without structure, and any kernel with ``mode="jacfwd"`` or ``"jacrev"``)
@@ -112,9 +114,15 @@ def squared_distances(u, ux, wide=False):
     """r2_ji = |u_j|^2 + |ux_i|^2 - 2 u_j.ux_i as one GEMM (clamped at 0).  ``wide``: in float64."""
     if wide:
         return squared_distances(u.astype(jnp.float64), ux.astype(jnp.float64)).astype(u.dtype)
+    return jnp.maximum(_scaled_distance_gemm(u, ux, 1.0), 0.0)
+
+
+def _scaled_distance_gemm(u, ux, scale):
+    """scale * r2_ji as one GEMM: the scale is folded into the (C, D + 2) source operand, not applied to
+    the (B, C) result."""
     qa = jnp.concatenate([u, jnp.sum(u * u, 1, keepdims=True), jnp.ones_like(u[:, :1])], 1)
     xa = jnp.concatenate([-2.0 * ux, jnp.ones_like(ux[:, :1]), jnp.sum(ux * ux, 1, keepdims=True)], 1)
-    return jnp.maximum(jnp.matmul(qa, xa.T, precision=HIGHEST), 0.0)
+    return jnp.matmul(qa, xa.T * scale, precision=HIGHEST)
 
 
 def _radial_direct_tile(profile, q, x, w, p):
@@ -145,6 +153,24 @@ def _radial_tile(profile, wide, q, x, w, p):
     s = jnp.matmul(d_f, xw, precision=HIGHEST)  # (B, D + 1): [F'w @ ux, F'w @ 1]
     g = 2.0 * inv_l * (u * s[:, -1:] - s[:, :-1])
     return g, jnp.matmul(f, w, precision=HIGHEST)
+
+
+def _gaussian_tile(profile, exponent, q, x, w, p):
+    """(g, v) of one tile for k = f(0) exp(e(r2)) with e linear in r2 and e' < 0 (rbf: e = -r2 / 2).
+
+    grad_q k = 2 e' k (q - x) / l^2, so with ``S = F @ [w u_x, w]`` (``F_ji = exp(e(r2_ji))``):
+    ``v = f(0) S[:, -1]`` and ``g = (2 e' f(0) / l) (u S[:, -1] - S[:, :-1])``.  ``e'`` is JAX's derivative
+    of the exponent (constant, as e is linear); the GEMM computes ``e' r2`` directly, clamped at 0 above.
+    """
+    inv_l = 1.0 / p["lengthscale"]
+    u, ux = q * inv_l, x * inv_l
+    zero = jnp.zeros((), q.dtype)
+    slope = jax.jacfwd(lambda r2: exponent(r2, p))(zero)
+    f = jnp.exp(jnp.minimum(_scaled_distance_gemm(u, ux, slope), 0.0))
+    xw = jnp.concatenate([ux * w[:, None], w[:, None]], 1)  # (C, D + 1)
+    s = jnp.matmul(f, xw, precision=HIGHEST) * profile(zero, p)  # (B, D + 1)
+    g = 2.0 * slope * inv_l * (u * s[:, -1:] - s[:, :-1])
+    return g, s[:, -1]
 
 
 def _dot_tile(profile, q, x, w, p):
@@ -199,6 +225,8 @@ def compiled_block(name: str, static: tuple, form: str, mode: str, dtype: str, s
     extra = dict(static)
     if form == "radial" and kernel.distances == "direct":
         tile = functools.partial(_radial_direct_tile, kernel.radial_profile)
+    elif form == "radial" and kernel.exponent is not None and kernel.distances == "gemm":
+        tile = functools.partial(_gaussian_tile, kernel.radial_profile, kernel.exponent)
     elif form == "radial":
         wide = kernel.distances == "wide" and dtype == "float32"
         tile = functools.partial(_radial_tile, kernel.radial_profile, wide)

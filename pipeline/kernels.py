@@ -7,7 +7,9 @@ never written by hand: the tile code in :mod:`pipeline.gradients` derives them w
 Some kernels also declare *structure* that the fast paths use:
 
 * a radial profile ``f(r2, p)`` with ``k(q, x) = f(r2)`` and ``r2 = sum_d ((q_d - x_d) / l_d)^2``;
-* a dot-product profile ``f(s, p)`` with ``k(q, x) = f(q . x)``.
+* a dot-product profile ``f(s, p)`` with ``k(q, x) = f(q . x)``;
+* for a radial kernel of the Gaussian family, ``f(r2) = f(0) exp(e(r2))`` with an exponent ``e`` linear in
+  ``r2`` (``e(0) = 0``, ``e' < 0``): then ``f' = e' f``, so one exp and one GEMM give both sums.
 
 Formulas (``s2`` = variance, ``r = sqrt(r2)``):
 
@@ -86,6 +88,9 @@ class Kernel:
     params: tuple[Param, ...] = ()
     radial_profile: Callable | None = None  # f(r2, p), k = f(sum(((q - x) / l)^2))
     dot_profile: Callable | None = None  # f(s, p), k = f(q . x)
+    # e(r2, p) with f(r2) = f(0) exp(e(r2)), e linear in r2 and decreasing (the Gaussian family): the
+    # radial tile then computes one exp and one GEMM per pair, and takes e' from JAX (jacfwd of e).
+    exponent: Callable | None = None
     uses_lengthscale: bool = True
     stationary: bool = True  # k(q + c, x + c) = k(q, x): inputs may be re-centred
     user: bool = False  # loaded from 'module:function'; takes any numeric parameters
@@ -117,16 +122,20 @@ def _scaled_r2(q, x, p):
     return jnp.sum(d * d)
 
 
-def _radial(name, profile, params=(), doc="", distances="gemm"):
+def _radial(name, profile, params=(), doc="", distances="gemm", exponent=None):
     def evaluate(q, x, p):
         return profile(_scaled_r2(q, x, p), p)
 
     return Kernel(name=name, evaluate=evaluate, params=params, radial_profile=profile, doc=doc,
-                  distances=distances)
+                  distances=distances, exponent=exponent)
+
+
+def _rbf_exponent(r2, p):
+    return -0.5 * r2
 
 
 def _rbf(r2, p):
-    return p["variance"] * jnp.exp(-0.5 * r2)
+    return p["variance"] * jnp.exp(_rbf_exponent(r2, p))
 
 
 def _matern12(r2, p):
@@ -202,7 +211,7 @@ def _dot(name, profile, params=(), doc=""):
 KERNELS: Mapping[str, Kernel] = {
     k.name: k
     for k in (
-        _radial("rbf", _rbf, doc="s2 exp(-r^2/2)"),
+        _radial("rbf", _rbf, doc="s2 exp(-r^2/2)", exponent=_rbf_exponent),
         _radial("matern12", _matern12, doc="s2 exp(-r)", distances="direct"),
         _radial("matern32", _matern32, doc="s2 (1 + sqrt3 r) exp(-sqrt3 r)", distances="wide"),
         _radial("matern52", _matern52, doc="s2 (1 + sqrt5 r + 5 r^2/3) exp(-sqrt5 r)",

@@ -237,3 +237,49 @@ def test_float32_input_arrays(kernel, dtype, data):
     q, x, w = (a.astype(np.float32) for a in data)
     compare(kernel, dtype, q, x, w, lengthscale=lengthscale_for(kernel, ARD), variance=VARIANCE,
             **PARAMS.get(kernel, {}))
+
+
+GAUSSIAN_FAMILY = [name for name, k in pipeline.KERNELS.items() if k.exponent is not None]
+
+
+def test_gaussian_family_declared():
+    """rbf declares its exponent, so ``--mode auto`` takes the one-exp, one-GEMM tile."""
+    assert GAUSSIAN_FAMILY == ["rbf"]
+
+
+@pytest.mark.parametrize("kernel", GAUSSIAN_FAMILY)
+def test_gaussian_exponent_is_consistent(kernel):
+    """The structure the one-GEMM tile relies on: f(r2) = f(0) exp(e(r2)), e(0) = 0, e linear and
+    decreasing (JAX's second derivative of e is 0, its first is negative and the same everywhere)."""
+    import jax
+
+    from pipeline.gradients import enable_x64
+    enable_x64()
+    k = pipeline.KERNELS[kernel]
+    p = {"lengthscale": np.ones(3), "variance": np.float64(VARIANCE)}
+    r2 = np.array([0.0, 1e-8, 0.3, 1.0, 7.5, 40.0])
+    e = lambda t: k.exponent(t, p)  # noqa: E731
+    f0 = float(k.radial_profile(np.float64(0.0), p))
+    np.testing.assert_allclose([k.radial_profile(t, p) for t in r2], f0 * np.exp([e(t) for t in r2]),
+                               rtol=1e-14)
+    assert float(e(np.float64(0.0))) == 0.0
+    slopes = [float(jax.jacfwd(e)(np.float64(t))) for t in r2]
+    assert slopes[0] < 0 and all(s == slopes[0] for s in slopes)
+    assert all(float(jax.jacfwd(jax.jacfwd(e))(np.float64(t))) == 0.0 for t in r2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", GAUSSIAN_FAMILY)
+def test_gaussian_tile_matches_general_radial_tile(kernel, dtype, data):
+    """The one-GEMM tile and the general radial tile (f' from vmap(jacfwd(f)), two GEMMs) agree."""
+    import jax.numpy as jnp
+
+    from pipeline import gradients
+    q, x, w = (np.asarray(a, dtype) for a in data)
+    k = pipeline.KERNELS[kernel]
+    p = {"lengthscale": jnp.asarray(ARD, dtype), "variance": jnp.asarray(VARIANCE, dtype)}
+    with gradients.x64_enabled(dtype == "float64"):
+        g1, v1 = gradients._gaussian_tile(k.radial_profile, k.exponent, q, x, w, p)
+        g2, v2 = gradients._radial_tile(k.radial_profile, False, q, x, w, p)
+        assert relative_error(np.asarray(g1), np.asarray(g2)) <= BOUND[dtype]
+        assert relative_error(np.asarray(v1), np.asarray(v2)) <= BOUND[dtype]
