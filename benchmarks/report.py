@@ -368,7 +368,7 @@ def markdown(results, png_path: str, md_path: str) -> str:
         lines += ["## float64", "",
                   f"Against float64's own ceiling ({_g(c.get('elements_per_s'))} elements/s exp+sum); "
                   "\"vs float32\" is the float32 rate of the same method and N divided by this one.", ""]
-        f32 = {(r["method"], r["N"]): r for r in _section(results, "main")}
+        f32 = {(r["method"], r["N"]): r for r in _section(results, "main") + _section(results, "e2e")}
         rows = []
         for r in _sorted(f64):
             other = f32.get((r["method"], r["N"]))

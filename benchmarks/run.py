@@ -45,12 +45,12 @@ import report  # noqa: E402
 MODES = {
     "quick": dict(main=[100, 1024, 4096], seed_max=1024, seed_jacrev_max=100, gemm_max=4096, keops_max=4096,
                   e2e=[16384], fit_min=1024, periodic=[256, 1024], periodic_seed_max=1024, periodic_e2e=4096,
-                  periodic_jacrev_max=256, float64=[4096], cache_n=4096, reference_max=4096, e2e_runs=(1, 1),
+                  periodic_jacrev_max=256, float64=[4096], float64_e2e=4096, cache_n=4096, reference_max=4096, e2e_runs=(1, 1),
                   max_repeats=5, budget_s=1.5, ceiling_log2=25),
     "full": dict(main=[100, 1024, 4096, 8192, 16384, 65536, 262144], seed_max=8192, seed_jacrev_max=1024,
                  gemm_max=16384, keops_max=65536, e2e=[1024, 16384, 65536, 262144], fit_min=16384,
                  periodic=[256, 1024, 4096], periodic_seed_max=4096, periodic_jacrev_max=256, periodic_e2e=65536,
-                 float64=[16384, 65536], cache_n=16384, reference_max=8192, e2e_runs=(3, 2), max_repeats=7,
+                 float64=[16384, 65536], float64_e2e=262144, cache_n=16384, reference_max=8192, e2e_runs=(3, 2), max_repeats=7,
                  budget_s=8.0, ceiling_log2=25),
 }
 # vmap(jacrev(row_kernel)): reverse mode needs one backward pass per output of the row kernel (N of them),
@@ -151,7 +151,7 @@ class Harness:
             rec["xla_temp_bytes"] = F.xla_temp_bytes(fn, x)
 
     def reference(self, kernel, x):
-        key = (kernel, x.shape)
+        key = (kernel, x.shape, x.dtype.str)
         if key not in self.references:
             self.references[key] = F.reference_gradient(kernel, x)
         return self.references[key]
@@ -293,6 +293,8 @@ class Harness:
                 self.xla_memory(rec, gemm, x)
             else:
                 self.skip("float64", "gemm", f"N > {c['gemm_max']}", n)
+        n = c["float64_e2e"]
+        self.e2e_one("float64", n, os.path.join(self.work, "jax-cache-e2e"), runs=1, dtype="float64")
         self.save()
 
     def e2e(self):
@@ -307,9 +309,13 @@ class Harness:
         self.results["scale_fit"] = report.scale_fit(self.results["measurements"], c["fit_min"])
         self.save()
 
-    def e2e_one(self, section, n, cache, runs, workers=None, extra_args=(), method="kgrad_e2e", kernel="rbf"):
-        store = M.write_points_store(os.path.join(self.work, f"points-{n}.zarr"), M.points(n))
+    def e2e_one(self, section, n, cache, runs, workers=None, extra_args=(), method="kgrad_e2e", kernel="rbf",
+                dtype="float32"):
+        name = f"points-{n}.zarr" if dtype == "float32" else f"points-{n}-{dtype}.zarr"
+        store = M.write_points_store(os.path.join(self.work, name), M.points(n, dtype=dtype))
         out = os.path.join(self.work, f"out-{section}-{n}.zarr")
+        if dtype != "float32":
+            extra_args = (*extra_args, "--dtype", dtype)
         walls, infos = [], []
         for _ in range(runs):
             info = M.run_kgrad(store, out, cache_dir=cache, workers=workers, extra_args=extra_args)
@@ -318,24 +324,26 @@ class Harness:
                 return None
             walls.append(info["wall_s"])
             infos.append(info)
-        ref = self.kgrad_out.get(n) if kernel == "rbf" else None
+        ref = None
         if kernel != "rbf":
             from pipeline import kernel_gradients
 
             ref = kernel_gradients(M.points(n), kernel=kernel)
-        elif ref is None and n <= 65536 and section != "gpu":  # check the output against kgrad in-process
-            from pipeline import kernel_gradients
+        elif dtype == "float32":
+            ref = self.kgrad_out.get(n)
+            if ref is None and n <= 65536 and section != "gpu":  # check the output against kgrad in-process
+                from pipeline import kernel_gradients
 
-            ref = self.kgrad_out[n] = kernel_gradients(M.points(n))
+                ref = self.kgrad_out[n] = kernel_gradients(M.points(n))
         err = ref_name = None
         if ref is not None:
             err, ref_name = F.relative_error(M.read_gradient(out), ref), "kgrad in-process"
         elif n <= self.cfg["reference_max"]:
-            err = F.relative_error(M.read_gradient(out), self.reference("rbf", M.points(n)))
+            err = F.relative_error(M.read_gradient(out), self.reference("rbf", M.points(n, dtype=dtype)))
             ref_name = "float64 numpy"
         t = [i["timings"] for i in infos]
         per_worker = [max(i["peak_rss_per_worker_bytes"] or [0]) for i in infos]
-        return self.add(section, method, n, kernel=kernel, first=walls[0], warm=walls[1:], rel_err=err,
+        return self.add(section, method, n, kernel=kernel, dtype=dtype, first=walls[0], warm=walls[1:], rel_err=err,
                         reference_name=ref_name,
                         execute_s=M.median([x["execute_seconds"] for x in t]),
                         kgrad_total_s=M.median([x["total_seconds"] for x in t]),

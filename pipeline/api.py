@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .errors import InputError
@@ -9,7 +11,7 @@ from .gradients import (DTYPES, MODES, TileShape, block_sums, formulation, prepa
                         needs_x64, x64_enabled)
 from .inputs import as_point_array, as_weights, check_range, check_same_dim
 from .kernels import make_spec
-from .plan import make_plan
+from .plan import make_plan, usable_cores
 
 
 def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", lengthscale=1.0, variance=1.0,
@@ -58,11 +60,21 @@ def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", length
     prepared = prepare_sources(srcs, w, spec, dtype, shape, center=center)
     g = np.empty(queries.shape, dtype=dtype)
     v = np.empty(queries.shape[0], dtype=dtype)
+
+    def one_block(start):
+        stop = min(start + plan.rows, queries.shape[0])
+        g[start:stop], v[start:stop] = block_sums(queries[start:stop], prepared, spec, mode, dtype, shape)
+
+    starts = range(0, queries.shape[0], plan.rows)
+    threads = min(len(starts), usable_cores())
     with x64_enabled(needs_x64(spec, mode, dtype)):
-        for start in range(0, queries.shape[0], plan.rows):
-            stop = min(start + plan.rows, queries.shape[0])
-            g[start:stop], v[start:stop] = block_sums(queries[start:stop], prepared, spec, mode, dtype,
-                                                      shape)
+        if threads <= 1:
+            for start in starts:
+                one_block(start)
+        else:  # one query block per core at a time (JAX releases the GIL); each block's bits are the same
+            with ThreadPoolExecutor(threads, thread_name_prefix="kgrad-block") as pool:
+                for _ in pool.map(one_block, starts):
+                    pass
     if one_d:
         g = g[:, 0]
     return (g, v) if return_value else g

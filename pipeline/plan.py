@@ -11,12 +11,18 @@ raises :class:`~pipeline.errors.InputError` before anything runs when that canno
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from .errors import InputError
 
 MiB = 2**20
 GiB = 2**30
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: taskset, cgroups, a batch scheduler)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 # Tile shapes per formulation, chosen by measurement on a 2-core AVX-512 machine (benchmarks/).
 DEFAULT_TILES = {

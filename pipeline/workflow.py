@@ -57,7 +57,7 @@ from .errors import InputError
 from .gradients import DTYPES, MODES, TileShape, formulation, source_center
 from .inputs import check_range, check_same_dim
 from .kernels import make_spec
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, usable_cores
 
 if TYPE_CHECKING:
     from .execute import Job
@@ -185,10 +185,6 @@ def _check_choice(name, value, allowed):
         raise InputError(f"{name}={value!r} is not supported; use one of {', '.join(allowed)}")
 
 
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _parse_memory(value) -> int | None:
     if value in (None, "auto"):
         return None
@@ -228,7 +224,7 @@ def prepare(config: RunConfig, worker_memory: int | None = None, planning: bool 
             import bokeh  # noqa: F401  (distributed renders the report with bokeh)
         except ImportError:
             raise InputError("--performance-report needs bokeh; pip install 'kgrad[dashboard]'") from None
-    workers = config.workers if config.workers is not None else default_workers()
+    workers = config.workers if config.workers is not None else usable_cores()
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise InputError(f"workers={workers!r} must be a whole number >= 1")
     # Workers resolve paths in their own working directory: make local paths absolute here.
@@ -268,7 +264,7 @@ def prepare(config: RunConfig, worker_memory: int | None = None, planning: bool 
         worker_memory = local_worker_memory(config, workers)
     plan = make_plan(n, m, dim, dtype=config.dtype, formulation=form, workers=workers,
                      worker_memory_bytes=worker_memory, rows=config.tile_rows, cols=config.tile_cols,
-                     rows_per_task=config.rows_per_task, cores=default_workers(),
+                     rows_per_task=config.rows_per_task, cores=usable_cores(),
                      threads_per_worker=config.threads_per_worker, distances=spec.kernel.distances)
     identity = {
         "points": {"location": points_ref.location, "array": points_ref.array, "fingerprint": points_fp,
@@ -300,7 +296,7 @@ def prepare(config: RunConfig, worker_memory: int | None = None, planning: bool 
               dtype=config.dtype, shape=TileShape(plan.rows, plan.cols, plan.tiles_per_call),
               center=tuple(float(c) for c in center), out=config.out, out_options=opts,
               fingerprint=fingerprint, sources_fingerprint=sources_fp, weights_fingerprint=weights_fp,
-              pin_cores=(config.scheduler == "local" and workers <= default_workers()
+              pin_cores=(config.scheduler == "local" and workers <= usable_cores()
                          and config.threads_per_worker == 1) if config.pin_cores is None else config.pin_cores,
               cache_dir=config.cache_dir)
     return Prepared(config, job, plan, attributes, action, done)

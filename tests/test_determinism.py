@@ -76,3 +76,18 @@ def test_repeated_runs_are_identical(job_inputs, undisturbed, tmp_path):
     result = kgrad(run_args(job_inputs.points, out, workers=2))
     assert result.returncode == 0, result.stderr[-3000:]
     record("repeat_run", bytes_compared=assert_bit_identical(out, undisturbed.out))
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "matern32", "periodic"])
+def test_in_process_api_same_bits_on_one_thread_or_several(kernel, monkeypatch):
+    """kernel_gradients runs one query block per core at a time; 1 or 4 threads give the same bits."""
+    from pipeline import api, kernel_gradients
+
+    rng = np.random.default_rng(5)
+    points = rng.normal(size=(3000, 3))  # 3 query blocks of 1024 rows
+    results = {}
+    for cores in (1, 4):
+        monkeypatch.setattr(api, "usable_cores", lambda cores=cores: cores)
+        results[cores] = kernel_gradients(points, kernel=kernel, lengthscale=0.7, return_value=True)
+    for a, b in zip(results[1], results[4]):
+        assert a.tobytes() == b.tobytes()
