@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .kernels import KernelSpec, get_kernel
+from .reductions import sums_as_dots
 
 MODES = ("auto", "jacfwd", "jacrev")
 DTYPES = ("float32", "float64")
@@ -187,12 +188,14 @@ def _pairwise_grad_tile(evaluate, q, x, w, p):
     reductions over the D coordinates run across whole rows.  XLA:CPU vectorises that well; with the
     pair axis first (``vmap`` over rows of ``jacfwd(row_sum)``) it spends its time on length-D inner loops
     and runs several times slower (benchmarks/).  Reverse mode (``value_and_grad``) gives each pair's
-    value and gradient in one forward and one backward pass.
+    value and gradient in one forward and one backward pass.  The kernel's sums (over its D coordinates)
+    run as dots with ones (:mod:`pipeline.reductions`): XLA:CPU's fused reductions over the leading axis
+    are several times slower.
     """
     dim, rows, cols = q.shape[1], q.shape[0], x.shape[0]
     qs = jnp.broadcast_to(q.T[:, :, None], (dim, rows, cols)).reshape(dim, rows * cols)
     xs = jnp.broadcast_to(x.T[:, None, :], (dim, rows, cols)).reshape(dim, rows * cols)
-    pair = jax.value_and_grad(lambda a, b: evaluate(a, b, p))
+    pair = jax.value_and_grad(sums_as_dots(lambda a, b: evaluate(a, b, p)))
     k, dk = jax.vmap(pair, in_axes=(1, 1), out_axes=(0, 1))(qs, xs)
     g = jnp.matmul(dk.reshape(dim, rows, cols), w, precision=HIGHEST).T
     return g, jnp.matmul(k.reshape(rows, cols), w, precision=HIGHEST)
