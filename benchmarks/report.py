@@ -4,7 +4,8 @@ Definitions used in every table:
 
 * pairs = N * M (here M = N); pairs/s = pairs / warm median seconds (the first call if there is no warm
   repeat); for end-to-end runs the seconds are the whole process, start-up included.
-* x ceiling = pairs/s / (exp+sum elements/s in the same dtype); for the periodic kernel the ceiling is
+* x ceiling = pairs/s / (the best exp+sum elements/s in the same dtype, over array sizes and over the
+  start and the end of the run); for the periodic kernel the ceiling is
   sin+sum elements/s / D (one sin per pair and dimension).
 * x seed = pairs/s / (the seed approach's ``vmap(jacfwd)`` pairs/s at the same N, kernel, dtype, D);
   marked ``*`` where the seed was not run at that N and its best measured rate stands in.
@@ -355,8 +356,8 @@ def markdown(results, png_path: str, md_path: str) -> str:
     if _section(results, "periodic"):
         lines += ["## The generic path: periodic kernel, float32, D = 3", "",
                   "kgrad's generic path against the seed's formulation of the same kernel: `mode=\"auto\"` "
-                  "(vmap over all pairs of JAX's per-pair gradient, structure-of-arrays layout; the periodic "
-                  "kernel's sin^2 by exact range reduction and a polynomial) and `mode=\"jacfwd\"`/`\"jacrev\"` "
+                  "(vmap over all pairs of JAX's per-pair gradient, structure-of-arrays layout, the kernel's sums "
+                  "as dots with ones; the periodic kernel's sin^2 by exact range reduction and a polynomial) and `mode=\"jacfwd\"`/`\"jacrev\"` "
                   "(vmap over rows of jacfwd/jacrev of the row sum). The reference ceiling is XLA's sin+sum "
                   "elements/s / D (one sin per pair and dimension); kgrad's auto mode evaluates no XLA sin, "
                   "so it can exceed it.", ""]
@@ -458,8 +459,10 @@ def markdown(results, png_path: str, md_path: str) -> str:
               "- first call: the first call in this process for that shape (tracing and compiling "
               "included; kgrad reuses its tile shapes across N, so its later first calls compile nothing); "
               "warm: median of repeats, each ended by `block_until_ready`, timed with `time.perf_counter`.",
-              "- of ceiling: pairs/s over the fused `jit(sum(exp(a)))` rate on 2^25 floats of the same dtype "
-              "(a pair needs at least one exp).",
+              "- of ceiling: pairs/s over the fused `jit(sum(exp(a)))` rate in the same dtype (a pair needs "
+              "at least one exp): the best median rate over arrays of 2^20, 2^22 and 2^25 floats, each "
+              "measured at the start and at the end of the run (the best, so that load from other work on "
+              "the machine at one moment does not lower the bar; every sample is in results.json).",
               "- x seed: pairs/s over the seed approach's (whole-matrix `vmap(jacfwd)`) pairs/s at the same N; "
               "`*`: the seed was not run at that N (size limit), its best measured rate stands in.",
               "- kgrad also returns the kernel sums v_j with the gradient at no extra pass; the other methods "
