@@ -17,12 +17,17 @@ derivatives and all), as :func:`jax.core.eval_jaxpr` does.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.extend import core as jax_core
+
+try:
+    from jax.extend.core import Literal
+except ImportError:  # JAX before jax.extend.core.Literal
+    from jax.core import Literal
 
 HIGHEST = lax.Precision.HIGHEST  # no reduced-precision passes (TF32 on GPUs)
 
@@ -54,7 +59,7 @@ def _evaluate(jaxpr, consts, args):
     env = {}
 
     def read(v):
-        return v.val if isinstance(v, jax_core.Literal) else env[v]
+        return v.val if isinstance(v, Literal) else env[v]
 
     env.update(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
@@ -67,8 +72,11 @@ def _evaluate(jaxpr, consts, args):
             inner = eqn.params["jaxpr"]
             outs = _evaluate(inner.jaxpr, inner.consts, values)
         else:
-            with eqn.ctx.manager:
-                outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
+            bind = eqn.primitive.get_bind_params(eqn.params)
+            subfuns, params = bind if isinstance(bind, tuple) else ((), bind)  # older JAX: (subfuns, params)
+            ctx = getattr(eqn, "ctx", None)  # per-equation JAX context (newer JAX), else none
+            with ctx.manager if ctx is not None else contextlib.nullcontext():
+                outs = eqn.primitive.bind(*subfuns, *values, **params)
             if not eqn.primitive.multiple_results:
                 outs = [outs]
         env.update(zip(eqn.outvars, outs))
