@@ -4,7 +4,7 @@ Definitions used in every table:
 
 * pairs = N * M (here M = N); pairs/s = pairs / warm median seconds (the first call if there is no warm
   repeat); for end-to-end runs the seconds are the whole process, start-up included.
-* x ceiling = pairs/s / (exp+sum elements/s on 2^25 elements in the same dtype, the better of the start
+* x ceiling = pairs/s / (exp+sum elements/s on the largest array measured (2^25 elements on the CPU) in the same dtype, the better of the start
   and the end of the run); for the periodic kernel the ceiling is
   sin+sum elements/s / D (one sin per pair and dimension).
 * x seed = pairs/s / (the seed approach's ``vmap(jacfwd)`` pairs/s at the same N, kernel, dtype, D);
@@ -448,9 +448,10 @@ def markdown(results, png_path: str, md_path: str) -> str:
         lines += [""]
     samples = [(key, r) for key, c in sorted(results.get("ceilings", {}).items()) for r in c.get("samples", [])]
     if samples:
+        main_log2 = max(r["log2"] for _, r in samples)
         lines += ["## Ceiling samples", "",
                   "Every exp+sum (and sin+sum) measurement of the run, G elements/s; the ceiling used above is "
-                  "the better of the 2^25 samples.", ""]
+                  f"the better of the 2^{main_log2} samples.", ""]
         lines += _table(["op", "elements", "when", "elements/s"],
                         [[key.replace("_", "+", 1).replace("_", " "), f"2^{r['log2']}", r["when"],
                           _g(r["elements_per_s"])] for key, r in samples])
@@ -468,10 +469,10 @@ def markdown(results, png_path: str, md_path: str) -> str:
               "- first call: the first call in this process for that shape (tracing and compiling "
               "included; kgrad reuses its tile shapes across N, so its later first calls compile nothing); "
               "warm: median of repeats, each ended by `block_until_ready`, timed with `time.perf_counter`.",
-              "- of ceiling: pairs/s over the fused `jit(sum(exp(a)))` rate on 2^25 floats of the same dtype "
-              "(a pair needs at least one exp), measured at the start and at the end of the run; the better "
-              "of the two counts, so that load from other work at one moment does not lower the bar. "
-              "Smaller arrays (2^20, 2^22) were measured too: see `ceiling samples` below and results.json.",
+              "- of ceiling: pairs/s over the fused `jit(sum(exp(a)))` rate on the largest array measured "
+              "(see `Ceiling samples`) of the same dtype (a pair needs at least one exp), measured at the start "
+              "and, on the CPU, at the end of the run; the better of the two counts, so that load from other "
+              "work at one moment does not lower the bar. Smaller arrays were measured too, as context.",
               "- x seed: pairs/s over the seed approach's (whole-matrix `vmap(jacfwd)`) pairs/s at the same N; "
               "`*`: the seed was not run at that N (size limit), its best measured rate stands in.",
               "- kgrad also returns the kernel sums v_j with the gradient at no extra pass; the other methods "

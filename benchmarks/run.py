@@ -15,7 +15,7 @@ lengthscale, unit weights and sources = points (M = N), so one call does N * M "
 * ``kgrad``: ``pipeline.kernel_gradients`` in this process (also computes the kernel sum v).
 * ``kgrad_e2e``: ``python -m pipeline run`` in a fresh process on a local dask cluster, zarr in and out,
   Python start-up, imports, cluster start and compiles included.
-* the ceiling: ``jit(sum(exp(a)))`` over 2^25 floats; one element = one pair.
+* the ceiling: ``jit(sum(exp(a)))`` over 2^25 floats (2^27 on a GPU); one element = one pair.
 
 Outputs in ``--out`` (default ``benchmarks/results``): ``results.json`` (every measurement),
 ``throughput.png``, ``BENCHMARKS.md`` (also copied to the repository root by a full CPU run).
@@ -159,8 +159,8 @@ class Harness:
     # ------------------------------------------------------------------------- sections
 
     def ceilings(self, dtype="float32", when="start"):
-        """XLA's fused exp+sum (and sin+sum) over a flat array of 2^25 elements (the largest size in the
-        mode's ``ceiling_log2``), measured at the start and at the end of a run; the ceiling is the better
+        """XLA's fused exp+sum (and sin+sum) over a flat array of the largest size in the mode's
+        ``ceiling_log2`` (2^25 on the CPU), measured at the start and at the end of a run; the ceiling is the better
         of the two, so a moment of load from other work on the machine does not lower the bar.  Smaller,
         cache-resident arrays are measured too and kept in results.json as context (on a shared machine
         they swing by 2x between samples)."""

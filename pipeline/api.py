@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .errors import InputError
-from .gradients import (DTYPES, MODES, TileShape, block_sums, formulation, prepare_sources, source_center,
-                        needs_x64, x64_enabled)
+from .gradients import (DTYPES, MODES, TileShape, block_sums, formulation, on_cpu, prepare_sources,
+                        source_center, needs_x64, thread_x64, x64_enabled)
 from .inputs import as_point_array, as_weights, check_range, check_same_dim
 from .kernels import make_spec
 from .plan import make_plan, usable_cores
@@ -66,15 +66,37 @@ def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", length
         g[start:stop], v[start:stop] = block_sums(queries[start:stop], prepared, spec, mode, dtype, shape)
 
     starts = range(0, queries.shape[0], plan.rows)
-    threads = min(len(starts), usable_cores())
+    threads = min(len(starts), usable_cores()) if on_cpu() else 1
     with x64_enabled(needs_x64(spec, mode, dtype)):
         if threads <= 1:
             for start in starts:
                 one_block(start)
-        else:  # one query block per core at a time (JAX releases the GIL); each block's bits are the same
-            with ThreadPoolExecutor(threads, thread_name_prefix="kgrad-block") as pool:
-                for _ in pool.map(one_block, starts):
-                    pass
+        else:
+            _run_blocks_in_threads(one_block, starts, threads)
     if one_d:
         g = g[:, 0]
     return (g, v) if return_value else g
+
+
+def _run_blocks_in_threads(one_block, starts, threads: int) -> None:
+    """One query block per core at a time (JAX releases the GIL while XLA runs); each block's bits are the
+    same as on one thread.  Worker threads get the calling thread's effective x64 switch (a caller's
+    ``with jax.enable_x64(...)`` is per thread).  On the first error the blocks not yet started are
+    cancelled and the error is raised."""
+    import jax
+
+    x64 = bool(jax.config.read("jax_enable_x64"))
+
+    def run(start):
+        with thread_x64(x64):
+            one_block(start)
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="kgrad-block") as pool:
+        futures = [pool.submit(run, start) for start in starts]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise

@@ -253,9 +253,12 @@ def test_gaussian_exponent_is_consistent(kernel):
     decreasing (JAX's second derivative of e is 0, its first is negative and the same everywhere)."""
     import jax
 
-    from pipeline.gradients import enable_x64
-    enable_x64()
-    k = pipeline.KERNELS[kernel]
+    from pipeline.gradients import x64_enabled
+    with x64_enabled():
+        check_gaussian_exponent(jax, pipeline.KERNELS[kernel])
+
+
+def check_gaussian_exponent(jax, k):
     p = {"lengthscale": np.ones(3), "variance": np.float64(VARIANCE)}
     r2 = np.array([0.0, 1e-8, 0.3, 1.0, 7.5, 40.0])
     e = lambda t: k.exponent(t, p)  # noqa: E731
@@ -277,8 +280,8 @@ def test_gaussian_tile_matches_general_radial_tile(kernel, dtype, data):
     from pipeline import gradients
     q, x, w = (np.asarray(a, dtype) for a in data)
     k = pipeline.KERNELS[kernel]
-    p = {"lengthscale": jnp.asarray(ARD, dtype), "variance": jnp.asarray(VARIANCE, dtype)}
     with gradients.x64_enabled(dtype == "float64"):
+        p = {"lengthscale": jnp.asarray(ARD, dtype), "variance": jnp.asarray(VARIANCE, dtype)}
         g1, v1 = gradients._gaussian_tile(k.radial_profile, k.exponent, q, x, w, p)
         g2, v2 = gradients._radial_tile(k.radial_profile, False, q, x, w, p)
         assert relative_error(np.asarray(g1), np.asarray(g2)) <= BOUND[dtype]

@@ -8,12 +8,17 @@ import pytest
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
-from jax.extend.core import jaxprs_in_params  # noqa: E402
+jaxprs_in_params = pytest.importorskip("jax.extend.core").jaxprs_in_params
 
-from pipeline.gradients import enable_x64  # noqa: E402
+from pipeline.gradients import x64_enabled  # noqa: E402
 from pipeline.reductions import sums_as_dots  # noqa: E402
 
-enable_x64()
+
+@pytest.fixture(autouse=True)
+def float64():
+    """float64 comparisons, with JAX's x64 switch restored afterwards (other tests run with it off)."""
+    with x64_enabled():
+        yield
 
 
 def periodic_like(q, x, p):
