@@ -6,9 +6,9 @@ in a structure-of-arrays layout (D, pairs).  A kernel's ``jnp.sum`` over its D c
 reduction over the leading axis of a (D, pairs) array, and XLA:CPU fuses it with the elementwise work that
 produces its operand into slow code: on a 2-core AVX-512 machine, poly-then-sum over a (3, 65536) array
 ran about 4x slower than the same polynomials added row by row, and the periodic kernel's tile went from
-0.11 to 0.20 G pairs/s per core with this rewrite.  A dot with ones is the same sum (up to the order of the additions: rounding only) that
-XLA compiles as a small matrix-vector product, and its transpose (for reverse mode) is an outer product
-with ones, a broadcast.
+0.11 to 0.20 G pairs/s per core with this rewrite.  A dot with ones is the same sum (up to the order of
+the additions: rounding only) that XLA compiles as a small matrix-vector product, and its transpose (for
+reverse mode) is an outer product with ones, a broadcast.
 
 The rewrite changes only ``reduce_sum`` over floating-point arrays; it inlines nested ``jit`` calls so that
 sums inside ``jnp`` helpers are reached, and binds every other primitive unchanged (control flow, custom

@@ -254,21 +254,18 @@ def test_gaussian_exponent_is_consistent(kernel):
     import jax
 
     from pipeline.gradients import x64_enabled
-    with x64_enabled():
-        check_gaussian_exponent(jax, pipeline.KERNELS[kernel])
-
-
-def check_gaussian_exponent(jax, k):
+    k = pipeline.KERNELS[kernel]
     p = {"lengthscale": np.ones(3), "variance": np.float64(VARIANCE)}
     r2 = np.array([0.0, 1e-8, 0.3, 1.0, 7.5, 40.0])
     e = lambda t: k.exponent(t, p)  # noqa: E731
-    f0 = float(k.radial_profile(np.float64(0.0), p))
-    np.testing.assert_allclose([k.radial_profile(t, p) for t in r2], f0 * np.exp([e(t) for t in r2]),
-                               rtol=1e-14)
-    assert float(e(np.float64(0.0))) == 0.0
-    slopes = [float(jax.jacfwd(e)(np.float64(t))) for t in r2]
-    assert slopes[0] < 0 and all(s == slopes[0] for s in slopes)
-    assert all(float(jax.jacfwd(jax.jacfwd(e))(np.float64(t))) == 0.0 for t in r2)
+    with x64_enabled():
+        f0 = float(k.radial_profile(np.float64(0.0), p))
+        np.testing.assert_allclose([k.radial_profile(t, p) for t in r2], f0 * np.exp([e(t) for t in r2]),
+                                   rtol=1e-14)
+        assert float(e(np.float64(0.0))) == 0.0
+        slopes = [float(jax.jacfwd(e)(np.float64(t))) for t in r2]
+        assert slopes[0] < 0 and all(s == slopes[0] for s in slopes)
+        assert all(float(jax.jacfwd(jax.jacfwd(e))(np.float64(t))) == 0.0 for t in r2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
