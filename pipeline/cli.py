@@ -44,6 +44,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", dest="tls_cert", metavar="PEM", help="TLS scheduler: this client's certificate")
     p.add_argument("--tls-key", dest="tls_key", metavar="PEM", help="TLS scheduler: this client's private key")
     p.add_argument("--memory-limit", dest="memory_limit", help="memory per local worker, e.g. 4GiB")
+    p.add_argument("--scheduler-timeout", dest="scheduler_timeout", type=float, metavar="SECONDS",
+                   help="fail (exit 1) when the dask scheduler has not answered for this long (default 60)")
     p.add_argument("--tile-rows", dest="tile_rows", type=int, help=argparse.SUPPRESS)
     p.add_argument("--tile-cols", dest="tile_cols", type=int, help=argparse.SUPPRESS)
     p.add_argument("--rows-per-task", dest="rows_per_task", type=int, help="query rows per task / chunk")
@@ -89,6 +91,7 @@ def config_from_args(args):
                           memory_limit=args.memory_limit, tile_rows=args.tile_rows, tile_cols=args.tile_cols,
                           rows_per_task=args.rows_per_task, progress=args.progress, security=security,
                           performance_report=args.performance_report,
+                          scheduler_timeout=args.scheduler_timeout,
                           resume=args.resume or None, overwrite=args.overwrite or None)
 
 
@@ -169,14 +172,24 @@ def _quiet_exit() -> None:
     sys.stderr = open(os.devnull, "w")
 
 
+def _on_sigint(signum, frame):
+    """First Ctrl-C: stop the run (KeyboardInterrupt), which then cancels its tasks, gives its lease back
+    and closes the cluster, each step bounded in time.  Further Ctrl-Cs are ignored meanwhile, so that
+    clean-up finishes and the run still ends in one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     # A store that fails mid-read leaves zarr's pending asyncio tasks behind; their complaints at
     # interpreter exit would bury the one-line error.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    if argv is None and threading.current_thread() is threading.main_thread():
+    console = argv is None and threading.current_thread() is threading.main_thread()
+    if console:
         # Ctrl-C stops a run even when started from a shell that ignores SIGINT in background jobs
         # (Python keeps an inherited "ignore" and would then run to the end).
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, _on_sigint)
+    debug = bool(os.environ.get("KGRAD_DEBUG"))
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -184,23 +197,34 @@ def main(argv=None) -> int:
             raise InputError("no command given; use one of run, plan, inspect, plot (see 'kgrad --help')")
         return args.func(args)
     except InputError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"kgrad: error: {exc}", file=sys.stderr)
         if argv is None:  # the console script, about to exit
             _quiet_exit()
         return 2
-    except KeyboardInterrupt:
-        print("kgrad: interrupted; finish the run later with 'kgrad run ... --resume'", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if console:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        detail = str(exc) or "interrupted; finish the run later with 'kgrad run ... --resume'"
+        print(f"kgrad: {detail}", file=sys.stderr)
+        if argv is None:
+            _quiet_exit()
         return 130  # the shell's convention for a command stopped by Ctrl-C (128 + SIGINT)
     except Exception as exc:
-        if os.environ.get("KGRAD_DEBUG"):
+        if debug:
             raise
-        if type(exc).__name__ == "KilledWorker":
-            print(f"kgrad: failed: workers kept dying while running a task ({exc}); out of memory? give "
-                  f"workers more memory (--memory-limit) or run fewer at once, then 'kgrad run ... --resume'",
-                  file=sys.stderr)
+        from .errors import RunFailed
+
+        if isinstance(exc, RunFailed):
+            print(f"kgrad: failed: {exc}", file=sys.stderr)
         else:
             print(f"kgrad: failed: {type(exc).__name__}: {exc} (KGRAD_DEBUG=1 shows the traceback)",
                   file=sys.stderr)
+        if argv is None:
+            _quiet_exit()
         return 1
 
 

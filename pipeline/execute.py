@@ -12,6 +12,7 @@ write whole output chunks, and return only small dicts: no JAX arrays or jitted 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import store
-from .errors import InputError
+from .errors import InputError, InputsChanged, RunEnded, RunFailed
 from .gradients import TileShape
 from .kernels import KernelSpec
 from .plan import Plan, Task
@@ -46,6 +47,7 @@ class Job:
     weights_fingerprint: str | None = None
     pin_cores: bool = False
     cache_dir: str | None = None
+    lease_token: str | None = None  # the run's lease on ``out``: tasks write only while the run holds it
 
 
 # ----------------------------------------------------------------------------------------- worker side
@@ -74,8 +76,8 @@ def _prepared_sources(job: Job):
 
 def _check_same_data(ref, found: str, expected: str | None) -> None:
     if expected is not None and found != expected:
-        raise RuntimeError(f"worker read different data at {ref.describe()} than the client validated "
-                           f"(fingerprint {found[:12]} != {expected[:12]}); is the path shared by all workers?")
+        raise InputsChanged(f"{ref.describe()} changed since the run checked it, or is not the same file on "
+                            f"every worker (fingerprint {found[:12]} != {expected[:12]})")
 
 
 _PINNED = False
@@ -107,8 +109,11 @@ def _pin_to_core() -> None:
             pass
 
 
-def run_task(job: Job, task: Task) -> dict:
-    """Compute and store one output chunk: rows ``[task.start, task.stop)`` against all sources."""
+def run_task(job: Job, task: Task, rows_digest: str | None = None) -> dict:
+    """Compute and store one output chunk: rows ``[task.start, task.stop)`` against all sources.
+
+    ``rows_digest``: the client's digest of these query rows; the task refuses rows that differ (points
+    rewritten during the run), so a run never mixes two versions of its inputs."""
     from .cache import enable_compilation_cache
     from .gradients import block_sums, enable_x64
 
@@ -120,9 +125,12 @@ def run_task(job: Job, task: Task) -> dict:
     prepared = _prepared_sources(job)
     queries = store.read_rows(job.points, task.start, task.stop)
     if queries.shape != (task.rows, len(job.center)):
-        raise RuntimeError(f"worker read points of shape {queries.shape} for rows {task.start}:{task.stop} of "
-                           f"{job.points.describe()}, expected {(task.rows, len(job.center))}; "
-                           f"is the path shared by all workers?")
+        raise InputsChanged(f"worker read points of shape {queries.shape} for rows {task.start}:{task.stop} "
+                            f"of {job.points.describe()}, expected {(task.rows, len(job.center))}; "
+                            f"is the path shared by all workers?")
+    if rows_digest is not None and store.rows_digest(queries) != rows_digest:
+        raise InputsChanged(f"points rows {task.start}:{task.stop} of {job.points.describe()} changed since "
+                            f"the run checked them, or differ on this worker")
     gradient = np.empty((task.rows, queries.shape[1]), dtype=job.dtype)
     value = np.empty(task.rows, dtype=job.dtype)
     computed = time.perf_counter()
@@ -132,7 +140,7 @@ def run_task(job: Job, task: Task) -> dict:
                                                              job.mode, job.dtype, job.shape)
     compute_seconds = time.perf_counter() - computed
     store.write_task(job.out, task.start, task.stop, task.index, gradient, value, job.out_options,
-                     run_fingerprint=job.fingerprint)
+                     run_fingerprint=job.fingerprint, owner=job.lease_token)
     return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
             "compute_seconds": compute_seconds, "pid": os.getpid()}
 
@@ -167,6 +175,46 @@ class Progress:
             print(file=self.stream, flush=True)
 
 
+def quiet_dask_logs() -> None:
+    """Keep dask's own log lines (reconnect attempts, worker errors) off stderr unless KGRAD_DEBUG is set:
+    a run's outcome is kgrad's own lines."""
+    import logging
+
+    import distributed  # noqa: F401  (configures its loggers on import; set the levels after that)
+
+    level = worker_log_level()
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("distributed", "tornado", "bokeh"):
+            logging.getLogger(name).setLevel(level)
+    logging.getLogger("distributed").setLevel(level)
+
+
+def worker_log_level() -> int:
+    """Level of dask's own log lines that reach stderr: none (above CRITICAL) unless KGRAD_DEBUG is set, so
+    a failing run ends in kgrad's one line instead of worker tracebacks."""
+    import logging
+
+    return logging.WARNING if os.environ.get("KGRAD_DEBUG") else logging.CRITICAL + 10
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c():
+    """Spawn the local workers with SIGINT ignored (an ignored signal stays ignored across exec): Ctrl-C
+    in a terminal reaches the whole process group, and the client, not each worker, handles it (cancels
+    the run, closes the cluster) -- otherwise every worker prints its own KeyboardInterrupt traceback."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def local_cluster(workers: int, memory_limit: int | str = "auto", threads_per_worker: int = 1):
     """A LocalCluster on loopback only, with workers that keep XLA's large temporaries mapped.
 
@@ -181,10 +229,10 @@ def local_cluster(workers: int, memory_limit: int | str = "auto", threads_per_wo
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ,
                           "distributed.scheduler.allowed-failures": 5,
-                          "distributed.worker.daemon": False}):
+                          "distributed.worker.daemon": False}), _workers_ignore_ctrl_c():
         return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
                             host="127.0.0.1", dashboard_address="127.0.0.1:0", memory_limit=memory_limit,
-                            silence_logs=40)
+                            silence_logs=worker_log_level())
 
 
 def _client(*args, **kwargs):
@@ -217,7 +265,7 @@ def connect(scheduler: str, security=None):
     ``security`` None: distributed's configuration decides (``distributed.comm.tls.*``, e.g. from
     ``DASK_DISTRIBUTED__COMM__TLS__CA_FILE``).
     """
-    from .errors import InputError
+    from .errors import InputError, InputsChanged, RunEnded, RunFailed
 
     if os.path.isfile(scheduler):
         return _client(scheduler_file=scheduler, security=security, timeout="20s")
@@ -227,9 +275,76 @@ def connect(scheduler: str, security=None):
     return _client(scheduler, security=security, timeout="20s")
 
 
+class SchedulerWatch:
+    """Asks the scheduler for its identity every few seconds from a background thread; :meth:`check`
+    raises :class:`RunFailed` once it has not answered for ``timeout`` seconds (frozen, not dead: a dead
+    scheduler's closed connection fails the futures by itself)."""
+
+    def __init__(self, client, address: str, timeout: float):
+        import threading
+
+        self.client, self.address, self.timeout = client, address, float(timeout)
+        self.interval = max(0.2, min(5.0, self.timeout / 4))
+        self.last_answer = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._probe, name="kgrad-scheduler-watch", daemon=True)
+        self._thread.start()
+
+    def _probe(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.client.sync(self.client.scheduler.identity, callback_timeout=max(self.interval, 1.0))
+            except Exception:  # noqa: BLE001 - a timeout or a closed comm: no answer either way
+                continue
+            self.last_answer = time.monotonic()
+
+    def check(self) -> None:
+        silent = time.monotonic() - self.last_answer
+        if silent > self.timeout:
+            raise RunFailed(f"the dask scheduler {self.address} has not answered for {silent:.0f} s "
+                            f"(frozen or unreachable; --scheduler-timeout {self.timeout:g})")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def cancel(client, futures, timeout: float = 5.0) -> None:
+    """Cancel a run's futures on the scheduler, waiting at most ``timeout`` seconds for it to answer."""
+    pending = [f for f in futures if not f.done()]
+    if not pending:
+        return
+    try:
+        client.sync(client._cancel, pending, callback_timeout=timeout)
+    except Exception:  # noqa: BLE001 - scheduler gone or frozen: the lease still stops their writes
+        pass
+
+
+def task_failure(exc: BaseException) -> RunFailed:
+    """One line for a task that failed on a worker: the cause, in the user's terms."""
+    if isinstance(exc, (InputsChanged, InputError)):
+        return RunFailed(f"{exc}; the run stopped so as not to mix two versions of the data", resumable=False)
+    if isinstance(exc, RunEnded):
+        return RunFailed(f"{exc} (another run took the output over?)", resumable=False)
+    if isinstance(exc, OSError):
+        what = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        return RunFailed(f"a task could not read or write its data: {what}{where}")
+    if type(exc).__name__ == "KilledWorker":
+        return RunFailed(f"workers kept dying while running a task ({exc}); out of memory? give workers more "
+                         f"memory (--memory-limit) or run fewer at once")
+    if type(exc).__name__ in ("CancelledError", "FutureCancelledError"):
+        return RunFailed("the run's tasks were cancelled on the cluster (scheduler restarted or lost?)")
+    return RunFailed(f"a task failed on a worker: {type(exc).__name__}: {exc}")
+
+
 def execute(job: Job, plan: Plan, client, *, done: np.ndarray | None = None, retries: int = 2,
-            progress: bool = True, stream=None) -> dict:
-    """Run every task not marked done; return timings.  Raises if a task fails after its retries."""
+            progress: bool = True, stream=None, rows_digests: tuple | None = None,
+            scheduler_timeout: float = 60.0, scheduler: str = "the scheduler") -> dict:
+    """Run every task not marked done; return timings.
+
+    Raises :class:`RunFailed` if a task fails after its retries or the scheduler stops answering for
+    ``scheduler_timeout`` seconds.  On every way out (an error, Ctrl-C) the run's unfinished futures are
+    cancelled before this returns."""
     from distributed import as_completed
 
     todo = [t for t in plan.tasks if done is None or not done[t.index]]
@@ -239,17 +354,31 @@ def execute(job: Job, plan: Plan, client, *, done: np.ndarray | None = None, ret
     started = time.perf_counter()
     bar = Progress(total=len(todo), pairs_per_task=plan.rows_per_task * plan.n_sources,
                    stream=stream or sys.stderr, enabled=progress and len(todo) > 0)
-    futures = [client.submit(run_task, job, task, key=f"kgrad-{job.fingerprint[:12]}-{token}-task-{task.index}",
+    futures = [client.submit(run_task, job, task, None if rows_digests is None else rows_digests[task.index],
+                             key=f"kgrad-{job.fingerprint[:12]}-{token}-task-{task.index}",
                              retries=retries, pure=False) for task in todo]
+    watch = SchedulerWatch(client, scheduler, scheduler_timeout)
     results = []
     try:
-        for future in as_completed(futures):
-            try:
-                results.append(future.result())
-            except InputError as exc:  # raised on a worker, after the output exists: not a usage error
-                raise RuntimeError(f"a task failed on a worker: {exc}") from None
-            bar.update()
+        # Results are gathered in the background (with_results): the loop itself never waits on the
+        # scheduler, so it can notice one that has stopped answering.
+        pending = as_completed(futures, with_results=True, raise_errors=False)
+        while not pending.is_empty() or pending.has_ready():
+            batch = pending.next_batch(block=False)
+            if not batch:
+                watch.check()
+                time.sleep(0.05)
+                continue
+            for future, result in batch:
+                if future.status == "error":
+                    raise task_failure(result[1]) from result[1]
+                if isinstance(result, BaseException):  # cancelled
+                    raise task_failure(result) from result
+                results.append(result)
+                bar.update()
     finally:
+        watch.stop()
+        cancel(client, futures)
         for future in futures:
             future.release()
     elapsed = time.perf_counter() - started

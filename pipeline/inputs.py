@@ -68,10 +68,21 @@ def check_same_dim(points: np.ndarray, sources: np.ndarray) -> None:
 
 def check_range(array: np.ndarray, name: str, center, lengthscale, dtype: str) -> None:
     """Raise if a re-centred, scaled coordinate would overflow in the compute dtype: |u|^2 + |x|^2 (and
-    q.x) must stay finite, so each coordinate must be below sqrt(max / (4 D))."""
-    scaled = np.abs((np.asarray(array, np.float64) - np.asarray(center)) / np.asarray(lengthscale))
+    q.x) must stay finite, so each coordinate must be below sqrt(max / (4 D)).
+
+    The message names the row that lies farthest from the data's median (an outlier also drags the
+    mid-range centre, so distances from the centre would point at an innocent row)."""
+    data = np.asarray(array, np.float64)
+    scale = np.asarray(lengthscale, np.float64)
+    scaled = np.abs((data - np.asarray(center)) / scale)
     limit = float(np.sqrt(np.finfo(dtype).max / (4 * max(1, scaled.shape[-1]))))
-    if scaled.size and scaled.max() > limit:
-        row = int(np.argwhere(scaled > limit)[0][0])
-        raise InputError(f"{name} row {row} is too far out for {dtype} ({array[row].tolist()} is more than "
-                         f"{limit:g} lengthscales from the data's centre); use dtype float64 or rescale")
+    if not scaled.size or scaled.max() <= limit:
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        spread = np.nan_to_num(np.abs((data - np.median(data, axis=0)) / scale).max(axis=1), nan=np.inf)
+    row = int(np.argmax(spread))
+    fix = ("use --dtype float64 (dtype='float64'), or rescale the data" if dtype == "float32"
+           else "rescale the data, or drop that row if it is an error")
+    raise InputError(f"{name} row {row} ({array[row].tolist()}) is too far out for {dtype}: more than "
+                     f"{limit:g} lengthscales from the rest of the data, and its squared distances would "
+                     f"overflow; {fix}")

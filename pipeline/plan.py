@@ -34,11 +34,38 @@ MAX_TILES_PER_CALL = 64
 # Rough single-process throughput (pairs per second, float32) used for the time estimate only.
 PAIR_RATE = {"radial": 1.2e9, "dot": 1.5e9, "generic": 0.15e9}
 FLOAT64_SLOWDOWN = 3.0
+# Cost per pair grows with D (r2 and the gradient GEMMs are O(D); the generic path's per-pair gradient
+# more so): the fraction added per dimension beyond D = 3, fitted to in-process runs at D = 1..200
+# (rbf 1.0 -> 9.3 ns/pair from D = 3 to 200, polynomial 0.8 -> 3.9, periodic 10.5 -> 476; 2 busy cores).
+COST_PER_EXTRA_DIM = {"radial": 0.041, "dot": 0.020, "generic": 0.23}
 # Resident memory of an idle worker process with JAX loaded (measured: ~250 MiB), and the live
 # (rows x cols) temporaries of one tile call (r2, f', f, and XLA's scratch).
 WORKER_BASELINE_BYTES = 400 * MiB
 TILE_TEMPORARIES = 8
 READ_BLOCK_ROWS = 1 << 18  # = pipeline.store.READ_ROWS
+# dask pauses a worker once its process uses this fraction of its memory limit (distributed.worker.memory
+# .pause, default 0.8) and its nanny kills it at 0.95: a plan has to fit below the pause, not the limit.
+PAUSE_FRACTION = 0.8
+
+
+def memory_fraction(config_get=None) -> float:
+    """The fraction of a worker's memory limit that tasks may use before dask pauses (or, with pausing off,
+    terminates) the worker, from dask's configuration (``config_get``: dask.config.get, for tests)."""
+    if config_get is None:
+        import dask
+
+        config_get = dask.config.get
+    for key in ("distributed.worker.memory.pause", "distributed.worker.memory.terminate"):
+        value = config_get(key, None)
+        if value not in (None, False):
+            return float(value)
+    return 1.0
+
+
+def worker_memory_needed(task_memory_bytes: int, threads: int = 1, fraction: float = PAUSE_FRACTION) -> int:
+    """The smallest worker memory limit under which ``threads`` tasks at once (plus the worker's own
+    baseline) stay below the fraction at which dask pauses the worker."""
+    return math.ceil((max(1, threads) * task_memory_bytes + WORKER_BASELINE_BYTES) / fraction)
 
 
 @dataclass(frozen=True)
@@ -152,7 +179,7 @@ def make_plan(n_points: int, n_sources: int, dim: int, *, dtype: str = "float32"
               formulation: str = "radial", workers: int = 1, worker_memory_bytes: int | None = None,
               rows: int | None = None, cols: int | None = None, rows_per_task: int | None = None,
               cores: int | None = None, threads_per_worker: int = 1,
-              distances: str = "gemm") -> Plan:
+              distances: str = "gemm", usable_fraction: float = PAUSE_FRACTION) -> Plan:
     """Plan a run; raise :class:`InputError` if the inputs are empty or a task cannot fit in memory."""
     if n_points < 1 or n_sources < 1 or dim < 1:
         raise InputError(f"nothing to compute: N={n_points} points, M={n_sources} sources, D={dim}; "
@@ -183,15 +210,18 @@ def make_plan(n_points: int, n_sources: int, dim: int, *, dtype: str = "float32"
     memory = task_memory(n_sources, dim, dtype, rows, cols, tiles, rows_per_task,
                          pair_arrays=pair_arrays(formulation, dim, distances))
     concurrent = max(1, threads_per_worker)  # a worker with T threads runs T tasks at once
-    if worker_memory_bytes is not None and concurrent * memory + WORKER_BASELINE_BYTES > worker_memory_bytes:
+    needed = worker_memory_needed(memory, concurrent, usable_fraction)
+    if worker_memory_bytes is not None and needed > worker_memory_bytes:
         tasks = "a task needs" if concurrent == 1 else f"{concurrent} tasks at once need"
         raise InputError(
             f"{tasks} about {concurrent * memory / MiB:.0f} MiB (+{WORKER_BASELINE_BYTES / MiB:.0f} MiB "
-            f"worker baseline) but each worker has {worker_memory_bytes / MiB:.0f} MiB; use fewer workers "
-            f"(more memory each){', float32' if dtype == 'float64' else ''}, or fewer sources per run "
-            f"(M={n_sources})")
+            f"worker baseline), which must stay below the {usable_fraction:.0%} of a worker's memory at which "
+            f"dask pauses it: workers need {needed / MiB:.0f} MiB but have {worker_memory_bytes / MiB:.0f} MiB; "
+            f"use fewer workers (more memory each){', float32' if dtype == 'float64' else ''}, or fewer "
+            f"sources per run (M={n_sources})")
     rate = PAIR_RATE[formulation] / (FLOAT64_SLOWDOWN if dtype == "float64" else 1.0)
     parallel = max(1, min(workers, cores or workers))
-    estimated = n_points * n_sources / (rate * parallel)
+    per_pair = max(0.5, 1.0 + COST_PER_EXTRA_DIM[formulation] * (dim - 3)) / rate
+    estimated = n_points * n_sources * per_pair / parallel
     return Plan(n_points, n_sources, dim, dtype, formulation, rows, cols, tiles, rows_per_task, tasks,
                 memory, worker_memory_bytes, workers, estimated)

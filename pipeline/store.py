@@ -26,7 +26,7 @@ import fsspec
 import numpy as np
 import zarr
 
-from .errors import InputError
+from .errors import InputError, RunEnded
 from .inputs import check_finite
 from .plan import READ_BLOCK_ROWS
 
@@ -36,6 +36,8 @@ READ_ROWS = READ_BLOCK_ROWS  # rows read at a time when loading and checking an 
 
 def _quiet_zarr():
     warnings.filterwarnings("ignore", message=".*Consolidated metadata.*", category=UserWarning)
+    # The run's lease file sits beside the arrays while the run goes on (pipeline.lease).
+    warnings.filterwarnings("ignore", message=r".*\.kgrad-lease\.json.*", category=UserWarning)
 
 
 _quiet_zarr()
@@ -90,12 +92,6 @@ def exists(location: str, storage_options: tuple = ()) -> bool:
     except Exception as exc:  # credentials, endpoint, permissions: botocore & co. raise their own types
         raise InputError(f"{location!r} could not be reached ({type(exc).__name__}: {exc}); check the URL, "
                          f"the credentials and storage_options (e.g. client_kwargs.endpoint_url)") from None
-
-
-def remove(location: str, storage_options: tuple = ()) -> None:
-    fs, path = _fs(location, storage_options)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
 
 
 def _store(location: str, storage_options: tuple = (), read_only: bool = False):
@@ -160,6 +156,17 @@ def read_rows(ref: InputRef, start: int, stop: int) -> np.ndarray:
     return rows[:, None] if rows.ndim == 1 else rows
 
 
+def fingerprint(ref: InputRef) -> str:
+    """The fingerprint :func:`load_input` gives, read again block by block without keeping the data (the
+    client's last check that the inputs did not change during a run)."""
+    array = open_array(ref)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr((tuple(array.shape), np.dtype(array.dtype).str)).encode())
+    for start in range(0, array.shape[0], READ_ROWS):
+        digest.update(np.ascontiguousarray(array[start:start + READ_ROWS]).tobytes())
+    return digest.hexdigest()
+
+
 def load_input(ref: InputRef, role: str) -> tuple[np.ndarray, str]:
     """Read a whole input, check it, and return (array, fingerprint).
 
@@ -206,8 +213,14 @@ def load_input(ref: InputRef, role: str) -> tuple[np.ndarray, str]:
 
 def create_output(location: str, *, n_points: int, dim: int, dtype: str, rows_per_task: int,
                   n_tasks: int, attributes: dict, storage_options: tuple = ()) -> None:
-    """Create the output group (``complete`` false) with empty arrays sized for the plan."""
-    group = zarr.open_group(store=_store(location, storage_options), mode="w")
+    """Create the output group (``complete`` false) with empty arrays sized for the plan.
+
+    The group's ``zarr.json`` carries kgrad's marker from its first write, so a group killed while
+    being created is still recognised as kgrad's (:func:`check_replaceable`).  Nothing else at the
+    location is touched: the run's lease file stays where it is."""
+    group = zarr.create_group(store=_store(location, storage_options),
+                              attributes={"kgrad_output": True, "complete": False,
+                                          "format_version": FORMAT_VERSION})
     group.create_array("gradient", shape=(n_points, dim), chunks=(rows_per_task, dim), dtype=dtype,
                        dimension_names=("point", "dim"), fill_value=np.nan,
                        attributes={"long_name": "sum_i w_i grad_q k(q, x_i)",
@@ -218,22 +231,88 @@ def create_output(location: str, *, n_points: int, dim: int, dtype: str, rows_pe
     group.create_array("task_done", shape=(n_tasks,), chunks=(1,), dtype="uint8",
                        dimension_names=("task",), fill_value=0,
                        attributes={"long_name": "1 once the task's chunks are written"})
-    # Attributes last and in one write: an output with a run fingerprint always has its arrays.
-    group.update_attributes({**attributes, "complete": False, "format_version": FORMAT_VERSION})
+    # Run attributes last and in one write: an output with a run fingerprint always has its arrays.
+    group.update_attributes({**attributes, "kgrad_output": True, "complete": False,
+                             "format_version": FORMAT_VERSION})
+
+
+# What kgrad writes at an output location: the group's metadata, its three arrays (any files under them),
+# and the run's lease.  Anything else there is somebody else's, and kgrad never deletes it.
+OUTPUT_ARRAYS = ("gradient", "value", "task_done")
+LEASE_FILE = ".kgrad-lease.json"
+
+
+def _is_kgrad_metadata(raw: bytes) -> bool:
+    import json
+
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return False
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    return (isinstance(attrs, dict) and meta.get("node_type") == "group"
+            and (attrs.get("kgrad_output") is True or "run_fingerprint" in attrs))
+
+
+def output_kind(location: str, storage_options: tuple = ()) -> str:
+    """What is at an output location: ``"absent"``, ``"empty"`` (an empty directory, or only a lease),
+    or ``"kgrad"`` (a kgrad output group, finished, interrupted or half made, holding nothing else).
+
+    Raises :class:`InputError` for anything else (a file, a foreign directory or group, a kgrad output
+    with foreign files inside), naming what is there: ``--overwrite`` must never delete it."""
+    fs, path = _fs(location, storage_options)
+    try:
+        if not fs.exists(path):
+            return "absent"
+        if fs.isfile(path):
+            raise InputError(f"--out {location!r} is a file, not a kgrad output; kgrad never replaces it: "
+                             f"choose another --out, or move the file away yourself")
+        files = [f[len(path.rstrip('/')) + 1:] for f in fs.find(path, withdirs=False)]
+    except InputError:
+        raise
+    except OSError as exc:
+        raise InputError(f"--out {location!r} could not be listed ({exc}); check the path and "
+                         f"its permissions") from None
+    files = [f for f in files if f and f != LEASE_FILE]
+    if not files:
+        return "empty"
+    if "zarr.json" not in files or not _is_kgrad_metadata(fs.cat_file(path.rstrip("/") + "/zarr.json")):
+        shown = ", ".join(sorted(files)[:3]) + (", ..." if len(files) > 3 else "")
+        raise InputError(f"--out {location!r} holds files that are not a kgrad output ({shown}); kgrad "
+                         f"never deletes them, even with --overwrite: choose another --out")
+    foreign = sorted(f for f in files if f != "zarr.json" and f.split("/", 1)[0] not in OUTPUT_ARRAYS)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise InputError(f"--out {location!r} is a kgrad output but also holds files kgrad did not write "
+                         f"({shown}); kgrad never deletes them: move them out, or choose another --out")
+    return "kgrad"
+
+
+def remove_output(location: str, storage_options: tuple = ()) -> None:
+    """Delete a kgrad output's own contents (checked by :func:`output_kind`), keeping the lease.
+
+    The arrays go first and the group's ``zarr.json`` last, so an output removed halfway is still
+    recognised as kgrad's and the next ``--overwrite`` finishes the job."""
+    if output_kind(location, storage_options) != "kgrad":
+        return
+    fs, path = _fs(location, storage_options)
+    root = path.rstrip("/")
+    for name in OUTPUT_ARRAYS:
+        if fs.exists(f"{root}/{name}"):
+            fs.rm(f"{root}/{name}", recursive=True)
+    fs.rm(f"{root}/zarr.json")
 
 
 def half_created(location: str, storage_options: tuple = ()) -> bool:
-    """True for a group that a killed run left while creating it: no run attributes, and nothing in it
-    but (some of) kgrad's arrays, none of them with a task done.  Safe to create afresh."""
+    """True for an output that a killed run left while creating it: kgrad's marker but no run
+    attributes yet, and no task done.  Safe to create afresh."""
     try:
         group = open_output(location, storage_options)
     except InputError:
         return False
-    names = set(group.array_keys())
-    if "run_fingerprint" in group.attrs or not names <= {"gradient", "value", "task_done"} \
-            or list(group.group_keys()):
+    if "run_fingerprint" in group.attrs:
         return False
-    return "task_done" not in names or not np.asarray(group["task_done"][:]).any()
+    return "task_done" not in group.array_keys() or not np.asarray(group["task_done"][:]).any()
 
 
 def open_output(location: str, storage_options: tuple = (), mode: str = "r"):
@@ -244,17 +323,31 @@ def open_output(location: str, storage_options: tuple = (), mode: str = "r"):
             from None
 
 
+def rows_digest(rows: np.ndarray) -> str:
+    """blake2b of a block of input rows as stored (the client and the workers hash the same bytes)."""
+    return hashlib.blake2b(np.ascontiguousarray(rows).tobytes(), digest_size=16).hexdigest()
+
+
 def write_task(location: str, start: int, stop: int, index: int, gradient: np.ndarray, value: np.ndarray,
-               storage_options: tuple = (), run_fingerprint: str | None = None) -> None:
+               storage_options: tuple = (), run_fingerprint: str | None = None,
+               owner: str | None = None) -> None:
     """Write one task's rows (whole chunks), then mark it done.  Rewriting gives the same bytes.
 
     With ``run_fingerprint``, refuse to write into an output that now belongs to another run (a task of
-    a killed client finishing after ``--overwrite`` started a new run at the same place)."""
+    a killed client finishing after ``--overwrite`` started a new run at the same place).  With ``owner``
+    (the run's lease token), refuse unless that run still holds the output's lease, checked before the
+    chunks are written and again right before the task is marked done (:mod:`pipeline.lease`)."""
+    from .lease import check_owner
+
+    if owner is not None:
+        check_owner(location, owner, storage_options)
     group = open_output(location, storage_options, mode="r+")
     if run_fingerprint is not None and group.attrs.get("run_fingerprint") != run_fingerprint:
-        raise RuntimeError(f"output {location!r} now belongs to another run; this task's results are dropped")
+        raise RunEnded(f"output {location!r} now belongs to another run; this task's results are dropped")
     group["gradient"][start:stop] = gradient
     group["value"][start:stop] = value
+    if owner is not None:
+        check_owner(location, owner, storage_options)
     group["task_done"][index:index + 1] = np.ones(1, np.uint8)
 
 

@@ -35,6 +35,7 @@ current directory; command-line flags override the file)::
     performance_report = "report.html"   # optional: dask's HTML performance report (needs bokeh)
     cache_dir = "~/.cache/kgrad/jax"     # JAX compilation cache (must be private to the user)
     security = {tls_ca_file = "ca.pem", tls_client_cert = "client.pem", tls_client_key = "client-key.pem"}
+    scheduler_timeout = 60           # fail (exit 1) when the scheduler has not answered for this long
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from .errors import InputError
 from .gradients import DTYPES, MODES, TileShape, formulation, source_center
 from .inputs import check_range, check_same_dim
 from .kernels import make_spec
-from .plan import Plan, make_plan, usable_cores
+from .plan import Plan, make_plan, memory_fraction, usable_cores
 
 if TYPE_CHECKING:
     from .execute import Job
@@ -74,7 +75,7 @@ _SECTIONS = {
             "threads_per_worker": _WHOLE, "pin_cores": "true or false",
             "memory_limit": "a size such as '4GiB'", "tile_rows": _WHOLE, "tile_cols": _WHOLE,
             "rows_per_task": _WHOLE, "progress": "true or false", "cache_dir": _TEXT, "security": _TABLE,
-            "performance_report": _TEXT},
+            "performance_report": _TEXT, "scheduler_timeout": _NUMBER},
 }
 
 
@@ -127,6 +128,7 @@ class RunConfig:
     performance_report: str | None = None  # write dask's HTML performance report here
     cache_dir: str | None = None
     security: dict = field(default_factory=dict)  # tls_ca_file, tls_client_cert, tls_client_key
+    scheduler_timeout: float = 60.0  # seconds without an answer from the scheduler before the run fails
     resume: bool = False
     overwrite: bool = False
 
@@ -178,6 +180,8 @@ class Prepared:
     attributes: dict
     action: str  # "create", "overwrite", "resume" or "complete"
     done: np.ndarray | None
+    identity: dict = field(default_factory=dict)  # what the run fingerprint hashes
+    task_digests: tuple = ()  # per task: blake2b of its query rows as read (workers check them)
 
 
 def _check_choice(name, value, allowed):
@@ -219,6 +223,9 @@ def prepare(config: RunConfig, worker_memory: int | None = None, planning: bool 
     _check_choice("mode", config.mode, MODES)
     if config.resume and config.overwrite:
         raise InputError("--resume and --overwrite exclude each other; choose one")
+    if not isinstance(config.scheduler_timeout, (int, float)) or isinstance(config.scheduler_timeout, bool) \
+            or not config.scheduler_timeout > 0:
+        raise InputError(f"scheduler_timeout={config.scheduler_timeout!r} must be a number of seconds > 0")
     if config.performance_report:
         try:
             import bokeh  # noqa: F401  (distributed renders the report with bokeh)
@@ -265,7 +272,8 @@ def prepare(config: RunConfig, worker_memory: int | None = None, planning: bool 
     plan = make_plan(n, m, dim, dtype=config.dtype, formulation=form, workers=workers,
                      worker_memory_bytes=worker_memory, rows=config.tile_rows, cols=config.tile_cols,
                      rows_per_task=config.rows_per_task, cores=usable_cores(),
-                     threads_per_worker=config.threads_per_worker, distances=spec.kernel.distances)
+                     threads_per_worker=config.threads_per_worker, distances=spec.kernel.distances,
+                     usable_fraction=memory_fraction())
     identity = {
         "points": {"location": points_ref.location, "array": points_ref.array, "fingerprint": points_fp,
                    "shape": list(points.shape)},
@@ -299,11 +307,14 @@ def prepare(config: RunConfig, worker_memory: int | None = None, planning: bool 
               pin_cores=(config.scheduler == "local" and workers <= usable_cores()
                          and config.threads_per_worker == 1) if config.pin_cores is None else config.pin_cores,
               cache_dir=config.cache_dir)
-    return Prepared(config, job, plan, attributes, action, done)
+    digests = tuple(store.rows_digest(points[t.start:t.stop]) for t in plan.tasks)
+    return Prepared(config, job, plan, attributes, action, done, identity, digests)
 
 
 def _output_action(config: RunConfig, fingerprint: str, identity: dict, opts: tuple, plan: Plan):
-    if not store.exists(config.out, opts):
+    """What a run does with its output location: create it, overwrite or resume a kgrad output, or
+    nothing (complete).  Raises InputError for anything kgrad must not touch."""
+    if store.output_kind(config.out, opts) in ("absent", "empty"):
         return "create", None
     if config.overwrite:
         return "overwrite", None
@@ -375,9 +386,17 @@ def _performance_report(path: str | None):
     return performance_report(filename=path)
 
 
+def _worker_memory_fraction() -> float:
+    """Run on a worker: the fraction of its memory limit at which it pauses (its own dask config)."""
+    from pipeline.plan import memory_fraction
+
+    return memory_fraction()
+
+
 def check_cluster_memory(client, plan: Plan) -> None:
-    """Refuse, before anything is written, a plan whose tasks cannot fit the smallest worker."""
-    from .plan import WORKER_BASELINE_BYTES, MiB
+    """Refuse, before anything is written, a plan whose tasks cannot fit the smallest worker below the
+    memory fraction at which that worker's dask pauses it (each worker reports its own)."""
+    from .plan import WORKER_BASELINE_BYTES, MiB, memory_fraction, worker_memory_needed
 
     try:
         client.wait_for_workers(1, timeout=30)
@@ -386,25 +405,66 @@ def check_cluster_memory(client, plan: Plan) -> None:
     workers = client.scheduler_info().get("workers", {})
     if not workers:
         raise InputError("the dask cluster has no workers; start some (see cluster/) and try again")
-    for worker in workers.values():  # a worker runs as many tasks at once as it has threads
+    try:
+        fractions = client.run(_worker_memory_fraction)
+    except Exception:  # noqa: BLE001 - an old worker without kgrad importable: assume our own dask config
+        fractions = {}
+    for address, worker in workers.items():  # a worker runs as many tasks at once as it has threads
         limit, threads = worker.get("memory_limit"), worker.get("nthreads", 1)
-        need = threads * plan.task_memory_bytes + WORKER_BASELINE_BYTES
+        fraction = fractions.get(address) or memory_fraction()
+        need = worker_memory_needed(plan.task_memory_bytes, threads, fraction)
         if limit and need > limit:
             raise InputError(f"a worker with {threads} thread(s) needs about {need / MiB:.0f} MiB "
                              f"({plan.task_memory_bytes / MiB:.0f} MiB per task + {WORKER_BASELINE_BYTES / MiB:.0f}"
-                             f" MiB baseline) but has {limit / MiB:.0f} MiB; give workers more memory or "
-                             f"fewer threads" + (", or use float32" if plan.dtype == "float64" else ""))
+                             f" MiB baseline, below the {fraction:.0%} at which dask pauses it) but has "
+                             f"{limit / MiB:.0f} MiB; give workers more memory or fewer threads"
+                             + (", or use float32" if plan.dtype == "float64" else ""))
 
 
 def run_prepared(prepared: Prepared, stream=None) -> dict:
-    """Write the output for a prepared run on the configured scheduler; return the final attributes."""
-    from .execute import connect, execute, local_cluster
+    """Write the output for a prepared run on the configured scheduler; return the final attributes.
+
+    The run takes the output's lease first (:mod:`pipeline.lease`; another live run there -> InputError),
+    decides again under it what to do with the output, and gives the lease back on every way out."""
+    from . import lease
 
     stream = stream or sys.stderr
-    config, plan, job = prepared.config, prepared.plan, prepared.job
+    config = prepared.config
+    opts = prepared.job.out_options
     if prepared.action == "complete":
         print(f"kgrad: {config.out} is already complete; nothing to do", file=stream)
-        return dict(store.open_output(config.out, job.out_options).attrs)
+        return dict(store.open_output(config.out, opts).attrs)
+    held = lease.acquire(config.out, opts)
+    try:
+        # Under the lease: the output may have changed since prepare() looked (another run finished).
+        action, done = _output_action(config, prepared.job.fingerprint, prepared.identity, opts, prepared.plan)
+        if action == "complete":
+            print(f"kgrad: {config.out} is already complete; nothing to do", file=stream)
+            return dict(store.open_output(config.out, opts).attrs)
+        held.start_heartbeat()
+        owned = dataclasses.replace(prepared, job=dataclasses.replace(prepared.job, lease_token=held.token),
+                                    action=action, done=done)
+        return _run_owned(owned, stream)
+    finally:
+        held.release()
+
+
+def _incomplete(config: RunConfig, cause: str, resumable: bool = True,
+                step: str = "fix the cause, then finish it with 'kgrad run ... --resume'") -> str:
+    """The one line for a run that stopped with its output written in part: cause, output, next step."""
+    where = "" if config.scheduler == "local" or config.scheduler in cause else f" (scheduler {config.scheduler})"
+    if not resumable:
+        step = "start it again with 'kgrad run ... --overwrite' once the inputs stop changing"
+    return f"{cause}{where}; {config.out} is incomplete: {step}"
+
+
+def _run_owned(prepared: Prepared, stream) -> dict:
+    """The run itself, with the lease held: cluster, output, tasks, checks, completion flag."""
+    from .errors import RunFailed
+    from .execute import connect, execute, local_cluster, quiet_dask_logs
+
+    config, plan, job = prepared.config, prepared.plan, prepared.job
+    quiet_dask_logs()
     started = time.perf_counter()
     cluster = None
     if config.scheduler == "local":
@@ -420,11 +480,14 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
             raise InputError(f"could not reach the dask scheduler {config.scheduler!r} ({exc}); "
                              f"check the address or scheduler file, and TLS settings") from None
     cluster_seconds = time.perf_counter() - started
+    output_exists = prepared.action == "resume"
     try:
         check_cluster_memory(client, plan)
         if prepared.action == "overwrite":
-            store.remove(config.out, job.out_options)
+            output_exists = True
+            store.remove_output(config.out, job.out_options)
         if prepared.action in ("create", "overwrite"):
+            output_exists = True
             store.create_output(config.out, n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
                                 rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks,
                                 attributes=prepared.attributes, storage_options=job.out_options)
@@ -434,11 +497,25 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
               f"{plan.dtype}, {plan.formulation}) on {n_workers} workers"
               + (f"; dashboard {link}" if link else ""), file=stream, flush=True)
         with _performance_report(config.performance_report):
-            timings = execute(job, plan, client, done=prepared.done, progress=config.progress, stream=stream)
+            timings = execute(job, plan, client, done=prepared.done, progress=config.progress, stream=stream,
+                              rows_digests=prepared.task_digests, scheduler_timeout=config.scheduler_timeout,
+                              scheduler="(local)" if cluster is not None else getattr(client.scheduler, "address", config.scheduler))
+        _check_inputs_unchanged(prepared)
+    except RunFailed as exc:
+        if not output_exists:
+            raise
+        raise RunFailed(_incomplete(config, str(exc), exc.resumable), exc.resumable) from exc
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_incomplete(config, "interrupted", step="finish it with 'kgrad run ... --resume'")
+                                if output_exists else "interrupted; nothing was written") from None
+    except InputError:
+        raise
+    except Exception as exc:
+        if not output_exists:
+            raise
+        raise RunFailed(_incomplete(config, f"{type(exc).__name__}: {exc}")) from exc
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        _close(client, cluster)
     total = time.perf_counter() - started
     timings.update({"cluster_start_seconds": round(cluster_seconds, 4), "total_seconds": round(total, 4),
                     "pairs_per_second": round(plan.pairs * (timings["tasks_run"] / max(plan.n_tasks, 1))
@@ -446,12 +523,42 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
                     "resumed": prepared.action == "resume", "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     missing = int((~store.done_tasks(config.out, job.out_options)).sum())
     if missing:
-        raise RuntimeError(f"{missing} of {plan.n_tasks} tasks are not marked done in {config.out}; "
-                           f"finish it with --resume")
+        raise RunFailed(_incomplete(config, f"{missing} of {plan.n_tasks} tasks are not marked done"))
     store.finish_output(config.out, {"timings": timings}, job.out_options)
     print(f"kgrad: wrote {config.out} in {total:.2f} s ({timings['tasks_run']} tasks run, "
           f"{timings['tasks_skipped']} already done)", file=stream, flush=True)
     return {**prepared.attributes, "timings": timings}
+
+
+def _close(client, cluster) -> None:
+    """Close the client and a local cluster, each within a bounded time (a frozen scheduler never
+    answers), whatever the state they are in."""
+    try:
+        client.close(timeout=5)
+    except Exception:  # noqa: BLE001 - already closed, or the scheduler is gone
+        pass
+    if cluster is not None:
+        try:
+            cluster.close(timeout=10)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _check_inputs_unchanged(prepared: Prepared) -> None:
+    """Read each input once more before the output is marked complete: a complete output is exactly the
+    result for the data its fingerprints name (each task also checked the rows it read)."""
+    from .errors import RunFailed
+
+    job = prepared.job
+    for role, ref, expected in (("points", job.points, prepared.identity["points"]["fingerprint"]),
+                                ("sources", job.sources, job.sources_fingerprint),
+                                ("weights", job.weights, job.weights_fingerprint)):
+        if ref is None or expected is None:
+            continue
+        found = store.fingerprint(ref)
+        if found != expected:
+            raise RunFailed(f"the {role} at {ref.describe()} changed during the run (fingerprint "
+                            f"{expected[:12]} -> {found[:12]})", resumable=False)
 
 
 def run_workflow(config: RunConfig | str, **overrides) -> dict:

@@ -220,13 +220,15 @@ def test_float32_input_chunked_by_column(float32_run):
 def test_overwrite_replaces(float32_run, tmp_path):
     out = tmp_path / "replaced.zarr"
     shutil.copytree(float32_run, out)
-    (out / "stale.txt").write_text("left over from the old output")
+    stale = out / "gradient" / "c" / "99" / "0"  # a chunk only an earlier, larger run had: kgrad's own
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left over from the old output")
     before = tree_digest(out)
     proc = kgrad(["run", "--points", str(float32_run.parent / "points.npy"), "--kernel", "rbf", "--lengthscale",
                   "0.6", "--dtype", "float64", "--out", str(out), "--overwrite", "--workers", "1",
                   "--no-progress"], cwd=tmp_path)
     assert tree_digest(out) != before
-    assert not (out / "stale.txt").exists(), "--overwrite starts over"
+    assert not stale.exists(), "--overwrite starts over"
     ds, attrs = read_output(out)
     assert attrs["kernel"] == "rbf" and attrs["dtype"] == "float64" and attrs["complete"] is True
     assert attrs["timings"]["resumed"] is False

@@ -123,14 +123,14 @@ def test_plan_over_an_external_clusters_memory_is_refused(memory_inputs, tmp_pat
 def test_plan_that_fits_the_memory_limit_runs(memory_inputs, tmp_path):
     """The converse: with the limit just above what the plan needs (float64 zarr sources, 1 worker) the
     run must finish without its worker being killed for memory."""
-    from pipeline.plan import WORKER_BASELINE_BYTES
+    from pipeline.plan import worker_memory_needed
     from pipeline.workflow import RunConfig, prepare
 
     out = tmp_path / "out.zarr"
     sources = memory_inputs / "sources64.zarr"
     plan = prepare(RunConfig(points=str(memory_inputs / "queries.npy"), sources=str(sources),
                              out=str(out), rows_per_task=512, workers=1)).plan
-    limit_mib = -(-(plan.task_memory_bytes + WORKER_BASELINE_BYTES) // MiB) + 1
+    limit_mib = -(-worker_memory_needed(plan.task_memory_bytes) // MiB) + 1
     args = ["run", "--points", memory_inputs / "queries.npy", "--sources", sources, "--out", out,
             "--rows-per-task", "512", "--no-progress", "--workers", "1", "--memory-limit", f"{limit_mib}MiB"]
     try:

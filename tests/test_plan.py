@@ -16,9 +16,11 @@ from pipeline import InputError
 from pipeline.plan import (
     DEFAULT_TILES,
     MAX_TILES_PER_CALL,
+    PAUSE_FRACTION,
     WORKER_BASELINE_BYTES,
     make_plan,
     tile_shape,
+    worker_memory_needed,
 )
 
 FORMULATIONS = tuple(DEFAULT_TILES)
@@ -119,7 +121,7 @@ def test_float64_needs_more_memory(n, m, d, form):
 @SETTINGS
 @given(n=sizes, m=sizes, d=dims, form=formulations, dtype=dtypes)
 def test_memory_limit_is_checked(n, m, d, form, dtype):
-    need = make_plan(n, m, d, dtype=dtype, formulation=form).task_memory_bytes + WORKER_BASELINE_BYTES
+    need = worker_memory_needed(make_plan(n, m, d, dtype=dtype, formulation=form).task_memory_bytes)
     fits = make_plan(n, m, d, dtype=dtype, formulation=form, worker_memory_bytes=need)
     assert fits.worker_memory_bytes == need
     with pytest.raises(InputError, match="MiB") as info:
@@ -205,3 +207,28 @@ def test_kgrad_plan_matches_make_plan(tmp_path, extra, n, m, d, dtype, form, ove
     assert abs(printed["memory"] - plan.task_memory_bytes) <= 0.05 * printed["memory_unit"] + 1
     assert f"[{form}," in proc.stdout
     assert "workers       2" in proc.stdout
+
+
+def test_memory_check_leaves_room_below_dasks_pause():
+    """dask pauses a worker at 80% of its limit (and kills it at 95%): a plan that needs 90% of the limit
+    is refused, and the fraction comes from dask's configuration."""
+    from pipeline.plan import memory_fraction
+
+    task = make_plan(10**5, 10**5, 3).task_memory_bytes
+    at_limit = task + WORKER_BASELINE_BYTES
+    with pytest.raises(InputError, match="80%"):
+        make_plan(10**5, 10**5, 3, worker_memory_bytes=int(at_limit / 0.9))
+    assert make_plan(10**5, 10**5, 3, worker_memory_bytes=int(at_limit / PAUSE_FRACTION) + 1)
+    config = {"distributed.worker.memory.pause": False, "distributed.worker.memory.terminate": 0.9}
+    assert memory_fraction(lambda key, default=None: config.get(key, default)) == 0.9
+    assert memory_fraction(lambda key, default=None: {"distributed.worker.memory.pause": 0.5}.get(key)) == 0.5
+    assert memory_fraction(lambda key, default=None: False) == 1.0
+
+
+def test_time_estimate_grows_with_dimension():
+    """The projected time follows the measured cost per pair and D: at D = 200 a radial tile costs about
+    9x and the generic path about 45x what they cost at D = 3 (benchmarked; see plan.COST_PER_EXTRA_DIM)."""
+    for form, low, high in (("radial", 6, 15), ("dot", 3, 8), ("generic", 30, 70)):
+        ratio = (make_plan(4096, 4096, 200, formulation=form).estimated_seconds
+                 / make_plan(4096, 4096, 3, formulation=form).estimated_seconds)
+        assert low < ratio < high, (form, ratio)
