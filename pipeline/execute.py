@@ -25,6 +25,7 @@ from .errors import InputError
 from .gradients import TileShape
 from .kernels import KernelSpec
 from .plan import Plan, Task
+from .text import count
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ class Progress:
         elapsed = max(now - self.started, 1e-9)
         rate = self.done * self.pairs_per_task / elapsed
         left = (self.total - self.done) * elapsed / max(self.done, 1)
-        print(f"\rkgrad: {self.done}/{self.total} tasks ({100 * self.done / self.total:.0f}%), "
+        print(f"\rkgrad: {self.done}/{count(self.total, 'task')} ({100 * self.done / self.total:.0f}%), "
               f"{rate / 1e9:.2f} G pairs/s, {left:.0f} s left   ", end="", file=self.stream, flush=True)
         if self.done >= self.total:
             print(file=self.stream, flush=True)

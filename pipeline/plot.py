@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from .errors import InputError
+from .text import count
 
 DEFAULT_MAX_POINTS = 2000  # arrows drawn (a random sample of the points)
 SCATTER_POINTS = 50_000  # points drawn as dots / used for the histogram and the projection
@@ -46,11 +47,11 @@ def _open_complete_output(location: str, storage_options: tuple):
                          f"{', '.join(missing) or 'the run attributes'} (it holds arrays: "
                          f"{', '.join(sorted(arrays)) or 'none'}); give the --out of a kgrad run")
     if not attrs.get("complete"):
-        done = "?"
+        done = "some tasks"
         if "task_done" in arrays:
             flags = np.asarray(group["task_done"][:]).astype(bool)
-            done = f"{int(flags.sum())}/{flags.size}"
-        raise InputError(f"output {location!r} is incomplete ({done} tasks written, complete=false); "
+            done = f"{int(flags.sum())}/{count(flags.size, 'task')}"
+        raise InputError(f"output {location!r} is incomplete ({done} written, complete=false); "
                          f"finish it with 'kgrad run ... --resume' before plotting")
     return group, attrs
 
@@ -166,7 +167,7 @@ def _histogram(ax, g: np.ndarray):
         ax.set_xscale("log")
         hidden = int(norms.size - np.count_nonzero(norms >= low))
         if hidden:
-            ax.text(0.02, 0.95, f"{hidden} points with |g| < {low:.2g} not shown", transform=ax.transAxes,
+            ax.text(0.02, 0.95, f"{count(hidden, 'point')} with |g| < {low:.2g} not shown", transform=ax.transAxes,
                     va="top")
     else:
         ax.hist(norms, bins=60, color="tab:blue")

@@ -378,6 +378,7 @@ def _performance_report(path: str | None):
 def check_cluster_memory(client, plan: Plan) -> None:
     """Refuse, before anything is written, a plan whose tasks cannot fit the smallest worker."""
     from .plan import WORKER_BASELINE_BYTES, MiB
+    from .text import count
 
     try:
         client.wait_for_workers(1, timeout=30)
@@ -390,7 +391,7 @@ def check_cluster_memory(client, plan: Plan) -> None:
         limit, threads = worker.get("memory_limit"), worker.get("nthreads", 1)
         need = threads * plan.task_memory_bytes + WORKER_BASELINE_BYTES
         if limit and need > limit:
-            raise InputError(f"a worker with {threads} thread(s) needs about {need / MiB:.0f} MiB "
+            raise InputError(f"a worker with {count(threads, 'thread')} needs about {need / MiB:.0f} MiB "
                              f"({plan.task_memory_bytes / MiB:.0f} MiB per task + {WORKER_BASELINE_BYTES / MiB:.0f}"
                              f" MiB baseline) but has {limit / MiB:.0f} MiB; give workers more memory or "
                              f"fewer threads" + (", or use float32" if plan.dtype == "float64" else ""))
@@ -398,7 +399,9 @@ def check_cluster_memory(client, plan: Plan) -> None:
 
 def run_prepared(prepared: Prepared, stream=None) -> dict:
     """Write the output for a prepared run on the configured scheduler; return the final attributes."""
+    from .dashboard import dashboard_link
     from .execute import connect, execute, local_cluster
+    from .text import count
 
     stream = stream or sys.stderr
     config, plan, job = prepared.config, prepared.plan, prepared.job
@@ -428,10 +431,10 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
             store.create_output(config.out, n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
                                 rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks,
                                 attributes=prepared.attributes, storage_options=job.out_options)
-        link = client.dashboard_link if "dashboard" in client.scheduler_info().get("services", {}) else None
+        link = dashboard_link(client)
         n_workers = len(client.scheduler_info()["workers"])
-        print(f"kgrad: {plan.n_tasks} tasks ({plan.n_points} x {plan.n_sources} pairs, D={plan.dim}, "
-              f"{plan.dtype}, {plan.formulation}) on {n_workers} workers"
+        print(f"kgrad: {count(plan.n_tasks, 'task')} ({plan.n_points} x {plan.n_sources} pairs, D={plan.dim}, "
+              f"{plan.dtype}, {plan.formulation}) on {count(n_workers, 'worker')}"
               + (f"; dashboard {link}" if link else ""), file=stream, flush=True)
         with _performance_report(config.performance_report):
             timings = execute(job, plan, client, done=prepared.done, progress=config.progress, stream=stream)
@@ -446,10 +449,11 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
                     "resumed": prepared.action == "resume", "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     missing = int((~store.done_tasks(config.out, job.out_options)).sum())
     if missing:
-        raise RuntimeError(f"{missing} of {plan.n_tasks} tasks are not marked done in {config.out}; "
+        raise RuntimeError(f"{missing} of {count(plan.n_tasks, 'task')} {'is' if missing == 1 else 'are'} not "
+                           f"marked done in {config.out}; "
                            f"finish it with --resume")
     store.finish_output(config.out, {"timings": timings}, job.out_options)
-    print(f"kgrad: wrote {config.out} in {total:.2f} s ({timings['tasks_run']} tasks run, "
+    print(f"kgrad: wrote {config.out} in {total:.2f} s ({count(timings['tasks_run'], 'task')} run, "
           f"{timings['tasks_skipped']} already done)", file=stream, flush=True)
     return {**prepared.attributes, "timings": timings}
 
