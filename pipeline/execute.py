@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import store
-from .errors import InputError
+from .errors import InputError, NonFiniteResultError
+from .finite import check_finite_result
 from .gradients import TileShape
 from .kernels import KernelSpec
 from .plan import Plan, Task
@@ -132,10 +133,21 @@ def run_task(job: Job, task: Task) -> dict:
         gradient[start:stop], value[start:stop] = block_sums(queries[start:stop], prepared, job.spec,
                                                              job.mode, job.dtype, job.shape)
     compute_seconds = time.perf_counter() - computed
+    check_finite_result(gradient, value, job.dtype, job.spec.describe(), rows=(task.start, task.stop))
     store.write_task(job.out, task.start, task.stop, task.index, gradient, value, job.out_options,
                      run_fingerprint=job.fingerprint)
     return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
             "compute_seconds": compute_seconds, "pid": os.getpid()}
+
+
+def run_task_reporting(job: Job, task: Task) -> dict:
+    """:func:`run_task`, with a non-finite result returned as ``{"nonfinite": message}`` instead of raised:
+    the failure is deterministic, so dask must not retry it, and the worker must not log it (the client
+    raises it as one line)."""
+    try:
+        return run_task(job, task)
+    except NonFiniteResultError as exc:
+        return {"index": task.index, "nonfinite": str(exc)}
 
 
 # ----------------------------------------------------------------------------------------- client side
@@ -240,15 +252,19 @@ def execute(job: Job, plan: Plan, client, *, done: np.ndarray | None = None, ret
     started = time.perf_counter()
     bar = Progress(total=len(todo), pairs_per_task=plan.rows_per_task * plan.n_sources,
                    stream=stream or sys.stderr, enabled=progress and len(todo) > 0)
-    futures = [client.submit(run_task, job, task, key=f"kgrad-{job.fingerprint[:12]}-{token}-task-{task.index}",
+    futures = [client.submit(run_task_reporting, job, task,
+                             key=f"kgrad-{job.fingerprint[:12]}-{token}-task-{task.index}",
                              retries=retries, pure=False) for task in todo]
     results = []
     try:
         for future in as_completed(futures):
             try:
-                results.append(future.result())
+                result = future.result()
             except InputError as exc:  # raised on a worker, after the output exists: not a usage error
                 raise RuntimeError(f"a task failed on a worker: {exc}") from None
+            if "nonfinite" in result:
+                raise NonFiniteResultError(result["nonfinite"])
+            results.append(result)
             bar.update()
     finally:
         for future in futures:
