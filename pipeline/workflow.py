@@ -235,7 +235,7 @@ def prepare(config: RunConfig, worker_memory: int | None = None, planning: bool 
     opts = tuple(sorted(config.storage_options.items()))
     for role in ("points", "sources", "weights"):
         location = getattr(config, role)
-        if location and store.overlaps(config.out, location):
+        if location and config.out and store.overlaps(config.out, location):
             raise InputError(f"--out {config.out!r} would overwrite the {role} input {location!r}; "
                              f"write the output somewhere else")
 
