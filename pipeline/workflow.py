@@ -3,8 +3,10 @@
 The data go one way: inputs -> validate -> plan -> tile tasks on dask workers -> output group.  Every
 check in :func:`prepare` happens before anything is written; :func:`run_workflow` then writes.
 
-Workflow file schema (TOML; every key optional except ``inputs.points``; paths are relative to the
-current directory; command-line flags override the file)::
+Workflow file schema (TOML; every key optional except ``inputs.points``; command-line flags override the
+file).  Relative paths in the file (inputs, out, performance_report, cache_dir, the security files and a
+scheduler file) are relative to the directory that holds the file, so it works from any current directory;
+paths given as flags (``--points``, ``--out`` ...) are relative to the current directory::
 
     [inputs]
     points = "data/points.zarr"      # zarr array, zarr group with 'points' (+ 'weights'), or .npy; or URL
@@ -165,7 +167,33 @@ def load_workflow(path: str) -> RunConfig:
                     raise InputError(f"workflow file {path!r}: [kernel.params] {bad[0]} = {value[bad[0]]!r} "
                                      f"must be a number")
             values["kernel" if (section, key) == ("kernel", "name") else key] = value
-    return RunConfig(**values)
+    return RunConfig(**_relative_to(values, os.path.dirname(os.path.abspath(path))))
+
+
+_PATH_KEYS = ("points", "sources", "weights", "out", "performance_report", "cache_dir")
+
+
+def _is_local_relative(value: str) -> bool:
+    """A relative local path: not a URL (``s3://``, ``file://``), not absolute, not ``~/...``."""
+    return "://" not in value and not os.path.isabs(value) and not value.startswith("~")
+
+
+def _relative_to(values: dict, base: str) -> dict:
+    """A workflow file's values with its relative local paths resolved against ``base``, the file's own
+    directory (so the file works from any current directory): inputs, out, performance_report, cache_dir,
+    the security files, and a scheduler file (a scheduler ending in .json or holding a path separator)."""
+    values = dict(values)
+    for key in _PATH_KEYS:
+        if isinstance(values.get(key), str) and _is_local_relative(values[key]):
+            values[key] = os.path.join(base, values[key])
+    scheduler = values.get("scheduler")
+    if (isinstance(scheduler, str) and scheduler != "local" and _is_local_relative(scheduler)
+            and (scheduler.endswith(".json") or os.sep in scheduler)):
+        values["scheduler"] = os.path.join(base, scheduler)
+    if isinstance(values.get("security"), dict):
+        values["security"] = {k: os.path.join(base, v) if isinstance(v, str) and _is_local_relative(v) else v
+                              for k, v in values["security"].items()}
+    return values
 
 
 @dataclass(frozen=True)
