@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="compute and write an output group")
     _run_arguments(run)
     run.set_defaults(func=cmd_run)
-    plan = sub.add_parser("plan", help="print tiles, tasks, memory and time; write nothing")
+    plan = sub.add_parser("plan", help="print tiles, tasks, memory, time, and what a run would do with an "
+                                       "existing output; write nothing")
     _run_arguments(plan)
     plan.set_defaults(func=cmd_plan)
     inspect = sub.add_parser("inspect", help="what an output holds and how it was made")

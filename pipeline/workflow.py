@@ -316,7 +316,8 @@ def prepare(config: RunConfig, worker_memory: int | None = None, planning: bool 
         "N": n, "M": m, "D": dim, "run_fingerprint": fingerprint, "kgrad_version": VERSION,
         "plan": plan.summary(),
     }
-    action, done = _output_action(config, fingerprint, identity, opts, plan) if config.out else ("none", None)
+    output_action = _planned_action if planning else _output_action
+    action, done = output_action(config, fingerprint, identity, opts, plan) if config.out else ("none", None)
     center = source_center(sources, spec)
     check_range(sources, "sources", center, spec.lengthscale, config.dtype)
     check_range(points, "points", center, spec.lengthscale, config.dtype)
@@ -360,6 +361,34 @@ def _output_action(config: RunConfig, fingerprint: str, identity: dict, opts: tu
     if attrs.get("complete"):
         return "complete", None
     return "resume", store.done_tasks(config.out, opts)
+
+
+def _planned_action(config: RunConfig, fingerprint: str, identity: dict, opts: tuple, plan: Plan):
+    """For ``kgrad plan``: what a run with these flags would do with the output, in words; never refuses
+    (an existing output is described, with the flag a run would need)."""
+    if not store.exists(config.out, opts):
+        return "create", None
+    if config.overwrite:
+        return "exists: a run with --overwrite replaces it", None
+    try:
+        action, done = _output_action(dataclasses.replace(config, resume=True), fingerprint, identity, opts, plan)
+    except InputError as exc:  # not a kgrad output, or another run's
+        prefix = f"cannot resume {config.out!r}: "
+        reason = (str(exc)[len(prefix):].split("; use --overwrite")[0] if str(exc).startswith(prefix)
+                  else "it is not a kgrad output")
+        return (f"exists, {reason}: a run with --resume refuses it; use --overwrite (starts over)" if config.resume
+                else f"exists, {reason}: a run needs --overwrite (starts over)"), None
+    if action == "complete":
+        return ("exists, complete: nothing to do with --resume" if config.resume else
+                "exists, complete: a run needs --overwrite (starts over) or does nothing with --resume"), None
+    if action == "overwrite":  # left half-created by a killed run
+        return ("exists, half-created by a run that was stopped: a run "
+                + ("with --resume starts it afresh" if config.resume else "needs --resume or --overwrite "
+                   "(either starts it afresh)")), None
+    n_done = int(done.sum())
+    left = f"{plan.n_tasks - n_done} of {plan.n_tasks} tasks left"
+    return (f"exists, incomplete: a run with --resume runs the {left}" if config.resume else
+            f"exists, incomplete ({left}): a run needs --resume (finishes it) or --overwrite (starts over)"), done
 
 
 _SECURITY_KEYS = ("tls_ca_file", "tls_client_cert", "tls_client_key")
