@@ -209,7 +209,7 @@ def draw(data: dict, path: str, *, max_points: int = DEFAULT_MAX_POINTS, seed: i
         ax.set_aspect("equal", adjustable="datalim")
         ax.set_xlabel("x[0]")
         ax.set_ylabel("x[1]")
-        ax.set_title(f"gradient field g = sum_i w_i grad_q k(q, x_i)\n{kernel}; {about}; {shown}", fontsize=10)
+        ax.set_title(f"gradient field g = sum_i w_i grad_q k(q, x_i)\n{kernel}\n{about}; {shown}", fontsize=10)
     else:
         fig = Figure(figsize=(14, 6.0), dpi=110)
         left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -222,14 +222,14 @@ def draw(data: dict, path: str, *, max_points: int = DEFAULT_MAX_POINTS, seed: i
             twin.scatter(x[order, 0], g[order, 0], s=6, color="tab:red", label="gradient g = dv/dq")
             twin.axhline(0.0, color="tab:red", lw=0.5, alpha=0.5)
             twin.set_ylabel("gradient g = dv/dq", color="tab:red")
-            left.set_title(f"kernel sum v and its gradient g; {len(x)} of {data['n']} points", fontsize=10)
+            left.set_title(f"kernel sum v and its gradient g\n{len(x)} of {data['n']} points", fontsize=10)
         else:
             mean, axes, share = _principal_axes(x)
             xy, gxy = (x - mean) @ axes, g @ axes
             _field(left, fig, xy, gxy, v, arrows)
             left.set_xlabel(f"principal component 1 ({100 * share[0]:.0f}% of variance)")
             left.set_ylabel(f"principal component 2 ({100 * share[1]:.0f}% of variance)")
-            left.set_title(f"points and gradients projected on 2 principal components; {shown}", fontsize=10)
+            left.set_title(f"points and gradients projected on 2 principal components\n{shown}", fontsize=10)
         _histogram(right, g)
         fig.suptitle(f"kgrad output: {kernel}; {about}", fontsize=11)
     fig.tight_layout()
