@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Start a real dask cluster on loopback with the dask CLI: one scheduler and N worker processes
 # (each under a nanny, one thread each), for kgrad runs with `--scheduler STATE_DIR/scheduler.json`.
+# Every socket they listen on (scheduler, nannies, workers, and the HTTP servers that dask starts even
+# with --no-dashboard) is bound to 127.0.0.1 (tests/test_loopback.py).
 #
 # Usage:
 #     cluster/start-local-cluster.sh STATE_DIR [NWORKERS]        # NWORKERS defaults to 2
@@ -66,7 +68,7 @@ export DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=${ALLOWED_FAILURES:-5}
 # setsid: each in its own session and process group (pid == pgid), so that stopping it stops all its
 # children and a signal sent to the caller's group does not reach the cluster.  In a non-interactive
 # shell a background job is not a group leader, so setsid does not fork and $! is the dask process.
-setsid "$DASK" scheduler --host 127.0.0.1 --port 0 --no-dashboard --scheduler-file "$SCHEDULER_FILE" \
+setsid "$DASK" scheduler --host 127.0.0.1 --port 0 --no-dashboard --dashboard-address 127.0.0.1:0 --scheduler-file "$SCHEDULER_FILE" \
     >"$STATE_DIR/scheduler.log" 2>&1 </dev/null &
 echo $! >"$STATE_DIR/scheduler.pid"
 
@@ -89,7 +91,7 @@ while [ ! -s "$SCHEDULER_FILE" ]; do
 done
 
 setsid "$DASK" worker --scheduler-file "$SCHEDULER_FILE" --nworkers "$NWORKERS" --nthreads 1 \
-    --host 127.0.0.1 --no-dashboard --memory-limit "$MEMORY_LIMIT" --death-timeout 60 \
+    --host 127.0.0.1 --no-dashboard --dashboard-address 127.0.0.1:0 --memory-limit "$MEMORY_LIMIT" --death-timeout 60 \
     --local-directory "$STATE_DIR/worker-space" >"$STATE_DIR/worker.log" 2>&1 </dev/null &
 echo $! >"$STATE_DIR/worker.pid"
 

@@ -7,8 +7,8 @@ In process: :func:`kernel_gradients`.  On a dask cluster, zarr in and out: the `
 """
 
 from .api import kernel_gradients
-from .errors import InputError
+from .errors import InputError, NonFiniteResultError
 from .kernels import KERNELS
 
 __version__ = "0.1.0"
-__all__ = ["kernel_gradients", "InputError", "KERNELS", "__version__"]
+__all__ = ["kernel_gradients", "InputError", "NonFiniteResultError", "KERNELS", "__version__"]

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .errors import InputError
+from .finite import check_finite_result
 from .gradients import (DTYPES, MODES, TileShape, block_sums, formulation, on_cpu, prepare_sources,
                         source_center, needs_x64, thread_x64, x64_enabled)
 from .inputs import as_point_array, as_weights, check_range, check_same_dim
@@ -73,6 +74,7 @@ def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", length
                 one_block(start)
         else:
             _run_blocks_in_threads(one_block, starts, threads)
+    check_finite_result(g, v, dtype, spec.describe(), dtype_option='dtype="float64"')
     if one_d:
         g = g[:, 0]
     return (g, v) if return_value else g

@@ -24,16 +24,24 @@ class _Parser(argparse.ArgumentParser):
                          if " " in self.prog else f"{message} (see 'kgrad --help')")
 
 
+def _kernel_names() -> str:
+    from .kernels import KERNELS
+
+    return ", ".join(KERNELS)
+
+
 def _run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("workflow", nargs="?", help="TOML workflow file (flags override it)")
+    p.add_argument("workflow", nargs="?", help="TOML workflow file (flags override it; relative paths in it are "
+                                               "relative to its directory)")
     p.add_argument("--points", help="zarr array, zarr group with 'points', .npy file, or URL")
     p.add_argument("--sources", help="sources (default: the points)")
     p.add_argument("--weights", help="weights, one per source (default: ones)")
-    p.add_argument("--kernel", help="kernel name or user kernel 'module:function' (default rbf)")
+    p.add_argument("--kernel", help=f"{_kernel_names()}, or a user kernel 'module:function' (default rbf)")
     p.add_argument("--lengthscale", nargs="+", type=float, metavar="L", help="one value, or one per dimension")
-    p.add_argument("--variance", type=float)
+    p.add_argument("--variance", type=float, help="the kernel's scale s2, a factor on k (default 1)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="a kernel parameter, e.g. --param alpha=2 (repeatable)")
+                   help="a kernel parameter, e.g. --param alpha=2 (repeatable): alpha (rational_quadratic), "
+                        "c and beta (imq), period (periodic), c and degree (polynomial)")
     p.add_argument("--dtype", help="float32 (default) or float64")
     p.add_argument("--mode", help="auto (default), jacfwd or jacrev")
     p.add_argument("--out", help="output zarr group")
@@ -51,7 +59,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows-per-task", dest="rows_per_task", type=int, help="query rows per task / chunk")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run of the same job")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="do not print progress (tasks done, rate, time left) on stderr")
     p.add_argument("--performance-report", dest="performance_report", metavar="FILE.html",
                    help="write dask's performance report (needs bokeh: pip install 'kgrad[dashboard]')")
 
@@ -145,13 +154,19 @@ def cmd_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="kgrad", description="Summed kernel gradients over large point sets "
-                                               "(dask + JAX + zarr).")
+                                               "(dask + JAX + zarr).",
+                     epilog=f"kernels: {_kernel_names()}, or a user kernel 'module:function'.  "
+                            f"'kgrad COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"kgrad {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     run = sub.add_parser("run", help="compute and write an output group")
     _run_arguments(run)
     run.set_defaults(func=cmd_run)
-    plan = sub.add_parser("plan", help="print tiles, tasks, memory and time; write nothing")
+    plan = sub.add_parser("plan", help="print tiles, tasks, memory, time, and what a run would do with an "
+                                       "existing output; write nothing")
     _run_arguments(plan)
     plan.set_defaults(func=cmd_plan)
     inspect = sub.add_parser("inspect", help="what an output holds and how it was made")

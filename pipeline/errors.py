@@ -9,13 +9,17 @@ class InputError(ValueError):
     """A bad input, parameter or usage: the message says what is wrong, the value, and what is allowed."""
 
 
-class RunFailed(RuntimeError):
-    """A run that started could not finish; the message is the whole story in one line.  ``resumable``:
-    whether ``--resume`` can finish it once the cause is fixed (not when its inputs changed)."""
+RESUME_STEP = "fix the cause, then finish it with 'kgrad run ... --resume'"
+RESTART_STEP = "start it again with 'kgrad run ... --overwrite' once the inputs stop changing"
 
-    def __init__(self, message: str, resumable: bool = True):
+
+class RunFailed(RuntimeError):
+    """A run that started could not finish; the message is the whole story in one line.  ``step``: what
+    the user does next with the incomplete output (``--resume`` unless a retry cannot mend it)."""
+
+    def __init__(self, message: str, step: str = RESUME_STEP):
         super().__init__(message)
-        self.resumable = resumable
+        self.step = step
 
 
 class RunEnded(RuntimeError):
@@ -25,3 +29,10 @@ class RunEnded(RuntimeError):
 class InputsChanged(RuntimeError):
     """An input's data differ from the data the run validated and fingerprinted (rewritten during the run,
     or not the same file on every machine)."""
+
+
+class NonFiniteResultError(RuntimeError):
+    """Finite inputs gave a non-finite (inf or NaN) gradient or kernel sum, e.g. a float32 overflow.
+
+    Not an InputError: it is found only after computing.  The CLI exits 1 with its one-line message; the
+    output stays incomplete (the task that found it does not mark itself done)."""

@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import store
-from .errors import InputError, InputsChanged, RunEnded, RunFailed
+from .errors import RESTART_STEP, InputError, InputsChanged, NonFiniteResultError, RunEnded, RunFailed
+from .finite import check_finite_result
 from .gradients import TileShape
 from .kernels import KernelSpec
 from .plan import Plan, Task
+from .text import count
 
 
 @dataclass(frozen=True)
@@ -139,10 +141,26 @@ def run_task(job: Job, task: Task, rows_digest: str | None = None) -> dict:
         gradient[start:stop], value[start:stop] = block_sums(queries[start:stop], prepared, job.spec,
                                                              job.mode, job.dtype, job.shape)
     compute_seconds = time.perf_counter() - computed
+    check_finite_result(gradient, value, job.dtype, job.spec.describe(), rows=(task.start, task.stop))
     store.write_task(job.out, task.start, task.stop, task.index, gradient, value, job.out_options,
                      run_fingerprint=job.fingerprint, owner=job.lease_token)
     return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
             "compute_seconds": compute_seconds, "pid": os.getpid()}
+
+
+def run_task_reporting(job: Job, task: Task, rows_digest: str | None = None) -> dict:
+    """:func:`run_task`, with the failures that a retry cannot mend returned as ``{"failed": kind,
+    "message": line}`` instead of raised: dask must not retry them (same inputs, same failure) and the
+    worker must not log them (the client ends the run with the one line).  Anything else (a lost file
+    system, a full disk) is raised, and dask retries it."""
+    try:
+        return run_task(job, task, rows_digest)
+    except NonFiniteResultError as exc:
+        return {"index": task.index, "failed": "nonfinite", "message": f"{exc}; the task's rows were not written",
+                "step": "start it again with --dtype float64 and --overwrite"}
+    except (InputsChanged, InputError, RunEnded) as exc:
+        failure = task_failure(exc)
+        return {"index": task.index, "failed": type(exc).__name__, "message": str(failure), "step": failure.step}
 
 
 # ----------------------------------------------------------------------------------------- client side
@@ -169,7 +187,7 @@ class Progress:
         elapsed = max(now - self.started, 1e-9)
         rate = self.done * self.pairs_per_task / elapsed
         left = (self.total - self.done) * elapsed / max(self.done, 1)
-        print(f"\rkgrad: {self.done}/{self.total} tasks ({100 * self.done / self.total:.0f}%), "
+        print(f"\rkgrad: {self.done}/{count(self.total, 'task')} ({100 * self.done / self.total:.0f}%), "
               f"{rate / 1e9:.2f} G pairs/s, {left:.0f} s left   ", end="", file=self.stream, flush=True)
         if self.done >= self.total:
             print(file=self.stream, flush=True)
@@ -319,12 +337,15 @@ def cancel(client, futures, timeout: float = 5.0) -> None:
         pass
 
 
+ENDED_STEP = "see who owns it now with 'kgrad inspect', then resume or start over"
+
+
 def task_failure(exc: BaseException) -> RunFailed:
     """One line for a task that failed on a worker: the cause, in the user's terms."""
     if isinstance(exc, (InputsChanged, InputError)):
-        return RunFailed(f"{exc}; the run stopped so as not to mix two versions of the data", resumable=False)
+        return RunFailed(f"{exc}; the run stopped so as not to mix two versions of the data", RESTART_STEP)
     if isinstance(exc, RunEnded):
-        return RunFailed(f"{exc} (another run took the output over?)", resumable=False)
+        return RunFailed(f"{exc} (another run took the output over?)", ENDED_STEP)
     if isinstance(exc, OSError):
         what = exc.strerror or str(exc)
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
@@ -354,7 +375,8 @@ def execute(job: Job, plan: Plan, client, *, done: np.ndarray | None = None, ret
     started = time.perf_counter()
     bar = Progress(total=len(todo), pairs_per_task=plan.rows_per_task * plan.n_sources,
                    stream=stream or sys.stderr, enabled=progress and len(todo) > 0)
-    futures = [client.submit(run_task, job, task, None if rows_digests is None else rows_digests[task.index],
+    futures = [client.submit(run_task_reporting, job, task,
+                             None if rows_digests is None else rows_digests[task.index],
                              key=f"kgrad-{job.fingerprint[:12]}-{token}-task-{task.index}",
                              retries=retries, pure=False) for task in todo]
     watch = SchedulerWatch(client, scheduler, scheduler_timeout)
@@ -374,6 +396,8 @@ def execute(job: Job, plan: Plan, client, *, done: np.ndarray | None = None, ret
                     raise task_failure(result[1]) from result[1]
                 if isinstance(result, BaseException):  # cancelled
                     raise task_failure(result) from result
+                if "failed" in result:  # a deterministic failure, reported instead of raised
+                    raise RunFailed(result["message"], result["step"])
                 results.append(result)
                 bar.update()
     finally:

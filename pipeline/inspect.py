@@ -6,6 +6,7 @@ import numpy as np
 
 from . import store
 from .errors import InputError
+from .text import count
 
 
 def describe_output(location: str, storage_options: tuple = ()) -> dict:
@@ -34,8 +35,8 @@ def describe_output(location: str, storage_options: tuple = ()) -> dict:
 
 
 def format_output(info: dict) -> str:
-    state = "complete" if info["complete"] else f"INCOMPLETE ({info['tasks_done']}/{info['tasks_total']} " \
-                                                 f"tasks written; finish it with kgrad run ... --resume)"
+    state = "complete" if info["complete"] else f"INCOMPLETE ({info['tasks_done']}/" \
+                                                 f"{count(info['tasks_total'], 'task')} written; finish it with kgrad run ... --resume)"
     lines = [f"{info['location']}: {state}",
              f"  kernel      {info['kernel_description']}  [{info['formulation']}, mode={info['mode']}, "
              f"{info['dtype']}]",
@@ -55,6 +56,6 @@ def format_output(info: dict) -> str:
     if t:
         lines.append(f"  timings     total {t.get('total_seconds')} s, tasks {t.get('execute_seconds')} s, "
                      f"{(t.get('pairs_per_second') or 0) / 1e9:.2f} G pairs/s, "
-                     f"{t.get('tasks_run')} tasks run, {t.get('tasks_skipped')} resumed")
+                     f"{count(t.get('tasks_run'), 'task')} run, {t.get('tasks_skipped')} resumed")
     lines.append(f"  made by     kgrad {info['kgrad_version']}, run {info['run_fingerprint'][:12]}")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from .errors import InputError
+from .text import count
 
 DEFAULT_MAX_POINTS = 2000  # arrows drawn (a random sample of the points)
 SCATTER_POINTS = 50_000  # points drawn as dots / used for the histogram and the projection
@@ -46,11 +47,11 @@ def _open_complete_output(location: str, storage_options: tuple):
                          f"{', '.join(missing) or 'the run attributes'} (it holds arrays: "
                          f"{', '.join(sorted(arrays)) or 'none'}); give the --out of a kgrad run")
     if not attrs.get("complete"):
-        done = "?"
+        done = "some tasks"
         if "task_done" in arrays:
             flags = np.asarray(group["task_done"][:]).astype(bool)
-            done = f"{int(flags.sum())}/{flags.size}"
-        raise InputError(f"output {location!r} is incomplete ({done} tasks written, complete=false); "
+            done = f"{int(flags.sum())}/{count(flags.size, 'task')}"
+        raise InputError(f"output {location!r} is incomplete ({done} written, complete=false); "
                          f"finish it with 'kgrad run ... --resume' before plotting")
     return group, attrs
 
@@ -166,7 +167,7 @@ def _histogram(ax, g: np.ndarray):
         ax.set_xscale("log")
         hidden = int(norms.size - np.count_nonzero(norms >= low))
         if hidden:
-            ax.text(0.02, 0.95, f"{hidden} points with |g| < {low:.2g} not shown", transform=ax.transAxes,
+            ax.text(0.02, 0.95, f"{count(hidden, 'point')} with |g| < {low:.2g} not shown", transform=ax.transAxes,
                     va="top")
     else:
         ax.hist(norms, bins=60, color="tab:blue")
@@ -208,7 +209,7 @@ def draw(data: dict, path: str, *, max_points: int = DEFAULT_MAX_POINTS, seed: i
         ax.set_aspect("equal", adjustable="datalim")
         ax.set_xlabel("x[0]")
         ax.set_ylabel("x[1]")
-        ax.set_title(f"gradient field g = sum_i w_i grad_q k(q, x_i)\n{kernel}; {about}; {shown}", fontsize=10)
+        ax.set_title(f"gradient field g = sum_i w_i grad_q k(q, x_i)\n{kernel}\n{about}; {shown}", fontsize=10)
     else:
         fig = Figure(figsize=(14, 6.0), dpi=110)
         left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -221,14 +222,14 @@ def draw(data: dict, path: str, *, max_points: int = DEFAULT_MAX_POINTS, seed: i
             twin.scatter(x[order, 0], g[order, 0], s=6, color="tab:red", label="gradient g = dv/dq")
             twin.axhline(0.0, color="tab:red", lw=0.5, alpha=0.5)
             twin.set_ylabel("gradient g = dv/dq", color="tab:red")
-            left.set_title(f"kernel sum v and its gradient g; {len(x)} of {data['n']} points", fontsize=10)
+            left.set_title(f"kernel sum v and its gradient g\n{len(x)} of {data['n']} points", fontsize=10)
         else:
             mean, axes, share = _principal_axes(x)
             xy, gxy = (x - mean) @ axes, g @ axes
             _field(left, fig, xy, gxy, v, arrows)
             left.set_xlabel(f"principal component 1 ({100 * share[0]:.0f}% of variance)")
             left.set_ylabel(f"principal component 2 ({100 * share[1]:.0f}% of variance)")
-            left.set_title(f"points and gradients projected on 2 principal components; {shown}", fontsize=10)
+            left.set_title(f"points and gradients projected on 2 principal components\n{shown}", fontsize=10)
         _histogram(right, g)
         fig.suptitle(f"kgrad output: {kernel}; {about}", fontsize=11)
     fig.tight_layout()

@@ -115,6 +115,7 @@ def resolve_input(location: str, role: str, storage_options: tuple = ()) -> Inpu
                          f"array 'points', or a .npy file")
     if location.endswith(".npy"):
         return InputRef(location, None, storage_options)
+    check_input_format(location, role, storage_options)
     try:
         node = _open_zarr(location, storage_options)
     except Exception as exc:
@@ -127,6 +128,31 @@ def resolve_input(location: str, role: str, storage_options: tuple = ()) -> Inpu
         return InputRef(location, wanted, storage_options)
     raise InputError(f"{role}: zarr group {location!r} holds no array {wanted!r} "
                      f"(it holds: {', '.join(sorted(node.array_keys())) or 'nothing'})")
+
+
+ACCEPTED_INPUTS = "a zarr array, a zarr group holding an array 'points' (and 'weights'), or a .npy file"
+_ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup")  # zarr v3; v2 array, v2 group
+
+
+def check_input_format(location: str, role: str, storage_options: tuple = ()) -> None:
+    """Refuse, in one line naming the accepted formats, an existing input that is neither a .npy file nor
+    a zarr store: a file (CSV, text, HDF5...) or a directory without zarr metadata."""
+    fs, path = _fs(location, storage_options)
+    try:
+        is_file = fs.isfile(path)
+        is_zarr = not is_file and any(fs.exists(f"{path.rstrip('/')}/{name}") for name in _ZARR_METADATA)
+    except Exception:  # unreachable stores are reported by the zarr open that follows
+        return
+    if is_file:
+        suffix = os.path.splitext(path)[1]
+        hint = (f"; convert it with numpy, e.g. np.save('{os.path.splitext(os.path.basename(path))[0]}.npy', "
+                f"np.loadtxt('{os.path.basename(path)}', delimiter=','))" if suffix in (".csv", ".txt", ".tsv")
+                else "")
+        raise InputError(f"{role}: {location!r} is a file but not a .npy file (formats accepted: "
+                         f"{ACCEPTED_INPUTS}){hint}")
+    if not is_zarr:
+        raise InputError(f"{role}: {location!r} is a directory but not a zarr store (it has no "
+                         f"{', '.join(_ZARR_METADATA)}); formats accepted: {ACCEPTED_INPUTS}")
 
 
 def group_weights(ref: InputRef) -> InputRef | None:

@@ -3,8 +3,10 @@
 The data go one way: inputs -> validate -> plan -> tile tasks on dask workers -> output group.  Every
 check in :func:`prepare` happens before anything is written; :func:`run_workflow` then writes.
 
-Workflow file schema (TOML; every key optional except ``inputs.points``; paths are relative to the
-current directory; command-line flags override the file)::
+Workflow file schema (TOML; every key optional except ``inputs.points``; command-line flags override the
+file).  Relative paths in the file (inputs, out, performance_report, cache_dir, the security files and a
+scheduler file) are relative to the directory that holds the file, so it works from any current directory;
+paths given as flags (``--points``, ``--out`` ...) are relative to the current directory::
 
     [inputs]
     points = "data/points.zarr"      # zarr array, zarr group with 'points' (+ 'weights'), or .npy; or URL
@@ -54,7 +56,7 @@ import numpy as np
 
 from . import __version__ as VERSION  # noqa: N812
 from . import store
-from .errors import InputError
+from .errors import RESTART_STEP, RESUME_STEP, InputError
 from .gradients import DTYPES, MODES, TileShape, formulation, source_center
 from .inputs import check_range, check_same_dim
 from .kernels import make_spec
@@ -167,7 +169,33 @@ def load_workflow(path: str) -> RunConfig:
                     raise InputError(f"workflow file {path!r}: [kernel.params] {bad[0]} = {value[bad[0]]!r} "
                                      f"must be a number")
             values["kernel" if (section, key) == ("kernel", "name") else key] = value
-    return RunConfig(**values)
+    return RunConfig(**_relative_to(values, os.path.dirname(os.path.abspath(path))))
+
+
+_PATH_KEYS = ("points", "sources", "weights", "out", "performance_report", "cache_dir")
+
+
+def _is_local_relative(value: str) -> bool:
+    """A relative local path: not a URL (``s3://``, ``file://``), not absolute, not ``~/...``."""
+    return "://" not in value and not os.path.isabs(value) and not value.startswith("~")
+
+
+def _relative_to(values: dict, base: str) -> dict:
+    """A workflow file's values with its relative local paths resolved against ``base``, the file's own
+    directory (so the file works from any current directory): inputs, out, performance_report, cache_dir,
+    the security files, and a scheduler file (a scheduler ending in .json or holding a path separator)."""
+    values = dict(values)
+    for key in _PATH_KEYS:
+        if isinstance(values.get(key), str) and _is_local_relative(values[key]):
+            values[key] = os.path.join(base, values[key])
+    scheduler = values.get("scheduler")
+    if (isinstance(scheduler, str) and scheduler != "local" and _is_local_relative(scheduler)
+            and (scheduler.endswith(".json") or os.sep in scheduler)):
+        values["scheduler"] = os.path.join(base, scheduler)
+    if isinstance(values.get("security"), dict):
+        values["security"] = {k: os.path.join(base, v) if isinstance(v, str) and _is_local_relative(v) else v
+                              for k, v in values["security"].items()}
+    return values
 
 
 @dataclass(frozen=True)
@@ -242,7 +270,7 @@ def prepare(config: RunConfig, worker_memory: int | None = None, planning: bool 
     opts = tuple(sorted(config.storage_options.items()))
     for role in ("points", "sources", "weights"):
         location = getattr(config, role)
-        if location and store.overlaps(config.out, location):
+        if location and config.out and store.overlaps(config.out, location):
             raise InputError(f"--out {config.out!r} would overwrite the {role} input {location!r}; "
                              f"write the output somewhere else")
 
@@ -296,7 +324,8 @@ def prepare(config: RunConfig, worker_memory: int | None = None, planning: bool 
         "N": n, "M": m, "D": dim, "run_fingerprint": fingerprint, "kgrad_version": VERSION,
         "plan": plan.summary(),
     }
-    action, done = _output_action(config, fingerprint, identity, opts, plan) if config.out else ("none", None)
+    output_action = _planned_action if planning else _output_action
+    action, done = output_action(config, fingerprint, identity, opts, plan) if config.out else ("none", None)
     center = source_center(sources, spec)
     check_range(sources, "sources", center, spec.lengthscale, config.dtype)
     check_range(points, "points", center, spec.lengthscale, config.dtype)
@@ -343,6 +372,34 @@ def _output_action(config: RunConfig, fingerprint: str, identity: dict, opts: tu
     if attrs.get("complete"):
         return "complete", None
     return "resume", store.done_tasks(config.out, opts)
+
+
+def _planned_action(config: RunConfig, fingerprint: str, identity: dict, opts: tuple, plan: Plan):
+    """For ``kgrad plan``: what a run with these flags would do with the output, in words; never refuses
+    (an existing output is described, with the flag a run would need)."""
+    if not store.exists(config.out, opts):
+        return "create", None
+    if config.overwrite:
+        return "exists: a run with --overwrite replaces it", None
+    try:
+        action, done = _output_action(dataclasses.replace(config, resume=True), fingerprint, identity, opts, plan)
+    except InputError as exc:  # not a kgrad output, or another run's
+        prefix = f"cannot resume {config.out!r}: "
+        reason = (str(exc)[len(prefix):].split("; use --overwrite")[0] if str(exc).startswith(prefix)
+                  else "it is not a kgrad output")
+        return (f"exists, {reason}: a run with --resume refuses it; use --overwrite (starts over)" if config.resume
+                else f"exists, {reason}: a run needs --overwrite (starts over)"), None
+    if action == "complete":
+        return ("exists, complete: nothing to do with --resume" if config.resume else
+                "exists, complete: a run needs --overwrite (starts over) or does nothing with --resume"), None
+    if action == "overwrite":  # left half-created by a killed run
+        return ("exists, half-created by a run that was stopped: a run "
+                + ("with --resume starts it afresh" if config.resume else "needs --resume or --overwrite "
+                   "(either starts it afresh)")), None
+    n_done = int(done.sum())
+    left = f"{plan.n_tasks - n_done} of {plan.n_tasks} tasks left"
+    return (f"exists, incomplete: a run with --resume runs the {left}" if config.resume else
+            f"exists, incomplete ({left}): a run needs --resume (finishes it) or --overwrite (starts over)"), done
 
 
 _SECURITY_KEYS = ("tls_ca_file", "tls_client_cert", "tls_client_key")
@@ -397,6 +454,7 @@ def check_cluster_memory(client, plan: Plan) -> None:
     """Refuse, before anything is written, a plan whose tasks cannot fit the smallest worker below the
     memory fraction at which that worker's dask pauses it (each worker reports its own)."""
     from .plan import WORKER_BASELINE_BYTES, MiB, memory_fraction, worker_memory_needed
+    from .text import count
 
     try:
         client.wait_for_workers(1, timeout=30)
@@ -414,7 +472,7 @@ def check_cluster_memory(client, plan: Plan) -> None:
         fraction = fractions.get(address) or memory_fraction()
         need = worker_memory_needed(plan.task_memory_bytes, threads, fraction)
         if limit and need > limit:
-            raise InputError(f"a worker with {threads} thread(s) needs about {need / MiB:.0f} MiB "
+            raise InputError(f"a worker with {count(threads, 'thread')} needs about {need / MiB:.0f} MiB "
                              f"({plan.task_memory_bytes / MiB:.0f} MiB per task + {WORKER_BASELINE_BYTES / MiB:.0f}"
                              f" MiB baseline, below the {fraction:.0%} at which dask pauses it) but has "
                              f"{limit / MiB:.0f} MiB; give workers more memory or fewer threads"
@@ -449,19 +507,18 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
         held.release()
 
 
-def _incomplete(config: RunConfig, cause: str, resumable: bool = True,
-                step: str = "fix the cause, then finish it with 'kgrad run ... --resume'") -> str:
+def _incomplete(config: RunConfig, cause: str, step: str = RESUME_STEP) -> str:
     """The one line for a run that stopped with its output written in part: cause, output, next step."""
     where = "" if config.scheduler == "local" or config.scheduler in cause else f" (scheduler {config.scheduler})"
-    if not resumable:
-        step = "start it again with 'kgrad run ... --overwrite' once the inputs stop changing"
     return f"{cause}{where}; {config.out} is incomplete: {step}"
 
 
 def _run_owned(prepared: Prepared, stream) -> dict:
     """The run itself, with the lease held: cluster, output, tasks, checks, completion flag."""
+    from .dashboard import dashboard_link
     from .errors import RunFailed
     from .execute import connect, execute, local_cluster, quiet_dask_logs
+    from .text import count
 
     config, plan, job = prepared.config, prepared.plan, prepared.job
     quiet_dask_logs()
@@ -491,20 +548,21 @@ def _run_owned(prepared: Prepared, stream) -> dict:
             store.create_output(config.out, n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
                                 rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks,
                                 attributes=prepared.attributes, storage_options=job.out_options)
-        link = client.dashboard_link if "dashboard" in client.scheduler_info().get("services", {}) else None
+        link = dashboard_link(client)
         n_workers = len(client.scheduler_info()["workers"])
-        print(f"kgrad: {plan.n_tasks} tasks ({plan.n_points} x {plan.n_sources} pairs, D={plan.dim}, "
-              f"{plan.dtype}, {plan.formulation}) on {n_workers} workers"
+        print(f"kgrad: {count(plan.n_tasks, 'task')} ({plan.n_points} x {plan.n_sources} pairs, D={plan.dim}, "
+              f"{plan.dtype}, {plan.formulation}) on {count(n_workers, 'worker')}"
               + (f"; dashboard {link}" if link else ""), file=stream, flush=True)
         with _performance_report(config.performance_report):
             timings = execute(job, plan, client, done=prepared.done, progress=config.progress, stream=stream,
                               rows_digests=prepared.task_digests, scheduler_timeout=config.scheduler_timeout,
-                              scheduler="(local)" if cluster is not None else getattr(client.scheduler, "address", config.scheduler))
+                              scheduler="(local)" if cluster is not None
+                              else getattr(client.scheduler, "address", config.scheduler))
         _check_inputs_unchanged(prepared)
     except RunFailed as exc:
         if not output_exists:
             raise
-        raise RunFailed(_incomplete(config, str(exc), exc.resumable), exc.resumable) from exc
+        raise RunFailed(_incomplete(config, str(exc), exc.step), exc.step) from exc
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_incomplete(config, "interrupted", step="finish it with 'kgrad run ... --resume'")
                                 if output_exists else "interrupted; nothing was written") from None
@@ -523,9 +581,10 @@ def _run_owned(prepared: Prepared, stream) -> dict:
                     "resumed": prepared.action == "resume", "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     missing = int((~store.done_tasks(config.out, job.out_options)).sum())
     if missing:
-        raise RunFailed(_incomplete(config, f"{missing} of {plan.n_tasks} tasks are not marked done"))
+        raise RunFailed(_incomplete(config, f"{missing} of {count(plan.n_tasks, 'task')} "
+                                            f"{'is' if missing == 1 else 'are'} not marked done"))
     store.finish_output(config.out, {"timings": timings}, job.out_options)
-    print(f"kgrad: wrote {config.out} in {total:.2f} s ({timings['tasks_run']} tasks run, "
+    print(f"kgrad: wrote {config.out} in {total:.2f} s ({count(timings['tasks_run'], 'task')} run, "
           f"{timings['tasks_skipped']} already done)", file=stream, flush=True)
     return {**prepared.attributes, "timings": timings}
 
@@ -558,7 +617,7 @@ def _check_inputs_unchanged(prepared: Prepared) -> None:
         found = store.fingerprint(ref)
         if found != expected:
             raise RunFailed(f"the {role} at {ref.describe()} changed during the run (fingerprint "
-                            f"{expected[:12]} -> {found[:12]})", resumable=False)
+                            f"{expected[:12]} -> {found[:12]})", RESTART_STEP)
 
 
 def run_workflow(config: RunConfig | str, **overrides) -> dict:

@@ -8,7 +8,7 @@ back with ``xarray.open_zarr(..., storage_options=...)`` and compared with the i
 the standard AWS environment variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...) with no options
 (`kgrad plan`: reads and checks the inputs, starts no cluster).
 
-Skipped when moto's server or s3fs is not installed (``pip install 'moto[server]' s3fs``).
+Skipped when moto's server or s3fs is not installed (``pip install -e '.[test]'``: moto[s3], flask, flask-cors, s3fs).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 s3fs = pytest.importorskip("s3fs")
-pytest.importorskip("moto.server")  # moto[server]: flask, werkzeug
+pytest.importorskip("moto.server")  # moto.server needs flask and flask-cors
 pytest.importorskip("flask")
 xr = pytest.importorskip("xarray")
 

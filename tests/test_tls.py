@@ -151,13 +151,15 @@ def tls_cluster_processes(certs: Path, state: Path):
     procs = []
     try:
         scheduler = _start([str(DASK), "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", "0",
-                            "--no-dashboard", *tls("scheduler"), "--scheduler-file", str(scheduler_file)],
+                            "--no-dashboard", "--dashboard-address", "127.0.0.1:0", *tls("scheduler"),
+                            "--scheduler-file", str(scheduler_file)],
                            scheduler_log)
         procs.append((scheduler, scheduler_log))
         addr = _wait_for(address, START_TIMEOUT, "scheduler file", procs)
         assert addr.startswith("tls://127.0.0.1:"), addr
         worker = _start([str(DASK), "worker", addr, *tls("worker"), "--nworkers", "1", "--nthreads", "1",
-                         "--host", "127.0.0.1", "--no-dashboard", "--death-timeout", "60",
+                         "--host", "127.0.0.1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
+                         "--death-timeout", "60",
                          "--local-directory", str(state / "worker-space")], worker_log)
         procs.append((worker, worker_log))
         _wait_for(lambda: "Registered to:" in worker_log.read_text(), START_TIMEOUT, "registered worker", procs)
