@@ -1,7 +1,8 @@
 """kgrad's own exceptions.
 
 :class:`InputError` is what a user can fix before anything runs: the CLI prints its one line and exits 2.
-The others end a run that has started (exit 1, one line naming the cause, the output and the next step).
+The others end a run that has started (exit 1, one line naming the cause, the output and the next step);
+:func:`task_failure` turns whatever a task failed with into that line.
 """
 
 
@@ -11,6 +12,7 @@ class InputError(ValueError):
 
 RESUME_STEP = "fix the cause, then finish it with 'kgrad run ... --resume'"
 RESTART_STEP = "start it again with 'kgrad run ... --overwrite' once the inputs stop changing"
+ENDED_STEP = "see who owns it now with 'kgrad inspect', then resume or start over"
 
 
 class RunFailed(RuntimeError):
@@ -36,3 +38,22 @@ class NonFiniteResultError(RuntimeError):
 
     Not an InputError: it is found only after computing.  The CLI exits 1 with its one-line message; the
     output stays incomplete (the task that found it does not mark itself done)."""
+
+
+def task_failure(exc: BaseException) -> RunFailed:
+    """One line for a task that failed on a worker: the cause, in the user's terms (the worker reports
+    its deterministic failures with it, the runner the rest)."""
+    if isinstance(exc, (InputsChanged, InputError)):
+        return RunFailed(f"{exc}; the run stopped so as not to mix two versions of the data", RESTART_STEP)
+    if isinstance(exc, RunEnded):
+        return RunFailed(f"{exc} (another run took the output over?)", ENDED_STEP)
+    if isinstance(exc, OSError):
+        what = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        return RunFailed(f"a task could not read or write its data: {what}{where}")
+    if type(exc).__name__ == "KilledWorker":
+        return RunFailed(f"workers kept dying while running a task ({exc}); out of memory? give workers more "
+                         f"memory (--memory-limit) or run fewer at once")
+    if type(exc).__name__ in ("CancelledError", "FutureCancelledError"):
+        return RunFailed("the run's tasks were cancelled on the cluster (scheduler restarted or lost?)")
+    return RunFailed(f"a task failed on a worker: {type(exc).__name__}: {exc}")

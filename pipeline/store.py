@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import fsspec
@@ -356,24 +357,20 @@ def rows_digest(rows: np.ndarray) -> str:
 
 def write_task(location: str, start: int, stop: int, index: int, gradient: np.ndarray, value: np.ndarray,
                storage_options: tuple = (), run_fingerprint: str | None = None,
-               owner: str | None = None) -> None:
+               before_done: Callable[[], None] | None = None) -> None:
     """Write one task's rows (whole chunks), then mark it done.  Rewriting gives the same bytes.
 
     With ``run_fingerprint``, refuse to write into an output that now belongs to another run (a task of
-    a killed client finishing after ``--overwrite`` started a new run at the same place).  With ``owner``
-    (the run's lease token), refuse unless that run still holds the output's lease, checked before the
-    chunks are written and again right before the task is marked done (:mod:`pipeline.lease`)."""
-    from .lease import check_owner
-
-    if owner is not None:
-        check_owner(location, owner, storage_options)
+    a killed client finishing after ``--overwrite`` started a new run at the same place).  ``before_done``
+    is called after the chunks are written and right before the task is marked done; it raises to leave
+    the task not done (the worker checks there that its run still holds the output's lease)."""
     group = open_output(location, storage_options, mode="r+")
     if run_fingerprint is not None and group.attrs.get("run_fingerprint") != run_fingerprint:
         raise RunEnded(f"output {location!r} now belongs to another run; this task's results are dropped")
     group["gradient"][start:stop] = gradient
     group["value"][start:stop] = value
-    if owner is not None:
-        check_owner(location, owner, storage_options)
+    if before_done is not None:
+        before_done()
     group["task_done"][index:index + 1] = np.ones(1, np.uint8)
 
 

@@ -63,7 +63,7 @@ from .kernels import make_spec
 from .plan import Plan, make_plan, memory_fraction, usable_cores
 
 if TYPE_CHECKING:
-    from .execute import Job
+    from .worker import Job
 
 _NUMBER = "a number"
 _TEXT = "a string"
@@ -241,7 +241,7 @@ def prepare(config: RunConfig, worker_memory: int | None = None, planning: bool 
     """Validate everything and plan the run.  Raises InputError on any bad input; writes nothing.
 
     ``planning``: for ``kgrad plan``; the output may be left out (its state is then not checked)."""
-    from .execute import Job
+    from .worker import Job
 
     if not config.points:
         raise InputError("no points given; pass --points PATH or set [inputs] points in the workflow")
@@ -517,7 +517,9 @@ def _run_owned(prepared: Prepared, stream) -> dict:
     """The run itself, with the lease held: cluster, output, tasks, checks, completion flag."""
     from .dashboard import dashboard_link
     from .errors import RunFailed
-    from .execute import connect, execute, local_cluster, quiet_dask_logs
+    from .cluster import connect, local_cluster, quiet_dask_logs
+    from .execute import execute
+    from .progress import progress_display
     from .text import count
 
     config, plan, job = prepared.config, prepared.plan, prepared.job
@@ -554,7 +556,8 @@ def _run_owned(prepared: Prepared, stream) -> dict:
               f"{plan.dtype}, {plan.formulation}) on {count(n_workers, 'worker')}"
               + (f"; dashboard {link}" if link else ""), file=stream, flush=True)
         with _performance_report(config.performance_report):
-            timings = execute(job, plan, client, done=prepared.done, progress=config.progress, stream=stream,
+            callbacks = [progress_display(plan.rows_per_task * plan.n_sources, stream)] if config.progress else []
+            timings = execute(job, plan, client, done=prepared.done, callbacks=callbacks,
                               rows_digests=prepared.task_digests, scheduler_timeout=config.scheduler_timeout,
                               scheduler="(local)" if cluster is not None
                               else getattr(client.scheduler, "address", config.scheduler))

@@ -1,4 +1,4 @@
-"""Measure a worker task's memory: run ``pipeline.execute.run_task`` in this (fresh) process, as a dask
+"""Measure a worker task's memory: run ``pipeline.worker.run_task`` in this (fresh) process, as a dask
 worker would, and print one JSON object with the figures.  Used by test_memory.py.
 
     python tests/memory_probe.py JOBS.pkl
@@ -46,7 +46,7 @@ def main(path: str) -> None:
     import numpy as np  # noqa: F401
 
     import distributed  # noqa: F401
-    from pipeline.execute import run_task
+    from pipeline.worker import run_task
 
     with open(path, "rb") as f:
         jobs = pickle.load(f)

@@ -2,7 +2,7 @@
 process they start (scheduler, nannies, workers, and their HTTP/dashboard servers) is on 127.0.0.1.
 
 * ``cluster/start-local-cluster.sh`` (dask CLI scheduler + workers, each in its own process group);
-* ``pipeline.execute.local_cluster`` (kgrad's own LocalCluster: scheduler and nannies in this process,
+* ``pipeline.cluster.local_cluster`` (kgrad's own LocalCluster: scheduler and nannies in this process,
   workers in child processes).
 """
 
@@ -53,7 +53,7 @@ def test_start_local_cluster_script_listens_on_loopback_only(tmp_path):
 _LOCAL_CLUSTER = textwrap.dedent("""\
     import json, os, psutil
     if __name__ == "__main__":
-        from pipeline.execute import local_cluster
+        from pipeline.cluster import local_cluster
         cluster = local_cluster(1)
         try:
             me = psutil.Process()

@@ -135,7 +135,7 @@ def _task_files(out, index: int) -> dict[str, bytes]:
 def test_task_run_twice_writes_same_bytes(prepared_output, undisturbed):
     """run_task twice (a rerun after a lost worker): the chunk files are rewritten (new inodes) with the
     same bytes, which are also the bytes the CLI run wrote for that chunk."""
-    from pipeline.execute import run_task
+    from pipeline.worker import run_task
 
     prepared, out = prepared_output
     tasks = [prepared.plan.tasks[1], prepared.plan.tasks[-1]]  # a whole chunk and the ragged last one
@@ -161,7 +161,7 @@ def test_task_run_twice_writes_same_bytes(prepared_output, undisturbed):
 def test_task_run_concurrently_twice_writes_same_bytes(prepared_output, undisturbed):
     """Two copies of one task writing at the same time (a duplicate while the first still runs) leave
     one whole, correct chunk: each chunk file is replaced atomically."""
-    from pipeline.execute import run_task
+    from pipeline.worker import run_task
 
     prepared, out = prepared_output
     task = prepared.plan.tasks[2]

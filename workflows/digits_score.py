@@ -99,7 +99,7 @@ class Runner:
     def __init__(self, scheduler: str, workers: int):
         self.cluster = None
         if scheduler == "local":
-            from pipeline.execute import local_cluster
+            from pipeline.cluster import local_cluster
 
             self.cluster = local_cluster(workers)
             scheduler = self.cluster.scheduler_address

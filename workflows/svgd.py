@@ -115,7 +115,7 @@ class ClusterTerms:
         os.makedirs(self.work_dir, exist_ok=True)
         self.cluster = None
         if scheduler == "local":  # one cluster for every step, not one per run
-            from pipeline.execute import local_cluster
+            from pipeline.cluster import local_cluster
 
             self.cluster = local_cluster(workers)
             scheduler = self.cluster.scheduler_address

@@ -1,0 +1,155 @@
+"""The cluster side of a run: the worker environment, kgrad's local cluster, and connecting to a scheduler.
+
+:data:`WORKER_ENVIRONMENT` is the one definition of the environment every kgrad worker process needs
+before it starts.  :func:`local_cluster` passes it to its nannies; the cluster scripts take it from here
+(``python -m pipeline.cluster env --shell`` prints ``export K=V`` lines for ``eval``; cluster/k8s/*.yaml
+repeat the values, checked by tests/test_cluster_env.py).
+
+Why: distributed's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap
+threshold at 128 KiB, so every multi-MB XLA temporary is mapped and unmapped again (page faults on every
+tile; tiles ran 4-5x slower).  Both thresholds at 256 MiB keep those temporaries in the heap.  One
+OpenMP/OpenBLAS thread per worker: dask runs one task per thread and XLA has its own pool.
+
+``local_cluster`` binds everything to loopback; ``connect`` reaches an existing scheduler (an address or
+a scheduler file).  Dask's own log lines stay off stderr unless KGRAD_DEBUG is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import sys
+
+from .errors import InputError
+
+MALLOC_THRESHOLD = 256 * 2**20  # 268435456 bytes: XLA's multi-MB temporaries stay in the heap
+WORKER_ENVIRONMENT: dict[str, str] = {
+    "MALLOC_TRIM_THRESHOLD_": str(MALLOC_THRESHOLD),
+    "MALLOC_MMAP_THRESHOLD_": str(MALLOC_THRESHOLD),
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+}
+
+
+def environment_lines(shell: bool = False) -> list[str]:
+    """:data:`WORKER_ENVIRONMENT` as ``K=V`` lines, or ``export K=V`` lines for a POSIX shell's eval."""
+    if shell:
+        return [f"export {key}={shlex.quote(value)}" for key, value in WORKER_ENVIRONMENT.items()]
+    return [f"{key}={value}" for key, value in WORKER_ENVIRONMENT.items()]
+
+
+def quiet_dask_logs() -> None:
+    """Keep dask's own log lines (reconnect attempts, worker errors) off stderr unless KGRAD_DEBUG is set:
+    a run's outcome is kgrad's own lines."""
+    import logging
+
+    import distributed  # noqa: F401  (configures its loggers on import; set the levels after that)
+
+    level = worker_log_level()
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("distributed", "tornado", "bokeh"):
+            logging.getLogger(name).setLevel(level)
+    logging.getLogger("distributed").setLevel(level)
+
+
+def worker_log_level() -> int:
+    """Level of dask's own log lines that reach stderr: none (above CRITICAL) unless KGRAD_DEBUG is set, so
+    a failing run ends in kgrad's one line instead of worker tracebacks."""
+    import logging
+
+    return logging.WARNING if os.environ.get("KGRAD_DEBUG") else logging.CRITICAL + 10
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c():
+    """Spawn the local workers with SIGINT ignored (an ignored signal stays ignored across exec): Ctrl-C
+    in a terminal reaches the whole process group, and the client, not each worker, handles it (cancels
+    the run, closes the cluster) -- otherwise every worker prints its own KeyboardInterrupt traceback."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def local_cluster(workers: int, memory_limit: int | str = "auto", threads_per_worker: int = 1):
+    """A LocalCluster on loopback only, with workers that keep XLA's large temporaries mapped.
+
+    Its nannies start each worker process with :data:`WORKER_ENVIRONMENT` (their pre-spawn-environ).
+    """
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": dict(WORKER_ENVIRONMENT),
+                          "distributed.scheduler.allowed-failures": 5,
+                          "distributed.worker.daemon": False}), _workers_ignore_ctrl_c():
+        return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+                            host="127.0.0.1", dashboard_address="127.0.0.1:0", memory_limit=memory_limit,
+                            silence_logs=worker_log_level())
+
+
+def _client(*args, **kwargs):
+    """``distributed.Client(*args, **kwargs)``, cleaning up after a Client that fails to start.
+
+    Such a Client is closed (and ``dask.config["scheduler"]`` restored) only by its ``__del__``.  Run later,
+    inside another Client's start-up, that ``__del__`` waits on distributed's class-wide LoopRunner lock (a
+    deadlock seen with distributed 2026.8), and until then dask.config says "dask.distributed".  So collect
+    it now, before the error goes up.
+    """
+    import gc
+
+    from distributed import Client
+
+    try:
+        return Client(*args, **kwargs)
+    except Exception as exc:
+        error = exc
+    cause = error
+    while cause is not None:  # tracebacks hold the failed Client's frames
+        cause.__traceback__ = None
+        cause = cause.__cause__ or cause.__context__
+    gc.collect()
+    raise error
+
+
+def connect(scheduler: str, security=None):
+    """A Client for an existing scheduler: ``tcp://host:port``, ``tls://...`` or a scheduler file.
+
+    ``security`` None: distributed's configuration decides (``distributed.comm.tls.*``, e.g. from
+    ``DASK_DISTRIBUTED__COMM__TLS__CA_FILE``).
+    """
+    if os.path.isfile(scheduler):
+        return _client(scheduler_file=scheduler, security=security, timeout="20s")
+    if "://" not in scheduler and (os.sep in scheduler or scheduler.endswith(".json")):
+        raise InputError(f"scheduler file {scheduler!r} does not exist; give 'local', a scheduler address "
+                         f"(tcp://host:8786) or an existing scheduler file")
+    return _client(scheduler, security=security, timeout="20s")
+
+
+def main(argv=None) -> int:
+    """``python -m pipeline.cluster env [--shell]``: print the worker environment."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.cluster",
+                                     description="kgrad's cluster helpers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    env = commands.add_parser("env", help="print the environment every kgrad worker needs (K=V lines)",
+                              description="Print the environment every kgrad worker process needs before it "
+                                          "starts, one K=V a line; with --shell as export lines, for "
+                                          "eval \"$(python -m pipeline.cluster env --shell)\".")
+    env.add_argument("--shell", action="store_true", help="print 'export K=V' lines for a POSIX shell")
+    args = parser.parse_args(argv)
+    if args.command == "env":
+        print("\n".join(environment_lines(shell=args.shell)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The worker side of a run: the task that computes and stores one output chunk, and what a worker process keeps.
+
+:func:`run_task` (and :func:`run_task_reporting`, what the runner submits) run inside dask worker
+processes; they are top-level functions of this module so that dask pickles them by reference.  A
+:class:`Job` is all a worker needs for any task of a run.  Each worker process keeps the prepared sources
+of the current run (:func:`_prepared_sources`) and, on local clusters with ``pin_cores``, pins itself to one
+core (:func:`_pin_to_core`).
+
+Workers build their jitted functions lazily (one compile per process and tile shape, kept in the
+persistent compilation cache), read their query rows and the sources from the input stores themselves,
+write whole output chunks, and return only small dicts: no JAX arrays or jitted functions cross the wire.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import lease, store
+from .errors import InputError, InputsChanged, NonFiniteResultError, RunEnded, task_failure
+from .finite import check_finite_result
+from .gradients import TileShape
+from .kernels import KernelSpec
+from .plan import Task
+
+
+@dataclass(frozen=True)
+class Job:
+    """All a worker needs for any task of a run (small, picklable, immutable)."""
+
+    points: store.InputRef
+    sources: store.InputRef | None  # None: the points are the sources
+    weights: store.InputRef | None  # None: unit weights
+    spec: KernelSpec
+    mode: str
+    dtype: str
+    shape: TileShape
+    center: tuple[float, ...]
+    out: str
+    out_options: tuple = ()
+    fingerprint: str = ""
+    sources_fingerprint: str | None = None  # checked by each worker after it reads the sources
+    weights_fingerprint: str | None = None
+    pin_cores: bool = False
+    cache_dir: str | None = None
+    lease_token: str | None = None  # the run's lease on ``out``: tasks write only while the run holds it
+
+
+_SOURCES: dict = {}
+
+
+def _prepared_sources(job: Job):
+    """Sources prepared once per worker process and run (keyed by the run's fingerprint)."""
+    from .gradients import prepare_sources
+
+    key = (job.fingerprint, job.dtype, job.shape)
+    if key not in _SOURCES:
+        _SOURCES.clear()
+        ref = job.sources or job.points
+        sources, fingerprint = store.load_input(ref, "sources")
+        _check_same_data(ref, fingerprint, job.sources_fingerprint)
+        weights = None
+        if job.weights is not None:
+            weights, fingerprint = store.load_input(job.weights, "weights")
+            _check_same_data(job.weights, fingerprint, job.weights_fingerprint)
+        _SOURCES[key] = prepare_sources(sources, weights, job.spec, job.dtype, job.shape,
+                                        center=np.asarray(job.center)).to_device()
+    return _SOURCES[key]
+
+
+def _check_same_data(ref, found: str, expected: str | None) -> None:
+    if expected is not None and found != expected:
+        raise InputsChanged(f"{ref.describe()} changed since the run checked it, or is not the same file on "
+                            f"every worker (fingerprint {found[:12]} != {expected[:12]})")
+
+
+_PINNED = False
+
+
+def _pin_to_core() -> None:
+    """Pin every thread of this worker process to one core (local clusters with workers <= cores).
+
+    XLA sizes its thread pool from the machine, not from dask; pinning stops two workers' pools from
+    fighting over the same cores.  Threads started later inherit the mask of the thread that starts them.
+    """
+    global _PINNED
+    if _PINNED or not hasattr(os, "sched_setaffinity"):
+        return
+    _PINNED = True
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+        index = int(name) if str(name).isdigit() else 0
+    except Exception:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    core = {cores[index % len(cores)]}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), core)
+        except OSError:
+            pass
+
+
+def run_task(job: Job, task: Task, rows_digest: str | None = None) -> dict:
+    """Compute and store one output chunk: rows ``[task.start, task.stop)`` against all sources.
+
+    ``rows_digest``: the client's digest of these query rows; the task refuses rows that differ (points
+    rewritten during the run), so a run never mixes two versions of its inputs."""
+    from .cache import enable_compilation_cache
+    from .gradients import block_sums, enable_x64
+
+    started = time.perf_counter()
+    if job.pin_cores:
+        _pin_to_core()
+    enable_compilation_cache(job.cache_dir)
+    enable_x64()
+    prepared = _prepared_sources(job)
+    queries = store.read_rows(job.points, task.start, task.stop)
+    if queries.shape != (task.rows, len(job.center)):
+        raise InputsChanged(f"worker read points of shape {queries.shape} for rows {task.start}:{task.stop} "
+                            f"of {job.points.describe()}, expected {(task.rows, len(job.center))}; "
+                            f"is the path shared by all workers?")
+    if rows_digest is not None and store.rows_digest(queries) != rows_digest:
+        raise InputsChanged(f"points rows {task.start}:{task.stop} of {job.points.describe()} changed since "
+                            f"the run checked them, or differ on this worker")
+    gradient = np.empty((task.rows, queries.shape[1]), dtype=job.dtype)
+    value = np.empty(task.rows, dtype=job.dtype)
+    computed = time.perf_counter()
+    for start in range(0, task.rows, job.shape.rows):
+        stop = min(start + job.shape.rows, task.rows)
+        gradient[start:stop], value[start:stop] = block_sums(queries[start:stop], prepared, job.spec,
+                                                             job.mode, job.dtype, job.shape)
+    compute_seconds = time.perf_counter() - computed
+    check_finite_result(gradient, value, job.dtype, job.spec.describe(), rows=(task.start, task.stop))
+    # The run's lease is checked before the chunks are written and again right before the task is marked
+    # done: a run that lost the output (ended, taken over) never writes there.
+    still_owner = None
+    if job.lease_token is not None:
+        still_owner = functools.partial(lease.check_owner, job.out, job.lease_token, job.out_options)
+        still_owner()
+    store.write_task(job.out, task.start, task.stop, task.index, gradient, value, job.out_options,
+                     run_fingerprint=job.fingerprint, before_done=still_owner)
+    return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
+            "compute_seconds": compute_seconds, "pid": os.getpid()}
+
+
+def run_task_reporting(job: Job, task: Task, rows_digest: str | None = None) -> dict:
+    """:func:`run_task`, with the failures that a retry cannot mend returned as ``{"failed": kind,
+    "message": line}`` instead of raised: dask must not retry them (same inputs, same failure) and the
+    worker must not log them (the client ends the run with the one line).  Anything else (a lost file
+    system, a full disk) is raised, and dask retries it."""
+    try:
+        return run_task(job, task, rows_digest)
+    except NonFiniteResultError as exc:
+        return {"index": task.index, "failed": "nonfinite", "message": f"{exc}; the task's rows were not written",
+                "step": "start it again with --dtype float64 and --overwrite"}
+    except (InputsChanged, InputError, RunEnded) as exc:
+        failure = task_failure(exc)
+        return {"index": task.index, "failed": type(exc).__name__, "message": str(failure), "step": failure.step}
