@@ -1,8 +1,9 @@
 """Shared pieces of cluster/ssh_cluster.py and cluster/slurm_cluster.py (keep this file next to them).
 
-* ``WORKER_ENV``: the environment every kgrad worker needs before its process starts (see DESIGN.md:
-  distributed's nanny would otherwise start workers with MALLOC_TRIM_THRESHOLD_=65536, and every multi-MB
-  XLA temporary is mapped and unmapped again).
+* ``WORKER_ENV``: the environment every kgrad worker needs before its process starts, which is
+  ``pipeline.cluster.WORKER_ENVIRONMENT`` (defined there only; see its docstring: distributed's nanny would
+  otherwise start workers with MALLOC_TRIM_THRESHOLD_=65536, and every multi-MB XLA temporary is mapped and
+  unmapped again).
 * ``tls_config(DIR)``: dask configuration for a TLS-only cluster from the files that
   cluster/make-tls-certs.sh writes (ca.pem, scheduler.*, worker.*, client.*).
 * ``serve(address, kgrad_args, tls_dir, scheduler_file)``: write a scheduler file, then either run
@@ -20,13 +21,13 @@ import sys
 import threading
 from pathlib import Path
 
-MALLOC_THRESHOLD = str(256 * 2**20)  # 268435456: keep XLA's large temporaries in the heap
-WORKER_ENV = {
-    "MALLOC_TRIM_THRESHOLD_": MALLOC_THRESHOLD,
-    "MALLOC_MMAP_THRESHOLD_": MALLOC_THRESHOLD,
-    "OMP_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-}
+try:
+    from pipeline.cluster import WORKER_ENVIRONMENT
+except ImportError:  # kgrad not installed in this Python: the repository this file is in
+    sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+    from pipeline.cluster import WORKER_ENVIRONMENT
+
+WORKER_ENV = dict(WORKER_ENVIRONMENT)  # defined once, in pipeline/cluster.py
 TLS_FILES = ("ca.pem", "scheduler.pem", "scheduler.key", "worker.pem", "worker.key", "client.pem", "client.key")
 
 

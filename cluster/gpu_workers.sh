@@ -9,7 +9,8 @@
 # Each worker: one process (under a nanny) and one thread, sees exactly one GPU, advertises the dask
 # resource GPU=1, and starts with
 #     XLA_PYTHON_CLIENT_PREALLOCATE=false   JAX takes GPU memory as needed, not 75% of it up front
-#     MALLOC_TRIM_THRESHOLD_=268435456, MALLOC_MMAP_THRESHOLD_=268435456   (see DESIGN.md)
+#     and the worker environment of `python -m pipeline.cluster env` (MALLOC_TRIM_THRESHOLD_ and
+#     MALLOC_MMAP_THRESHOLD_ at 268435456, one OpenMP/OpenBLAS thread; see pipeline/cluster.py)
 # The workers need JAX with CUDA (pip install 'kgrad[gpu]', i.e. jax[cuda12]) in their Python.
 #
 # Environment:
@@ -19,7 +20,8 @@
 #     MEMORY_LIMIT    host memory per worker (default auto: the machine's memory / number of GPUs)
 #     TLS_DIR         certificates from cluster/make-tls-certs.sh: workers use TLS (worker.pem/worker.key)
 #     LOCAL_DIRECTORY workers' scratch directory (default: dask's)
-#     PYTHON, DASK    interpreter / dask command (default: this repo's .venv if present, else PATH)
+#     PYTHON, DASK    interpreter (with kgrad's dependencies) / dask command (default: this repo's
+#                     .venv if present, else PATH)
 #     DRY_RUN=1       print the commands instead of running them
 set -euo pipefail
 
@@ -63,9 +65,12 @@ if [ -n "${TLS_DIR:-}" ]; then
 fi
 
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-export MALLOC_TRIM_THRESHOLD_=268435456
-export MALLOC_MMAP_THRESHOLD_=268435456
-export OMP_NUM_THREADS=1
+# The worker environment (MALLOC_*_THRESHOLD_, OMP/OPENBLAS threads), defined once in pipeline/cluster.py.
+WORKER_ENV=$(cd "$HERE/.." && "$PYTHON" -m pipeline.cluster env --shell) || {
+    echo "$(basename "$0"): '$PYTHON -m pipeline.cluster env --shell' failed; set PYTHON to a python with kgrad's dependencies" >&2
+    exit 1
+}
+eval "$WORKER_ENV"
 
 use_dask_cuda=${USE_DASK_CUDA:-auto}
 if [ "$use_dask_cuda" = auto ]; then

@@ -22,15 +22,17 @@
 #
 # Environment:
 #     DASK              the dask command (default: `dask` next to PYTHON, else on PATH)
-#     PYTHON            a python with distributed installed (default: the one next to this repo's
-#                       .venv, else python3), used to wait for the workers
+#     PYTHON            a python with kgrad's dependencies installed (default: the one next to this
+#                       repo's .venv, else python3), used to print the worker environment and to wait
+#                       for the workers
 #     MEMORY_LIMIT      per worker process (default: auto)
 #     START_TIMEOUT     seconds to wait for the workers (default 60)
 #     ALLOWED_FAILURES  distributed.scheduler.allowed-failures (default 5, as kgrad's local cluster)
 #
-# Workers start with MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ at 256 MiB (the nanny passes the
-# first on instead of its default 65536): with the defaults every multi-MB XLA temporary is mapped and
-# unmapped again, and tiles run several times slower (see DESIGN.md).  Workers exit by themselves if the
+# Workers start with the environment of `python -m pipeline.cluster env` (pipeline/cluster.py):
+# MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ at 256 MiB (the nanny passes the first on instead of
+# its default 65536): with the defaults every multi-MB XLA temporary is mapped and unmapped again, and
+# tiles run several times slower (see DESIGN.md).  Workers exit by themselves if the
 # scheduler is gone for 60 s (--death-timeout), so a crashed test run leaves nothing behind for long.
 set -euo pipefail
 
@@ -61,8 +63,12 @@ if [ -s "$STATE_DIR/scheduler.pid" ] && kill -0 "$(cat "$STATE_DIR/scheduler.pid
 fi
 rm -f "$SCHEDULER_FILE" "$STATE_DIR/scheduler.pid" "$STATE_DIR/worker.pid"
 
-export MALLOC_TRIM_THRESHOLD_=268435456
-export MALLOC_MMAP_THRESHOLD_=268435456
+# The worker environment (MALLOC_*_THRESHOLD_, OMP/OPENBLAS threads), defined once in pipeline/cluster.py.
+WORKER_ENV=$(cd "$HERE/.." && "$PYTHON" -m pipeline.cluster env --shell) || {
+    echo "$(basename "$0"): '$PYTHON -m pipeline.cluster env --shell' failed; set PYTHON to a python with kgrad's dependencies" >&2
+    exit 1
+}
+eval "$WORKER_ENV"
 export DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=${ALLOWED_FAILURES:-5}
 
 # setsid: each in its own session and process group (pid == pgid), so that stopping it stops all its

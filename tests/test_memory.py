@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import zarr
 
+from pipeline.cluster import WORKER_ENVIRONMENT
+
 pytest.register_assert_rewrite("cluster_fixtures")
 from cluster_fixtures import (PYTHON, REPO, assert_complete, kgrad, kgrad_env, record, start_cluster,  # noqa: E402
                               stop_cluster)
@@ -25,7 +27,7 @@ pytest_plugins = ["cluster_fixtures"]
 
 MiB = 2**20
 M_BIG = 2_000_000
-WORKER_ENV = {"MALLOC_TRIM_THRESHOLD_": str(256 * MiB), "MALLOC_MMAP_THRESHOLD_": str(256 * MiB)}
+WORKER_ENV = dict(WORKER_ENVIRONMENT)  # what kgrad's workers start with
 
 
 @pytest.fixture(scope="module")

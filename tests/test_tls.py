@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.cluster import WORKER_ENVIRONMENT
+
 REPO = Path(__file__).resolve().parents[1]
 MAKE_CERTS = REPO / "cluster" / "make-tls-certs.sh"
 DASK = Path(sys.executable).with_name("dask")
@@ -51,8 +53,7 @@ if not DASK.exists():  # pragma: no cover - a venv without console scripts
 def _env(**extra) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update({"MALLOC_TRIM_THRESHOLD_": "268435456", "MALLOC_MMAP_THRESHOLD_": "268435456",
-                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    env.update(WORKER_ENVIRONMENT)
     env.update(extra)
     return env
 
