@@ -28,6 +28,7 @@ def test_progress_and_dashboard_are_printed(observed_run):
     assert "dashboard http://127.0.0.1:" in proc.stderr, "local clusters are on loopback; the link is printed"
     assert f"{-(-N // 512)}/{-(-N // 512)} tasks (100%)" in proc.stderr, proc.stderr
     assert "G pairs/s" in proc.stderr and "s left" in proc.stderr
+    assert "\r" not in proc.stderr, "stderr is not a terminal: progress comes as whole lines"
 
 
 def test_performance_report_is_written(observed_run):
