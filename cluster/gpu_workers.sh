@@ -67,7 +67,8 @@ fi
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 # The worker environment (MALLOC_*_THRESHOLD_, OMP/OPENBLAS threads), defined once in pipeline/cluster.py.
 WORKER_ENV=$(cd "$HERE/.." && "$PYTHON" -m pipeline.cluster env --shell) || {
-    echo "$(basename "$0"): '$PYTHON -m pipeline.cluster env --shell' failed; set PYTHON to a python with kgrad's dependencies" >&2
+    echo "$(basename "$0"): '$PYTHON -m pipeline.cluster env --shell' failed;" \
+         "set PYTHON to a python with kgrad's dependencies" >&2
     exit 1
 }
 eval "$WORKER_ENV"

@@ -65,7 +65,8 @@ rm -f "$SCHEDULER_FILE" "$STATE_DIR/scheduler.pid" "$STATE_DIR/worker.pid"
 
 # The worker environment (MALLOC_*_THRESHOLD_, OMP/OPENBLAS threads), defined once in pipeline/cluster.py.
 WORKER_ENV=$(cd "$HERE/.." && "$PYTHON" -m pipeline.cluster env --shell) || {
-    echo "$(basename "$0"): '$PYTHON -m pipeline.cluster env --shell' failed; set PYTHON to a python with kgrad's dependencies" >&2
+    echo "$(basename "$0"): '$PYTHON -m pipeline.cluster env --shell' failed;" \
+         "set PYTHON to a python with kgrad's dependencies" >&2
     exit 1
 }
 eval "$WORKER_ENV"

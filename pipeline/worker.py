@@ -50,7 +50,7 @@ class Job:
     lease_token: str | None = None  # the run's lease on ``out``: tasks write only while the run holds it
 
 
-_SOURCES: dict = {}
+_SOURCES: dict = {}  # this worker process's prepared sources: one run's at a time
 
 
 def _prepared_sources(job: Job):
