@@ -36,3 +36,12 @@ class NonFiniteResultError(RuntimeError):
 
     Not an InputError: it is found only after computing.  The CLI exits 1 with its one-line message; the
     output stays incomplete (the task that found it does not mark itself done)."""
+
+
+def user_fixable(exc: BaseException) -> bool:
+    """Whether an error raised while reading a user's inputs or stores is theirs to fix (a path, a
+    permission, credentials, a corrupt or foreign file: OSError, ValueError and the many types storage
+    libraries raise), rather than exhausted resources or a bug in kgrad or a library, which must surface
+    as themselves (exit 1), never as "bad input"."""
+    return not isinstance(exc, (MemoryError, RecursionError, NameError, AttributeError, AssertionError,
+                                SyntaxError, SystemError))
