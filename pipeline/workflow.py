@@ -280,6 +280,11 @@ def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: 
     (an existing output is described, with the flag a run would need)."""
     if not store.exists(config.out, opts):
         return "create", None
+    from . import lease
+
+    owner = lease.read(config.out, opts)
+    if lease.is_live(owner):
+        return f"being written by kgrad {lease.describe(owner)}: a run now is refused until it ends", None
     if config.overwrite:
         return "exists: a run with --overwrite replaces it", None
     try:
