@@ -8,7 +8,7 @@ All compute, for queries = sources = X (N, D) with unit weights and unit lengths
   ``jit(lambda x: sum(vmap(jacfwd(row_kernel), in_axes=(0, None))(x, x), axis=1))`` where
   ``row_kernel(x_j, X)`` is the vector ``k(x_j, X_i)`` over i.  It builds the whole (N, N, D) Jacobian
   and sums after.  The post's ``r2 = -2 X X' + (X .+ X')`` is not a squared distance; this port uses
-  the true one, ``|x_j - X_i|^2`` (DESIGN.md).
+  the true one, ``|x_j - X_i|^2`` (docs/design.md).
 * ``gemm_rbf``: the whole-matrix GEMM form in one jit: r2 by GEMM, exp, then ``K @ X`` and ``K @ 1``.
 * ``keops_rbf``: KeOps LazyTensors with the closed-form gradient (optional: pykeops).
 * ``exp_sum`` / ``sin_sum``: the ceilings, one fused elementwise op + sum over a flat array.

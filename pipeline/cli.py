@@ -25,97 +25,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _kernel_names() -> str:
-    from .kernels import KERNELS
+    from .options import KERNEL_NAMES
 
-    return ", ".join(KERNELS)
+    return ", ".join(KERNEL_NAMES)
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("workflow", nargs="?", help="TOML workflow file (flags override it; relative paths in it are "
-                                               "relative to its directory)")
-    p.add_argument("--points", help="zarr array, zarr group with 'points', .npy file, or URL")
-    p.add_argument("--sources", help="sources (default: the points)")
-    p.add_argument("--weights", help="weights, one per source (default: ones)")
-    p.add_argument("--kernel", help=f"{_kernel_names()}, or a user kernel 'module:function' (default rbf)")
-    p.add_argument("--lengthscale", nargs="+", type=float, metavar="L", help="one value, or one per dimension")
-    p.add_argument("--variance", type=float, help="the kernel's scale s2, a factor on k (default 1)")
-    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="a kernel parameter, e.g. --param alpha=2 (repeatable): alpha (rational_quadratic), "
-                        "c and beta (imq), period (periodic), c and degree (polynomial)")
-    p.add_argument("--dtype", help="float32 (default) or float64")
-    p.add_argument("--mode", help="auto (default), jacfwd or jacrev")
-    p.add_argument("--out", help="output zarr group")
-    p.add_argument("--scheduler", help="local (default), a scheduler address, or a scheduler file")
-    p.add_argument("--workers", type=int, help="workers of the local cluster (default: the cores)")
-    p.add_argument("--tls-ca-file", dest="tls_ca_file", metavar="PEM",
-                   help="TLS scheduler: the cluster's CA certificate (see cluster/make-tls-certs.sh)")
-    p.add_argument("--tls-cert", dest="tls_cert", metavar="PEM", help="TLS scheduler: this client's certificate")
-    p.add_argument("--tls-key", dest="tls_key", metavar="PEM", help="TLS scheduler: this client's private key")
-    p.add_argument("--memory-limit", dest="memory_limit", help="memory per local worker, e.g. 4GiB")
-    p.add_argument("--scheduler-timeout", dest="scheduler_timeout", type=float, metavar="SECONDS",
-                   help="fail (exit 1) when the dask scheduler has not answered for this long (default 60)")
-    p.add_argument("--tile-rows", dest="tile_rows", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--tile-cols", dest="tile_cols", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--rows-per-task", dest="rows_per_task", type=int, help="query rows per task / chunk")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted run of the same job")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="do not print progress (tasks done, rate, time left) on stderr")
-    p.add_argument("--performance-report", dest="performance_report", metavar="FILE.html",
-                   help="write dask's performance report (needs bokeh: pip install 'kgrad[dashboard]')")
+    from .options import add_arguments
 
-
-def _parse_params(items) -> dict:
-    params = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise InputError(f"--param {item!r} is not NAME=VALUE (e.g. --param alpha=2)")
-        try:
-            params[name] = int(value)
-        except ValueError:
-            pass
-        else:
-            continue
-        try:
-            params[name] = float(value)
-        except ValueError:
-            raise InputError(f"--param {item!r}: {value!r} is not a number") from None
-    return params
-
-
-def config_from_args(args):
-    from .workflow import RunConfig, load_workflow
-
-    config = load_workflow(args.workflow) if args.workflow else RunConfig()
-    lengthscale = None
-    if args.lengthscale:
-        lengthscale = args.lengthscale[0] if len(args.lengthscale) == 1 else list(args.lengthscale)
-    params = {**config.params, **_parse_params(args.param)}
-    tls = {"tls_ca_file": args.tls_ca_file, "tls_client_cert": args.tls_cert, "tls_client_key": args.tls_key}
-    security = {**config.security, **{k: v for k, v in tls.items() if v}} or None
-    return config.replace(points=args.points, sources=args.sources, weights=args.weights, kernel=args.kernel,
-                          lengthscale=lengthscale, variance=args.variance, params=params, dtype=args.dtype,
-                          mode=args.mode, out=args.out, scheduler=args.scheduler, workers=args.workers,
-                          memory_limit=args.memory_limit, tile_rows=args.tile_rows, tile_cols=args.tile_cols,
-                          rows_per_task=args.rows_per_task, progress=args.progress, security=security,
-                          performance_report=args.performance_report,
-                          scheduler_timeout=args.scheduler_timeout,
-                          resume=args.resume or None, overwrite=args.overwrite or None)
+    add_arguments(p, kernel_names=_kernel_names())
 
 
 def _format_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    from dask.utils import format_bytes
+
+    return format_bytes(n)
 
 
 def cmd_plan(args) -> int:
+    from .options import options_from_args
     from .workflow import prepare
 
-    config = config_from_args(args)
+    config = options_from_args(args)
     prepared = prepare(config, planning=True)
     plan = prepared.plan
     print(f"kernel        {prepared.job.spec.describe()}  [{plan.formulation}, mode={config.mode}]")
@@ -133,21 +64,22 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from .options import options_from_args
     from .workflow import prepare, run_prepared
 
-    prepared = prepare(config_from_args(args))
+    prepared = prepare(options_from_args(args))
     run_prepared(prepared)
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from .inspect import describe_output
+    from .describe import describe_output
 
     info = describe_output(args.out)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:
-        from .inspect import format_output
+        from .describe import format_output
 
         print(format_output(info))
     return 0

@@ -40,6 +40,15 @@ class NonFiniteResultError(RuntimeError):
     output stays incomplete (the task that found it does not mark itself done)."""
 
 
+def user_fixable(exc: BaseException) -> bool:
+    """Whether an error raised while reading a user's inputs or stores is theirs to fix (a path, a
+    permission, credentials, a corrupt or foreign file: OSError, ValueError and the many types storage
+    libraries raise), rather than exhausted resources or a bug in kgrad or a library, which must surface
+    as themselves (exit 1), never as "bad input"."""
+    return not isinstance(exc, (MemoryError, RecursionError, NameError, AttributeError, AssertionError,
+                                SyntaxError, SystemError))
+
+
 def task_failure(exc: BaseException) -> RunFailed:
     """One line for a task that failed on a worker: the cause, in the user's terms (the worker reports
     its deterministic failures with it, the runner the rest)."""

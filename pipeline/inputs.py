@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, user_fixable
 
 
 def as_point_array(values, name: str) -> np.ndarray:
@@ -16,7 +16,9 @@ def as_point_array(values, name: str) -> np.ndarray:
     try:
         array = np.asarray(values)
     except Exception as exc:  # ragged lists and the like (numpy raises ValueError)
-        raise InputError(f"{name} could not be read as an array ({exc})") from None
+        if not user_fixable(exc):
+            raise
+        raise InputError(f"{name} could not be read as an array ({exc})") from exc
     if array.dtype.kind not in "fiu":
         raise InputError(f"{name} has dtype {array.dtype}; it must hold real numbers (float or int)")
     if array.ndim == 1:
@@ -35,7 +37,9 @@ def as_weights(values, n_sources: int, name: str = "weights") -> np.ndarray:
     try:
         weights = np.asarray(values)
     except Exception as exc:
-        raise InputError(f"{name} could not be read as an array ({exc})") from None
+        if not user_fixable(exc):
+            raise
+        raise InputError(f"{name} could not be read as an array ({exc})") from exc
     if weights.dtype.kind not in "fiu":
         raise InputError(f"{name} has dtype {weights.dtype}; it must hold real numbers")
     if weights.ndim == 2 and weights.shape[1] == 1:

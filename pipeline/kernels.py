@@ -100,7 +100,6 @@ class Kernel:
     # "direct": exact per-dimension differences for r2 and for sum_i f'_ji (q_j - x_i) (Matern 1/2,
     # whose f'(r2) ~ 1/r turns the GEMM form's cancellation into large errors for close pairs).
     distances: str = "gemm"
-    doc: str = ""
 
     @property
     def structure(self) -> str:
@@ -122,11 +121,11 @@ def _scaled_r2(q, x, p):
     return jnp.sum(d * d)
 
 
-def _radial(name, profile, params=(), doc="", distances="gemm", exponent=None):
+def _radial(name, profile, params=(), distances="gemm", exponent=None):
     def evaluate(q, x, p):
         return profile(_scaled_r2(q, x, p), p)
 
-    return Kernel(name=name, evaluate=evaluate, params=params, radial_profile=profile, doc=doc,
+    return Kernel(name=name, evaluate=evaluate, params=params, radial_profile=profile,
                   distances=distances, exponent=exponent)
 
 
@@ -200,32 +199,29 @@ def _polynomial_profile(s, p):
     return p["variance"] * (s + p["c"]) ** p["degree"]  # integer degree: lax.integer_pow
 
 
-def _dot(name, profile, params=(), doc=""):
+def _dot(name, profile, params=()):
     def evaluate(q, x, p):
         return profile(jnp.dot(q, x), p)
 
     return Kernel(name=name, evaluate=evaluate, params=params, dot_profile=profile,
-                  uses_lengthscale=False, stationary=False, doc=doc)
+                  uses_lengthscale=False, stationary=False)
 
 
 KERNELS: Mapping[str, Kernel] = {
     k.name: k
     for k in (
-        _radial("rbf", _rbf, doc="s2 exp(-r^2/2)", exponent=_rbf_exponent),
-        _radial("matern12", _matern12, doc="s2 exp(-r)", distances="direct"),
-        _radial("matern32", _matern32, doc="s2 (1 + sqrt3 r) exp(-sqrt3 r)", distances="wide"),
-        _radial("matern52", _matern52, doc="s2 (1 + sqrt5 r + 5 r^2/3) exp(-sqrt5 r)",
+        _radial("rbf", _rbf, exponent=_rbf_exponent),
+        _radial("matern12", _matern12, distances="direct"),
+        _radial("matern32", _matern32, distances="wide"),
+        _radial("matern52", _matern52,
                 distances="wide"),
-        _radial("rational_quadratic", _rational_quadratic, (Param("alpha", 1.0),),
-                doc="s2 (1 + r^2/(2 alpha))^(-alpha)"),
-        _radial("imq", _imq, (Param("c", 1.0), Param("beta", 0.5)), doc="s2 (c^2 + r^2)^(-beta)"),
-        Kernel("periodic", _periodic, (Param("period", 1.0),),
-               doc="s2 exp(-2 sum_d sin^2(pi (q_d - x_d)/period) / l_d^2)"),
-        _dot("linear", _linear_profile, doc="s2 q.x"),
+        _radial("rational_quadratic", _rational_quadratic, (Param("alpha", 1.0),)),
+        _radial("imq", _imq, (Param("c", 1.0), Param("beta", 0.5))),
+        Kernel("periodic", _periodic, (Param("period", 1.0),)),
+        _dot("linear", _linear_profile),
         _dot("polynomial", _polynomial_profile,
              (Param("c", 1.0, lower_inclusive=True), Param("degree", 2, lower=1, lower_inclusive=True,
-                                                           integer=True)),
-             doc="s2 (q.x + c)^degree"),
+                                                           integer=True))),
     )
 }
 
@@ -270,12 +266,12 @@ def load_user_kernel(ref: str) -> Kernel:
     try:
         module = importlib.import_module(module_name)
         fn = getattr(module, attr)
-    except Exception as exc:  # ImportError, AttributeError, or the module's own errors on import
+    except Exception as exc:  # ImportError, AttributeError, or the module's own errors on import (user code)
         raise InputError(f"user kernel {ref!r} could not be loaded ({exc}); it must be an importable "
-                         f"'module:function' taking (q, x, params)") from None
+                         f"'module:function' taking (q, x, params)") from exc
     if not callable(fn):
         raise InputError(f"user kernel {ref!r} is not callable; it must be a function k(q, x, params)")
-    return Kernel(name=ref, evaluate=fn, stationary=False, user=True, doc="user kernel")
+    return Kernel(name=ref, evaluate=fn, stationary=False, user=True)
 
 
 def get_kernel(name: str) -> Kernel:
@@ -328,9 +324,9 @@ def _check_user_kernel(kernel: Kernel, spec: KernelSpec, dim: int) -> None:
     point = jax.ShapeDtypeStruct((dim,), jnp.float32)
     try:
         out = jax.eval_shape(lambda q, x: kernel.evaluate(q, x, p), point, point)
-    except Exception as exc:
+    except Exception as exc:  # anything the user's kernel raises while traced
         raise InputError(f"user kernel {kernel.name!r} failed on two points of dimension {dim} "
-                         f"({type(exc).__name__}: {exc})") from None
+                         f"({type(exc).__name__}: {exc})") from exc
     if getattr(out, "shape", None) != ():
         raise InputError(f"user kernel {kernel.name!r} returned shape {getattr(out, 'shape', out)} for two "
                          f"points; it must return a scalar k(q, x)")

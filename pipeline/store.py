@@ -27,7 +27,7 @@ import fsspec
 import numpy as np
 import zarr
 
-from .errors import InputError, RunEnded
+from .errors import InputError, RunEnded, user_fixable
 from .inputs import check_finite
 from .plan import READ_BLOCK_ROWS
 
@@ -61,7 +61,7 @@ def _fs(location: str, storage_options: tuple = ()):
         fs, path = fsspec.core.url_to_fs(location, **dict(storage_options))
     except (ImportError, ValueError, TypeError) as exc:  # no s3fs/gcsfs/adlfs, unknown protocol or option
         raise InputError(f"{location!r} cannot be opened ({type(exc).__name__}: {exc}); install the "
-                         f"filesystem's package (e.g. s3fs) and check storage_options") from None
+                         f"filesystem's package (e.g. s3fs) and check storage_options") from exc
     return fs, path
 
 
@@ -91,8 +91,10 @@ def exists(location: str, storage_options: tuple = ()) -> bool:
     try:
         return fs.exists(path)
     except Exception as exc:  # credentials, endpoint, permissions: botocore & co. raise their own types
+        if not user_fixable(exc):
+            raise
         raise InputError(f"{location!r} could not be reached ({type(exc).__name__}: {exc}); check the URL, "
-                         f"the credentials and storage_options (e.g. client_kwargs.endpoint_url)") from None
+                         f"the credentials and storage_options (e.g. client_kwargs.endpoint_url)") from exc
 
 
 def _store(location: str, storage_options: tuple = (), read_only: bool = False):
@@ -120,8 +122,10 @@ def resolve_input(location: str, role: str, storage_options: tuple = ()) -> Inpu
     try:
         node = _open_zarr(location, storage_options)
     except Exception as exc:
+        if not user_fixable(exc):
+            raise
         raise InputError(f"{role}: {location!r} could not be read as a zarr array or group "
-                         f"({type(exc).__name__}: {exc}); is it a .npy file or a corrupt store?") from None
+                         f"({type(exc).__name__}: {exc}); is it a .npy file or a corrupt store?") from exc
     if isinstance(node, zarr.Array):
         return InputRef(location, None, storage_options)
     wanted = "weights" if role == "weights" else "points"
@@ -206,7 +210,9 @@ def load_input(ref: InputRef, role: str) -> tuple[np.ndarray, str]:
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"{role}: {ref.describe()} could not be read ({type(exc).__name__}: {exc})") from None
+        if not user_fixable(exc):
+            raise
+        raise InputError(f"{role}: {ref.describe()} could not be read ({type(exc).__name__}: {exc})") from exc
     if dtype.kind not in "fiu":
         raise InputError(f"{role}: {ref.describe()} has dtype {dtype}; it must hold real numbers")
     expected = (1,) if role == "weights" else (1, 2)
@@ -228,8 +234,10 @@ def load_input(ref: InputRef, role: str) -> tuple[np.ndarray, str]:
     except InputError:
         raise
     except Exception as exc:
+        if not user_fixable(exc):
+            raise
         raise InputError(f"{role}: {ref.describe()} could not be read ({type(exc).__name__}: {exc}); "
-                         f"the store may be corrupt") from None
+                         f"the store may be corrupt") from exc
     if role != "weights" and data.ndim == 1:
         data = data[:, None]
     return data, digest.hexdigest()
@@ -299,7 +307,7 @@ def output_kind(location: str, storage_options: tuple = ()) -> str:
         raise
     except OSError as exc:
         raise InputError(f"--out {location!r} could not be listed ({exc}); check the path and "
-                         f"its permissions") from None
+                         f"its permissions") from exc
     files = [f for f in files if f and f != LEASE_FILE]
     if not files:
         return "empty"
@@ -346,8 +354,10 @@ def open_output(location: str, storage_options: tuple = (), mode: str = "r"):
     try:
         return zarr.open_group(store=_store(location, storage_options, mode == "r"), mode=mode)
     except Exception as exc:
+        if not user_fixable(exc):
+            raise
         raise InputError(f"output {location!r} is not a kgrad output group ({type(exc).__name__}: {exc})") \
-            from None
+            from exc
 
 
 def rows_digest(rows: np.ndarray) -> str:

@@ -1,43 +1,16 @@
-"""Workflows: a run's configuration (TOML file and/or flags), its validation and plan, and the run itself.
+"""A run from its options to its output: validation and planning (:func:`prepare`), then the run itself
+(:func:`run_prepared`), on a dask cluster, zarr in and out.
 
-The data go one way: inputs -> validate -> plan -> tile tasks on dask workers -> output group.  Every
-check in :func:`prepare` happens before anything is written; :func:`run_workflow` then writes.
+The data go one way.  :func:`prepare` is a series of typed stages, each taking only what the one before
+made, and nothing is written until all of them have passed:
 
-Workflow file schema (TOML; every key optional except ``inputs.points``; command-line flags override the
-file).  Relative paths in the file (inputs, out, performance_report, cache_dir, the security files and a
-scheduler file) are relative to the directory that holds the file, so it works from any current directory;
-paths given as flags (``--points``, ``--out`` ...) are relative to the current directory::
+    RunOptions -> checked options -> Inputs (resolved, read, fingerprinted) -> Problem (kernel, plan,
+    centre; shared with the in-process API) -> Provenance (run identity, attributes) -> output action
+    -> Job (what every task needs) = Prepared
 
-    [inputs]
-    points = "data/points.zarr"      # zarr array, zarr group with 'points' (+ 'weights'), or .npy; or URL
-    sources = "data/sources.zarr"    # default: the points
-    weights = "data/weights.npy"     # default: the group's 'weights' array if any, else ones
-    storage_options = {}             # fsspec options for URLs (s3://...), e.g. {anon = false}
-
-    [kernel]
-    name = "rbf"                     # or a user kernel "module:function"
-    lengthscale = 1.0                # or one per dimension: [0.5, 1.0, 2.0]
-    variance = 1.0
-    [kernel.params]                  # the kernel's own parameters
-    alpha = 1.0
-
-    [run]
-    out = "out/result.zarr"
-    dtype = "float32"                # float32 | float64
-    mode = "auto"                    # auto | jacfwd | jacrev
-    scheduler = "local"              # local | tcp://host:port | tls://... | scheduler.json
-    workers = 2                      # local cluster only; default: the cores available
-    threads_per_worker = 1           # local cluster only
-    pin_cores = true                 # local cluster only; default: pin when workers <= cores
-    memory_limit = "auto"            # per local worker, e.g. "4GiB"
-    tile_rows = 512                  # optional tile overrides
-    tile_cols = 1024
-    rows_per_task = 8192
-    progress = true                  # tasks done / total, rate, time left on stderr
-    performance_report = "report.html"   # optional: dask's HTML performance report (needs bokeh)
-    cache_dir = "~/.cache/kgrad/jax"     # JAX compilation cache (must be private to the user)
-    security = {tls_ca_file = "ca.pem", tls_client_cert = "client.pem", tls_client_key = "client-key.pem"}
-    scheduler_timeout = 60           # fail (exit 1) when the scheduler has not answered for this long
+:func:`run_prepared` then takes the output's lease, creates or resumes the output, runs the tasks
+(:mod:`pipeline.execute` on a cluster from :mod:`pipeline.cluster`) and marks it complete.  The options
+and the workflow file are defined in :mod:`pipeline.options`.
 """
 
 from __future__ import annotations
@@ -57,164 +30,33 @@ import numpy as np
 from . import __version__ as VERSION  # noqa: N812
 from . import store
 from .errors import RESTART_STEP, RESUME_STEP, InputError
-from .gradients import DTYPES, MODES, TileShape, formulation, source_center
-from .inputs import check_range, check_same_dim
-from .kernels import make_spec
-from .plan import Plan, make_plan, memory_fraction, usable_cores
+from .inputs import check_same_dim
+from .options import RunOptions, load_workflow
+from .plan import Plan, memory_fraction, usable_cores
+from .problem import Problem, make_problem
 
 if TYPE_CHECKING:
     from .worker import Job
 
-_NUMBER = "a number"
-_TEXT = "a string"
-_WHOLE = "a whole number"
-_TABLE = "a table"
-_SECTIONS = {
-    "inputs": {"points": _TEXT, "sources": _TEXT, "weights": _TEXT, "storage_options": _TABLE},
-    "kernel": {"name": _TEXT, "lengthscale": "a number or a list of numbers", "variance": _NUMBER,
-               "params": _TABLE},
-    "run": {"out": _TEXT, "dtype": _TEXT, "mode": _TEXT, "scheduler": _TEXT, "workers": _WHOLE,
-            "threads_per_worker": _WHOLE, "pin_cores": "true or false",
-            "memory_limit": "a size such as '4GiB'", "tile_rows": _WHOLE, "tile_cols": _WHOLE,
-            "rows_per_task": _WHOLE, "progress": "true or false", "cache_dir": _TEXT, "security": _TABLE,
-            "performance_report": _TEXT, "scheduler_timeout": _NUMBER},
-}
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _type_ok(kind: str, value) -> bool:
-    if kind == _TEXT:
-        return isinstance(value, str)
-    if kind == _NUMBER:
-        return _is_number(value)
-    if kind == _WHOLE:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == _TABLE:
-        return isinstance(value, dict)
-    if kind.startswith("a number or a list"):
-        return _is_number(value) or (isinstance(value, list) and all(_is_number(v) for v in value))
-    if kind.startswith("a size"):
-        return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
-    if kind == "true or false":
-        return isinstance(value, bool)
-    return True
-
-
-@dataclass
-class RunConfig:
-    """One run's settings, from a workflow file, flags, or Python."""
-
-    points: str | None = None
-    sources: str | None = None
-    weights: str | None = None
-    storage_options: dict = field(default_factory=dict)
-    kernel: str = "rbf"
-    lengthscale: float | list = 1.0
-    variance: float = 1.0
-    params: dict = field(default_factory=dict)
-    out: str | None = None
-    dtype: str = "float32"
-    mode: str = "auto"
-    scheduler: str = "local"
-    workers: int | None = None
-    threads_per_worker: int = 1
-    pin_cores: bool | None = None  # None: pin when a local cluster has no more workers than cores
-    memory_limit: str | int = "auto"
-    tile_rows: int | None = None
-    tile_cols: int | None = None
-    rows_per_task: int | None = None
-    progress: bool = True
-    performance_report: str | None = None  # write dask's HTML performance report here
-    cache_dir: str | None = None
-    security: dict = field(default_factory=dict)  # tls_ca_file, tls_client_cert, tls_client_key
-    scheduler_timeout: float = 60.0  # seconds without an answer from the scheduler before the run fails
-    resume: bool = False
-    overwrite: bool = False
-
-    def replace(self, **changes) -> "RunConfig":
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-
-def load_workflow(path: str) -> RunConfig:
-    """Read a TOML workflow file (data only: nothing in it is executed)."""
-    try:
-        import tomllib
-    except ImportError:  # Python < 3.11
-        import tomli as tomllib
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError:
-        raise InputError(f"workflow file {path!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"workflow file {path!r} is not valid TOML: {exc}") from None
-    values: dict = {}
-    for section, table in doc.items():
-        if section not in _SECTIONS or not isinstance(table, dict):
-            raise InputError(f"workflow file {path!r}: unknown section [{section}]; "
-                             f"allowed: {', '.join('[' + s + ']' for s in _SECTIONS)}")
-        for key, value in table.items():
-            if key not in _SECTIONS[section]:
-                raise InputError(f"workflow file {path!r}: unknown key {key!r} in [{section}]; "
-                                 f"allowed: {', '.join(sorted(_SECTIONS[section]))}")
-            kind = _SECTIONS[section][key]
-            if not _type_ok(kind, value):
-                raise InputError(f"workflow file {path!r}: [{section}] {key} = {value!r} must be {kind}")
-            if (section, key) == ("kernel", "params"):
-                bad = [k for k, v in value.items() if not _is_number(v)]
-                if bad:
-                    raise InputError(f"workflow file {path!r}: [kernel.params] {bad[0]} = {value[bad[0]]!r} "
-                                     f"must be a number")
-            values["kernel" if (section, key) == ("kernel", "name") else key] = value
-    return RunConfig(**_relative_to(values, os.path.dirname(os.path.abspath(path))))
-
-
-_PATH_KEYS = ("points", "sources", "weights", "out", "performance_report", "cache_dir")
-
-
-def _is_local_relative(value: str) -> bool:
-    """A relative local path: not a URL (``s3://``, ``file://``), not absolute, not ``~/...``."""
-    return "://" not in value and not os.path.isabs(value) and not value.startswith("~")
-
-
-def _relative_to(values: dict, base: str) -> dict:
-    """A workflow file's values with its relative local paths resolved against ``base``, the file's own
-    directory (so the file works from any current directory): inputs, out, performance_report, cache_dir,
-    the security files, and a scheduler file (a scheduler ending in .json or holding a path separator)."""
-    values = dict(values)
-    for key in _PATH_KEYS:
-        if isinstance(values.get(key), str) and _is_local_relative(values[key]):
-            values[key] = os.path.join(base, values[key])
-    scheduler = values.get("scheduler")
-    if (isinstance(scheduler, str) and scheduler != "local" and _is_local_relative(scheduler)
-            and (scheduler.endswith(".json") or os.sep in scheduler)):
-        values["scheduler"] = os.path.join(base, scheduler)
-    if isinstance(values.get("security"), dict):
-        values["security"] = {k: os.path.join(base, v) if isinstance(v, str) and _is_local_relative(v) else v
-                              for k, v in values["security"].items()}
-    return values
+RunConfig = RunOptions  # the name scripts written for earlier versions import
+__all__ = ["RunOptions", "RunConfig", "load_workflow", "prepare", "run_prepared", "run_workflow"]
 
 
 @dataclass(frozen=True)
 class Prepared:
     """A validated run: what it reads, computes and writes.  Nothing has been written yet."""
 
-    config: RunConfig
+    config: RunOptions
     job: "Job"
     plan: Plan
     attributes: dict
-    action: str  # "create", "overwrite", "resume" or "complete"
+    action: str  # "create", "overwrite", "resume" or "complete" (kgrad plan: a sentence)
     done: np.ndarray | None
     identity: dict = field(default_factory=dict)  # what the run fingerprint hashes
     task_digests: tuple = ()  # per task: blake2b of its query rows as read (workers check them)
 
 
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise InputError(f"{name}={value!r} is not supported; use one of {', '.join(allowed)}")
+# ----------------------------------------------------------------------------------------- stage 1: options
 
 
 def _parse_memory(value) -> int | None:
@@ -228,90 +70,129 @@ def _parse_memory(value) -> int | None:
         raise InputError(f"memory_limit={value!r} is not a size; use e.g. '4GiB' or 'auto'") from None
 
 
-def local_worker_memory(config: RunConfig, workers: int) -> int:
-    explicit = _parse_memory(config.memory_limit)
+def local_worker_memory(options: RunOptions, workers: int) -> int:
+    """Memory per local worker: ``memory_limit``, or this machine's (cgroup-aware, as dask sees it) share."""
+    explicit = _parse_memory(options.memory_limit)
     if explicit:
         return explicit
-    import psutil
+    from distributed.system import MEMORY_LIMIT
 
-    return int(psutil.virtual_memory().total / workers)
+    return int(MEMORY_LIMIT / workers)
 
 
-def prepare(config: RunConfig, worker_memory: int | None = None, planning: bool = False) -> Prepared:
-    """Validate everything and plan the run.  Raises InputError on any bad input; writes nothing.
-
-    ``planning``: for ``kgrad plan``; the output may be left out (its state is then not checked)."""
-    from .worker import Job
-
-    if not config.points:
+def check_options(options: RunOptions, planning: bool = False) -> RunOptions:
+    """Every check that needs no data, and local paths made absolute (workers resolve paths in their own
+    working directories).  dtype and mode are checked with the problem (:func:`make_problem`)."""
+    if not options.points:
         raise InputError("no points given; pass --points PATH or set [inputs] points in the workflow")
-    if not config.out and not planning:
+    if not options.out and not planning:
         raise InputError("no output given; pass --out PATH or set [run] out in the workflow")
-    _check_choice("dtype", config.dtype, DTYPES)
-    _check_choice("mode", config.mode, MODES)
-    if config.resume and config.overwrite:
+    if options.resume and options.overwrite:
         raise InputError("--resume and --overwrite exclude each other; choose one")
-    if not isinstance(config.scheduler_timeout, (int, float)) or isinstance(config.scheduler_timeout, bool) \
-            or not config.scheduler_timeout > 0:
-        raise InputError(f"scheduler_timeout={config.scheduler_timeout!r} must be a number of seconds > 0")
-    if config.performance_report:
+    timeout = options.scheduler_timeout
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+        raise InputError(f"scheduler_timeout={timeout!r} must be a number of seconds > 0")
+    if options.performance_report:
         try:
             import bokeh  # noqa: F401  (distributed renders the report with bokeh)
         except ImportError:
             raise InputError("--performance-report needs bokeh; pip install 'kgrad[dashboard]'") from None
-    workers = config.workers if config.workers is not None else usable_cores()
+    workers = options.workers if options.workers is not None else usable_cores()
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise InputError(f"workers={workers!r} must be a whole number >= 1")
-    # Workers resolve paths in their own working directory: make local paths absolute here.
-    config = config.replace(**{role: store.absolute(getattr(config, role))
-                               for role in ("points", "sources", "weights", "out") if getattr(config, role)})
-    if not isinstance(config.storage_options, dict):
-        raise InputError(f"storage_options={config.storage_options!r} must be a table/dict of fsspec options")
-    opts = tuple(sorted(config.storage_options.items()))
+    if not isinstance(options.storage_options, dict):
+        raise InputError(f"storage_options={options.storage_options!r} must be a table/dict of fsspec options")
+    options = options.replace(workers=workers, **{
+        role: store.absolute(getattr(options, role))
+        for role in ("points", "sources", "weights", "out") if getattr(options, role)})
     for role in ("points", "sources", "weights"):
-        location = getattr(config, role)
-        if location and config.out and store.overlaps(config.out, location):
-            raise InputError(f"--out {config.out!r} would overwrite the {role} input {location!r}; "
+        location = getattr(options, role)
+        if location and options.out and store.overlaps(options.out, location):
+            raise InputError(f"--out {options.out!r} would overwrite the {role} input {location!r}; "
                              f"write the output somewhere else")
+    return options
 
-    points_ref = store.resolve_input(config.points, "points", opts)
-    points, points_fp = store.load_input(points_ref, "points")
-    if config.sources:
-        sources_ref = store.resolve_input(config.sources, "sources", opts)
-        sources, sources_fp = store.load_input(sources_ref, "sources")
+
+# ----------------------------------------------------------------------------------------- stage 2: inputs
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The run's inputs: where each lives, its data as stored, and its fingerprint."""
+
+    points: store.InputRef
+    sources: store.InputRef | None  # None: the points are the sources
+    weights: store.InputRef | None  # None: unit weights
+    point_data: np.ndarray = field(repr=False)
+    source_data: np.ndarray = field(repr=False)
+    fingerprints: dict = field(default_factory=dict)  # role -> blake2b of shape, dtype and bytes
+
+    def identity(self) -> dict:
+        """Location, array, fingerprint (and shape) of each input, as the run identity records them."""
+        def entry(ref, role, shape=None):
+            if ref is None:
+                return None
+            item = {"location": ref.location, "array": ref.array, "fingerprint": self.fingerprints[role]}
+            return item if shape is None else {**item, "shape": list(shape)}
+
+        return {"points": entry(self.points, "points", self.point_data.shape),
+                "sources": entry(self.sources, "sources", self.source_data.shape),
+                "weights": entry(self.weights, "weights")}
+
+
+def read_inputs(options: RunOptions, storage: tuple) -> Inputs:
+    """Resolve, read, check and fingerprint the points, sources and weights."""
+    points_ref = store.resolve_input(options.points, "points", storage)
+    fingerprints: dict = {}
+    points, fingerprints["points"] = store.load_input(points_ref, "points")
+    sources_ref, sources = None, points
+    if options.sources:
+        sources_ref = store.resolve_input(options.sources, "sources", storage)
+        sources, fingerprints["sources"] = store.load_input(sources_ref, "sources")
         check_same_dim(points, sources)
-    else:
-        sources_ref, sources, sources_fp = None, points, points_fp
-    weights_ref = (store.resolve_input(config.weights, "weights", opts) if config.weights
+    weights_ref = (store.resolve_input(options.weights, "weights", storage) if options.weights
                    else store.group_weights(sources_ref or points_ref))
-    weights_fp = None
     if weights_ref is not None:
-        weights, weights_fp = store.load_input(weights_ref, "weights")
+        weights, fingerprints["weights"] = store.load_input(weights_ref, "weights")
         if weights.shape[0] != sources.shape[0]:
             raise InputError(f"weights ({weights_ref.describe()}) has {weights.shape[0]} entries but there "
                              f"are M={sources.shape[0]} sources; give one weight per source")
+    return Inputs(points_ref, sources_ref, weights_ref, points, sources, fingerprints)
 
-    n, dim = points.shape
-    m = sources.shape[0]
-    spec = make_spec(config.kernel, dim, config.lengthscale, config.variance, **config.params)
-    form = formulation(spec, config.mode)
-    if worker_memory is None and config.scheduler == "local":
-        worker_memory = local_worker_memory(config, workers)
-    plan = make_plan(n, m, dim, dtype=config.dtype, formulation=form, workers=workers,
-                     worker_memory_bytes=worker_memory, rows=config.tile_rows, cols=config.tile_cols,
-                     rows_per_task=config.rows_per_task, cores=usable_cores(),
-                     threads_per_worker=config.threads_per_worker, distances=spec.kernel.distances,
-                     usable_fraction=memory_fraction())
+
+# ----------------------------------------------------------------------------------------- stage 3: problem
+
+
+def plan_problem(options: RunOptions, inputs: Inputs, worker_memory: int | None = None) -> Problem:
+    """The problem, planned for this run's workers (on a local cluster: against their memory)."""
+    if worker_memory is None and options.scheduler == "local":
+        worker_memory = local_worker_memory(options, options.workers)
+    return make_problem(inputs.point_data, inputs.source_data, kernel=options.kernel,
+                        lengthscale=options.lengthscale, variance=options.variance, params=options.params,
+                        dtype=options.dtype, mode=options.mode, workers=options.workers,
+                        worker_memory_bytes=worker_memory, rows=options.tile_rows, cols=options.tile_cols,
+                        rows_per_task=options.rows_per_task, cores=usable_cores(),
+                        threads_per_worker=options.threads_per_worker, usable_fraction=memory_fraction())
+
+
+# ----------------------------------------------------------------------------------------- stage 4: provenance
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What identifies a run (a resume must match it) and the attributes its output records."""
+
+    identity: dict
+    fingerprint: str
+    attributes: dict
+
+
+def describe_run(inputs: Inputs, problem: Problem) -> Provenance:
+    spec, plan = problem.spec, problem.plan
     identity = {
-        "points": {"location": points_ref.location, "array": points_ref.array, "fingerprint": points_fp,
-                   "shape": list(points.shape)},
-        "sources": None if sources_ref is None else {"location": sources_ref.location,
-                                                      "array": sources_ref.array,
-                                                      "fingerprint": sources_fp, "shape": [m, dim]},
-        "weights": None if weights_ref is None else {"location": weights_ref.location,
-                                                      "array": weights_ref.array, "fingerprint": weights_fp},
+        **inputs.identity(),
         "kernel": spec.name, "lengthscale": list(spec.lengthscale), "variance": spec.variance,
-        "kernel_params": dict(spec.params), "dtype": config.dtype, "mode": config.mode,
+        "kernel_params": dict(spec.params), "dtype": problem.dtype, "mode": problem.mode,
         "tile_rows": plan.rows, "tile_cols": plan.cols, "tiles_per_call": plan.tiles_per_call,
         "rows_per_task": plan.rows_per_task, "kgrad_version": VERSION,
     }
@@ -320,27 +201,47 @@ def prepare(config: RunConfig, worker_memory: int | None = None, planning: bool 
     attributes = {
         **{k: v for k, v in identity.items() if k not in ("points", "sources", "weights")},
         "inputs": {k: identity[k] for k in ("points", "sources", "weights")},
-        "formulation": form, "kernel_description": spec.describe(),
-        "N": n, "M": m, "D": dim, "run_fingerprint": fingerprint, "kgrad_version": VERSION,
-        "plan": plan.summary(),
+        "formulation": problem.formulation, "kernel_description": spec.describe(),
+        "N": plan.n_points, "M": plan.n_sources, "D": plan.dim, "run_fingerprint": fingerprint,
+        "kgrad_version": VERSION, "plan": plan.summary(),
     }
+    return Provenance(identity, fingerprint, attributes)
+
+
+# ----------------------------------------------------------------------------------------- all stages
+
+
+def prepare(config: RunOptions, worker_memory: int | None = None, planning: bool = False) -> Prepared:
+    """Validate everything and plan the run.  Raises InputError on any bad input; writes nothing.
+
+    ``planning``: for ``kgrad plan``: the output may be left out, and an existing output is described
+    (with the flag a run would need) instead of refused."""
+    from .worker import Job
+
+    options = check_options(config, planning)
+    storage = tuple(sorted(options.storage_options.items()))
+    inputs = read_inputs(options, storage)
+    problem = plan_problem(options, inputs, worker_memory)
+    provenance = describe_run(inputs, problem)
     output_action = _planned_action if planning else _output_action
-    action, done = output_action(config, fingerprint, identity, opts, plan) if config.out else ("none", None)
-    center = source_center(sources, spec)
-    check_range(sources, "sources", center, spec.lengthscale, config.dtype)
-    check_range(points, "points", center, spec.lengthscale, config.dtype)
-    job = Job(points=points_ref, sources=sources_ref, weights=weights_ref, spec=spec, mode=config.mode,
-              dtype=config.dtype, shape=TileShape(plan.rows, plan.cols, plan.tiles_per_call),
-              center=tuple(float(c) for c in center), out=config.out, out_options=opts,
-              fingerprint=fingerprint, sources_fingerprint=sources_fp, weights_fingerprint=weights_fp,
-              pin_cores=(config.scheduler == "local" and workers <= usable_cores()
-                         and config.threads_per_worker == 1) if config.pin_cores is None else config.pin_cores,
-              cache_dir=config.cache_dir)
-    digests = tuple(store.rows_digest(points[t.start:t.stop]) for t in plan.tasks)
-    return Prepared(config, job, plan, attributes, action, done, identity, digests)
+    action, done = (output_action(options, provenance.fingerprint, provenance.identity, storage, problem.plan)
+                    if options.out else ("none", None))
+    pin = (options.scheduler == "local" and options.workers <= usable_cores() and options.threads_per_worker == 1)
+    job = Job(points=inputs.points, sources=inputs.sources, weights=inputs.weights, spec=problem.spec,
+              mode=problem.mode, dtype=problem.dtype, shape=problem.shape, center=problem.center,
+              out=options.out, out_options=storage, fingerprint=provenance.fingerprint,
+              sources_fingerprint=inputs.fingerprints.get("sources"),
+              weights_fingerprint=inputs.fingerprints.get("weights"),
+              pin_cores=pin if options.pin_cores is None else options.pin_cores, cache_dir=options.cache_dir)
+    digests = tuple(store.rows_digest(inputs.point_data[t.start:t.stop]) for t in problem.plan.tasks)
+    return Prepared(options, job, problem.plan, provenance.attributes, action, done, provenance.identity,
+                    digests)
 
 
-def _output_action(config: RunConfig, fingerprint: str, identity: dict, opts: tuple, plan: Plan):
+# ----------------------------------------------------------------------------------------- output action
+
+
+def _output_action(config: RunOptions, fingerprint: str, identity: dict, opts: tuple, plan: Plan):
     """What a run does with its output location: create it, overwrite or resume a kgrad output, or
     nothing (complete).  Raises InputError for anything kgrad must not touch."""
     if store.output_kind(config.out, opts) in ("absent", "empty"):
@@ -374,11 +275,16 @@ def _output_action(config: RunConfig, fingerprint: str, identity: dict, opts: tu
     return "resume", store.done_tasks(config.out, opts)
 
 
-def _planned_action(config: RunConfig, fingerprint: str, identity: dict, opts: tuple, plan: Plan):
+def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: tuple, plan: Plan):
     """For ``kgrad plan``: what a run with these flags would do with the output, in words; never refuses
     (an existing output is described, with the flag a run would need)."""
     if not store.exists(config.out, opts):
         return "create", None
+    from . import lease
+
+    owner = lease.read(config.out, opts)
+    if lease.is_live(owner):
+        return f"being written by kgrad {lease.describe(owner)}: a run now is refused until it ends", None
     if config.overwrite:
         return "exists: a run with --overwrite replaces it", None
     try:
@@ -405,7 +311,7 @@ def _planned_action(config: RunConfig, fingerprint: str, identity: dict, opts: t
 _SECURITY_KEYS = ("tls_ca_file", "tls_client_cert", "tls_client_key")
 
 
-def _security(config: RunConfig):
+def _security(config: RunOptions):
     """distributed Security for ``config.security`` (CA, client certificate and key), or None.
 
     None leaves it to dask's configuration (``distributed.comm.tls.ca-file``, ``...tls.client.cert``,
@@ -507,7 +413,7 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
         held.release()
 
 
-def _incomplete(config: RunConfig, cause: str, step: str = RESUME_STEP) -> str:
+def _incomplete(config: RunOptions, cause: str, step: str = RESUME_STEP) -> str:
     """The one line for a run that stopped with its output written in part: cause, output, next step."""
     where = "" if config.scheduler == "local" or config.scheduler in cause else f" (scheduler {config.scheduler})"
     return f"{cause}{where}; {config.out} is incomplete: {step}"
@@ -623,8 +529,9 @@ def _check_inputs_unchanged(prepared: Prepared) -> None:
                             f"{expected[:12]} -> {found[:12]})", RESTART_STEP)
 
 
-def run_workflow(config: RunConfig | str, **overrides) -> dict:
-    """Validate, plan and run a workflow (a RunConfig or a TOML path); return the output's attributes."""
+def run_workflow(config: RunOptions | str, **overrides) -> dict:
+    """Validate, plan and run a workflow (RunOptions or a TOML path) with ``overrides``; return the output's
+    attributes."""
     if isinstance(config, str):
         config = load_workflow(config)
     config = config.replace(**overrides)

@@ -5,7 +5,7 @@ For queries ``q_j`` (N, D), sources ``x_i`` (M, D) and weights ``w_i`` (M,)::
     g_j = sum_i w_i * grad_q k(q_j, x_i)      (N, D)   derivative w.r.t. the FIRST argument
     v_j = sum_i w_i * k(q_j, x_i)             (N,)
 
-Every gradient below is derived by hand from the formulas table of ``DESIGN.md``
+Every gradient below is derived by hand from the formulas table of the README (``docs/design.md``)
 (``r^2 = sum_d ((q_d - x_d) / l_d)^2``, ``s2`` = variance, ``delta = q - x``):
 
 ==================  ======================================  ===============================================
@@ -175,12 +175,12 @@ def reference_gradients(points, sources=None, weights=None, kernel="rbf", length
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Scalar, loop-based values straight from DESIGN.md's table (math module only): an independent check of
+# Scalar, loop-based values straight from the README's kernel table (math module only): an independent check of
 # the vectorised values above, for a handful of pairs.
 
 
 def scalar_kernel(kernel, q, x, lengthscale=1.0, variance=1.0, **params):
-    """k(q, x) for two single points, written as literally as possible from DESIGN.md."""
+    """k(q, x) for two single points, written as literally as possible from the README's kernel table."""
     p = _params(kernel, params)
     q = [float(t) for t in np.atleast_1d(q)]
     x = [float(t) for t in np.atleast_1d(x)]

@@ -1,6 +1,6 @@
 """A catalogue of bad inputs, through the real ``kgrad`` command and through ``pipeline.kernel_gradients``.
 
-The contract (shared/DESIGN.md): a bad input or usage exits with code 2 and prints exactly one line on
+The contract (README, "The kgrad command"): a bad input or usage exits with code 2 and prints exactly one line on
 stderr that says what is wrong (the value, and what is allowed), with no traceback; nothing is written,
 and an existing output is left byte for byte as it was.  The Python API raises ``pipeline.InputError``
 with the same kind of message.

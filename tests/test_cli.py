@@ -257,7 +257,7 @@ def test_plan_prints_and_writes_nothing(workdir, tmp_path):
                  cwd=tmp_path)
     assert proc.stderr == ""
     out = proc.stdout
-    for word in ("tile", "tasks", "memory", "MiB", "worker limit 2.0 GiB", f"N={N}", f"M={M}", f"D={D}",
+    for word in ("tile", "tasks", "memory", "MiB", "worker limit 2.00 GiB", f"N={N}", f"M={M}", f"D={D}",
                  "planned.zarr: create"):
         assert word in out, f"{word!r} not in:\n{out}"
     assert not (tmp_path / "planned.zarr").exists()

@@ -15,7 +15,7 @@ import pytest
 pytest.register_assert_rewrite("cluster_fixtures")
 from cluster_fixtures import REPO, kgrad, kgrad_env  # noqa: E402
 
-from pipeline.dashboard import serves_dashboard
+from pipeline.dashboard import serves_dashboard  # noqa: E402
 
 pytest_plugins = ["cluster_fixtures"]
 

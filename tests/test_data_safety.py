@@ -423,3 +423,17 @@ def test_range_error_names_the_outlier_and_fits_the_dtype():
     with pytest.raises(InputError) as info:
         kernel_gradients(x, dtype="float32")
     assert "row 5" in str(info.value) and "--dtype float64" in str(info.value)
+
+
+def test_plan_names_the_run_that_holds_the_output(small_points, tmp_path):
+    """`kgrad plan` writes nothing, and says when another run owns the output (a run would be refused)."""
+    from pipeline import lease
+
+    out = tmp_path / "out.zarr"
+    held = lease.acquire(str(out))
+    try:
+        result = kgrad(["plan", "--points", small_points, "--out", out, "--workers", "1"])
+    finally:
+        held.release()
+    assert result.returncode == 0, result.stderr
+    assert f"pid {os.getpid()}" in result.stdout and "refused" in result.stdout, result.stdout

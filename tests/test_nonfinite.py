@@ -12,7 +12,7 @@ import zarr
 pytest.register_assert_rewrite("cluster_fixtures")
 from cluster_fixtures import kgrad  # noqa: E402
 
-from pipeline import NonFiniteResultError, kernel_gradients
+from pipeline import NonFiniteResultError, kernel_gradients  # noqa: E402
 
 # q.x = 3e4 for the large points: (3e4 + 1)^9 ~ 2e40 overflows float32, not float64
 LARGE = np.full((50, 3), 100.0)

@@ -26,7 +26,7 @@ from reference import (
     relative_error,
 )
 
-pipeline = pytest.importorskip("pipeline")
+import pipeline  # noqa: E402  (an import error must fail, never skip)
 kernel_gradients = pipeline.kernel_gradients
 
 DTYPES = ("float64", "float32")

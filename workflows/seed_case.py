@@ -8,7 +8,7 @@ It computes ``grad_kernel_map`` (for each x_j, the derivative of sum_i k(x_j, x_
 
 * the post's way: one jitted ``vmap(jacfwd(k))`` over the whole N x N matrix, summed afterwards (and the
   same with ``jacrev``), but with a TRUE squared distance (x_j - x_i)^2: the post's
-  ``r2 = -2 X X2' + (X .+ X2')`` is not a distance (its diagonal is not zero; see DESIGN.md);
+  ``r2 = -2 X X2' + (X .+ X2')`` is not a distance (its diagonal is not zero; see docs/design.md);
 * kgrad's :func:`pipeline.kernel_gradients` (g with unit weights);
 
 checks that both agree with the closed form sum_i -(x_j - x_i) exp(-(x_j - x_i)^2 / 2) (float64), and
