@@ -32,7 +32,7 @@
 # Workers start with the environment of `python -m pipeline.cluster env` (pipeline/cluster.py):
 # MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ at 256 MiB (the nanny passes the first on instead of
 # its default 65536): with the defaults every multi-MB XLA temporary is mapped and unmapped again, and
-# tiles run several times slower (see DESIGN.md).  Workers exit by themselves if the
+# tiles run several times slower (see docs/design.md).  Workers exit by themselves if the
 # scheduler is gone for 60 s (--death-timeout), so a crashed test run leaves nothing behind for long.
 set -euo pipefail
 

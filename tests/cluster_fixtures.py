@@ -219,11 +219,20 @@ def run_and_kill(args, out, should_kill, *, timeout: float = RUN_TIMEOUT, interv
         assert_no_leftovers(proc)
     else:
         wait_group_gone(proc.pid)
-    return Killed(seconds, killed, count_done(out), Path(out).exists(), finished_first, proc.returncode,
+    return Killed(seconds, killed, count_done(out), output_created(out), finished_first, proc.returncode,
                   read_streams(proc)[1])
 
 
 # ------------------------------------------------------------------------------------------ outputs
+
+
+def output_created(out) -> bool:
+    """Whether a run got as far as creating its output (its run attributes, written last, are there): a
+    directory alone may be only the run's lease."""
+    try:
+        return "run_fingerprint" in read_attrs(out)
+    except Exception:  # noqa: BLE001 - no group yet, or half written
+        return False
 
 
 def read_task_done(out) -> np.ndarray | None:
