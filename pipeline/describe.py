@@ -4,29 +4,30 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import store
 from .errors import InputError
+from .output import OutputGroup
 from .text import count
 
 
 def describe_output(location: str, storage_options: tuple = ()) -> dict:
-    if not store.exists(location, storage_options):
+    """What ``kgrad inspect`` prints (and ``--json`` gives): state, sizes, inputs, arrays, timings."""
+    output = OutputGroup(location, storage_options)
+    if not output.exists():
         raise InputError(f"output {location!r} does not exist")
-    group = store.open_output(location, storage_options)
-    attrs = dict(group.attrs)
-    if "run_fingerprint" not in attrs or "gradient" not in group.array_keys():
-        raise InputError(f"{location!r} is a zarr group but not a kgrad output (no run attributes)")
-    done = np.asarray(group["task_done"][:]).astype(bool)
-    info = {"location": location, "complete": bool(attrs.get("complete")),
+    record = output.record()
+    group = output.open()
+    done = output.done_tasks()
+    info = {"location": location, "complete": record.complete,
             "tasks_done": int(done.sum()), "tasks_total": int(done.size),
             "arrays": {name: {"shape": list(group[name].shape), "dtype": str(group[name].dtype),
                               "chunks": list(group[name].chunks),
                               "dimension_names": list(group[name].metadata.dimension_names or ())}
-                       for name in sorted(group.array_keys())}}
-    info.update({k: attrs.get(k) for k in ("kernel_description", "formulation", "dtype", "mode", "N", "M",
-                                           "D", "inputs", "kgrad_version", "run_fingerprint", "plan",
-                                           "timings")})
-    if info["complete"]:
+                       for name in sorted(group.array_keys())},
+            "kernel_description": record.kernel_description, "formulation": record.formulation,
+            "dtype": record.dtype, "mode": record.mode, "N": record.n_points, "M": record.n_sources,
+            "D": record.dim, "inputs": record.inputs, "kgrad_version": record.kgrad_version,
+            "run_fingerprint": record.run_fingerprint, "plan": record.plan, "timings": record.timings or None}
+    if record.complete:
         g = np.asarray(group["gradient"][:], dtype=np.float64)
         norms = np.linalg.norm(g, axis=1)
         info["gradient_norm"] = {"min": float(norms.min()), "median": float(np.median(norms)),

@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass
 
 from . import store
+from .output import LEASE_FILE
 from .errors import InputError, RunEnded
 
 HEARTBEAT_SECONDS = 5.0  # how often the owner refreshes its lease
@@ -37,7 +38,7 @@ WORKER_STALE_AFTER_SECONDS = 600.0
 
 
 def _path(location: str) -> str:
-    return location.rstrip("/") + "/" + store.LEASE_FILE
+    return location.rstrip("/") + "/" + LEASE_FILE
 
 
 def _is_local(location: str) -> bool:

@@ -33,12 +33,13 @@ CHECK_FINGERPRINT_ROWS = 2_000_000  # reload (and fingerprint-check) the whole i
 
 
 def _open_complete_output(location: str, storage_options: tuple):
-    from . import store
+    from .output import OutputGroup
 
     location = os.fspath(location)
-    if not store.exists(location, storage_options):
+    output = OutputGroup(location, storage_options)
+    if not output.exists():
         raise InputError(f"output {location!r} does not exist; give the --out of a finished kgrad run")
-    group = store.open_output(location, storage_options)
+    group = output.open()
     attrs = dict(group.attrs)
     arrays = set(group.array_keys())
     missing = sorted({"gradient", "value"} - arrays)

@@ -1,18 +1,9 @@
-"""Zarr (and .npy) in and out: reading inputs, the output group's layout, resume state, provenance.
+"""Where data live: inputs read from zarr, .npy or fsspec URLs, and the store helpers the output uses.
 
 Inputs: a zarr array, a zarr group holding an array ``points`` (and optionally ``weights``), or a ``.npy``
-file; local paths or fsspec URLs (``s3://...``).  Any chunking.
-
-Output: a zarr v3 group that ``xarray.open_zarr`` reads:
-
-* ``gradient`` (N, D), dimensions ("point", "dim"), one chunk of ``rows_per_task`` rows per task;
-* ``value`` (N,), dimension ("point",);
-* ``task_done`` (n_tasks,), dimension ("task",), uint8: 1 once a task's chunks are written (resume state:
-  a chunk that merely exists proves nothing, since zarr skips writing chunks equal to the fill value);
-* attributes: kernel and parameters, dtype, mode, N, M, D, input locations and fingerprints, version,
-  plan, timings, and ``complete`` (set last, after every task has written its chunks).
-
-Each task writes whole chunks that no other task touches, so concurrent writers never overlap.
+file; local paths or fsspec URLs (``s3://...``); any chunking.  Each is read block by block, checked
+(finite, real, the right shape) and fingerprinted (blake2b of shape, dtype and bytes) for resume and
+provenance.  The output group itself is :mod:`pipeline.output`.
 """
 
 from __future__ import annotations
@@ -20,18 +11,16 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 import zarr
 
-from .errors import InputError, RunEnded, user_fixable
+from .errors import InputError, user_fixable
 from .inputs import check_finite
 from .plan import READ_BLOCK_ROWS
 
-FORMAT_VERSION = 1
 READ_ROWS = READ_BLOCK_ROWS  # rows read at a time when loading and checking an input
 
 
@@ -243,154 +232,6 @@ def load_input(ref: InputRef, role: str) -> tuple[np.ndarray, str]:
     return data, digest.hexdigest()
 
 
-# ----------------------------------------------------------------------------------------- output
-
-
-def create_output(location: str, *, n_points: int, dim: int, dtype: str, rows_per_task: int,
-                  n_tasks: int, attributes: dict, storage_options: tuple = ()) -> None:
-    """Create the output group (``complete`` false) with empty arrays sized for the plan.
-
-    The group's ``zarr.json`` carries kgrad's marker from its first write, so a group killed while
-    being created is still recognised as kgrad's (:func:`check_replaceable`).  Nothing else at the
-    location is touched: the run's lease file stays where it is."""
-    group = zarr.create_group(store=_store(location, storage_options),
-                              attributes={"kgrad_output": True, "complete": False,
-                                          "format_version": FORMAT_VERSION})
-    group.create_array("gradient", shape=(n_points, dim), chunks=(rows_per_task, dim), dtype=dtype,
-                       dimension_names=("point", "dim"), fill_value=np.nan,
-                       attributes={"long_name": "sum_i w_i grad_q k(q, x_i)",
-                                   "units": "kernel units per point unit"})
-    group.create_array("value", shape=(n_points,), chunks=(rows_per_task,), dtype=dtype,
-                       dimension_names=("point",), fill_value=np.nan,
-                       attributes={"long_name": "sum_i w_i k(q, x_i)", "units": "kernel units"})
-    group.create_array("task_done", shape=(n_tasks,), chunks=(1,), dtype="uint8",
-                       dimension_names=("task",), fill_value=0,
-                       attributes={"long_name": "1 once the task's chunks are written"})
-    # Run attributes last and in one write: an output with a run fingerprint always has its arrays.
-    group.update_attributes({**attributes, "kgrad_output": True, "complete": False,
-                             "format_version": FORMAT_VERSION})
-
-
-# What kgrad writes at an output location: the group's metadata, its three arrays (any files under them),
-# and the run's lease.  Anything else there is somebody else's, and kgrad never deletes it.
-OUTPUT_ARRAYS = ("gradient", "value", "task_done")
-LEASE_FILE = ".kgrad-lease.json"
-
-
-def _is_kgrad_metadata(raw: bytes) -> bool:
-    import json
-
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        return False
-    attrs = meta.get("attributes") if isinstance(meta, dict) else None
-    return (isinstance(attrs, dict) and meta.get("node_type") == "group"
-            and (attrs.get("kgrad_output") is True or "run_fingerprint" in attrs))
-
-
-def output_kind(location: str, storage_options: tuple = ()) -> str:
-    """What is at an output location: ``"absent"``, ``"empty"`` (an empty directory, or only a lease),
-    or ``"kgrad"`` (a kgrad output group, finished, interrupted or half made, holding nothing else).
-
-    Raises :class:`InputError` for anything else (a file, a foreign directory or group, a kgrad output
-    with foreign files inside), naming what is there: ``--overwrite`` must never delete it."""
-    fs, path = _fs(location, storage_options)
-    try:
-        if not fs.exists(path):
-            return "absent"
-        if fs.isfile(path):
-            raise InputError(f"--out {location!r} is a file, not a kgrad output; kgrad never replaces it: "
-                             f"choose another --out, or move the file away yourself")
-        files = [f[len(path.rstrip('/')) + 1:] for f in fs.find(path, withdirs=False)]
-    except InputError:
-        raise
-    except OSError as exc:
-        raise InputError(f"--out {location!r} could not be listed ({exc}); check the path and "
-                         f"its permissions") from exc
-    files = [f for f in files if f and f != LEASE_FILE]
-    if not files:
-        return "empty"
-    if "zarr.json" not in files or not _is_kgrad_metadata(fs.cat_file(path.rstrip("/") + "/zarr.json")):
-        shown = ", ".join(sorted(files)[:3]) + (", ..." if len(files) > 3 else "")
-        raise InputError(f"--out {location!r} holds files that are not a kgrad output ({shown}); kgrad "
-                         f"never deletes them, even with --overwrite: choose another --out")
-    foreign = sorted(f for f in files if f != "zarr.json" and f.split("/", 1)[0] not in OUTPUT_ARRAYS)
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise InputError(f"--out {location!r} is a kgrad output but also holds files kgrad did not write "
-                         f"({shown}); kgrad never deletes them: move them out, or choose another --out")
-    return "kgrad"
-
-
-def remove_output(location: str, storage_options: tuple = ()) -> None:
-    """Delete a kgrad output's own contents (checked by :func:`output_kind`), keeping the lease.
-
-    The arrays go first and the group's ``zarr.json`` last, so an output removed halfway is still
-    recognised as kgrad's and the next ``--overwrite`` finishes the job."""
-    if output_kind(location, storage_options) != "kgrad":
-        return
-    fs, path = _fs(location, storage_options)
-    root = path.rstrip("/")
-    for name in OUTPUT_ARRAYS:
-        if fs.exists(f"{root}/{name}"):
-            fs.rm(f"{root}/{name}", recursive=True)
-    fs.rm(f"{root}/zarr.json")
-
-
-def half_created(location: str, storage_options: tuple = ()) -> bool:
-    """True for an output that a killed run left while creating it: kgrad's marker but no run
-    attributes yet, and no task done.  Safe to create afresh."""
-    try:
-        group = open_output(location, storage_options)
-    except InputError:
-        return False
-    if "run_fingerprint" in group.attrs:
-        return False
-    return "task_done" not in group.array_keys() or not np.asarray(group["task_done"][:]).any()
-
-
-def open_output(location: str, storage_options: tuple = (), mode: str = "r"):
-    try:
-        return zarr.open_group(store=_store(location, storage_options, mode == "r"), mode=mode)
-    except Exception as exc:
-        if not user_fixable(exc):
-            raise
-        raise InputError(f"output {location!r} is not a kgrad output group ({type(exc).__name__}: {exc})") \
-            from exc
-
-
 def rows_digest(rows: np.ndarray) -> str:
     """blake2b of a block of input rows as stored (the client and the workers hash the same bytes)."""
     return hashlib.blake2b(np.ascontiguousarray(rows).tobytes(), digest_size=16).hexdigest()
-
-
-def write_task(location: str, start: int, stop: int, index: int, gradient: np.ndarray, value: np.ndarray,
-               storage_options: tuple = (), run_fingerprint: str | None = None,
-               before_done: Callable[[], None] | None = None) -> None:
-    """Write one task's rows (whole chunks), then mark it done.  Rewriting gives the same bytes.
-
-    With ``run_fingerprint``, refuse to write into an output that now belongs to another run (a task of
-    a killed client finishing after ``--overwrite`` started a new run at the same place).  ``before_done``
-    is called after the chunks are written and right before the task is marked done; it raises to leave
-    the task not done (the worker checks there that its run still holds the output's lease)."""
-    group = open_output(location, storage_options, mode="r+")
-    if run_fingerprint is not None and group.attrs.get("run_fingerprint") != run_fingerprint:
-        raise RunEnded(f"output {location!r} now belongs to another run; this task's results are dropped")
-    group["gradient"][start:stop] = gradient
-    group["value"][start:stop] = value
-    if before_done is not None:
-        before_done()
-    group["task_done"][index:index + 1] = np.ones(1, np.uint8)
-
-
-def done_tasks(location: str, storage_options: tuple = ()) -> np.ndarray:
-    group = open_output(location, storage_options)
-    return np.asarray(group["task_done"][:]).astype(bool)
-
-
-def finish_output(location: str, attributes: dict, storage_options: tuple = ()) -> None:
-    """Record final attributes and the completion flag, last, then consolidate metadata once."""
-    group = open_output(location, storage_options, mode="r+")
-    group.update_attributes({**attributes, "complete": True})
-    zarr.consolidate_metadata(_store(location, storage_options))

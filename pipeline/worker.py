@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import lease, store
+from .output import OutputGroup
 from .errors import InputError, InputsChanged, NonFiniteResultError, RunEnded, task_failure
 from .finite import check_finite_result
 from .gradients import TileShape
@@ -144,8 +145,8 @@ def run_task(job: Job, task: Task, rows_digest: str | None = None) -> dict:
     if job.lease_token is not None:
         still_owner = functools.partial(lease.check_owner, job.out, job.lease_token, job.out_options)
         still_owner()
-    store.write_task(job.out, task.start, task.stop, task.index, gradient, value, job.out_options,
-                     run_fingerprint=job.fingerprint, before_done=still_owner)
+    OutputGroup(job.out, job.out_options).write_task(task.start, task.stop, task.index, gradient, value,
+                                                     run_fingerprint=job.fingerprint, before_done=still_owner)
     return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
             "compute_seconds": compute_seconds, "pid": os.getpid()}
 

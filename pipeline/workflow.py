@@ -32,6 +32,7 @@ from . import store
 from .errors import RESTART_STEP, RESUME_STEP, InputError
 from .inputs import check_same_dim
 from .options import RunOptions, load_workflow
+from .output import OutputGroup
 from .plan import Plan, memory_fraction, usable_cores
 from .problem import Problem, make_problem
 
@@ -244,16 +245,17 @@ def prepare(config: RunOptions, worker_memory: int | None = None, planning: bool
 def _output_action(config: RunOptions, fingerprint: str, identity: dict, opts: tuple, plan: Plan):
     """What a run does with its output location: create it, overwrite or resume a kgrad output, or
     nothing (complete).  Raises InputError for anything kgrad must not touch."""
-    if store.output_kind(config.out, opts) in ("absent", "empty"):
+    output = OutputGroup(config.out, opts)
+    if output.kind() in ("absent", "empty"):
         return "create", None
     if config.overwrite:
         return "overwrite", None
     if not config.resume:
         raise InputError(f"output {config.out!r} already exists; pass --overwrite to start over or "
                          f"--resume to finish an interrupted run of the same inputs and parameters")
-    if store.half_created(config.out, opts):
+    if output.half_created():
         return "overwrite", None  # killed while being created: no task ever ran, so start it afresh
-    group = store.open_output(config.out, opts)
+    group = output.open()
     attrs = dict(group.attrs)
     if "run_fingerprint" not in attrs or "task_done" not in group.array_keys():
         raise InputError(f"cannot resume {config.out!r}: it is not a kgrad output; "
@@ -272,13 +274,13 @@ def _output_action(config: RunOptions, fingerprint: str, identity: dict, opts: t
                          f"({', '.join(differs) or 'unknown run'}); use --overwrite to start over")
     if attrs.get("complete"):
         return "complete", None
-    return "resume", store.done_tasks(config.out, opts)
+    return "resume", output.done_tasks()
 
 
 def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: tuple, plan: Plan):
     """For ``kgrad plan``: what a run with these flags would do with the output, in words; never refuses
     (an existing output is described, with the flag a run would need)."""
-    if not store.exists(config.out, opts):
+    if not OutputGroup(config.out, opts).exists():
         return "create", None
     from . import lease
 
@@ -397,14 +399,14 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
     opts = prepared.job.out_options
     if prepared.action == "complete":
         print(f"kgrad: {config.out} is already complete; nothing to do", file=stream)
-        return dict(store.open_output(config.out, opts).attrs)
+        return OutputGroup(config.out, opts).attributes()
     held = lease.acquire(config.out, opts)
     try:
         # Under the lease: the output may have changed since prepare() looked (another run finished).
         action, done = _output_action(config, prepared.job.fingerprint, prepared.identity, opts, prepared.plan)
         if action == "complete":
             print(f"kgrad: {config.out} is already complete; nothing to do", file=stream)
-            return dict(store.open_output(config.out, opts).attrs)
+            return OutputGroup(config.out, opts).attributes()
         held.start_heartbeat()
         owned = dataclasses.replace(prepared, job=dataclasses.replace(prepared.job, lease_token=held.token),
                                     action=action, done=done)
@@ -429,6 +431,7 @@ def _run_owned(prepared: Prepared, stream) -> dict:
     from .text import count
 
     config, plan, job = prepared.config, prepared.plan, prepared.job
+    output = OutputGroup(config.out, job.out_options)
     quiet_dask_logs()
     started = time.perf_counter()
     cluster = None
@@ -450,12 +453,11 @@ def _run_owned(prepared: Prepared, stream) -> dict:
         check_cluster_memory(client, plan)
         if prepared.action == "overwrite":
             output_exists = True
-            store.remove_output(config.out, job.out_options)
+            output.remove()
         if prepared.action in ("create", "overwrite"):
             output_exists = True
-            store.create_output(config.out, n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
-                                rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks,
-                                attributes=prepared.attributes, storage_options=job.out_options)
+            output.create(n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
+                          rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks, attributes=prepared.attributes)
         link = dashboard_link(client)
         n_workers = len(client.scheduler_info()["workers"])
         print(f"kgrad: {count(plan.n_tasks, 'task')} ({plan.n_points} x {plan.n_sources} pairs, D={plan.dim}, "
@@ -488,11 +490,11 @@ def _run_owned(prepared: Prepared, stream) -> dict:
                     "pairs_per_second": round(plan.pairs * (timings["tasks_run"] / max(plan.n_tasks, 1))
                                               / max(timings["execute_seconds"], 1e-9)),
                     "resumed": prepared.action == "resume", "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    missing = int((~store.done_tasks(config.out, job.out_options)).sum())
+    missing = int((~output.done_tasks()).sum())
     if missing:
         raise RunFailed(_incomplete(config, f"{missing} of {count(plan.n_tasks, 'task')} "
                                             f"{'is' if missing == 1 else 'are'} not marked done"))
-    store.finish_output(config.out, {"timings": timings}, job.out_options)
+    output.finish({"timings": timings})
     print(f"kgrad: wrote {config.out} in {total:.2f} s ({count(timings['tasks_run'], 'task')} run, "
           f"{timings['tasks_skipped']} already done)", file=stream, flush=True)
     return {**prepared.attributes, "timings": timings}

@@ -45,13 +45,13 @@ def memory_inputs(tmp_path_factory):
 
 def _prepare(points, sources, out):
     """Plan a job in this process and create its output as `kgrad run` does (before the workers run)."""
-    from pipeline import store
+    from pipeline.output import OutputGroup
     from pipeline.workflow import RunConfig, prepare
 
     prepared = prepare(RunConfig(points=str(points), sources=str(sources), out=str(out), rows_per_task=512,
                                  workers=1))
     plan = prepared.plan
-    store.create_output(str(out), n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
+    OutputGroup(str(out)).create(n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
                         rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks,
                         attributes=prepared.attributes)
     return prepared

@@ -11,7 +11,8 @@ import pytest
 import zarr
 
 from fileutil import tree_digest
-from pipeline import InputError, store
+from pipeline import InputError
+from pipeline.output import OutputGroup
 from pipeline.workflow import RunConfig, prepare
 
 pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata")
@@ -26,14 +27,14 @@ def made(tmp_path):
     prepared = prepare(config)
     plan = prepared.plan
     assert plan.n_tasks == 3
-    store.create_output(config.out, n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
+    OutputGroup(config.out).create(n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
                         rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks, attributes=prepared.attributes)
 
     def mark(tasks: int, complete: bool):
         group = zarr.open_group(config.out, mode="r+")
         group["task_done"][:tasks] = 1
         if complete:
-            store.finish_output(config.out, {})
+            OutputGroup(config.out).finish({})
         return config
 
     return mark

@@ -1,7 +1,7 @@
 """`kgrad plot` / pipeline.plot: pictures of output groups, and its refusals.
 
 The outputs are written directly (no cluster): real attributes from ``workflow.prepare``, values from the
-closed-form RBF sums, stored with ``store.create_output`` / ``write_task`` / ``finish_output``.  One test
+closed-form RBF sums, stored with ``OutputGroup.create`` / ``write_task`` / ``finish``.  One test
 (slow) makes its output with ``run_workflow`` on a one-worker local cluster.
 """
 
@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from pipeline import store  # noqa: E402
+from pipeline.output import OutputGroup  # noqa: E402
 from pipeline.errors import InputError  # noqa: E402
 from pipeline.plot import add_plot_command, plot_output  # noqa: E402
 from pipeline.workflow import RunConfig, prepare  # noqa: E402
@@ -46,14 +46,14 @@ def make_output(root, x, *, tasks_written=None):
     prepared = prepare(RunConfig(points=points, out=out, lengthscale=LENGTHSCALE, workers=1,
                                  tile_rows=128, rows_per_task=128, progress=False))
     plan = prepared.plan
-    store.create_output(out, n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
+    OutputGroup(out).create(n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
                         rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks, attributes=prepared.attributes)
     g, v = rbf_sums(x)
     for task in plan.tasks[:tasks_written]:
-        store.write_task(out, task.start, task.stop, task.index, g[task.start:task.stop].astype(np.float32),
+        OutputGroup(out).write_task(task.start, task.stop, task.index, g[task.start:task.stop].astype(np.float32),
                          v[task.start:task.stop].astype(np.float32))
     if tasks_written is None:
-        store.finish_output(out, {"timings": {}})
+        OutputGroup(out).finish({"timings": {}})
     return out
 
 
@@ -231,10 +231,10 @@ def test_npy_points(tmp_path):
     prepared = prepare(RunConfig(points=str(tmp_path / "points.npy"), out=out, lengthscale=LENGTHSCALE,
                                  workers=1, progress=False))
     plan = prepared.plan
-    store.create_output(out, n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
+    OutputGroup(out).create(n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
                         rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks, attributes=prepared.attributes)
     g, v = rbf_sums(x)
-    store.write_task(out, 0, len(x), 0, g.astype(np.float32), v.astype(np.float32))
-    store.finish_output(out, {})
+    OutputGroup(out).write_task(0, len(x), 0, g.astype(np.float32), v.astype(np.float32))
+    OutputGroup(out).finish({})
     plot_output(out, tmp_path / "npy.png")
     assert_png(tmp_path / "npy.png")

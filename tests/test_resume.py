@@ -282,7 +282,7 @@ def test_resume_of_a_complete_output_changes_nothing(undisturbed, job_inputs, tm
 
 @pytest.mark.slow
 def test_kill_while_the_output_is_created_then_resume(job_inputs, undisturbed, tmp_path):
-    """SIGKILL the moment the output group's zarr.json appears, i.e. inside store.create_output (it writes
+    """SIGKILL the moment the output group's zarr.json appears, i.e. inside OutputGroup.create (it writes
     the group, each attribute, then the arrays: tens of milliseconds).  --resume must finish the job."""
     out = tmp_path / "out.zarr"
     proc = start_kgrad(run_args(job_inputs.points, out))

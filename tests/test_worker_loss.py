@@ -117,14 +117,14 @@ def test_client_killed_then_resumed_on_the_same_cluster(dask_cli_cluster, job_in
 @pytest.fixture
 def prepared_output(job_inputs, tmp_path):
     """The standard job prepared in this process, and its (empty) output group created as a run would."""
-    from pipeline import store
+    from pipeline.output import OutputGroup
     from pipeline.workflow import RunConfig, prepare
 
     out = tmp_path / "out.zarr"
     prepared = prepare(RunConfig(points=str(job_inputs.points), out=str(out), lengthscale=0.5,
                                  rows_per_task=2048, workers=2))
     plan = prepared.plan
-    store.create_output(str(out), n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
+    OutputGroup(str(out)).create(n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
                         rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks,
                         attributes=prepared.attributes)
     return prepared, out
@@ -172,9 +172,9 @@ def test_task_run_concurrently_twice_writes_same_bytes(prepared_output, undistur
     assert [r["index"] for r in results] == [task.index] * 2
     files = _task_files(out, task.index)
     assert files == _task_files(undisturbed.out, task.index)
-    from pipeline import store
+    from pipeline.output import OutputGroup
 
-    assert store.done_tasks(str(out)).sum() == 1
+    assert OutputGroup(str(out)).done_tasks().sum() == 1
 
 
 @pytest.mark.slow

@@ -1,0 +1,214 @@
+"""The output group: its layout, its run attributes, its resume state, and what kgrad may delete.
+
+A zarr v3 group that ``xarray.open_zarr`` reads:
+
+* ``gradient`` (N, D), dimensions ("point", "dim"), one chunk of ``rows_per_task`` rows per task;
+* ``value`` (N,), dimension ("point",);
+* ``task_done`` (n_tasks,), dimension ("task",), uint8: 1 once a task's chunks are written (resume state:
+  a chunk that merely exists proves nothing, since zarr skips writing chunks equal to the fill value);
+* attributes (:class:`RunRecord`): kernel and parameters, dtype, mode, N, M, D, input locations and
+  fingerprints, version, plan, timings, and ``complete``, set last, after every task has written.
+
+Each task writes whole chunks that no other task touches, so concurrent writers never overlap.  While a
+run goes on the group also holds its lease file (:mod:`pipeline.lease`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+
+from .errors import InputError, RunEnded, user_fixable
+from .store import _fs, _store, exists
+
+FORMAT_VERSION = 1
+# What kgrad writes at an output location: the group's metadata, its three arrays (any files under them),
+# and the run's lease.  Anything else there is somebody else's, and kgrad never deletes it.
+ARRAYS = ("gradient", "value", "task_done")
+LEASE_FILE = ".kgrad-lease.json"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run's attributes as its output records them (what ``kgrad inspect`` and ``kgrad plot`` show)."""
+
+    run_fingerprint: str
+    complete: bool
+    kernel: str
+    kernel_description: str
+    formulation: str
+    dtype: str
+    mode: str
+    n_points: int
+    n_sources: int
+    dim: int
+    inputs: dict = field(default_factory=dict)  # role -> {location, array, fingerprint[, shape]} or None
+    kgrad_version: str = ""
+    plan: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_attributes(cls, attrs: dict) -> "RunRecord":
+        return cls(run_fingerprint=attrs["run_fingerprint"], complete=bool(attrs.get("complete")),
+                   kernel=attrs.get("kernel", "?"), kernel_description=attrs.get("kernel_description", "?"),
+                   formulation=attrs.get("formulation", "?"), dtype=attrs.get("dtype", "?"),
+                   mode=attrs.get("mode", "?"), n_points=attrs.get("N"), n_sources=attrs.get("M"),
+                   dim=attrs.get("D"), inputs=attrs.get("inputs") or {}, kgrad_version=attrs.get("kgrad_version", ""),
+                   plan=attrs.get("plan") or {}, timings=attrs.get("timings") or {})
+
+    def input_fingerprint(self, role: str) -> str | None:
+        return (self.inputs.get(role) or {}).get("fingerprint")
+
+
+def _is_kgrad_metadata(raw: bytes) -> bool:
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return False
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    return (isinstance(attrs, dict) and meta.get("node_type") == "group"
+            and (attrs.get("kgrad_output") is True or "run_fingerprint" in attrs))
+
+
+@dataclass(frozen=True)
+class OutputGroup:
+    """An output location (a local path or an fsspec URL) and what kgrad does there."""
+
+    location: str
+    storage_options: tuple = ()
+
+    # ---- what is there
+
+    def exists(self) -> bool:
+        return exists(self.location, self.storage_options)
+
+    def kind(self) -> str:
+        """``"absent"``, ``"empty"`` (an empty directory, or only a lease), or ``"kgrad"`` (a kgrad output,
+        finished, interrupted or half made, holding nothing else).
+
+        Raises :class:`InputError` for anything else (a file, a foreign directory or group, a kgrad output
+        with foreign files inside), naming what is there: ``--overwrite`` must never delete it."""
+        fs, path = _fs(self.location, self.storage_options)
+        where = self.location
+        try:
+            if not fs.exists(path):
+                return "absent"
+            if fs.isfile(path):
+                raise InputError(f"--out {where!r} is a file, not a kgrad output; kgrad never replaces it: "
+                                 f"choose another --out, or move the file away yourself")
+            files = [f[len(path.rstrip('/')) + 1:] for f in fs.find(path, withdirs=False)]
+        except InputError:
+            raise
+        except OSError as exc:
+            raise InputError(f"--out {where!r} could not be listed ({exc}); check the path and "
+                             f"its permissions") from exc
+        files = [f for f in files if f and f != LEASE_FILE]
+        if not files:
+            return "empty"
+        if "zarr.json" not in files or not _is_kgrad_metadata(fs.cat_file(path.rstrip("/") + "/zarr.json")):
+            shown = ", ".join(sorted(files)[:3]) + (", ..." if len(files) > 3 else "")
+            raise InputError(f"--out {where!r} holds files that are not a kgrad output ({shown}); kgrad "
+                             f"never deletes them, even with --overwrite: choose another --out")
+        foreign = sorted(f for f in files if f != "zarr.json" and f.split("/", 1)[0] not in ARRAYS)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise InputError(f"--out {where!r} is a kgrad output but also holds files kgrad did not write "
+                             f"({shown}); kgrad never deletes them: move them out, or choose another --out")
+        return "kgrad"
+
+    def open(self, mode: str = "r") -> zarr.Group:
+        try:
+            return zarr.open_group(store=_store(self.location, self.storage_options, mode == "r"), mode=mode)
+        except Exception as exc:
+            if not user_fixable(exc):
+                raise
+            raise InputError(f"output {self.location!r} is not a kgrad output group "
+                             f"({type(exc).__name__}: {exc})") from exc
+
+    def attributes(self) -> dict:
+        return dict(self.open().attrs)
+
+    def record(self) -> RunRecord:
+        """The run attributes, typed; :class:`InputError` if this is not a finished-or-resumable output."""
+        group = self.open()
+        attrs = dict(group.attrs)
+        if "run_fingerprint" not in attrs or not set(ARRAYS) <= set(group.array_keys()):
+            raise InputError(f"{self.location!r} is a zarr group but not a kgrad output (no run attributes)")
+        return RunRecord.from_attributes(attrs)
+
+    def half_created(self) -> bool:
+        """True for an output that a killed run left while creating it: kgrad's marker but no run
+        attributes yet, and no task done.  Safe to create afresh."""
+        try:
+            group = self.open()
+        except InputError:
+            return False
+        if "run_fingerprint" in group.attrs:
+            return False
+        return "task_done" not in group.array_keys() or not np.asarray(group["task_done"][:]).any()
+
+    def done_tasks(self) -> np.ndarray:
+        return np.asarray(self.open()["task_done"][:]).astype(bool)
+
+    # ---- what a run does there
+
+    def create(self, *, n_points: int, dim: int, dtype: str, rows_per_task: int, n_tasks: int,
+               attributes: dict) -> None:
+        """Create the group (``complete`` false) with empty arrays sized for the plan.
+
+        ``zarr.json`` carries kgrad's marker from its first write, so a group killed while being created
+        is still recognised as kgrad's (:meth:`kind`).  The run's lease file stays where it is."""
+        group = zarr.create_group(store=_store(self.location, self.storage_options),
+                                  attributes={"kgrad_output": True, "complete": False,
+                                              "format_version": FORMAT_VERSION})
+        group.create_array("gradient", shape=(n_points, dim), chunks=(rows_per_task, dim), dtype=dtype,
+                           dimension_names=("point", "dim"), fill_value=np.nan,
+                           attributes={"long_name": "sum_i w_i grad_q k(q, x_i)",
+                                       "units": "kernel units per point unit"})
+        group.create_array("value", shape=(n_points,), chunks=(rows_per_task,), dtype=dtype,
+                           dimension_names=("point",), fill_value=np.nan,
+                           attributes={"long_name": "sum_i w_i k(q, x_i)", "units": "kernel units"})
+        group.create_array("task_done", shape=(n_tasks,), chunks=(1,), dtype="uint8",
+                           dimension_names=("task",), fill_value=0,
+                           attributes={"long_name": "1 once the task's chunks are written"})
+        # Run attributes last and in one write: an output with a run fingerprint always has its arrays.
+        group.update_attributes({**attributes, "kgrad_output": True, "complete": False,
+                                 "format_version": FORMAT_VERSION})
+
+    def remove(self) -> None:
+        """Delete a kgrad output's own contents (checked by :meth:`kind`), keeping the lease.  The arrays go
+        first and ``zarr.json`` last, so an output removed halfway is still recognised as kgrad's."""
+        if self.kind() != "kgrad":
+            return
+        fs, path = _fs(self.location, self.storage_options)
+        root = path.rstrip("/")
+        for name in ARRAYS:
+            if fs.exists(f"{root}/{name}"):
+                fs.rm(f"{root}/{name}", recursive=True)
+        fs.rm(f"{root}/zarr.json")
+
+    def write_task(self, start: int, stop: int, index: int, gradient: np.ndarray, value: np.ndarray,
+                   run_fingerprint: str | None = None, before_done: Callable[[], None] | None = None) -> None:
+        """Write one task's rows (whole chunks), then mark it done.  Rewriting gives the same bytes.
+
+        With ``run_fingerprint``, refuse to write into an output that now belongs to another run.
+        ``before_done`` is called after the chunks are written and right before the task is marked done;
+        it raises to leave the task not done (the worker checks there that its run still holds the lease)."""
+        group = self.open(mode="r+")
+        if run_fingerprint is not None and group.attrs.get("run_fingerprint") != run_fingerprint:
+            raise RunEnded(f"output {self.location!r} now belongs to another run; this task's results are dropped")
+        group["gradient"][start:stop] = gradient
+        group["value"][start:stop] = value
+        if before_done is not None:
+            before_done()
+        group["task_done"][index:index + 1] = np.ones(1, np.uint8)
+
+    def finish(self, attributes: dict) -> None:
+        """Record final attributes and the completion flag, last, then consolidate metadata once."""
+        group = self.open(mode="r+")
+        group.update_attributes({**attributes, "complete": True})
+        zarr.consolidate_metadata(_store(self.location, self.storage_options))
