@@ -11,7 +11,9 @@ tile; tiles ran 4-5x slower).  Both thresholds at 256 MiB keep those temporaries
 OpenMP/OpenBLAS thread per worker: dask runs one task per thread and XLA has its own pool.
 
 ``local_cluster`` binds everything to loopback; ``connect`` reaches an existing scheduler (an address or
-a scheduler file).  Dask's own log lines stay off stderr unless KGRAD_DEBUG is set.
+a scheduler file) with the TLS ``security`` given; ``check_cluster_memory`` holds a plan against the
+workers' memory; ``close`` ends a client and a cluster within bounded time.  Dask's own log lines stay
+off stderr unless KGRAD_DEBUG is set.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ import contextlib
 import os
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 MALLOC_THRESHOLD = 256 * 2**20  # 268435456 bytes: XLA's multi-MB temporaries stay in the heap
 WORKER_ENVIRONMENT: dict[str, str] = {
@@ -131,6 +137,99 @@ def connect(scheduler: str, security=None):
         raise InputError(f"scheduler file {scheduler!r} does not exist; give 'local', a scheduler address "
                          f"(tcp://host:8786) or an existing scheduler file")
     return _client(scheduler, security=security, timeout="20s")
+
+
+_SECURITY_KEYS = ("tls_ca_file", "tls_client_cert", "tls_client_key")
+
+
+def security(scheduler: str, files: dict):
+    """distributed Security for the TLS ``files`` (CA, client certificate and key), or None.
+
+    None leaves it to dask's configuration (``distributed.comm.tls.ca-file``, ``...tls.client.cert``,
+    ``...tls.client.key``, e.g. from DASK_DISTRIBUTED__COMM__TLS__* variables).
+    """
+    if not files:
+        import dask
+
+        if scheduler.startswith("tls://") and not dask.config.get("distributed.comm.tls.ca-file", None):
+            raise InputError(f"scheduler {scheduler!r} uses TLS but no certificates were given; pass "
+                             f"--tls-ca-file, --tls-cert and --tls-key (or [run] security in the workflow)")
+        return None
+    unknown = sorted(set(files) - set(_SECURITY_KEYS))
+    missing = [k for k in _SECURITY_KEYS if not files.get(k)]
+    if unknown or missing:
+        raise InputError(f"security={files!r}: "
+                         + (f"unknown keys {', '.join(unknown)}; " if unknown else "")
+                         + (f"missing {', '.join(missing)}; " if missing else "")
+                         + f"give all of {', '.join(_SECURITY_KEYS)} (--tls-ca-file, --tls-cert, --tls-key)")
+    for key in _SECURITY_KEYS:
+        if not os.path.isfile(files[key]):
+            raise InputError(f"security {key}={files[key]!r} is not a file; "
+                             f"see cluster/make-tls-certs.sh")
+    from distributed.security import Security
+
+    return Security(require_encryption=True, **files)
+
+
+def performance_report(path: str | None):
+    """dask's performance report (an HTML page of task stream, profiles, bandwidth) around the run."""
+    if not path:
+        return contextlib.nullcontext()
+    from distributed import performance_report as report
+
+    return report(filename=path)
+
+
+def _worker_memory_fraction() -> float:
+    """Run on a worker: the fraction of its memory limit at which it pauses (its own dask config)."""
+    from pipeline.plan import memory_fraction
+
+    return memory_fraction()
+
+
+def check_cluster_memory(client, plan: Plan) -> None:
+    """Refuse, before anything is written, a plan whose tasks cannot fit the smallest worker below the
+    memory fraction at which that worker's dask pauses it (each worker reports its own)."""
+    from .plan import WORKER_BASELINE_BYTES, MiB, memory_fraction, worker_memory_needed
+    from .text import count
+
+    try:
+        client.wait_for_workers(1, timeout=30)
+    except TimeoutError:
+        pass
+    workers = client.scheduler_info().get("workers", {})
+    if not workers:
+        raise InputError("the dask cluster has no workers; start some (see cluster/) and try again")
+    try:
+        fractions = client.run(_worker_memory_fraction)
+    except Exception:  # noqa: BLE001 - an old worker without kgrad importable: assume our own dask config
+        fractions = {}
+    for address, worker in workers.items():  # a worker runs as many tasks at once as it has threads
+        limit, threads = worker.get("memory_limit"), worker.get("nthreads", 1)
+        fraction = fractions.get(address) or memory_fraction()
+        need = worker_memory_needed(plan.task_memory_bytes, threads, fraction)
+        if limit and need > limit:
+            raise InputError(f"a worker with {count(threads, 'thread')} needs about {need / MiB:.0f} MiB "
+                             f"({plan.task_memory_bytes / MiB:.0f} MiB per task + {WORKER_BASELINE_BYTES / MiB:.0f}"
+                             f" MiB baseline, below the {fraction:.0%} at which dask pauses it) but has "
+                             f"{limit / MiB:.0f} MiB; give workers more memory or fewer threads"
+                             + (", or use float32" if plan.dtype == "float64" else ""))
+
+
+
+def close(client, cluster=None) -> None:
+    """Close the client and a local cluster, each within a bounded time (a frozen scheduler never
+    answers), whatever the state they are in."""
+    try:
+        client.close(timeout=5)
+    except Exception:  # noqa: BLE001 - already closed, or the scheduler is gone
+        pass
+    if cluster is not None:
+        try:
+            cluster.close(timeout=10)
+        except Exception:  # noqa: BLE001
+            pass
+
 
 
 def main(argv=None) -> int:

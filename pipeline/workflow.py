@@ -15,11 +15,9 @@ and the workflow file are defined in :mod:`pipeline.options`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -310,83 +308,6 @@ def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: 
             f"exists, incomplete ({left}): a run needs --resume (finishes it) or --overwrite (starts over)"), done
 
 
-_SECURITY_KEYS = ("tls_ca_file", "tls_client_cert", "tls_client_key")
-
-
-def _security(config: RunOptions):
-    """distributed Security for ``config.security`` (CA, client certificate and key), or None.
-
-    None leaves it to dask's configuration (``distributed.comm.tls.ca-file``, ``...tls.client.cert``,
-    ``...tls.client.key``, e.g. from DASK_DISTRIBUTED__COMM__TLS__* variables).
-    """
-    if not config.security:
-        import dask
-
-        if config.scheduler.startswith("tls://") and not dask.config.get("distributed.comm.tls.ca-file", None):
-            raise InputError(f"scheduler {config.scheduler!r} uses TLS but no certificates were given; pass "
-                             f"--tls-ca-file, --tls-cert and --tls-key (or [run] security in the workflow)")
-        return None
-    unknown = sorted(set(config.security) - set(_SECURITY_KEYS))
-    missing = [k for k in _SECURITY_KEYS if not config.security.get(k)]
-    if unknown or missing:
-        raise InputError(f"security={config.security!r}: "
-                         + (f"unknown keys {', '.join(unknown)}; " if unknown else "")
-                         + (f"missing {', '.join(missing)}; " if missing else "")
-                         + f"give all of {', '.join(_SECURITY_KEYS)} (--tls-ca-file, --tls-cert, --tls-key)")
-    for key in _SECURITY_KEYS:
-        if not os.path.isfile(config.security[key]):
-            raise InputError(f"security {key}={config.security[key]!r} is not a file; "
-                             f"see cluster/make-tls-certs.sh")
-    from distributed.security import Security
-
-    return Security(require_encryption=True, **config.security)
-
-
-def _performance_report(path: str | None):
-    """dask's performance report (an HTML page of task stream, profiles, bandwidth) around the run."""
-    if not path:
-        return contextlib.nullcontext()
-    from distributed import performance_report
-
-    return performance_report(filename=path)
-
-
-def _worker_memory_fraction() -> float:
-    """Run on a worker: the fraction of its memory limit at which it pauses (its own dask config)."""
-    from pipeline.plan import memory_fraction
-
-    return memory_fraction()
-
-
-def check_cluster_memory(client, plan: Plan) -> None:
-    """Refuse, before anything is written, a plan whose tasks cannot fit the smallest worker below the
-    memory fraction at which that worker's dask pauses it (each worker reports its own)."""
-    from .plan import WORKER_BASELINE_BYTES, MiB, memory_fraction, worker_memory_needed
-    from .text import count
-
-    try:
-        client.wait_for_workers(1, timeout=30)
-    except TimeoutError:
-        pass
-    workers = client.scheduler_info().get("workers", {})
-    if not workers:
-        raise InputError("the dask cluster has no workers; start some (see cluster/) and try again")
-    try:
-        fractions = client.run(_worker_memory_fraction)
-    except Exception:  # noqa: BLE001 - an old worker without kgrad importable: assume our own dask config
-        fractions = {}
-    for address, worker in workers.items():  # a worker runs as many tasks at once as it has threads
-        limit, threads = worker.get("memory_limit"), worker.get("nthreads", 1)
-        fraction = fractions.get(address) or memory_fraction()
-        need = worker_memory_needed(plan.task_memory_bytes, threads, fraction)
-        if limit and need > limit:
-            raise InputError(f"a worker with {count(threads, 'thread')} needs about {need / MiB:.0f} MiB "
-                             f"({plan.task_memory_bytes / MiB:.0f} MiB per task + {WORKER_BASELINE_BYTES / MiB:.0f}"
-                             f" MiB baseline, below the {fraction:.0%} at which dask pauses it) but has "
-                             f"{limit / MiB:.0f} MiB; give workers more memory or fewer threads"
-                             + (", or use float32" if plan.dtype == "float64" else ""))
-
-
 def run_prepared(prepared: Prepared, stream=None) -> dict:
     """Write the output for a prepared run on the configured scheduler; return the final attributes.
 
@@ -425,7 +346,8 @@ def _run_owned(prepared: Prepared, stream) -> dict:
     """The run itself, with the lease held: cluster, output, tasks, checks, completion flag."""
     from .dashboard import dashboard_link
     from .errors import RunFailed
-    from .cluster import connect, local_cluster, quiet_dask_logs
+    from .cluster import (check_cluster_memory, close, connect, local_cluster, performance_report, quiet_dask_logs,
+                          security)
     from .execute import execute
     from .progress import progress_display
     from .text import count
@@ -443,7 +365,7 @@ def _run_owned(prepared: Prepared, stream) -> dict:
         client = Client(cluster)
     else:
         try:
-            client = connect(config.scheduler, _security(config))
+            client = connect(config.scheduler, security(config.scheduler, config.security))
         except (OSError, TypeError, ValueError) as exc:  # TypeError: a tls:// address, no certificates
             raise InputError(f"could not reach the dask scheduler {config.scheduler!r} ({exc}); "
                              f"check the address or scheduler file, and TLS settings") from None
@@ -463,7 +385,7 @@ def _run_owned(prepared: Prepared, stream) -> dict:
         print(f"kgrad: {count(plan.n_tasks, 'task')} ({plan.n_points} x {plan.n_sources} pairs, D={plan.dim}, "
               f"{plan.dtype}, {plan.formulation}) on {count(n_workers, 'worker')}"
               + (f"; dashboard {link}" if link else ""), file=stream, flush=True)
-        with _performance_report(config.performance_report):
+        with performance_report(config.performance_report):
             callbacks = [progress_display(plan.rows_per_task * plan.n_sources, stream)] if config.progress else []
             timings = execute(job, plan, client, done=prepared.done, callbacks=callbacks,
                               rows_digests=prepared.task_digests, scheduler_timeout=config.scheduler_timeout,
@@ -484,7 +406,7 @@ def _run_owned(prepared: Prepared, stream) -> dict:
             raise
         raise RunFailed(_incomplete(config, f"{type(exc).__name__}: {exc}")) from exc
     finally:
-        _close(client, cluster)
+        close(client, cluster)
     total = time.perf_counter() - started
     timings.update({"cluster_start_seconds": round(cluster_seconds, 4), "total_seconds": round(total, 4),
                     "pairs_per_second": round(plan.pairs * (timings["tasks_run"] / max(plan.n_tasks, 1))
@@ -498,20 +420,6 @@ def _run_owned(prepared: Prepared, stream) -> dict:
     print(f"kgrad: wrote {config.out} in {total:.2f} s ({count(timings['tasks_run'], 'task')} run, "
           f"{timings['tasks_skipped']} already done)", file=stream, flush=True)
     return {**prepared.attributes, "timings": timings}
-
-
-def _close(client, cluster) -> None:
-    """Close the client and a local cluster, each within a bounded time (a frozen scheduler never
-    answers), whatever the state they are in."""
-    try:
-        client.close(timeout=5)
-    except Exception:  # noqa: BLE001 - already closed, or the scheduler is gone
-        pass
-    if cluster is not None:
-        try:
-            cluster.close(timeout=10)
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def _check_inputs_unchanged(prepared: Prepared) -> None:
