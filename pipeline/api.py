@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .errors import InputError
-from .gradients import (DTYPES, MODES, TileShape, block_sums, formulation, on_cpu, prepare_sources,
-                        source_center, needs_x64, thread_x64, x64_enabled)
+from .gradients import (DTYPES, MODES, TileShape, block_setup, block_sums, formulation, on_cpu,
+                        prepare_sources, query_blocks, source_center, needs_x64, thread_x64, x64_enabled)
 from .inputs import as_point_array, as_weights, check_range, check_same_dim
 from .kernels import make_spec
 from .plan import make_plan, usable_cores
@@ -60,14 +60,20 @@ def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", length
     prepared = prepare_sources(srcs, w, spec, dtype, shape, center=center)
     g = np.empty(queries.shape, dtype=dtype)
     v = np.empty(queries.shape[0], dtype=dtype)
+    # Blocks as a dask run makes them (pipeline.execute.run_task): within each of the plan's tasks, rows in
+    # spatial order, so the in-process API gives the same bits as the CLI.
+    blocks = [task.start + rows for task in plan.tasks
+              for rows in query_blocks(queries[task.start:task.stop], spec, plan.rows)]
+    setups = [block_setup(queries[rows], prepared, spec, mode, dtype) for rows in blocks]
+    x64 = needs_x64(spec, mode, dtype) or any(s.variant.compute == "float64" for s in setups)
 
-    def one_block(start):
-        stop = min(start + plan.rows, queries.shape[0])
-        g[start:stop], v[start:stop] = block_sums(queries[start:stop], prepared, spec, mode, dtype, shape)
+    def one_block(index):
+        rows = blocks[index]
+        g[rows], v[rows] = block_sums(queries[rows], prepared, spec, mode, dtype, shape, setups[index])
 
-    starts = range(0, queries.shape[0], plan.rows)
+    starts = range(len(blocks))
     threads = min(len(starts), usable_cores()) if on_cpu() else 1
-    with x64_enabled(needs_x64(spec, mode, dtype)):
+    with x64_enabled(x64):
         if threads <= 1:
             for start in starts:
                 one_block(start)

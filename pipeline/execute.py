@@ -110,7 +110,7 @@ def _pin_to_core() -> None:
 def run_task(job: Job, task: Task) -> dict:
     """Compute and store one output chunk: rows ``[task.start, task.stop)`` against all sources."""
     from .cache import enable_compilation_cache
-    from .gradients import block_sums, enable_x64
+    from .gradients import block_sums, enable_x64, query_blocks
 
     started = time.perf_counter()
     if job.pin_cores:
@@ -126,10 +126,9 @@ def run_task(job: Job, task: Task) -> dict:
     gradient = np.empty((task.rows, queries.shape[1]), dtype=job.dtype)
     value = np.empty(task.rows, dtype=job.dtype)
     computed = time.perf_counter()
-    for start in range(0, task.rows, job.shape.rows):
-        stop = min(start + job.shape.rows, task.rows)
-        gradient[start:stop], value[start:stop] = block_sums(queries[start:stop], prepared, job.spec,
-                                                             job.mode, job.dtype, job.shape)
+    for rows in query_blocks(queries, job.spec, job.shape.rows):  # spatial order; written back in place
+        gradient[rows], value[rows] = block_sums(queries[rows], prepared, job.spec, job.mode, job.dtype,
+                                                 job.shape)
     compute_seconds = time.perf_counter() - computed
     store.write_task(job.out, task.start, task.stop, task.index, gradient, value, job.out_options,
                      run_fingerprint=job.fingerprint)
