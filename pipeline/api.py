@@ -65,7 +65,7 @@ def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", length
     blocks = [task.start + rows for task in plan.tasks
               for rows in query_blocks(queries[task.start:task.stop], spec, plan.rows)]
     setups = [block_setup(queries[rows], prepared, spec, mode, dtype) for rows in blocks]
-    x64 = needs_x64(spec, mode, dtype) or any(s.variant.compute == "float64" for s in setups)
+    x64 = needs_x64(spec, mode, dtype) or any(s.variant.float64 for s in setups)
 
     def one_block(index):
         rows = blocks[index]

@@ -251,18 +251,20 @@ FAST_RADIUS_FLOAT32 = 8.0
 # Periodic (no decay: every source counts): float32 while the reach (block radius plus the farthest source,
 # in periods, times max(1, 1/l^2)) is at most this; float32 phase errors are eps * 2 pi * reach.
 FAST_REACH_PERIODIC = 8.0
-# Beyond those, float32 runs compute the block in float64: GEMM distances up to this radius (measured: 3e-8
-# at e = 64, and float64 runs' 4e-11 at e = 512 scaled by eps32 / 1e-10), exact per-dimension differences
-# beyond.
+# Beyond those, float32 runs take the "wide" radial variant: r^2 by a float64 GEMM on float64 block
+# coordinates, the kernel's elementwise work in float32, and the sums S = F' @ [w u_x, w] and the assembly
+# u S - S_x in float64, so that rounding is relative to each term (eps sum |F' w (u - u_x)|), not to e.
+# Up to this radius (r^2 error ~1e-16 (e + r)^2 <= 1e-8); exact per-dimension differences beyond.
 GEMM_RADIUS_WIDE = 4096.0
 # float64 runs: GEMM distances up to this radius (measured on dense 1-D grids: 4.6e-12 at e = 128, 4.2e-11 at
 # e = 512; the bound is 1e-10), exact per-dimension differences beyond.
 GEMM_RADIUS_FLOAT64 = 128.0
-# The GEMM forms assemble g = u S - F' u_x, whose rounding (~eps e sum|F'|) is only small next to max|g| when
-# points have neighbours within about a lengthscale; at isolated points (g ~ exp(-d^2/2) for spacing d) it is
-# not.  Blocks with fewer query rows than this per lengthscale^D of their box (each side at least one
-# lengthscale) take exact per-dimension differences instead.
-DENSE_ROWS_PER_CELL = 1.0
+# A GEMM assembly's rounding (~eps e sum|F'|) is small next to max|g| only where points have neighbours:
+# at isolated points g ~ d exp(-d^2/2) for spacing d.  The mean spacing of a block's rows, in lengthscales
+# (its box, each side at least one lengthscale, per row, to the power 1/D), must be at most this for the
+# float32 tiles, and at most the second for float64 assembly; else exact per-dimension differences.
+SPACING_FLOAT32 = 2.0
+SPACING_FLOAT64 = 4.0
 # Kernels that are not re-centred (dot-product and user kernels) can take both signs, so their sums may
 # cancel even with positive weights.  float32 runs estimate the cancellation ratio max_j sum_i |w_i k_ji| /
 # max_j |v_j| (and the same for g) on a sample of the sources as queries (in float64), and compute in
@@ -274,10 +276,17 @@ CANCELLATION_SAMPLE = 64
 
 @dataclass(frozen=True)
 class Variant:
-    """How one query block is computed: ``compute`` dtype, and (radial kernels) ``direct`` distances."""
+    """How one query block is computed: ``compute``, the dtype of the elementwise work; ``distances``:
+    ``"gemm"`` (the formulation's own tile; kernel flags such as Matern's apply), ``"wide"`` (radial: GEMMs
+    and assembly in float64, elementwise float32) or ``"direct"`` (radial: exact per-dimension differences)."""
 
     compute: str
-    direct: bool = False
+    distances: str = "gemm"
+
+    @property
+    def float64(self) -> bool:
+        """Needs JAX's x64 switch."""
+        return self.compute == "float64" or self.distances == "wide"
 
 
 @dataclass(frozen=True)
@@ -288,26 +297,34 @@ class BlockSetup:
 
 
 def choose_variant(spec: KernelSpec, mode: str, dtype: str, radius: float, signed: bool,
-                   reach: float = 0.0, sparse: bool = False) -> Variant:
+                   reach: float = 0.0, spacing: float = 0.0) -> Variant:
     """The cheapest variant that keeps a block within the accuracy bound (see the thresholds above).
 
-    ``radius``: the block's half-diagonal in lengthscales; ``signed``: the weights have both signs (then
-    float32 rounding of w and of each term can exceed the bound through cancellation, so float32 runs compute
-    in float64); ``reach``: for periodic kernels, see :data:`FAST_REACH_PERIODIC`; ``sparse``: fewer than
-    :data:`DENSE_ROWS_PER_CELL` rows per lengthscale^D.
+    ``radius``: the block's half-diagonal in lengthscales; ``signed``: the weights have both signs or the
+    sums cancel (float32 rounding of w and of each term would then exceed the bound: float32 runs compute
+    in float64); ``reach``: periodic kernels, see :data:`FAST_REACH_PERIODIC`; ``spacing``: the block's
+    mean spacing in lengthscales.
     """
     kernel = get_kernel(spec.name)
-    gemm = formulation(spec, mode) == "radial" and kernel.stationary  # the forms with a GEMM assembly
+    radial = formulation(spec, mode) == "radial" and kernel.stationary
     if dtype == "float64":
-        return Variant("float64", gemm and (radius > GEMM_RADIUS_FLOAT64 or sparse))
+        exact = radial and (radius > GEMM_RADIUS_FLOAT64 or spacing > SPACING_FLOAT64)
+        return Variant("float64", "direct" if exact else "gemm")
     fast = not signed
     if kernel.stationary:
-        fast = fast and radius <= FAST_RADIUS_FLOAT32 and not (gemm and sparse)
+        fast = fast and radius <= FAST_RADIUS_FLOAT32
+        if radial and kernel.distances != "direct":
+            fast = fast and spacing <= SPACING_FLOAT32
         if kernel.radial_profile is None:  # periodic: no decay
             fast = fast and reach <= FAST_REACH_PERIODIC
     if fast:
-        return Variant(dtype, False)
-    return Variant("float64", gemm and (radius > GEMM_RADIUS_WIDE or sparse))
+        return Variant(dtype, "gemm")
+    if not radial:
+        return Variant("float64", "gemm")
+    if signed or kernel.distances == "direct" or radius > GEMM_RADIUS_WIDE or spacing > SPACING_FLOAT64:
+        return Variant("float64", "direct" if radius > GEMM_RADIUS_WIDE or spacing > SPACING_FLOAT64
+                       or kernel.distances == "direct" else "gemm")
+    return Variant("float32", "wide")
 
 
 def block_setup(queries, prepared: "PreparedSources", spec: KernelSpec, mode: str, dtype: str) -> BlockSetup:
@@ -320,14 +337,37 @@ def block_setup(queries, prepared: "PreparedSources", spec: KernelSpec, mode: st
         return BlockSetup(prepared.center, 0.0, choose_variant(spec, mode, dtype, 0.0, prepared.signed))
     lengthscale = np.asarray(spec.lengthscale, np.float64)
     center, half, radius = block_box(queries, lengthscale)
-    sparse = len(queries) < DENSE_ROWS_PER_CELL * float(np.prod(np.maximum(1.0, 2.0 * half)))
+    cells = float(np.prod(np.maximum(1.0, 2.0 * half)))
+    spacing = (cells / len(queries)) ** (1.0 / len(half))
     reach = 0.0
     if kernel.radial_profile is None and prepared.count:
         period = float(dict(spec.params).get("period", 1.0))
         far = np.maximum(np.abs(center - prepared.lower), np.abs(prepared.upper - center)) + half * lengthscale
         reach = float(np.max(far / period * np.maximum(1.0, 1.0 / lengthscale ** 2)))
-    variant = choose_variant(spec, mode, dtype, radius, prepared.signed, reach, sparse)
+    variant = choose_variant(spec, mode, dtype, radius, prepared.signed, reach, spacing)
     return BlockSetup(center, radius, variant)
+
+
+def _wide_radial_tile(profile, exponent, q, x, w, p):
+    """(g, v) of one tile for k = f(|(q - x)/l|^2) with q, x, w in float64 (block coordinates): r^2 by a
+    float64 GEMM, f and f' in float32, then the sums and the assembly u S - S_x in float64.  The float32
+    rounding of each f' multiplies its own (u - u_x), so the error is ~eps32 sum |F' w (u - u_x)| whatever
+    the block's extent.  ``exponent``: the Gaussian family's (one exp per pair, as :func:`_gaussian_tile`)."""
+    f32, f64 = jnp.float32, q.dtype
+    inv_l = 1.0 / p["lengthscale"]
+    u, ux = q * inv_l, x * inv_l
+    p32 = {k: (v.astype(f32) if hasattr(v, "astype") else v) for k, v in p.items()}
+    xw = jnp.concatenate([ux * w[:, None], w[:, None]], 1)  # (C, D + 1), float64
+    if exponent is not None:
+        slope = jax.jacfwd(lambda r2: exponent(r2, p))(jnp.zeros((), f64))
+        f = jnp.exp(jnp.minimum(_scaled_distance_gemm(u, ux, slope), 0.0).astype(f32))
+        s = jnp.matmul(f.astype(f64), xw, precision=HIGHEST) * profile(jnp.zeros((), f64), p)
+        return 2.0 * slope * inv_l * (u * s[:, -1:] - s[:, :-1]), s[:, -1]
+    r2 = jnp.maximum(_scaled_distance_gemm(u, ux, 1.0), 0.0).astype(f32)
+    d_f, f = _elementwise_jacfwd(lambda r: profile(r, p32))(r2)
+    s = jnp.matmul(d_f.astype(f64), xw, precision=HIGHEST)
+    g = 2.0 * inv_l * (u * s[:, -1:] - s[:, :-1])
+    return g, jnp.matmul(f.astype(f64), w, precision=HIGHEST)
 
 
 @functools.lru_cache(maxsize=128)
@@ -343,11 +383,14 @@ def compiled_block(name: str, static: tuple, form: str, mode: str, dtype: str, s
     centre minus the sources' centre as a hi/lo pair (lo = 0 in float64 runs).  Inside the call both are
     moved to the block's coordinates in the variant's compute dtype.
     """
-    variant = variant or Variant(dtype, False)
+    variant = variant or Variant(dtype, "gemm")
     kernel = get_kernel(name)
     extra = dict(static)
-    compute = variant.compute
-    if form == "radial" and (kernel.distances == "direct" or variant.direct):
+    compute = "float64" if variant.float64 else variant.compute  # of the coordinates and weights
+    if form == "radial" and variant.distances == "wide":
+        gaussian = kernel.exponent if kernel.distances == "gemm" else None
+        tile = functools.partial(_wide_radial_tile, kernel.radial_profile, gaussian)
+    elif form == "radial" and (kernel.distances == "direct" or variant.distances == "direct"):
         tile = functools.partial(_radial_direct_tile, kernel.radial_profile)
     elif form == "radial" and kernel.exponent is not None and kernel.distances == "gemm":
         tile = functools.partial(_gaussian_tile, kernel.radial_profile, kernel.exponent)
@@ -556,7 +599,7 @@ def block_sums(queries, prepared: PreparedSources, spec: KernelSpec, mode: str, 
         raise ValueError(f"block of {b} rows exceeds the tile's {shape.rows} rows")
     setup = setup or block_setup(queries, prepared, spec, mode, dtype)
     variant = setup.variant
-    if variant.compute == "float64" and not x64_active():
+    if variant.float64 and not x64_active():
         raise RuntimeError("this block computes in float64 but JAX's x64 switch is off (use x64_enabled)")
     split = dtype == "float32"
     q = np.empty((shape.rows, dim), dtype=dtype)
@@ -568,7 +611,7 @@ def block_sums(queries, prepared: PreparedSources, spec: KernelSpec, mode: str, 
     delta = setup.center - prepared.center
     offset = np.zeros((2, dim), dtype=dtype)
     _split(delta, offset[0], offset[1] if dtype == "float32" else None)
-    dynamic, static = split_params(spec, variant.compute)
+    dynamic, static = split_params(spec, "float64" if variant.float64 else dtype)
     fn = compiled_block(spec.name, static, formulation(spec, mode), mode, dtype, shape, dim, variant)
     # Dispatch every call first (JAX runs them asynchronously), then add the partials in a fixed order.
     partials = [fn(q, q_lo, offset, xs, xs_lo, ws, ws_lo, dynamic) for xs, xs_lo, ws, ws_lo in prepared.calls()]

@@ -46,7 +46,7 @@ def test_block_box_and_slices():
 def test_dense_data_stays_on_the_float32_tiles():
     """The benchmark's data (standard normal, D = 3, lengthscale 1, unit weights): every query block of the
     in-process API takes the fast float32 variant (accuracy costs no speed there)."""
-    from pipeline.gradients import TileShape, block_setup, prepare_sources, query_blocks
+    from pipeline.gradients import TileShape, Variant, block_setup, prepare_sources, query_blocks
     from pipeline.kernels import make_spec
     from pipeline.plan import make_plan
 
@@ -54,27 +54,34 @@ def test_dense_data_stays_on_the_float32_tiles():
     spec = make_spec("rbf", 3)
     plan = make_plan(len(x), len(x), 3)
     prepared = prepare_sources(x[:512], None, spec, "float32", TileShape(plan.rows, 512, 1))
-    variants = {block_setup(x[t.start + rows], prepared, spec, "auto", "float32").variant.compute
+    variants = {block_setup(x[t.start + rows], prepared, spec, "auto", "float32").variant
                 for t in plan.tasks for rows in query_blocks(x[t.start:t.stop], spec, plan.rows)}
-    assert variants == {"float32"}
+    assert variants == {Variant("float32", "gemm")}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_variant_thresholds(dtype):
-    from pipeline.gradients import (FAST_RADIUS_FLOAT32, GEMM_RADIUS_FLOAT64, GEMM_RADIUS_WIDE,
-                                    choose_variant)
+    from pipeline.gradients import (FAST_RADIUS_FLOAT32, GEMM_RADIUS_FLOAT64, GEMM_RADIUS_WIDE, SPACING_FLOAT32,
+                                    SPACING_FLOAT64, Variant, choose_variant)
     from pipeline.kernels import make_spec
 
-    rbf, lin = make_spec("rbf", 2), make_spec("linear", 2)
+    rbf, m12, lin, per = (make_spec(k, 2) for k in ("rbf", "matern12", "linear", "periodic"))
     if dtype == "float64":
-        assert choose_variant(rbf, "auto", dtype, GEMM_RADIUS_FLOAT64, False).direct is False
-        assert choose_variant(rbf, "auto", dtype, 2 * GEMM_RADIUS_FLOAT64, False).direct is True
+        assert choose_variant(rbf, "auto", dtype, GEMM_RADIUS_FLOAT64, False) == Variant("float64", "gemm")
+        assert choose_variant(rbf, "auto", dtype, 2 * GEMM_RADIUS_FLOAT64, False).distances == "direct"
+        assert choose_variant(rbf, "auto", dtype, 1.0, False, spacing=2 * SPACING_FLOAT64).distances == "direct"
+        assert choose_variant(rbf, "jacfwd", dtype, 1e6, False) == Variant("float64", "gemm")  # no GEMM there
         return
-    assert choose_variant(rbf, "auto", dtype, FAST_RADIUS_FLOAT32, False).compute == "float32"
-    assert choose_variant(rbf, "auto", dtype, FAST_RADIUS_FLOAT32, True).compute == "float64"  # signed w
-    wide = choose_variant(rbf, "auto", dtype, 2 * FAST_RADIUS_FLOAT32, False)
-    assert wide.compute == "float64" and not wide.direct
-    assert choose_variant(rbf, "auto", dtype, 2 * GEMM_RADIUS_WIDE, False).direct
-    assert choose_variant(rbf, "jacfwd", dtype, 2 * GEMM_RADIUS_WIDE, False).direct is False  # no GEMM there
-    assert choose_variant(lin, "auto", dtype, 0.0, False).compute == "float32"
-    assert choose_variant(lin, "auto", dtype, 0.0, True).compute == "float64"
+    fast = Variant("float32", "gemm")
+    assert choose_variant(rbf, "auto", dtype, FAST_RADIUS_FLOAT32, False, spacing=SPACING_FLOAT32) == fast
+    assert choose_variant(rbf, "auto", dtype, FAST_RADIUS_FLOAT32, True) == Variant("float64", "gemm")  # signed
+    assert choose_variant(rbf, "auto", dtype, 2 * FAST_RADIUS_FLOAT32, False) == Variant("float32", "wide")
+    assert choose_variant(rbf, "auto", dtype, 1.0, False, spacing=2 * SPACING_FLOAT32) == Variant("float32", "wide")
+    assert choose_variant(rbf, "auto", dtype, 1.0, False, spacing=2 * SPACING_FLOAT64).distances == "direct"
+    assert choose_variant(rbf, "auto", dtype, 2 * GEMM_RADIUS_WIDE, False) == Variant("float64", "direct")
+    assert choose_variant(m12, "auto", dtype, 1.0, False, spacing=100.0) == fast  # exact differences already
+    assert choose_variant(m12, "auto", dtype, 2 * FAST_RADIUS_FLOAT32, False) == Variant("float64", "direct")
+    assert choose_variant(rbf, "jacfwd", dtype, 2 * FAST_RADIUS_FLOAT32, False) == Variant("float64", "gemm")
+    assert choose_variant(per, "auto", dtype, 1.0, False, reach=100.0) == Variant("float64", "gemm")
+    assert choose_variant(lin, "auto", dtype, 0.0, False) == fast
+    assert choose_variant(lin, "auto", dtype, 0.0, True) == Variant("float64", "gemm")
