@@ -254,15 +254,17 @@ FAST_REACH_PERIODIC = 8.0
 # Beyond those, float32 runs take the "wide" radial variant: r^2 by a float64 GEMM on float64 block
 # coordinates, the kernel's elementwise work in float32, and the sums S = F' @ [w u_x, w] and the assembly
 # u S - S_x in float64, so that rounding is relative to each term (eps sum |F' w (u - u_x)|), not to e.
-# Up to this radius (r^2 error ~1e-16 (e + r)^2 <= 1e-8); exact per-dimension differences beyond.
-GEMM_RADIUS_WIDE = 4096.0
+# Up to this radius (r^2 error ~4e-16 (e + r)^2 <= 5e-7 absolute, a relative error of about that in each
+# term); exact per-dimension differences beyond.
+GEMM_RADIUS_WIDE = 32768.0
 # float64 runs: GEMM distances up to this radius (measured on dense 1-D grids: 4.6e-12 at e = 128, 4.2e-11 at
 # e = 512; the bound is 1e-10), exact per-dimension differences beyond.
 GEMM_RADIUS_FLOAT64 = 128.0
 # A GEMM assembly's rounding (~eps e sum|F'|) is small next to max|g| only where points have neighbours:
-# at isolated points g ~ d exp(-d^2/2) for spacing d.  The mean spacing of a block's rows, in lengthscales
-# (its box, each side at least one lengthscale, per row, to the power 1/D), must be at most this for the
-# float32 tiles, and at most the second for float64 assembly; else exact per-dimension differences.
+# at isolated points g ~ d exp(-d^2/2) for spacing d.  The block's spacing (the smallest distance between
+# rows that follow each other in Morton order, in lengthscales: some row has a neighbour that close) must
+# be at most this for the float32 tiles, and at most the second for float64 assembly (which only fails
+# for spacings above ~6); else exact per-dimension differences.
 SPACING_FLOAT32 = 2.0
 SPACING_FLOAT64 = 4.0
 # Kernels that are not re-centred (dot-product and user kernels) can take both signs, so their sums may
@@ -302,8 +304,8 @@ def choose_variant(spec: KernelSpec, mode: str, dtype: str, radius: float, signe
 
     ``radius``: the block's half-diagonal in lengthscales; ``signed``: the weights have both signs or the
     sums cancel (float32 rounding of w and of each term would then exceed the bound: float32 runs compute
-    in float64); ``reach``: periodic kernels, see :data:`FAST_REACH_PERIODIC`; ``spacing``: the block's
-    mean spacing in lengthscales.
+    in float64); ``reach``: periodic kernels, see :data:`FAST_REACH_PERIODIC`; ``spacing``: see
+    :data:`SPACING_FLOAT32`.
     """
     kernel = get_kernel(spec.name)
     radial = formulation(spec, mode) == "radial" and kernel.stationary
@@ -337,8 +339,11 @@ def block_setup(queries, prepared: "PreparedSources", spec: KernelSpec, mode: st
         return BlockSetup(prepared.center, 0.0, choose_variant(spec, mode, dtype, 0.0, prepared.signed))
     lengthscale = np.asarray(spec.lengthscale, np.float64)
     center, half, radius = block_box(queries, lengthscale)
-    cells = float(np.prod(np.maximum(1.0, 2.0 * half)))
-    spacing = (cells / len(queries)) ** (1.0 / len(half))
+    if len(queries) > 1:  # rows in computing (Morton) order: neighbours in space follow each other
+        steps = np.diff(np.asarray(queries, np.float64) / lengthscale, axis=0)
+        spacing = float(np.sqrt(np.min(np.sum(steps * steps, axis=1))))
+    else:
+        spacing = np.inf
     reach = 0.0
     if kernel.radial_profile is None and prepared.count:
         period = float(dict(spec.params).get("period", 1.0))

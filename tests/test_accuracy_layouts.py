@@ -174,6 +174,15 @@ def test_stationary_kernels_mixed_layout_1d_3d(kernel, dim):
                                                 lengthscale=lengthscale_for(kernel, dim), **PARAMS.get(kernel, {})))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kernel", ["rbf", "matern52", "rational_quadratic"])
+def test_isolated_points(kernel, dtype):
+    """Points 7 lengthscales apart (rbf: g ~ 7 exp(-24.5) ~ 1e-10 of the self term): a GEMM assembly's
+    rounding (~eps e sum|F'|) would swamp g, so such blocks take exact differences."""
+    pts = np.arange(1500) * 7.0 + 123.0
+    check(f"{kernel} isolated", dtype, errors(pts, kernel=kernel, dtype=dtype, **PARAMS.get(kernel, {})))
+
+
 # --- heavy tails, cancellation, ARD ----------------------------------------------------------------------------
 
 
