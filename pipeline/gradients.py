@@ -21,7 +21,11 @@ Gradients are always derived by JAX, never written by hand per kernel.  Three fo
     ``jacfwd`` (or ``jacrev``) of the row sum ``q -> sum_i w_i k(q, x_i)``, the seed post's formulation
     in tiles.
 
-Shapes are fixed and padded, so each process compiles once per (kernel, mode, dtype, tile shape):
+Precision is chosen per query block (:func:`block_setup`): each block is computed in coordinates centred
+on itself, with float32 tiles where that is accurate enough and float64 GEMMs or exact per-dimension
+differences where it is not (:class:`Variant`).
+
+Shapes are fixed and padded, so each process compiles once per (kernel, mode, dtype, tile shape, variant):
 sources are padded to whole tiles with zero weight (padding contributes exactly 0), query blocks are
 padded by repeating a row and trimmed after.  One jitted call handles ``tiles_per_call`` source tiles
 with ``lax.scan`` and returns one partial sum per tile; partials are added in float64, in a fixed order,
@@ -233,14 +237,15 @@ def _elementwise_jacfwd(scalar_fn):
 # ----------------------------------------------------------------------------------------------------------
 # Precision per query block.
 #
-# Stationary kernels depend on q - x only, so each query block is computed in its own coordinates: centred
-# on the block's mid-range c (float64).  Queries are (q - c) in float64, then cast; sources are held as a
-# float32 hi/lo pair relative to the run's centre (float64 in float64 runs) and shifted by the block's offset
-# inside the jitted call, so they keep ~48 bits wherever the block lies.  With the block's radius e (in
-# lengthscales), the GEMM forms' errors are then ~eps (e + r)^2 in r^2 and ~eps e sum|F'| in the assembly
-# u S - F' u_x: small for compact blocks, whatever the data's offset or total spread.  Blocks whose radius
-# is too large for that run in float64 (GEMM forms), or with exact per-dimension differences when even
-# float64 GEMM cancellation would show (see the thresholds below and NOTES in the README's accuracy section).
+# Stationary kernels depend on q - x only, so each query block is computed in its own coordinates, centred
+# on the block's mid-range c (float64).  Queries and sources are held relative to the run's centre, as
+# float32 hi/lo pairs in float32 runs (one float64 array in float64 runs), and moved to c inside the jitted
+# call in the same way (a query equal to a source stays exactly equal), so they keep ~48 bits wherever the
+# block lies.  With the block's radius e (in lengthscales), the GEMM forms' errors are then ~eps (e + r)^2
+# in r^2 and ~eps e sum|F'| in the assembly u S - F' u_x: small for compact blocks, whatever the data's
+# offset or total spread.  Blocks for which that is too large take a variant with float64 GEMMs, or exact
+# per-dimension differences (:func:`choose_variant`; thresholds below, measured in NOTES of issue 9 and
+# tested by tests/test_accuracy_layouts.py).
 
 # float32 runs: the float32 tiles on block coordinates while the block's radius (lengthscales) is at most
 # this.  Measured on dense 1-D grids and 3-D cubes (the worst layouts: many sources per lengthscale, g
