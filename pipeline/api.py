@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
-from .errors import InputError
+from .blocks import compute_rows
 from .finite import check_finite_result
-from .gradients import (DTYPES, MODES, TileShape, block_sums, formulation, on_cpu, prepare_sources,
-                        source_center, needs_x64, thread_x64, x64_enabled)
-from .inputs import as_point_array, as_weights, check_range, check_same_dim
-from .kernels import make_spec
-from .plan import make_plan, usable_cores
+from .gradients import on_cpu, prepare_sources
+from .inputs import as_point_array, as_weights, check_same_dim
+from .plan import usable_cores
+from .problem import make_problem
 
 
 def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", lengthscale=1.0, variance=1.0,
@@ -47,58 +44,13 @@ def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", length
     srcs = queries if sources is None else as_point_array(sources, "sources")
     check_same_dim(queries, srcs)
     w = None if weights is None else as_weights(weights, srcs.shape[0])
-    if dtype not in DTYPES:
-        raise InputError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    if mode not in MODES:
-        raise InputError(f"mode={mode!r} is not known; use one of {', '.join(MODES)}")
-    spec = make_spec(kernel, queries.shape[1], lengthscale, variance, **params)
-    plan = make_plan(queries.shape[0], srcs.shape[0], queries.shape[1], dtype=dtype,
-                     formulation=formulation(spec, mode))
-    shape = TileShape(plan.rows, plan.cols, plan.tiles_per_call)
-    center = source_center(srcs, spec)
-    check_range(srcs, "sources", center, spec.lengthscale, dtype)
-    check_range(queries, "points", center, spec.lengthscale, dtype)
-    prepared = prepare_sources(srcs, w, spec, dtype, shape, center=center)
-    g = np.empty(queries.shape, dtype=dtype)
-    v = np.empty(queries.shape[0], dtype=dtype)
-
-    def one_block(start):
-        stop = min(start + plan.rows, queries.shape[0])
-        g[start:stop], v[start:stop] = block_sums(queries[start:stop], prepared, spec, mode, dtype, shape)
-
-    starts = range(0, queries.shape[0], plan.rows)
-    threads = min(len(starts), usable_cores()) if on_cpu() else 1
-    with x64_enabled(needs_x64(spec, mode, dtype)):
-        if threads <= 1:
-            for start in starts:
-                one_block(start)
-        else:
-            _run_blocks_in_threads(one_block, starts, threads)
-    check_finite_result(g, v, dtype, spec.describe(), dtype_option='dtype="float64"')
+    problem = make_problem(queries, srcs, kernel=kernel, lengthscale=lengthscale, variance=variance,
+                           params=params, dtype=dtype, mode=mode)
+    prepared = prepare_sources(srcs, w, problem.spec, dtype, problem.shape, center=np.asarray(problem.center))
+    # Rows grouped as a cluster run's tasks group them: the same bits as `kgrad run`.
+    g, v = compute_rows(queries, prepared, problem.spec, mode, dtype, problem.shape,
+                        chunk=problem.plan.rows_per_task, threads=usable_cores() if on_cpu() else 1)
+    check_finite_result(g, v, dtype, problem.spec.describe(), dtype_option='dtype="float64"')
     if one_d:
         g = g[:, 0]
     return (g, v) if return_value else g
-
-
-def _run_blocks_in_threads(one_block, starts, threads: int) -> None:
-    """One query block per core at a time (JAX releases the GIL while XLA runs); each block's bits are the
-    same as on one thread.  Worker threads get the calling thread's effective x64 switch (a caller's
-    ``with jax.enable_x64(...)`` is per thread).  On the first error the blocks not yet started are
-    cancelled and the error is raised."""
-    import jax
-
-    x64 = bool(jax.config.read("jax_enable_x64"))
-
-    def run(start):
-        with thread_x64(x64):
-            one_block(start)
-
-    with ThreadPoolExecutor(threads, thread_name_prefix="kgrad-block") as pool:
-        futures = [pool.submit(run, start) for start in starts]
-        try:
-            for future in futures:
-                future.result()
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise

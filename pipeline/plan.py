@@ -160,15 +160,15 @@ def task_memory(n_sources: int, dim: int, dtype: str, rows: int, cols: int, tile
     """Projected peak bytes held by one task (beyond the worker's baseline), the terms in the order a
     worker holds them (pipeline.store.load_input, pipeline.gradients.prepare_sources, block_sums):
 
-    the sources as read (up to float64) and the read buffers of one block, the padded compute-dtype
-    copy, one call's tile temporaries (r2, f', f and XLA scratch, in float64 at worst), the per-tile
+    the sources as read (up to float64) and the read buffers of one block, the padded copy (8 bytes a
+    value: float64, or float32 hi/lo pairs), one call's tile temporaries (r2, f', f and XLA scratch, in float64 at worst), the per-tile
     partial sums of every call in flight, and the task's queries and output block.
     """
     item = _itemsize(dtype)
     padded = _round_up(max(n_sources, 1), cols * tiles_per_call)
     calls = padded // (cols * tiles_per_call)
     read = n_sources * (dim + 1) * 8 + min(n_sources, READ_BLOCK_ROWS) * (dim + 1) * 8 * 2
-    prepared = padded * (dim + 1) * item
+    prepared = padded * (dim + 1) * 8  # float64, or float32 hi/lo pairs (pipeline.gradients.PreparedSources)
     temporaries = (pair_arrays or TILE_TEMPORARIES) * rows * cols * 8 + rows * (dim + 2) * 8 * 2
     partials = calls * tiles_per_call * rows * (dim + 1) * item + rows * (dim + 1) * 8 * 2
     task = rows_per_task * dim * 8 + rows_per_task * (dim + 1) * (8 + item)

@@ -23,6 +23,7 @@ import numpy as np
 from . import lease, store
 from .output import OutputGroup
 from .errors import InputError, InputsChanged, NonFiniteResultError, RunEnded, task_failure
+from .blocks import compute_rows
 from .finite import check_finite_result
 from .gradients import TileShape
 from .kernels import KernelSpec
@@ -114,7 +115,7 @@ def run_task(job: Job, task: Task, rows_digest: str | None = None) -> dict:
     ``rows_digest``: the client's digest of these query rows; the task refuses rows that differ (points
     rewritten during the run), so a run never mixes two versions of its inputs."""
     from .cache import enable_compilation_cache
-    from .gradients import block_sums, enable_x64
+    from .gradients import enable_x64
 
     started = time.perf_counter()
     if job.pin_cores:
@@ -130,13 +131,8 @@ def run_task(job: Job, task: Task, rows_digest: str | None = None) -> dict:
     if rows_digest is not None and store.rows_digest(queries) != rows_digest:
         raise InputsChanged(f"points rows {task.start}:{task.stop} of {job.points.describe()} changed since "
                             f"the run checked them, or differ on this worker")
-    gradient = np.empty((task.rows, queries.shape[1]), dtype=job.dtype)
-    value = np.empty(task.rows, dtype=job.dtype)
     computed = time.perf_counter()
-    for start in range(0, task.rows, job.shape.rows):
-        stop = min(start + job.shape.rows, task.rows)
-        gradient[start:stop], value[start:stop] = block_sums(queries[start:stop], prepared, job.spec,
-                                                             job.mode, job.dtype, job.shape)
+    gradient, value = compute_rows(queries, prepared, job.spec, job.mode, job.dtype, job.shape)
     compute_seconds = time.perf_counter() - computed
     check_finite_result(gradient, value, job.dtype, job.spec.describe(), rows=(task.start, task.stop))
     # The run's lease is checked before the chunks are written and again right before the task is marked
