@@ -1,6 +1,8 @@
-"""The ``kgrad`` command: ``run``, ``plan``, ``inspect``.
+"""The ``kgrad`` command: ``run``, ``plan``, ``inspect``, ``plot``.
 
-Exit codes: 0 done; 2 bad input or usage (one line on stderr, nothing written); 1 anything else.
+Exit codes: 0 done; 2 bad input or usage (one line on stderr, nothing written); 1 anything else (one
+line naming the cause, the output and the next step); 130 after Ctrl-C.  The run options and their flags
+come from :mod:`pipeline.options`; nothing here imports JAX or dask before the arguments are parsed.
 """
 
 from __future__ import annotations

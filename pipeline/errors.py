@@ -12,7 +12,7 @@ class InputError(ValueError):
 
 RESUME_STEP = "fix the cause, then finish it with 'kgrad run ... --resume'"
 RESTART_STEP = "start it again with 'kgrad run ... --overwrite' once the inputs stop changing"
-ENDED_STEP = "see who owns it now with 'kgrad inspect', then resume or start over"
+ENDED_STEP = "see who owns it now with 'kgrad plan', then resume or start over"
 
 
 class RunFailed(RuntimeError):

@@ -10,7 +10,9 @@ right before it marks its chunk done, so nothing of a run is written after its c
   stuck;
 * a task whose run no longer holds the lease (ended, interrupted, taken over) drops its results.
 
-On a local or shared POSIX filesystem taking the lease is atomic (``link`` of a finished file, which fails
+Liveness on the same host is judged by pid (and its start time): containers that share a hostname but
+not a pid namespace must not share an output directory.  On a local or shared POSIX filesystem taking the
+lease is atomic (``link`` of a finished file, which fails
 if the lease exists; a stale lease is first renamed away, which only one taker can do).  On object stores
 (``s3://``) there is no atomic create: the lease is written and read back, which catches all but runs
 started within the same fraction of a second.
@@ -110,7 +112,7 @@ class Lease:
     location: str
     storage_options: tuple
     record: dict
-    created_dir: bool
+    created_dir: str | None  # the outermost directory taking the lease created (removed again if empty)
     _stop: threading.Event | None = None
     _thread: threading.Thread | None = None
 
@@ -160,12 +162,57 @@ class Lease:
             if current is not None and current.get("token") == self.token:
                 fs.rm_file(path)
             if self.created_dir and _is_local(self.location):
-                try:
-                    os.rmdir(self.location)
-                except OSError:
-                    pass  # the run wrote an output there: keep it
+                directory = os.path.abspath(self.location.removeprefix("file://"))
+                top = os.path.abspath(self.created_dir)
+                while True:  # the directories taking the lease made, innermost first, while empty
+                    try:
+                        os.rmdir(directory)
+                    except OSError:
+                        break  # the run wrote an output there (or somebody else wrote): keep it
+                    if directory == top:
+                        break
+                    directory = os.path.dirname(directory)
         except OSError:
             pass
+
+
+def _first_missing(fs, root: str) -> str | None:
+    """The outermost directory of ``root`` (itself included) that does not exist yet, or None."""
+    missing = None
+    path = root.rstrip("/")
+    while path and not fs.exists(path):
+        missing = path
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _move_aside(path: str, stale: dict, token: str) -> bool:
+    """Move the stale lease ``stale`` out of the way; False if the file there was no longer that lease.
+
+    Of several takers only one rename succeeds; and a taker that read the stale record before another
+    replaced it with a live lease puts that live lease back instead of deleting it."""
+    aside = f"{path}.stale-{token[:8]}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        with open(aside) as f:
+            moved = json.load(f)
+    except (OSError, ValueError):
+        moved = None
+    if moved is not None and moved.get("token") != stale.get("token"):
+        try:
+            os.link(aside, path)  # a live lease taken over meanwhile: give it back
+        except FileExistsError:
+            pass
+        os.unlink(aside)
+        return False
+    os.unlink(aside)
+    return True
 
 
 def acquire(location: str, storage_options: tuple = (), stale_after: float = STALE_AFTER_SECONDS) -> Lease:
@@ -176,7 +223,7 @@ def acquire(location: str, storage_options: tuple = (), stale_after: float = STA
     record = {"token": uuid.uuid4().hex, "pid": pid, "pid_start": _process_start(pid),
               "host": socket.gethostname(), "started": now, "heartbeat": now}
     fs, root = store._fs(location, storage_options)
-    created = not fs.exists(root)
+    created = _first_missing(fs, root)
     try:
         fs.makedirs(root, exist_ok=True)
     except OSError as exc:
@@ -190,12 +237,8 @@ def acquire(location: str, storage_options: tuple = (), stale_after: float = STA
             raise InputError(f"output {location!r} is being written by another kgrad {describe(current)}; "
                              f"wait for it to finish (a dead run's lease expires after {stale_after:.0f} s)")
         if _is_local(location):
-            if current is not None:  # stale: move it aside; of several takers only one rename succeeds
-                try:
-                    os.rename(path, f"{path}.stale-{record['token'][:8]}")
-                    os.unlink(f"{path}.stale-{record['token'][:8]}")
-                except FileNotFoundError:
-                    continue
+            if current is not None and not _move_aside(path, current, record["token"]):
+                continue
             tmp = f"{path}.{record['token'][:8]}.tmp"
             with open(tmp, "w") as f:
                 json.dump(record, f)

@@ -90,7 +90,7 @@ def option(default=None, *, section, kind, help, factory=None, **spec):
 # ----------------------------------------------------------------------------------------- the options
 
 
-@dataclass(frozen=True)
+@dataclass
 class RunOptions:
     """One run's options, from a workflow file, flags, or Python (``RunOptions(points=..., out=...)``)."""
 

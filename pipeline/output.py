@@ -16,6 +16,7 @@ run goes on the group also holds its lease file (:mod:`pipeline.lease`).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,10 +27,12 @@ from .errors import InputError, RunEnded, user_fixable
 from .store import _fs, _store, exists
 
 FORMAT_VERSION = 1
-# What kgrad writes at an output location: the group's metadata, its three arrays (any files under them),
-# and the run's lease.  Anything else there is somebody else's, and kgrad never deletes it.
+# What kgrad writes at an output location: the group's metadata, its three arrays (their metadata and
+# chunk files), and the run's lease (with the lease's own short-lived temporary files).  Anything else
+# there is somebody else's, and kgrad never deletes it.
 ARRAYS = ("gradient", "value", "task_done")
 LEASE_FILE = ".kgrad-lease.json"
+_OWN_FILE = re.compile(r"^(zarr\.json|(%s)/(zarr\.json|c(/\d+)+))$" % "|".join(ARRAYS))
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,6 @@ class RunRecord:
                    mode=attrs.get("mode", "?"), n_points=attrs.get("N"), n_sources=attrs.get("M"),
                    dim=attrs.get("D"), inputs=attrs.get("inputs") or {}, kgrad_version=attrs.get("kgrad_version", ""),
                    plan=attrs.get("plan") or {}, timings=attrs.get("timings") or {})
-
-    def input_fingerprint(self, role: str) -> str | None:
-        return (self.inputs.get(role) or {}).get("fingerprint")
 
 
 def _is_kgrad_metadata(raw: bytes) -> bool:
@@ -106,14 +106,14 @@ class OutputGroup:
         except OSError as exc:
             raise InputError(f"--out {where!r} could not be listed ({exc}); check the path and "
                              f"its permissions") from exc
-        files = [f for f in files if f and f != LEASE_FILE]
+        files = [f for f in files if f and not f.startswith(LEASE_FILE)]
         if not files:
             return "empty"
         if "zarr.json" not in files or not _is_kgrad_metadata(fs.cat_file(path.rstrip("/") + "/zarr.json")):
             shown = ", ".join(sorted(files)[:3]) + (", ..." if len(files) > 3 else "")
             raise InputError(f"--out {where!r} holds files that are not a kgrad output ({shown}); kgrad "
                              f"never deletes them, even with --overwrite: choose another --out")
-        foreign = sorted(f for f in files if f != "zarr.json" and f.split("/", 1)[0] not in ARRAYS)
+        foreign = sorted(f for f in files if not _OWN_FILE.match(f))
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise InputError(f"--out {where!r} is a kgrad output but also holds files kgrad did not write "
@@ -141,15 +141,14 @@ class OutputGroup:
         return RunRecord.from_attributes(attrs)
 
     def half_created(self) -> bool:
-        """True for an output that a killed run left while creating it: kgrad's marker but no run
-        attributes yet, and no task done.  Safe to create afresh."""
+        """True for an output that a killed run left while creating or removing it: kgrad's marker but no
+        run attributes (written last on creation, first gone on removal), so no task in it can be trusted.
+        Safe to create afresh."""
         try:
             group = self.open()
         except InputError:
             return False
-        if "run_fingerprint" in group.attrs:
-            return False
-        return "task_done" not in group.array_keys() or not np.asarray(group["task_done"][:]).any()
+        return "run_fingerprint" not in group.attrs
 
     def done_tasks(self) -> np.ndarray:
         return np.asarray(self.open()["task_done"][:]).astype(bool)
@@ -180,12 +179,22 @@ class OutputGroup:
                                  "format_version": FORMAT_VERSION})
 
     def remove(self) -> None:
-        """Delete a kgrad output's own contents (checked by :meth:`kind`), keeping the lease.  The arrays go
-        first and ``zarr.json`` last, so an output removed halfway is still recognised as kgrad's."""
+        """Delete a kgrad output's own contents (checked by :meth:`kind`), keeping the lease.
+
+        First ``zarr.json`` becomes kgrad's bare marker (no run attributes, not complete), then the arrays
+        go, then ``zarr.json``: an output removed halfway is still recognised as kgrad's, and is never
+        mistaken for a complete one."""
         if self.kind() != "kgrad":
             return
         fs, path = _fs(self.location, self.storage_options)
         root = path.rstrip("/")
+        marker = {"zarr_format": 3, "node_type": "group",
+                  "attributes": {"kgrad_output": True, "complete": False, "format_version": FORMAT_VERSION}}
+        fs.pipe_file(f"{root}/zarr.json", json.dumps(marker).encode())
+        for name in fs.ls(root, detail=False):  # a lease's leftover temporary files
+            base = name.rstrip("/").rsplit("/", 1)[-1]
+            if base.startswith(LEASE_FILE + "."):
+                fs.rm(name)
         for name in ARRAYS:
             if fs.exists(f"{root}/{name}"):
                 fs.rm(f"{root}/{name}", recursive=True)

@@ -62,11 +62,11 @@ def _normalise(location: str) -> str:
 
 
 def absolute(location: str) -> str:
-    """A local path made absolute (workers may run elsewhere); URLs unchanged."""
+    """A local path made absolute, ``~`` expanded (workers may run elsewhere); URLs unchanged."""
     location = os.fspath(location)
     if "://" in location and not location.startswith("file://"):
         return location
-    return os.path.abspath(location.removeprefix("file://"))
+    return os.path.abspath(os.path.expanduser(location.removeprefix("file://")))
 
 
 def overlaps(out: str, location: str) -> bool:

@@ -97,8 +97,15 @@ def check_options(options: RunOptions, planning: bool = False) -> RunOptions:
         except ImportError:
             raise InputError("--performance-report needs bokeh; pip install 'kgrad[dashboard]'") from None
     workers = options.workers if options.workers is not None else usable_cores()
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise InputError(f"workers={workers!r} must be a whole number >= 1")
+    for name, value in (("workers", workers), ("threads_per_worker", options.threads_per_worker)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"{name}={value!r} must be a whole number >= 1")
+    private = [role for role in ("points", "sources", "weights", "out")
+               if str(getattr(options, role) or "").startswith("memory://")]
+    if private:
+        raise InputError(f"{private[0]}={getattr(options, private[0])!r}: a memory:// store lives inside one "
+                         f"process, and kgrad's workers are other processes; use a path or an object store "
+                         f"(s3://...), or kernel_gradients() in process")
     if not isinstance(options.storage_options, dict):
         raise InputError(f"storage_options={options.storage_options!r} must be a table/dict of fsspec options")
     options = options.replace(workers=workers, **{
@@ -229,7 +236,7 @@ def prepare(config: RunOptions, worker_memory: int | None = None, planning: bool
     job = Job(points=inputs.points, sources=inputs.sources, weights=inputs.weights, spec=problem.spec,
               mode=problem.mode, dtype=problem.dtype, shape=problem.shape, center=problem.center,
               out=options.out, out_options=storage, fingerprint=provenance.fingerprint,
-              sources_fingerprint=inputs.fingerprints.get("sources"),
+              sources_fingerprint=inputs.fingerprints.get("sources", inputs.fingerprints["points"]),
               weights_fingerprint=inputs.fingerprints.get("weights"),
               pin_cores=pin if options.pin_cores is None else options.pin_cores, cache_dir=options.cache_dir)
     digests = tuple(store.rows_digest(inputs.point_data[t.start:t.stop]) for t in problem.plan.tasks)
@@ -278,13 +285,17 @@ def _output_action(config: RunOptions, fingerprint: str, identity: dict, opts: t
 def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: tuple, plan: Plan):
     """For ``kgrad plan``: what a run with these flags would do with the output, in words; never refuses
     (an existing output is described, with the flag a run would need)."""
-    if not OutputGroup(config.out, opts).exists():
-        return "create", None
     from . import lease
 
     owner = lease.read(config.out, opts)
     if lease.is_live(owner):
         return f"being written by kgrad {lease.describe(owner)}: a run now is refused until it ends", None
+    try:
+        kind = OutputGroup(config.out, opts).kind()
+    except InputError as exc:  # a file or a foreign directory: no flag makes a run touch it
+        return f"refused, whatever the flags: {exc}", None
+    if kind in ("absent", "empty"):
+        return "create", None
     if config.overwrite:
         return "exists: a run with --overwrite replaces it", None
     try:
@@ -344,8 +355,9 @@ def _incomplete(config: RunOptions, cause: str, step: str = RESUME_STEP) -> str:
 
 def _run_owned(prepared: Prepared, stream) -> dict:
     """The run itself, with the lease held: cluster, output, tasks, checks, completion flag."""
+    from . import lease
     from .dashboard import dashboard_link
-    from .errors import RunFailed
+    from .errors import ENDED_STEP, RunEnded, RunFailed
     from .cluster import (check_cluster_memory, close, connect, local_cluster, performance_report, quiet_dask_logs,
                           security)
     from .execute import execute
@@ -366,6 +378,8 @@ def _run_owned(prepared: Prepared, stream) -> dict:
     else:
         try:
             client = connect(config.scheduler, security(config.scheduler, config.security))
+        except InputError:
+            raise
         except (OSError, TypeError, ValueError) as exc:  # TypeError: a tls:// address, no certificates
             raise InputError(f"could not reach the dask scheduler {config.scheduler!r} ({exc}); "
                              f"check the address or scheduler file, and TLS settings") from None
@@ -416,6 +430,12 @@ def _run_owned(prepared: Prepared, stream) -> dict:
     if missing:
         raise RunFailed(_incomplete(config, f"{missing} of {count(plan.n_tasks, 'task')} "
                                             f"{'is' if missing == 1 else 'are'} not marked done"))
+    try:  # the last word: still this run's output, still its lease (a frozen client may have lost both)
+        lease.check_owner(config.out, job.lease_token, job.out_options)
+    except RunEnded as exc:
+        raise RunFailed(_incomplete(config, str(exc), ENDED_STEP), ENDED_STEP) from exc
+    if output.attributes().get("run_fingerprint") != job.fingerprint:
+        raise RunFailed(_incomplete(config, "the output now holds another run's data", ENDED_STEP), ENDED_STEP)
     output.finish({"timings": timings})
     print(f"kgrad: wrote {config.out} in {total:.2f} s ({count(timings['tasks_run'], 'task')} run, "
           f"{timings['tasks_skipped']} already done)", file=stream, flush=True)
@@ -440,9 +460,9 @@ def _check_inputs_unchanged(prepared: Prepared) -> None:
 
 
 def run_workflow(config: RunOptions | str, **overrides) -> dict:
-    """Validate, plan and run a workflow (RunOptions or a TOML path) with ``overrides``; return the output's
-    attributes."""
+    """Validate, plan and run a workflow (RunOptions or a TOML path) with ``overrides`` (an override of None
+    keeps the workflow's value); return the output's attributes."""
     if isinstance(config, str):
         config = load_workflow(config)
-    config = config.replace(**overrides)
+    config = config.replace(**{k: v for k, v in overrides.items() if v is not None})  # None: keep the file's
     return run_prepared(prepare(config))

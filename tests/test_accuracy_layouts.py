@@ -252,8 +252,8 @@ def test_run_task_on_wide_spread_data(tmp_path):
     as the in-process API (same blocks, in spatial order within each task, written back in input order)."""
     import zarr
 
-    from pipeline import store
-    from pipeline.execute import run_task
+    from pipeline.output import OutputGroup
+    from pipeline.worker import run_task
     from pipeline.workflow import RunConfig, prepare
 
     q, _, _, _ = LAYOUTS["clusters_1e4"]()
@@ -263,8 +263,8 @@ def test_run_task_on_wide_spread_data(tmp_path):
     out = tmp_path / "out.zarr"
     prepared = prepare(RunConfig(points=str(tmp_path / "points.npy"), out=str(out), workers=1))
     plan = prepared.plan
-    store.create_output(str(out), n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
-                        rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks, attributes=prepared.attributes)
+    OutputGroup(str(out)).create(n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
+                                 rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks, attributes=prepared.attributes)
     for task in plan.tasks:
         run_task(prepared.job, task)
     group = zarr.open_group(str(out), mode="r")

@@ -106,13 +106,21 @@ def _kgrad_output_with_a_user_file(root, small_points):
     return path
 
 
+def _kgrad_output_with_a_file_in_an_array(root, small_points):
+    path = _kgrad_output_with_a_user_file(root, small_points)
+    (path / "README.txt").rename(path / "gradient" / "notes.txt")
+    return path
+
+
 @pytest.mark.parametrize("make", ["foreign_directory", "regular_file", "foreign_zarr_group",
-                                  "kgrad_output_with_a_user_file"])
+                                  "kgrad_output_with_a_user_file", "kgrad_output_with_a_file_in_an_array"])
 def test_overwrite_never_deletes_what_kgrad_did_not_write(make, small_points, tmp_path):
     target = {"foreign_directory": lambda: _foreign_directory(tmp_path),
               "regular_file": lambda: _regular_file(tmp_path),
               "foreign_zarr_group": lambda: _foreign_zarr_group(tmp_path),
-              "kgrad_output_with_a_user_file": lambda: _kgrad_output_with_a_user_file(tmp_path, small_points)}[make]()
+              "kgrad_output_with_a_user_file": lambda: _kgrad_output_with_a_user_file(tmp_path, small_points),
+              "kgrad_output_with_a_file_in_an_array":
+                  lambda: _kgrad_output_with_a_file_in_an_array(tmp_path, small_points)}[make]()
     before = tree_digest(target) if target.is_dir() else target.read_bytes()
     result = kgrad(["run", "--points", small_points, "--out", target, "--overwrite", "--workers", "1",
                     "--no-progress"])
@@ -437,3 +445,104 @@ def test_plan_names_the_run_that_holds_the_output(small_points, tmp_path):
         held.release()
     assert result.returncode == 0, result.stderr
     assert f"pid {os.getpid()}" in result.stdout and "refused" in result.stdout, result.stdout
+
+
+def test_an_interrupted_removal_never_looks_complete(small_points, tmp_path, monkeypatch):
+    """--overwrite stopped halfway through deleting the old output (Ctrl-C, kill) must not leave a group
+    that says `complete` over missing data: the run attributes go first, the arrays next, zarr.json last."""
+    import fsspec.implementations.local as local
+
+    from pipeline.output import OutputGroup
+
+    out = tmp_path / "out.zarr"
+    assert kgrad(["run", "--points", small_points, "--out", out, "--workers", "1", "--no-progress",
+                  "--rows-per-task", "100"]).returncode == 0
+    calls = []
+    real_rm = local.LocalFileSystem.rm
+
+    def interrupted(self, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_rm(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(local.LocalFileSystem, "rm", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        OutputGroup(str(out)).remove()
+    monkeypatch.undo()
+    output = OutputGroup(str(out))
+    attrs = output.attributes()
+    assert attrs.get("complete") is False and "run_fingerprint" not in attrs, attrs
+    assert output.kind() == "kgrad" and output.half_created()
+    again = kgrad(["run", "--points", small_points, "--out", out, "--workers", "1", "--no-progress", "--resume"])
+    assert again.returncode == 0, again.stderr
+    assert read_attrs(out)["complete"] is True and read_attrs(out)["timings"]["tasks_skipped"] == 0
+
+
+def test_workers_check_the_sources_when_they_are_the_points(tmp_path):
+    """Without --sources the points are the sources: a worker that loads them changed refuses the task."""
+    from pipeline.errors import InputsChanged
+    from pipeline.output import OutputGroup
+    from pipeline.worker import _SOURCES, run_task
+    from pipeline.workflow import RunOptions, prepare
+
+    points = tmp_path / "q.npy"
+    np.save(points, np.random.default_rng(1).normal(size=(400, 2)))
+    out = tmp_path / "out.zarr"
+    prepared = prepare(RunOptions(points=str(points), out=str(out), workers=1, rows_per_task=200))
+    assert prepared.job.sources_fingerprint == prepared.identity["points"]["fingerprint"]
+    plan = prepared.plan
+    OutputGroup(str(out)).create(n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
+                                 rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks,
+                                 attributes=prepared.attributes)
+    data = np.load(points)
+    data[300:] += 1.0  # rows of task 1 only: task 0's own rows are unchanged
+    np.save(points, data)
+    _SOURCES.clear()
+    with pytest.raises(InputsChanged, match="changed"):
+        run_task(prepared.job, plan.tasks[0])
+    assert not OutputGroup(str(out)).done_tasks().any()
+
+
+def test_a_taker_never_deletes_a_lease_taken_over_meanwhile(tmp_path):
+    """Two runs see the same stale lease; A takes it over first; B, acting on what it read before, must
+    give A's live lease back, not delete it."""
+    from pipeline import lease
+
+    out = tmp_path / "out.zarr"
+    out.mkdir()
+    stale = {"token": "stale", "pid": 1, "host": "gone-host", "started": 0.0, "heartbeat": 0.0}
+    (out / ".kgrad-lease.json").write_text(json.dumps(stale))
+    a = lease.acquire(str(out))
+    assert not lease._move_aside(str(out / ".kgrad-lease.json"), stale, "b-token")
+    assert lease.read(str(out))["token"] == a.token
+    with pytest.raises(Exception, match="another kgrad run"):
+        lease.acquire(str(out))
+    a.release()
+
+
+def test_leftover_lease_files_do_not_lock_an_output(small_points, tmp_path):
+    from pipeline.output import OutputGroup
+
+    out = tmp_path / "out.zarr"
+    assert kgrad(["run", "--points", small_points, "--out", out, "--workers", "1", "--no-progress"]).returncode == 0
+    (out / ".kgrad-lease.json.1234abcd.tmp").write_text("{}")  # a taker killed between write and link
+    assert OutputGroup(str(out)).kind() == "kgrad"
+    again = kgrad(["run", "--points", small_points, "--out", out, "--workers", "1", "--no-progress", "--overwrite"])
+    assert again.returncode == 0, again.stderr
+    assert not list(out.glob(".kgrad-lease.json*"))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--out", "{d}/nd/sub/o.zarr", "--scheduler", "{d}/nofile.json"], ("scheduler file", "does not exist")),
+    (["--out", "{d}/o.zarr", "--threads-per-worker", "0"], ("threads_per_worker=0",)),
+    (["--out", "memory://o.zarr"], ("memory://", "other processes")),
+])
+def test_refused_runs_write_nothing(small_points, tmp_path, args, words):
+    args = [a.replace("{d}", str(tmp_path)) for a in args]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = kgrad(["run", "--points", small_points, "--workers", "1", "--no-progress", *args])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert all(w in lines[0] for w in words) and lines[0].count("does not exist") <= 1, lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "a refused run left files behind"

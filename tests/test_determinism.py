@@ -112,7 +112,7 @@ def test_in_process_api_threads_follow_a_callers_per_thread_x64(monkeypatch):
 
 def test_in_process_api_error_in_one_block_is_raised(monkeypatch):
     """A failing block raises in the caller; blocks not yet started are cancelled."""
-    from pipeline import api, kernel_gradients
+    from pipeline import api, blocks, kernel_gradients
 
     calls = []
 
@@ -122,7 +122,7 @@ def test_in_process_api_error_in_one_block_is_raised(monkeypatch):
         raise RuntimeError("block failed")
 
     monkeypatch.setattr(api, "usable_cores", lambda: 2)
-    monkeypatch.setattr(api, "block_sums", failing)
+    monkeypatch.setattr(blocks, "block_sums", failing)
     with pytest.raises(RuntimeError, match="block failed"):
         kernel_gradients(np.zeros((64 * 1024, 3)))
     assert 1 <= len(calls) < 64

@@ -73,7 +73,16 @@ def test_not_a_kgrad_output(tmp_path):
     (tmp_path / "out.zarr").mkdir()
     (tmp_path / "out.zarr" / "notes.txt").write_text("mine")
     config = RunConfig(points=str(tmp_path / "points.npy"), out=str(tmp_path / "out.zarr"), workers=1)
-    assert planned(config) == "exists, it is not a kgrad output: a run needs --overwrite (starts over)"
+    for flags in ({}, {"overwrite": True}, {"resume": True}):
+        said = planned(config, **flags)
+        assert said.startswith("refused, whatever the flags") and "notes.txt" in said, said
+
+
+def test_empty_directory_is_created(tmp_path):
+    np.save(tmp_path / "points.npy", np.zeros((10, 2)))
+    (tmp_path / "out.zarr").mkdir()
+    config = RunConfig(points=str(tmp_path / "points.npy"), out=str(tmp_path / "out.zarr"), workers=1)
+    assert planned(config) == "create"
 
 
 def test_cli_plan_on_a_complete_output_exits_0_and_writes_nothing(made, tmp_path):
