@@ -8,6 +8,8 @@ line rewritten with ``\\r``) on a terminal, :class:`LineProgress` (a whole line 
 
 from __future__ import annotations
 
+import abc
+
 import sys
 import time
 
@@ -27,7 +29,7 @@ class Callback:
         """The run stopped (finished, failed or interrupted); called before any error propagates."""
 
 
-class _Display(Callback):
+class _Display(Callback, abc.ABC):
     """'tasks done/total (percent), pair rate, time left' for a stream, at most once per ``interval`` s."""
 
     interval = 1.0
@@ -61,8 +63,9 @@ class _Display(Callback):
         return (f"kgrad: {self.done}/{count(self.total, 'task')} ({100 * self.done / max(self.total, 1):.0f}%), "
                 f"{rate / 1e9:.2f} G pairs/s, {left:.0f} s left")
 
+    @abc.abstractmethod
     def _show(self, line: str) -> None:
-        raise NotImplementedError
+        """Put one progress line on the stream, each display in its own way."""
 
 
 class TerminalProgress(_Display):
