@@ -9,7 +9,6 @@ line rewritten with ``\\r``) on a terminal, :class:`LineProgress` (a whole line 
 from __future__ import annotations
 
 import abc
-
 import sys
 import time
 
