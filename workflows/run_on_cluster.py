@@ -35,8 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    config = CONFIG.replace(scheduler=args.scheduler, resume=args.resume or None,
-                            overwrite=args.overwrite or None)
+    config = CONFIG.replace(scheduler=args.scheduler, resume=args.resume, overwrite=args.overwrite)
     try:
         prepared = prepare(config)  # validates every input and plans; writes nothing
     except InputError as exc:
