@@ -13,7 +13,7 @@ from .problem import make_problem
 
 
 def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", lengthscale=1.0, variance=1.0,
-                     dtype="float32", mode="auto", return_value=False, **params):
+                     dtype="float32", mode="auto", return_value=False, tolerance=0.0, **params):
     """Summed input-gradients of a kernel sum, in this process.
 
     For queries ``q_j`` (rows of ``points``) and sources ``x_i`` with weights ``w_i``:
@@ -33,6 +33,10 @@ def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", length
     mode : ``"auto"`` (structured fast path where the kernel has one), ``"jacfwd"`` or ``"jacrev"``
         (generic ``vmap`` over rows of that JAX transform).
     return_value : also return the kernel sums ``v``.
+    tolerance : 0 (default) computes every pair.  ``EPS > 0`` lets kernels whose profile decays to 0 (rbf,
+        matern12/32/52, rational_quadratic, imq) skip far sources, with, per query j,
+        ``|g^_j - g_j| <= EPS * sum|w| * gmax`` and ``|v^_j - v_j| <= EPS * sum|w| * kmax`` (``kmax = max k``,
+        ``gmax = max |grad_q k|``; see :mod:`pipeline.pruning`), on top of the dtype's own rounding.
     **params : the kernel's own parameters (``alpha``, ``c``, ``beta``, ``period``, ``degree``).
 
     Returns
@@ -45,11 +49,19 @@ def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", length
     check_same_dim(queries, srcs)
     w = None if weights is None else as_weights(weights, srcs.shape[0])
     problem = make_problem(queries, srcs, kernel=kernel, lengthscale=lengthscale, variance=variance,
-                           params=params, dtype=dtype, mode=mode)
-    prepared = prepare_sources(srcs, w, problem.spec, dtype, problem.shape, center=np.asarray(problem.center))
-    # Rows grouped as a cluster run's tasks group them: the same bits as `kgrad run`.
-    g, v = compute_rows(queries, prepared, problem.spec, mode, dtype, problem.shape,
-                        chunk=problem.plan.rows_per_task, threads=usable_cores() if on_cpu() else 1)
+                           params=params, dtype=dtype, mode=mode, tolerance=tolerance, weights=w,
+                           sources_are_points=sources is None)
+    threads = usable_cores() if on_cpu() else 1
+    if problem.pruned:  # blocks in the run's spatial order: the same bits as `kgrad run --tolerance`
+        from .pruned import compute_in_memory
+
+        g, v, _ = compute_in_memory(queries, None if sources is None else srcs, w, problem.layout, problem.spec,
+                                    mode, dtype, problem.shape, np.asarray(problem.center), threads)
+    else:
+        prepared = prepare_sources(srcs, w, problem.spec, dtype, problem.shape, center=np.asarray(problem.center))
+        # Rows grouped as a cluster run's tasks group them: the same bits as `kgrad run`.
+        g, v = compute_rows(queries, prepared, problem.spec, mode, dtype, problem.shape,
+                            chunk=problem.plan.rows_per_task, threads=threads)
     check_finite_result(g, v, dtype, problem.spec.describe(), dtype_option='dtype="float64"')
     if one_d:
         g = g[:, 0]

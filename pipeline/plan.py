@@ -30,10 +30,17 @@ DEFAULT_TILES = {
     "dot": (512, 1024),
     "generic": (128, 512),
 }
+# Pruned runs (tolerance > 0): small tiles, so that a block gathers only the tiles it needs; a call holds
+# PRUNED_TILES_PER_CALL tiles (the kept tiles of a block are padded to whole calls).
+PRUNED_TILES = (256, 256)
+PRUNED_TILES_PER_CALL = 8
+PRUNED_BLOCKS_PER_TASK = 64
+PRUNED_HELD_SOURCES = 1 << 22  # sources a worker keeps prepared for pruned tasks (pipeline.worker)
 MAX_TILES_PER_CALL = 64
 # Rough single-process throughput (pairs per second, float32) used for the time estimate only.
 PAIR_RATE = {"radial": 1.2e9, "dot": 1.5e9, "generic": 0.15e9}
 FLOAT64_SLOWDOWN = 3.0
+PRUNED_SLOWDOWN = 1.5  # per pair, gathered small tiles against the dense path's (time estimate only)
 # Cost per pair grows with D (r2 and the gradient GEMMs are O(D); the generic path's per-pair gradient
 # more so): the fraction added per dimension beyond D = 3, fitted to in-process runs at D = 1..200
 # (rbf 1.0 -> 9.3 ns/pair from D = 3 to 200, polynomial 0.8 -> 3.9, periodic 10.5 -> 476; 2 busy cores).
@@ -99,6 +106,14 @@ class Plan:
     worker_memory_bytes: int | None  # each worker's memory limit (None: not checked)
     workers: int
     estimated_seconds: float
+    tolerance: float = 0.0
+    pruned: bool = False  # tolerance > 0 and the kernel prunes: tasks are ranges of the spatial order
+    estimated_pairs: int | None = None  # pairs left after pruning (None: all N x M)
+    exact_reason: str = ""  # why a run with a tolerance computes every pair
+
+    @property
+    def pairs_to_compute(self) -> int:
+        return self.pairs if self.estimated_pairs is None else self.estimated_pairs
 
     @property
     def n_tasks(self) -> int:
@@ -118,6 +133,8 @@ class Plan:
             "pairs": self.pairs, "task_memory_bytes": self.task_memory_bytes,
             "worker_memory_bytes": self.worker_memory_bytes, "workers": self.workers,
             "estimated_seconds": round(self.estimated_seconds, 3),
+            "tolerance": self.tolerance, "pruned": self.pruned, "estimated_pairs": self.pairs_to_compute,
+            **({"exact_reason": self.exact_reason} if self.exact_reason else {}),
         }
 
 
@@ -134,13 +151,14 @@ def _pow2_at_least(value: int, floor: int = 8) -> int:
 
 
 def tile_shape(n_points: int, n_sources: int, formulation: str, rows: int | None = None,
-               cols: int | None = None) -> tuple[int, int, int]:
-    """(rows, cols, tiles_per_call): defaults per formulation, shrunk (to powers of two) for small
-    inputs so that a 100-point problem does not pad to a 512 x 1024 tile."""
-    default_rows, default_cols = DEFAULT_TILES[formulation]
+               cols: int | None = None, pruned: bool = False) -> tuple[int, int, int]:
+    """(rows, cols, tiles_per_call): defaults per formulation (pruned runs: :data:`PRUNED_TILES`), shrunk
+    (to powers of two) for small inputs so that a 100-point problem does not pad to a 512 x 1024 tile."""
+    default_rows, default_cols = PRUNED_TILES if pruned else DEFAULT_TILES[formulation]
     rows = rows or min(default_rows, _pow2_at_least(n_points))
     cols = cols or min(default_cols, _pow2_at_least(n_sources))
-    tiles = min(MAX_TILES_PER_CALL, max(1, math.ceil(n_sources / cols)))
+    most = PRUNED_TILES_PER_CALL if pruned else MAX_TILES_PER_CALL
+    tiles = min(most, max(1, math.ceil(n_sources / cols)))
     return rows, cols, tiles
 
 
@@ -179,8 +197,11 @@ def make_plan(n_points: int, n_sources: int, dim: int, *, dtype: str = "float32"
               formulation: str = "radial", workers: int = 1, worker_memory_bytes: int | None = None,
               rows: int | None = None, cols: int | None = None, rows_per_task: int | None = None,
               cores: int | None = None, threads_per_worker: int = 1,
-              distances: str = "gemm", usable_fraction: float = PAUSE_FRACTION) -> Plan:
-    """Plan a run; raise :class:`InputError` if the inputs are empty or a task cannot fit in memory."""
+              distances: str = "gemm", usable_fraction: float = PAUSE_FRACTION, pruned: bool = False) -> Plan:
+    """Plan a run; raise :class:`InputError` if the inputs are empty or a task cannot fit in memory.
+
+    ``pruned``: a run with a tolerance on a kernel that prunes (small tiles, bigger tasks); the pairs left
+    after pruning are estimated later (:func:`with_pruning`)."""
     if n_points < 1 or n_sources < 1 or dim < 1:
         raise InputError(f"nothing to compute: N={n_points} points, M={n_sources} sources, D={dim}; "
                          f"each must be at least 1")
@@ -194,12 +215,12 @@ def make_plan(n_points: int, n_sources: int, dim: int, *, dtype: str = "float32"
         if value is not None and value < 1:
             raise InputError(f"{name}={value} must be at least 1")
     explicit_rows = rows is not None
-    rows, cols, tiles = tile_shape(n_points, n_sources, formulation, rows, cols)
+    rows, cols, tiles = tile_shape(n_points, n_sources, formulation, rows, cols, pruned)
     if rows_per_task is None:
-        # 1..16 blocks per task, aiming at >= 16 tasks.  Independent of the worker count, so the task
-        # list (and the output's chunks) is the same however many workers run or resume it.
+        # 1..16 blocks per task (pruned: 1..64), aiming at >= 16 tasks.  Independent of the worker count, so
+        # the task list (and the output's chunks) is the same however many workers run or resume it.
         blocks = math.ceil(n_points / rows)
-        per_task = min(16, max(1, blocks // 16))
+        per_task = min(PRUNED_BLOCKS_PER_TASK if pruned else 16, max(1, blocks // 16))
         rows_per_task = rows * per_task
     else:
         if not explicit_rows:  # honour the chunking asked for: the fewest equal tiles that cover it
@@ -207,7 +228,9 @@ def make_plan(n_points: int, n_sources: int, dim: int, *, dtype: str = "float32"
         rows_per_task = _round_up(rows_per_task, rows)
     tasks = tuple(Task(i, start, min(start + rows_per_task, n_points))
                   for i, start in enumerate(range(0, n_points, rows_per_task)))
-    memory = task_memory(n_sources, dim, dtype, rows, cols, tiles, rows_per_task,
+    # A pruned task holds only the source tiles its blocks need (at most PRUNED_HELD_SOURCES in its cache).
+    held = min(n_sources, PRUNED_HELD_SOURCES) if pruned else n_sources
+    memory = task_memory(held, dim, dtype, rows, cols, tiles, rows_per_task,
                          pair_arrays=pair_arrays(formulation, dim, distances))
     concurrent = max(1, threads_per_worker)  # a worker with T threads runs T tasks at once
     needed = worker_memory_needed(memory, concurrent, usable_fraction)
@@ -224,4 +247,15 @@ def make_plan(n_points: int, n_sources: int, dim: int, *, dtype: str = "float32"
     per_pair = max(0.5, 1.0 + COST_PER_EXTRA_DIM[formulation] * (dim - 3)) / rate
     estimated = n_points * n_sources * per_pair / parallel
     return Plan(n_points, n_sources, dim, dtype, formulation, rows, cols, tiles, rows_per_task, tasks,
-                memory, worker_memory_bytes, workers, estimated)
+                memory, worker_memory_bytes, workers, estimated, pruned=pruned)
+
+
+def with_pruning(plan: Plan, tolerance: float, estimated_pairs: int | None, exact_reason: str = "") -> Plan:
+    """The plan with its tolerance and the pairs left after pruning (time scaled to them; None: all)."""
+    import dataclasses
+
+    seconds = plan.estimated_seconds
+    if estimated_pairs is not None:
+        seconds = seconds * estimated_pairs / max(plan.pairs, 1) * PRUNED_SLOWDOWN
+    return dataclasses.replace(plan, tolerance=tolerance, estimated_pairs=estimated_pairs,
+                               exact_reason=exact_reason, estimated_seconds=seconds)

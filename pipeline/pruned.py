@@ -1,0 +1,210 @@
+"""The pruned computation (``tolerance > 0``): query blocks in the run's spatial order against the source
+tiles each block cannot skip (:mod:`pipeline.pruning`).
+
+Points and sources are put in one spatial order each, once per run (:func:`spatial_order`: Morton order in
+lengthscales).  In that order, query block ``b`` is rows ``[b * rows, (b + 1) * rows)`` and source tile
+``t`` is rows ``[t * cols, (t + 1) * cols)``, wherever the rows are computed, so a block's bits do not
+depend on how blocks are grouped into tasks or spread over workers: the in-process API and ``kgrad run``
+give the same bits.  Each block gathers its kept tiles into the fixed-shape calls of the dense path
+(:func:`pipeline.gradients.block_sums`, zero-weight tiles as padding) and adds the partial sums in
+ascending tile order.
+
+Used by :func:`pipeline.api.kernel_gradients` (all tiles in memory) and by the workers (only the tiles
+their blocks need, read from the run's sorted copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from .gradients import PreparedSources, TileShape, block_setup, block_sums, needs_x64, prepare_sources, x64_enabled
+from .kernels import KernelSpec
+from .pruning import Budget, KernelBounds, TileIndex, select_tiles
+from .spatial import morton_order
+
+
+def spatial_order(points: np.ndarray, spec: KernelSpec) -> np.ndarray:
+    """The permutation (int64) that puts points (N, D) in Morton order of their coordinates in lengthscales."""
+    return morton_order(np.asarray(points, np.float64) / np.asarray(spec.lengthscale, np.float64))
+
+
+def block_boxes(queries: np.ndarray, spec: KernelSpec, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bounding boxes (lower, upper), each (B, D) in lengthscales, of consecutive blocks of ``rows`` rows."""
+    scaled = np.asarray(queries, np.float64) / np.asarray(spec.lengthscale, np.float64)
+    starts = np.arange(0, len(scaled), rows)
+    return np.minimum.reduceat(scaled, starts, axis=0), np.maximum.reduceat(scaled, starts, axis=0)
+
+
+def blocks_to_compute(queries: np.ndarray, spec: KernelSpec, rows: int, index: TileIndex, bounds: KernelBounds,
+                      budget: Budget) -> list[np.ndarray]:
+    """For consecutive blocks of ``rows`` query rows (spatial order): the tile ids each must compute."""
+    if len(queries) == 0:
+        return []
+    lower, upper = block_boxes(queries, spec, rows)
+    return select_tiles(lower, upper, index, bounds, budget)
+
+
+@dataclass(frozen=True)
+class SourceTiles:
+    """Some (or all) source tiles, prepared as the dense path prepares sources, plus one zero-weight tile.
+
+    ``ids``: the global ids of the tiles held (ascending); tile ``ids[k]`` is ``prepared`` call ``k``;
+    call ``len(ids)`` is the zero-weight padding tile."""
+
+    ids: np.ndarray
+    prepared: PreparedSources  # (held + 1 calls, 1 tile, cols, D)
+
+    @classmethod
+    def build(cls, ids: np.ndarray, sources: np.ndarray, weights: np.ndarray | None, spec: KernelSpec,
+              dtype: str, cols: int, center: np.ndarray, meta: PreparedSources | None = None) -> "SourceTiles":
+        """``sources`` (and ``weights``): the rows of the tiles ``ids``, in order.  ``meta``: the run's
+        whole-source facts (count, bounding box, signed weights) that each block's precision depends on."""
+        sources = np.asarray(sources)
+        m = len(sources)
+        padded = -(-m // cols) * cols + cols  # whole tiles, then the zero-weight tile
+        rows = np.empty((padded, sources.shape[1]), sources.dtype)
+        rows[:m] = sources
+        rows[m:] = sources[0] if m else 0.0  # real coordinates with weight 0: contribute exactly 0
+        w = np.zeros(padded)
+        w[:m] = 1.0 if weights is None else np.asarray(weights, np.float64)
+        prepared = prepare_sources(rows, w, spec, dtype, TileShape(1, cols, 1), center=center)
+        if meta is not None:
+            prepared = dataclasses.replace(prepared, count=meta.count, lower=meta.lower, upper=meta.upper,
+                                           signed=meta.signed)
+        return cls(np.asarray(ids, np.int64), prepared)
+
+    def gather(self, tiles: np.ndarray, tiles_per_call: int) -> PreparedSources:
+        """The tiles ``tiles`` (global ids, all held) laid out as whole calls of ``tiles_per_call`` tiles."""
+        where = np.searchsorted(self.ids, tiles)
+        if len(tiles) and (where.max() >= len(self.ids) or np.any(self.ids[where] != tiles)):
+            raise ValueError("a block needs a source tile that was not loaded")
+        calls = -(-len(where) // tiles_per_call)
+        padded = np.full(calls * tiles_per_call, len(self.ids), np.int64)
+        padded[:len(where)] = where
+        p = self.prepared
+        pick = lambda a: None if a is None else a[padded, 0].reshape(calls, tiles_per_call, *a.shape[2:])  # noqa: E731
+        return dataclasses.replace(p, coords=pick(p.coords), weights=pick(p.weights),
+                                   coords_lo=pick(p.coords_lo), weights_lo=pick(p.weights_lo))
+
+
+def compute_blocks(queries: np.ndarray, kept: list[np.ndarray], tiles: SourceTiles, counts: np.ndarray,
+                   spec: KernelSpec, mode: str, dtype: str, shape: TileShape,
+                   threads: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
+    """g (n, D), v (n,) in ``dtype`` and the pairs computed, for query rows (n, D) in spatial order cut into
+    blocks of ``shape.rows`` rows, block ``b`` against the tiles ``kept[b]`` (``counts``: sources per
+    tile, global)."""
+    from .blocks import _run_blocks_in_threads
+
+    queries = np.asarray(queries)
+    n, dim = queries.shape
+    g = np.empty((n, dim), dtype=dtype)
+    v = np.empty(n, dtype=dtype)
+    starts = range(0, n, shape.rows)
+    setups = [block_setup(queries[s:s + shape.rows], tiles.prepared, spec, mode, dtype) for s in starts]
+    pairs = sum(min(shape.rows, n - s) * int(counts[k].sum()) for s, k in zip(starts, kept))
+
+    def one_block(b: int) -> None:
+        s = b * shape.rows
+        rows = slice(s, min(s + shape.rows, n))
+        sources = tiles.gather(kept[b], shape.tiles_per_call)
+        g[rows], v[rows] = block_sums(queries[rows], sources, spec, mode, dtype, shape, setups[b])
+
+    x64 = needs_x64(spec, mode, dtype) or any(s.variant.float64 for s in setups)
+    with x64_enabled(x64):
+        if min(threads, len(setups)) <= 1:
+            for b in range(len(setups)):
+                one_block(b)
+        else:
+            _run_blocks_in_threads(one_block, range(len(setups)), min(threads, len(setups)))
+    return g, v, pairs
+
+
+# Above this estimated share of the N x M pairs a pruned run computes everything the dense way instead
+# (its bigger tiles are faster than gathering nearly every tile; the bound then holds trivially).
+DENSE_ABOVE = 0.5
+ESTIMATE_BLOCKS = 256  # query blocks sampled (evenly) for the plan's estimate of the pairs left
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A pruned run's spatial order and pruning data, fixed before any block runs."""
+
+    point_order: np.ndarray  # (N,) int64: input row of each position in spatial order
+    source_order: np.ndarray | None  # (M,) or None: the points are the sources (same order)
+    index: TileIndex  # source tiles in spatial order
+    bounds: KernelBounds
+    budget: Budget
+    weight_sum: float  # S = sum |w|
+    tolerance: float
+    estimated_pairs: int  # from a sample of blocks (the run records the exact count)
+    meta: PreparedSources = dataclasses.field(repr=False, default=None)  # count, box, signed of all sources
+
+    @property
+    def error_bounds(self) -> dict:
+        return self.bounds.error_bounds(self.tolerance, self.weight_sum)
+
+
+def make_layout(points: np.ndarray, sources: np.ndarray | None, weights: np.ndarray | None, spec: KernelSpec,
+                tolerance: float, bounds: KernelBounds, rows: int, cols: int) -> Layout:
+    """Spatial orders, the tile index and an estimate of the pairs a pruned run computes.  ``sources``
+    None: the points are the sources."""
+    points = np.asarray(points)
+    point_order = spatial_order(points, spec)
+    source_order = None if sources is None else spatial_order(sources, spec)
+    x = points if sources is None else np.asarray(sources)
+    x_order = point_order if source_order is None else source_order
+    scale = np.asarray(spec.lengthscale, np.float64)
+    w_sorted = None if weights is None else np.asarray(weights, np.float64)[x_order]
+    index = tile_index_of(x, x_order, w_sorted, scale, cols)
+    weight_sum = float(index.weight.sum())
+    budget = Budget.of(bounds, tolerance, weight_sum)
+    n = len(points)
+    blocks = -(-n // rows)
+    sample = np.unique(np.linspace(0, blocks - 1, min(blocks, ESTIMATE_BLOCKS)).astype(np.int64))
+    kept_pairs = 0
+    for b in sample:
+        q = points[point_order[b * rows:(b + 1) * rows]]
+        kept = blocks_to_compute(q, spec, rows, index, bounds, budget)[0]
+        kept_pairs += len(q) * int(index.counts[kept].sum())
+    sampled_rows = sum(min(rows, n - b * rows) for b in sample)
+    estimated = int(round(kept_pairs / max(sampled_rows, 1) * n))
+    signed = bool(weights is not None and len(weights) and np.min(weights) < 0 < np.max(weights))
+    meta = PreparedSources(None, None, np.zeros(points.shape[1]), len(x), lower=np.min(x, 0).astype(np.float64),
+                           upper=np.max(x, 0).astype(np.float64), signed=signed)
+    return Layout(point_order, source_order, index, bounds, budget, weight_sum, tolerance, estimated, meta)
+
+
+def tile_index_of(sources: np.ndarray, order: np.ndarray, weights_sorted: np.ndarray | None, scale: np.ndarray,
+                  cols: int) -> TileIndex:
+    """The tile index of sources (M, D) in the given order, built a slab at a time (bounded memory)."""
+    from .pruning import tile_index
+
+    slab = cols * 4096
+    parts = [tile_index(np.asarray(sources[order[s:s + slab]], np.float64) / scale,
+                        None if weights_sorted is None else weights_sorted[s:s + slab], cols)
+             for s in range(0, len(order), slab)]
+    return TileIndex(*(np.concatenate([getattr(p, f) for p in parts])
+                       for f in ("lower", "upper", "weight", "counts")))
+
+
+def compute_in_memory(points: np.ndarray, sources: np.ndarray | None, weights: np.ndarray | None,
+                      layout: Layout, spec: KernelSpec, mode: str, dtype: str, shape: TileShape,
+                      center: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
+    """The whole pruned computation in this process: g (N, D), v (N,) in input order, and pairs computed."""
+    x = points if sources is None else sources
+    x_order = layout.point_order if layout.source_order is None else layout.source_order
+    tiles = SourceTiles.build(np.arange(layout.index.n_tiles), np.asarray(x)[x_order],
+                              None if weights is None else np.asarray(weights)[x_order], spec, dtype, shape.cols,
+                              center, layout.meta)
+    queries = np.asarray(points)[layout.point_order]
+    kept = blocks_to_compute(queries, spec, shape.rows, layout.index, layout.bounds, layout.budget)
+    g_sorted, v_sorted, pairs = compute_blocks(queries, kept, tiles, layout.index.counts, spec, mode, dtype, shape,
+                                               threads)
+    g = np.empty_like(g_sorted)
+    v = np.empty_like(v_sorted)
+    g[layout.point_order] = g_sorted
+    v[layout.point_order] = v_sorted
+    return g, v, pairs
