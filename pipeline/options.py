@@ -115,6 +115,9 @@ class RunOptions:
     dtype: str = option("float32", section="run", kind=TEXT, help="compute precision: float32 or float64")
     mode: str = option("auto", section="run", kind=TEXT,
                        help="auto (the kernel's fast path), jacfwd or jacrev (generic vmap of that transform)")
+    tolerance: float = option(0.0, section="run", kind=NUMBER, metavar="EPS",
+                              help="0: every pair (exact).  EPS > 0: kernels that decay to 0 skip far sources, "
+                                   "with |g^ - g| <= EPS sum|w| gmax and |v^ - v| <= EPS sum|w| kmax per query")
     scheduler: str = option("local", section="run", kind=TEXT, metavar="WHERE",
                             help="local (start a local cluster), a scheduler address, or a scheduler file")
     workers: int | None = option(section="run", kind=WHOLE, metavar="N",

@@ -11,6 +11,11 @@ A zarr v3 group that ``xarray.open_zarr`` reads:
 
 Each task writes whole chunks that no other task touches, so concurrent writers never overlap.  While a
 run goes on the group also holds its lease file (:mod:`pipeline.lease`).
+
+A pruned run (``--tolerance``) also keeps a scratch group ``order/`` while it runs (:class:`SpatialCopy`): the
+inputs in the run's spatial order, the source tiles' index, and the results in that order with their own
+``task_done``.  The client writes the sorted copy, the tasks write the sorted results, and the client puts
+them back in input order into ``gradient`` and ``value`` at the end and deletes ``order/``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,11 @@ FORMAT_VERSION = 1
 # there is somebody else's, and kgrad never deletes it.
 ARRAYS = ("gradient", "value", "task_done")
 LEASE_FILE = ".kgrad-lease.json"
-_OWN_FILE = re.compile(r"^(zarr\.json|(%s)/(zarr\.json|c(/\d+)+))$" % "|".join(ARRAYS))
+ORDER = "order"  # a pruned run's scratch group
+ORDER_ARRAYS = ("index", "source_index", "points", "sources", "weights", "tiles", "gradient", "value", "pairs",
+                "task_done")
+_OWN_FILE = re.compile(r"^(zarr\.json|(%s)/(zarr\.json|c(/\d+)+)|%s/zarr\.json|%s/(%s)/(zarr\.json|c(/\d+)+))$"
+                       % ("|".join(ARRAYS), ORDER, ORDER, "|".join(ORDER_ARRAYS)))
 
 
 @dataclass(frozen=True)
@@ -195,7 +204,7 @@ class OutputGroup:
             base = name.rstrip("/").rsplit("/", 1)[-1]
             if base.startswith(LEASE_FILE + "."):
                 fs.rm(name)
-        for name in ARRAYS:
+        for name in (*ARRAYS, ORDER):
             if fs.exists(f"{root}/{name}"):
                 fs.rm(f"{root}/{name}", recursive=True)
         fs.rm(f"{root}/zarr.json")
@@ -216,8 +225,112 @@ class OutputGroup:
             before_done()
         group["task_done"][index:index + 1] = np.ones(1, np.uint8)
 
+    def mark_all_done(self) -> None:
+        group = self.open(mode="r+")
+        group["task_done"][:] = np.ones(group["task_done"].shape, np.uint8)
+
     def finish(self, attributes: dict) -> None:
         """Record final attributes and the completion flag, last, then consolidate metadata once."""
         group = self.open(mode="r+")
         group.update_attributes({**attributes, "complete": True})
         zarr.consolidate_metadata(_store(self.location, self.storage_options))
+
+
+@dataclass(frozen=True)
+class SpatialCopy:
+    """A pruned run's scratch group ``OUT/order/`` (see the module docstring).
+
+    Arrays: ``index`` (N,) int64, the input row of each point in spatial order; ``points`` (N, D) float64 in
+    that order; with separate sources ``source_index`` (M,) and ``sources`` (M, D); ``weights`` (M,) float64
+    in the sources' order (absent: unit weights); ``tiles`` (T, 2 D + 2), the tile index
+    (:meth:`pipeline.pruning.TileIndex.as_array`); ``gradient``, ``value`` (sorted results), ``pairs`` (per
+    task, pairs computed) and ``task_done``.  ``ready`` and the run fingerprint are set once the copy is whole."""
+
+    output: OutputGroup
+
+    @property
+    def location(self) -> str:
+        return self.output.location.rstrip("/") + "/" + ORDER
+
+    def _open(self, mode: str = "r") -> zarr.Group:
+        return zarr.open_group(store=_store(self.location, self.output.storage_options, mode == "r"), mode=mode)
+
+    def ready(self, run_fingerprint: str) -> bool:
+        """The copy is whole and was made for this run."""
+        try:
+            attrs = dict(self._open().attrs)
+        except Exception:  # noqa: BLE001 - absent or half made: not ready
+            return False
+        return attrs.get("ready") is True and attrs.get("run_fingerprint") == run_fingerprint
+
+    def create(self, *, run_fingerprint: str, point_index: np.ndarray, points: np.ndarray,
+               source_index: np.ndarray | None, sources: np.ndarray | None, weights: np.ndarray | None,
+               tiles: np.ndarray, dtype: str, rows_per_task: int, n_tasks: int, source_chunk: int) -> None:
+        """Write the sorted copy (``ready`` last).  Rewriting it gives the same bytes."""
+        group = zarr.create_group(store=_store(self.location, self.output.storage_options), overwrite=True,
+                                  attributes={"ready": False})
+        n, dim = points.shape
+
+        def put(name, data, chunks, **extra):
+            array = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, **extra)
+            array[...] = data
+
+        put("index", np.asarray(point_index, np.int64), (source_chunk,))
+        put("points", np.asarray(points, np.float64), (source_chunk, dim))
+        if sources is not None:
+            put("source_index", np.asarray(source_index, np.int64), (source_chunk,))
+            put("sources", np.asarray(sources, np.float64), (source_chunk, dim))
+        if weights is not None:
+            put("weights", np.asarray(weights, np.float64), (source_chunk,))
+        put("tiles", np.asarray(tiles, np.float64), (max(1, len(tiles)), tiles.shape[1]))
+        group.create_array("gradient", shape=(n, dim), chunks=(rows_per_task, dim), dtype=dtype, fill_value=np.nan)
+        group.create_array("value", shape=(n,), chunks=(rows_per_task,), dtype=dtype, fill_value=np.nan)
+        group.create_array("pairs", shape=(n_tasks,), chunks=(1,), dtype="int64", fill_value=0)
+        group.create_array("task_done", shape=(n_tasks,), chunks=(1,), dtype="uint8", fill_value=0)
+        group.update_attributes({"ready": True, "run_fingerprint": run_fingerprint})
+
+    def done_tasks(self) -> np.ndarray:
+        return np.asarray(self._open()["task_done"][:]).astype(bool)
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray | None:
+        """Rows ``[start, stop)`` of one array (None if the run has no such array)."""
+        group = self._open()
+        if name not in group.array_keys():
+            return None
+        return np.asarray(group[name][start:stop])
+
+    def write_task(self, start: int, stop: int, index: int, gradient: np.ndarray, value: np.ndarray, pairs: int,
+                   run_fingerprint: str | None = None, before_done: Callable[[], None] | None = None) -> None:
+        """One task's sorted results (whole chunks), its pair count, then its done mark."""
+        group = self._open(mode="r+")
+        if run_fingerprint is not None and group.attrs.get("run_fingerprint") != run_fingerprint:
+            raise RunEnded(f"output {self.output.location!r} now belongs to another run; this task's results "
+                           f"are dropped")
+        group["gradient"][start:stop] = gradient
+        group["value"][start:stop] = value
+        group["pairs"][index:index + 1] = np.array([pairs], np.int64)
+        if before_done is not None:
+            before_done()
+        group["task_done"][index:index + 1] = np.ones(1, np.uint8)
+
+    def unsort_into_output(self, rows_per_task: int) -> int:
+        """Put the sorted results back in input order into the output's ``gradient`` and ``value``, a slab of
+        output chunks at a time; return the pairs computed (the caller then marks the tasks done)."""
+        group = self._open()
+        order = np.asarray(group["index"][:])
+        target = self.output.open(mode="r+")
+        gradient, value = group["gradient"], group["value"]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        slab = rows_per_task * max(1, (1 << 20) // rows_per_task)
+        g_all, v_all = np.asarray(gradient[:]), np.asarray(value[:])
+        for start in range(0, len(order), slab):
+            rows = inverse[start:start + slab]
+            target["gradient"][start:start + len(rows)] = g_all[rows]
+            target["value"][start:start + len(rows)] = v_all[rows]
+        return int(np.asarray(group["pairs"][:]).sum())
+
+    def remove(self) -> None:
+        fs, path = _fs(self.location, self.output.storage_options)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import lease, store
-from .output import OutputGroup
+from .output import OutputGroup, SpatialCopy
 from .errors import InputError, InputsChanged, NonFiniteResultError, RunEnded, task_failure
 from .blocks import compute_rows
 from .finite import check_finite_result
@@ -50,6 +50,22 @@ class Job:
     pin_cores: bool = False
     cache_dir: str | None = None
     lease_token: str | None = None  # the run's lease on ``out``: tasks write only while the run holds it
+    pruned: "PrunedJob | None" = None  # a pruned run (tolerance > 0): tasks are ranges of the spatial order
+
+
+@dataclass(frozen=True)
+class PrunedJob:
+    """What the tasks of a pruned run need beyond :class:`Job` (the sorted copy is in ``OUT/order/``)."""
+
+    tolerance: float
+    budget_value: float  # pipeline.pruning.Budget, in units of the kernel's profile
+    budget_slope: float
+    source_count: int
+    lower: tuple[float, ...]  # the sources' bounding box (input units)
+    upper: tuple[float, ...]
+    signed: bool  # weights of both signs
+    separate_sources: bool  # OUT/order/sources (else the sorted points are the sources)
+    source_chunk: int  # rows per chunk of the sorted sources
 
 
 _SOURCES: dict = {}  # this worker process's prepared sources: one run's at a time
@@ -153,10 +169,110 @@ def run_task_reporting(job: Job, task: Task, rows_digest: str | None = None) -> 
     worker must not log them (the client ends the run with the one line).  Anything else (a lost file
     system, a full disk) is raised, and dask retries it."""
     try:
-        return run_task(job, task, rows_digest)
+        return run_pruned_task(job, task) if job.pruned is not None else run_task(job, task, rows_digest)
     except NonFiniteResultError as exc:
         return {"index": task.index, "failed": "nonfinite", "message": f"{exc}; the task's rows were not written",
                 "step": "start it again with --dtype float64 and --overwrite"}
     except (InputsChanged, InputError, RunEnded) as exc:
         failure = task_failure(exc)
         return {"index": task.index, "failed": type(exc).__name__, "message": str(failure), "step": failure.step}
+
+
+# ---------------------------------------------------------------------------------------------- pruned runs
+
+_INDEX: dict = {}  # run fingerprint -> the tile index of the run's sorted sources
+_CHUNKS: "collections.OrderedDict" = None  # (fingerprint, chunk) -> (sorted source rows, weights or None)
+
+
+def _tile_index(job: Job, copy: SpatialCopy):
+    from .pruning import TileIndex
+
+    if job.fingerprint not in _INDEX:
+        _INDEX.clear()
+        _INDEX[job.fingerprint] = TileIndex.from_array(copy.read("tiles"))
+    return _INDEX[job.fingerprint]
+
+
+def _source_rows(job: Job, copy: SpatialCopy, chunks: np.ndarray) -> dict:
+    """The sorted sources' chunks ``chunks`` (rows, weights), from this process's cache or the copy.  The
+    cache keeps at most :data:`pipeline.plan.PRUNED_HELD_SOURCES` rows beyond what one task needs."""
+    import collections
+
+    from .plan import PRUNED_HELD_SOURCES
+
+    global _CHUNKS
+    if _CHUNKS is None:
+        _CHUNKS = collections.OrderedDict()
+    name = "sources" if job.pruned.separate_sources else "points"
+    size = job.pruned.source_chunk
+    found = {}
+    for chunk in (int(c) for c in chunks):
+        key = (job.fingerprint, chunk)
+        if key in _CHUNKS:
+            _CHUNKS.move_to_end(key)
+        else:
+            start, stop = chunk * size, (chunk + 1) * size
+            weights = copy.read("weights", start, stop)
+            _CHUNKS[key] = (copy.read(name, start, stop), weights)
+        found[chunk] = _CHUNKS[key]
+    while len(_CHUNKS) * size > PRUNED_HELD_SOURCES and len(_CHUNKS) > len(found):
+        _CHUNKS.popitem(last=False)
+    return found
+
+
+def _source_tiles(job: Job, copy: SpatialCopy, index, tiles: np.ndarray):
+    """The prepared source tiles ``tiles`` (global ids, ascending) for this task."""
+    from .pruned import SourceTiles
+    from .gradients import PreparedSources
+
+    cols, size = job.shape.cols, job.pruned.source_chunk
+    starts = tiles * cols
+    chunks = _source_rows(job, copy, np.unique(starts // size))
+    rows = [chunks[s // size][0][s % size:s % size + index.counts[t]] for s, t in zip(starts, tiles)]
+    weights = None
+    if len(tiles) and chunks[starts[0] // size][1] is not None:  # weighted run (else unit weights)
+        weights = np.concatenate([chunks[s // size][1][s % size:s % size + index.counts[t]]
+                                  for s, t in zip(starts, tiles)])
+    dim = len(job.center)
+    sources = np.concatenate(rows) if rows else np.zeros((0, dim))
+    p = job.pruned
+    meta = PreparedSources(None, None, np.asarray(job.center), p.source_count, lower=np.asarray(p.lower),
+                           upper=np.asarray(p.upper), signed=p.signed)
+    return SourceTiles.build(tiles, sources, weights, job.spec, job.dtype, cols, np.asarray(job.center), meta)
+
+
+def run_pruned_task(job: Job, task: Task) -> dict:
+    """Compute and store one task of a pruned run: rows ``[task.start, task.stop)`` of the points in spatial
+    order, each block against the source tiles it cannot skip, read from the run's sorted copy."""
+    from .cache import enable_compilation_cache
+    from .gradients import enable_x64
+    from .pruned import blocks_to_compute, compute_blocks
+    from .pruning import Budget, kernel_bounds
+
+    started = time.perf_counter()
+    if job.pin_cores:
+        _pin_to_core()
+    enable_compilation_cache(job.cache_dir)
+    enable_x64()
+    copy = SpatialCopy(OutputGroup(job.out, job.out_options))
+    queries = copy.read("points", task.start, task.stop)
+    index = _tile_index(job, copy)
+    bounds = kernel_bounds(job.spec)
+    budget = Budget(job.pruned.budget_value, job.pruned.budget_slope)
+    computed = time.perf_counter()
+    kept = blocks_to_compute(queries, job.spec, job.shape.rows, index, bounds, budget)
+    needed = np.unique(np.concatenate(kept)) if kept else np.zeros(0, np.int64)
+    tiles = _source_tiles(job, copy, index, needed)
+    gradient, value, pairs = compute_blocks(queries, kept, tiles, index.counts, job.spec, job.mode, job.dtype,
+                                            job.shape)
+    compute_seconds = time.perf_counter() - computed
+    check_finite_result(gradient, value, job.dtype, job.spec.describe(), rows=(task.start, task.stop))
+    still_owner = None
+    if job.lease_token is not None:
+        still_owner = functools.partial(lease.check_owner, job.out, job.lease_token, job.out_options)
+        still_owner()
+    copy.write_task(task.start, task.stop, task.index, gradient, value, pairs, run_fingerprint=job.fingerprint,
+                    before_done=still_owner)
+    return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
+            "compute_seconds": compute_seconds, "pid": os.getpid(), "pairs": pairs,
+            "tiles_held": int(len(needed))}

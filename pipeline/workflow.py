@@ -16,6 +16,7 @@ and the workflow file are defined in :mod:`pipeline.options`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
@@ -53,6 +54,8 @@ class Prepared:
     done: np.ndarray | None
     identity: dict = field(default_factory=dict)  # what the run fingerprint hashes
     task_digests: tuple = ()  # per task: blake2b of its query rows as read (workers check them)
+    problem: Problem | None = field(default=None, repr=False)  # a pruned run's layout lives here
+    inputs: "Inputs | None" = field(default=None, repr=False)  # a pruned run's client writes the sorted copy
 
 
 # ----------------------------------------------------------------------------------------- stage 1: options
@@ -132,6 +135,7 @@ class Inputs:
     point_data: np.ndarray = field(repr=False)
     source_data: np.ndarray = field(repr=False)
     fingerprints: dict = field(default_factory=dict)  # role -> blake2b of shape, dtype and bytes
+    weight_data: np.ndarray | None = field(default=None, repr=False)  # None: unit weights
 
     def identity(self) -> dict:
         """Location, array, fingerprint (and shape) of each input, as the run identity records them."""
@@ -158,12 +162,13 @@ def read_inputs(options: RunOptions, storage: tuple) -> Inputs:
         check_same_dim(points, sources)
     weights_ref = (store.resolve_input(options.weights, "weights", storage) if options.weights
                    else store.group_weights(sources_ref or points_ref))
+    weights = None
     if weights_ref is not None:
         weights, fingerprints["weights"] = store.load_input(weights_ref, "weights")
         if weights.shape[0] != sources.shape[0]:
             raise InputError(f"weights ({weights_ref.describe()}) has {weights.shape[0]} entries but there "
                              f"are M={sources.shape[0]} sources; give one weight per source")
-    return Inputs(points_ref, sources_ref, weights_ref, points, sources, fingerprints)
+    return Inputs(points_ref, sources_ref, weights_ref, points, sources, fingerprints, weights)
 
 
 # ----------------------------------------------------------------------------------------- stage 3: problem
@@ -175,7 +180,8 @@ def plan_problem(options: RunOptions, inputs: Inputs, worker_memory: int | None 
         worker_memory = local_worker_memory(options, options.workers)
     return make_problem(inputs.point_data, inputs.source_data, kernel=options.kernel,
                         lengthscale=options.lengthscale, variance=options.variance, params=options.params,
-                        dtype=options.dtype, mode=options.mode, workers=options.workers,
+                        dtype=options.dtype, mode=options.mode, tolerance=options.tolerance,
+                        weights=inputs.weight_data, sources_are_points=inputs.sources is None, workers=options.workers,
                         worker_memory_bytes=worker_memory, rows=options.tile_rows, cols=options.tile_cols,
                         rows_per_task=options.rows_per_task, cores=usable_cores(),
                         threads_per_worker=options.threads_per_worker, usable_fraction=memory_fraction())
@@ -200,7 +206,7 @@ def describe_run(inputs: Inputs, problem: Problem) -> Provenance:
         "kernel": spec.name, "lengthscale": list(spec.lengthscale), "variance": spec.variance,
         "kernel_params": dict(spec.params), "dtype": problem.dtype, "mode": problem.mode,
         "tile_rows": plan.rows, "tile_cols": plan.cols, "tiles_per_call": plan.tiles_per_call,
-        "rows_per_task": plan.rows_per_task, "kgrad_version": VERSION,
+        "rows_per_task": plan.rows_per_task, "tolerance": problem.tolerance, "kgrad_version": VERSION,
     }
     fingerprint = hashlib.blake2b(json.dumps(identity, sort_keys=True, default=str).encode(),
                                   digest_size=16).hexdigest()
@@ -210,6 +216,9 @@ def describe_run(inputs: Inputs, problem: Problem) -> Provenance:
         "formulation": problem.formulation, "kernel_description": spec.describe(),
         "N": plan.n_points, "M": plan.n_sources, "D": plan.dim, "run_fingerprint": fingerprint,
         "kgrad_version": VERSION, "plan": plan.summary(),
+        "pairs_total": plan.pairs, "pruned": problem.pruned,
+        "error_bound": (problem.layout.error_bounds if problem.pruned else {"gradient": 0.0, "value": 0.0}),
+        **({"exact_reason": plan.exact_reason} if plan.exact_reason else {}),
     }
     return Provenance(identity, fingerprint, attributes)
 
@@ -238,10 +247,34 @@ def prepare(config: RunOptions, worker_memory: int | None = None, planning: bool
               out=options.out, out_options=storage, fingerprint=provenance.fingerprint,
               sources_fingerprint=inputs.fingerprints.get("sources", inputs.fingerprints["points"]),
               weights_fingerprint=inputs.fingerprints.get("weights"),
-              pin_cores=pin if options.pin_cores is None else options.pin_cores, cache_dir=options.cache_dir)
-    digests = tuple(store.rows_digest(inputs.point_data[t.start:t.stop]) for t in problem.plan.tasks)
+              pin_cores=pin if options.pin_cores is None else options.pin_cores, cache_dir=options.cache_dir,
+              pruned=_pruned_job(problem, inputs))
+    # Pruned tasks read the run's own sorted copy, written from the data checked here.
+    digests = () if problem.pruned else tuple(store.rows_digest(inputs.point_data[t.start:t.stop])
+                                              for t in problem.plan.tasks)
     return Prepared(options, job, problem.plan, provenance.attributes, action, done, provenance.identity,
-                    digests)
+                    digests, problem, inputs)
+
+
+def _pruned_job(problem: Problem, inputs: Inputs):
+    """What a pruned run's tasks need beyond the Job (None for runs that compute every pair)."""
+    from .worker import PrunedJob
+
+    layout = problem.layout
+    if layout is None:
+        return None
+    meta = layout.meta
+    return PrunedJob(tolerance=problem.tolerance, budget_value=layout.budget.value, budget_slope=layout.budget.slope,
+                     source_count=meta.count, lower=tuple(map(float, meta.lower)), upper=tuple(map(float, meta.upper)),
+                     signed=meta.signed, separate_sources=inputs.sources is not None,
+                     source_chunk=source_chunk(problem.plan))
+
+
+def source_chunk(plan: Plan) -> int:
+    """Rows per chunk of a pruned run's sorted copy: whole super-tiles (pipeline.pruning.SUPER_TILES)."""
+    from .pruning import SUPER_TILES
+
+    return plan.cols * SUPER_TILES
 
 
 # ----------------------------------------------------------------------------------------- output action
@@ -400,12 +433,20 @@ def _run_owned(prepared: Prepared, stream) -> dict:
               f"{plan.dtype}, {plan.formulation}) on {count(n_workers, 'worker')}"
               + (f"; dashboard {link}" if link else ""), file=stream, flush=True)
         with performance_report(config.performance_report):
-            callbacks = [progress_display(plan.rows_per_task * plan.n_sources, stream)] if config.progress else []
-            timings = execute(job, plan, client, done=prepared.done, callbacks=callbacks,
-                              rows_digests=prepared.task_digests, scheduler_timeout=config.scheduler_timeout,
-                              scheduler="(local)" if cluster is not None
-                              else getattr(client.scheduler, "address", config.scheduler))
+            per_task = plan.pairs_to_compute / max(plan.n_tasks, 1)
+            callbacks = [progress_display(per_task, stream)] if config.progress else []
+            run_tasks = functools.partial(
+                execute, job, plan, client, callbacks=callbacks, rows_digests=prepared.task_digests or None,
+                scheduler_timeout=config.scheduler_timeout,
+                scheduler="(local)" if cluster is not None else getattr(client.scheduler, "address", config.scheduler))
+            if job.pruned is None:
+                timings = run_tasks(done=prepared.done)
+                pairs = plan.pairs
+            else:
+                timings, pairs = _run_pruned(prepared, output, run_tasks)
         _check_inputs_unchanged(prepared)
+        if job.pruned is not None:
+            _put_back_in_order(prepared, output, pairs, timings)
     except RunFailed as exc:
         if not output_exists:
             raise
@@ -423,7 +464,7 @@ def _run_owned(prepared: Prepared, stream) -> dict:
         close(client, cluster)
     total = time.perf_counter() - started
     timings.update({"cluster_start_seconds": round(cluster_seconds, 4), "total_seconds": round(total, 4),
-                    "pairs_per_second": round(plan.pairs * (timings["tasks_run"] / max(plan.n_tasks, 1))
+                    "pairs_per_second": round(pairs * (timings["tasks_run"] / max(plan.n_tasks, 1))
                                               / max(timings["execute_seconds"], 1e-9)),
                     "resumed": prepared.action == "resume", "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     missing = int((~output.done_tasks()).sum())
@@ -436,10 +477,59 @@ def _run_owned(prepared: Prepared, stream) -> dict:
         raise RunFailed(_incomplete(config, str(exc), ENDED_STEP), ENDED_STEP) from exc
     if output.attributes().get("run_fingerprint") != job.fingerprint:
         raise RunFailed(_incomplete(config, "the output now holds another run's data", ENDED_STEP), ENDED_STEP)
-    output.finish({"timings": timings})
+    output.finish({"timings": timings, "pairs_computed": int(output.attributes().get("pairs_computed", pairs))})
     print(f"kgrad: wrote {config.out} in {total:.2f} s ({count(timings['tasks_run'], 'task')} run, "
           f"{timings['tasks_skipped']} already done)", file=stream, flush=True)
     return {**prepared.attributes, "timings": timings}
+
+
+def _run_pruned(prepared: Prepared, output: OutputGroup, run_tasks) -> tuple[dict, int]:
+    """A pruned run's tasks: the client writes the sorted copy (unless a resumed run's is whole), then the
+    tasks not yet done run.  Returns the timings and the pairs computed (from the copy, at the end)."""
+    from .output import SpatialCopy
+
+    job, plan = prepared.job, prepared.plan
+    if output.done_tasks().all():  # a resumed run whose results are already back in input order
+        return ({"tasks_run": 0, "tasks_skipped": plan.n_tasks, "execute_seconds": 0.0, "task_seconds_total": 0.0,
+                 "compute_seconds_total": 0.0, "worker_pids": []}, int(output.attributes().get("pairs_computed", 0)))
+    copy = SpatialCopy(output)
+    started = time.perf_counter()
+    if not copy.ready(job.fingerprint):
+        _write_sorted_copy(prepared, copy)
+    order_seconds = time.perf_counter() - started
+    timings = run_tasks(done=copy.done_tasks())
+    timings["order_seconds"] = round(order_seconds, 4)
+    return timings, int(np.sum(copy.read("pairs")))
+
+
+def _write_sorted_copy(prepared: Prepared, copy) -> None:
+    """The inputs in the run's spatial order, and the tile index, into ``OUT/order/``."""
+    layout, inputs, plan = prepared.problem.layout, prepared.inputs, prepared.plan
+    separate = inputs.sources is not None
+    source_order = layout.source_order if separate else layout.point_order
+    weights = None if inputs.weight_data is None else np.asarray(inputs.weight_data, np.float64)[source_order]
+    copy.create(run_fingerprint=prepared.job.fingerprint, point_index=layout.point_order,
+                points=np.asarray(inputs.point_data)[layout.point_order],
+                source_index=source_order if separate else None,
+                sources=np.asarray(inputs.source_data)[source_order] if separate else None, weights=weights,
+                tiles=layout.index.as_array(), dtype=plan.dtype, rows_per_task=plan.rows_per_task,
+                n_tasks=plan.n_tasks, source_chunk=prepared.job.pruned.source_chunk)
+
+
+def _put_back_in_order(prepared: Prepared, output: OutputGroup, pairs: int, timings: dict) -> None:
+    """The sorted results into the output in input order, every output task marked done, the pairs
+    computed recorded, and the sorted copy deleted."""
+    from .output import SpatialCopy
+
+    if output.done_tasks().all():
+        return
+    started = time.perf_counter()
+    copy = SpatialCopy(output)
+    pairs = copy.unsort_into_output(prepared.plan.rows_per_task)
+    output.open(mode="r+").update_attributes({"pairs_computed": pairs})
+    output.mark_all_done()  # after the count: a resumed run that finds every task done finds it too
+    copy.remove()
+    timings["unsort_seconds"] = round(time.perf_counter() - started, 4)
 
 
 def _check_inputs_unchanged(prepared: Prepared) -> None:
