@@ -59,10 +59,48 @@ def cmd_plan(args) -> int:
     limit = "" if plan.worker_memory_bytes is None else f" (worker limit {_format_bytes(plan.worker_memory_bytes)})"
     print(f"memory        {_format_bytes(plan.task_memory_bytes)} per task{limit}")
     print(f"workers       {plan.workers}")
+    print(f"pruning       {_pruning_line(prepared)}")
     print(f"rough time    {plan.estimated_seconds:.1f} s of compute")
     print(f"output        {prepared.config.out}: {prepared.action}" if prepared.config.out
           else "output        (none given)")
     return 0
+
+
+def _pruning_line(prepared) -> str:
+    """What a tolerance does for this run: the pairs left and the bounds, why every pair is computed, or (a
+    dense run of a kernel that prunes) how much a tolerance of 1e-9 would cut."""
+    plan, problem = prepared.plan, prepared.problem
+    if problem.pruned:
+        bound = problem.layout.error_bounds
+        return (f"tolerance {plan.tolerance:g}: about {plan.pairs_to_compute / 1e9:.3g} G of the "
+                f"{plan.pairs / 1e9:.3g} G pairs left ({plan.pairs_to_compute / plan.pairs:.1%}); per query "
+                f"|g^ - g| <= {bound['gradient']:.3g}, |v^ - v| <= {bound['value']:.3g}")
+    if plan.tolerance > 0:
+        return f"tolerance {plan.tolerance:g}: {plan.exact_reason}"
+    hint = _tolerance_hint(prepared)
+    return "none (exact: every pair)" + (f"; {hint}" if hint else "")
+
+
+HINT_TOLERANCE = 1e-9
+
+
+def _tolerance_hint(prepared) -> str:
+    """For a dense run of a kernel that prunes: the share of pairs --tolerance 1e-9 would leave."""
+    from .problem import make_problem
+
+    inputs, config = prepared.inputs, prepared.config
+    try:
+        problem = make_problem(inputs.point_data, inputs.source_data, kernel=config.kernel,
+                               lengthscale=config.lengthscale, variance=config.variance, params=config.params,
+                               dtype=config.dtype, mode=config.mode, tolerance=HINT_TOLERANCE,
+                               weights=inputs.weight_data, sources_are_points=inputs.sources is None)
+    except InputError:
+        return ""
+    if not problem.pruned:
+        return ""
+    share = problem.plan.pairs_to_compute / problem.plan.pairs
+    return (f"--tolerance {HINT_TOLERANCE:g} would leave about {share:.1%} of the pairs "
+            f"(rough time {problem.plan.estimated_seconds:.1f} s)")
 
 
 def cmd_run(args) -> int:

@@ -27,6 +27,9 @@ def describe_output(location: str, storage_options: tuple = ()) -> dict:
             "dtype": record.dtype, "mode": record.mode, "N": record.n_points, "M": record.n_sources,
             "D": record.dim, "inputs": record.inputs, "kgrad_version": record.kgrad_version,
             "run_fingerprint": record.run_fingerprint, "plan": record.plan, "timings": record.timings or None}
+    attrs = dict(group.attrs)
+    info.update({key: attrs[key] for key in ("tolerance", "error_bound", "pairs_computed", "pairs_total",
+                                             "exact_reason") if key in attrs})
     if record.complete:
         g = np.asarray(group["gradient"][:], dtype=np.float64)
         norms = np.linalg.norm(g, axis=1)
@@ -42,6 +45,13 @@ def format_output(info: dict) -> str:
              f"  kernel      {info['kernel_description']}  [{info['formulation']}, mode={info['mode']}, "
              f"{info['dtype']}]",
              f"  sizes       N={info['N']} points, M={info['M']} sources, D={info['D']}"]
+    if info.get("tolerance"):
+        bound = info.get("error_bound") or {}
+        pairs = info.get("pairs_computed")
+        share = f"{pairs / info['pairs_total']:.2%} of the pairs computed" if pairs and info.get("pairs_total") else ""
+        lines.append(f"  tolerance   {info['tolerance']:g}: per query |g^ - g| <= {bound.get('gradient', 0):.3g}, "
+                     f"|v^ - v| <= {bound.get('value', 0):.3g}" + (f"; {share}" if share else "")
+                     + (f" ({info['exact_reason']})" if info.get("exact_reason") else ""))
     for role, meta in (info.get("inputs") or {}).items():
         if meta:
             where = meta["location"] + (f"[{meta['array']}]" if meta.get("array") else "")

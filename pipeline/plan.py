@@ -40,7 +40,7 @@ MAX_TILES_PER_CALL = 64
 # Rough single-process throughput (pairs per second, float32) used for the time estimate only.
 PAIR_RATE = {"radial": 1.2e9, "dot": 1.5e9, "generic": 0.15e9}
 FLOAT64_SLOWDOWN = 3.0
-PRUNED_SLOWDOWN = 1.5  # per pair, gathered small tiles against the dense path's (time estimate only)
+PRUNED_SLOWDOWN = 5.0  # per pair, small gathered calls plus the per-block selection (measured: 10^6 clustered points, rbf)
 # Cost per pair grows with D (r2 and the gradient GEMMs are O(D); the generic path's per-pair gradient
 # more so): the fraction added per dimension beyond D = 3, fitted to in-process runs at D = 1..200
 # (rbf 1.0 -> 9.3 ns/pair from D = 3 to 200, polynomial 0.8 -> 3.9, periodic 10.5 -> 476; 2 busy cores).

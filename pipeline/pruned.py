@@ -22,7 +22,7 @@ import numpy as np
 
 from .gradients import PreparedSources, TileShape, block_setup, block_sums, needs_x64, prepare_sources, x64_enabled
 from .kernels import KernelSpec
-from .pruning import Budget, KernelBounds, TileIndex, select_tiles
+from .pruning import Budget, KernelBounds, Selection, TileIndex, select_sources, select_tiles
 from .spatial import morton_order
 
 
@@ -39,10 +39,10 @@ def block_boxes(queries: np.ndarray, spec: KernelSpec, rows: int) -> tuple[np.nd
 
 
 def blocks_to_compute(queries: np.ndarray, spec: KernelSpec, rows: int, index: TileIndex, bounds: KernelBounds,
-                      budget: Budget) -> list[np.ndarray]:
-    """For consecutive blocks of ``rows`` query rows (spatial order): the tile ids each must compute."""
+                      budget: Budget) -> Selection:
+    """For consecutive blocks of ``rows`` query rows (spatial order): the tiles each must look at."""
     if len(queries) == 0:
-        return []
+        return Selection([], np.zeros(0), np.zeros(0))
     lower, upper = block_boxes(queries, spec, rows)
     return select_tiles(lower, upper, index, bounds, budget)
 
@@ -51,11 +51,18 @@ def blocks_to_compute(queries: np.ndarray, spec: KernelSpec, rows: int, index: T
 class SourceTiles:
     """Some (or all) source tiles, prepared as the dense path prepares sources, plus one zero-weight tile.
 
-    ``ids``: the global ids of the tiles held (ascending); tile ``ids[k]`` is ``prepared`` call ``k``;
-    call ``len(ids)`` is the zero-weight padding tile."""
+    ``ids``: the global ids of the tiles held (ascending); tile ``ids[k]`` holds flat source positions
+    ``[k * cols, k * cols + counts)``; the positions from ``len(ids) * cols`` on are the zero-weight tile.
+    ``scaled`` and ``abs_weight`` (per position, float64) are what the per-source pruning level reads."""
 
     ids: np.ndarray
     prepared: PreparedSources  # (held + 1 calls, 1 tile, cols, D)
+    scaled: np.ndarray  # (positions, D): coordinates in lengthscales
+    abs_weight: np.ndarray  # (positions,): |w|, 0 on padding
+
+    @property
+    def cols(self) -> int:
+        return self.prepared.coords.shape[2]
 
     @classmethod
     def build(cls, ids: np.ndarray, sources: np.ndarray, weights: np.ndarray | None, spec: KernelSpec,
@@ -74,43 +81,87 @@ class SourceTiles:
         if meta is not None:
             prepared = dataclasses.replace(prepared, count=meta.count, lower=meta.lower, upper=meta.upper,
                                            signed=meta.signed)
-        return cls(np.asarray(ids, np.int64), prepared)
+        scaled = rows.astype(np.float64) / np.asarray(spec.lengthscale, np.float64)
+        return cls(np.asarray(ids, np.int64), prepared, scaled, np.abs(w))
 
-    def gather(self, tiles: np.ndarray, tiles_per_call: int) -> PreparedSources:
-        """The tiles ``tiles`` (global ids, all held) laid out as whole calls of ``tiles_per_call`` tiles."""
+    def positions(self, tiles: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Flat positions of the real sources of the tiles ``tiles`` (global ids, all held), ascending."""
         where = np.searchsorted(self.ids, tiles)
         if len(tiles) and (where.max() >= len(self.ids) or np.any(self.ids[where] != tiles)):
             raise ValueError("a block needs a source tile that was not loaded")
-        calls = -(-len(where) // tiles_per_call)
-        padded = np.full(calls * tiles_per_call, len(self.ids), np.int64)
-        padded[:len(where)] = where
+        cols = self.cols
+        full = (where[:, None] * cols + np.arange(cols)[None]).ravel()
+        return full[(np.arange(cols)[None] < counts[tiles][:, None]).ravel()]
+
+    def gather(self, positions: np.ndarray, shape: TileShape) -> PreparedSources:
+        """The sources at ``positions`` packed into whole calls of ``shape`` (padded with weight 0)."""
+        per_call = shape.cols * shape.tiles_per_call
+        calls = -(-len(positions) // per_call)
+        padded = np.full(calls * per_call, len(self.ids) * self.cols, np.int64)
+        padded[:len(positions)] = positions
         p = self.prepared
-        pick = lambda a: None if a is None else a[padded, 0].reshape(calls, tiles_per_call, *a.shape[2:])  # noqa: E731
-        return dataclasses.replace(p, coords=pick(p.coords), weights=pick(p.weights),
-                                   coords_lo=pick(p.coords_lo), weights_lo=pick(p.weights_lo))
+        dim = p.coords.shape[-1]
+
+        def pick(a, *tail):
+            if a is None:
+                return None
+            return a.reshape(-1, *tail)[padded].reshape(calls, shape.tiles_per_call, shape.cols, *tail)
+
+        return dataclasses.replace(p, coords=pick(p.coords, dim), weights=pick(p.weights),
+                                   coords_lo=pick(p.coords_lo, dim), weights_lo=pick(p.weights_lo))
 
 
-def compute_blocks(queries: np.ndarray, kept: list[np.ndarray], tiles: SourceTiles, counts: np.ndarray,
-                   spec: KernelSpec, mode: str, dtype: str, shape: TileShape,
+def call_pieces(positions: np.ndarray, shape: TileShape) -> list[tuple[np.ndarray, TileShape]]:
+    """Kept sources cut into calls: whole calls of ``shape`` first, then the rest in calls of 4, 2 and 1
+    tiles (each a power of two below ``tiles_per_call``), so that little of the last call is padding.  At
+    most ``log2(tiles_per_call) + 1`` compiled shapes per process; the order is fixed (deterministic)."""
+    pieces, start, per_tile = [], 0, shape.cols
+    full = len(positions) // shape.sources_per_call * shape.sources_per_call
+    if full:
+        pieces.append((positions[:full], shape))
+        start = full
+    left = -(-(len(positions) - start) // per_tile)  # tiles still needed
+    tiles = shape.tiles_per_call
+    while left > 0:
+        tiles = max(1, tiles // 2) if tiles > left else tiles
+        if tiles <= left or tiles == 1:
+            take = min(tiles, left)
+            pieces.append((positions[start:start + take * per_tile], TileShape(shape.rows, shape.cols, tiles)))
+            start += take * per_tile
+            left -= take
+    return pieces
+
+
+def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles, counts: np.ndarray,
+                   bounds: KernelBounds, budget: Budget, spec: KernelSpec, mode: str, dtype: str, shape: TileShape,
                    threads: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
     """g (n, D), v (n,) in ``dtype`` and the pairs computed, for query rows (n, D) in spatial order cut into
-    blocks of ``shape.rows`` rows, block ``b`` against the tiles ``kept[b]`` (``counts``: sources per
-    tile, global)."""
+    blocks of ``shape.rows`` rows: block ``b`` against the sources of its tiles ``selection.kept[b]`` that
+    the rest of its budget cannot skip (:func:`~pipeline.pruning.select_sources`), packed into whole calls
+    (``counts``: sources per tile, global)."""
     from .blocks import _run_blocks_in_threads
 
     queries = np.asarray(queries)
     n, dim = queries.shape
     g = np.empty((n, dim), dtype=dtype)
     v = np.empty(n, dtype=dtype)
-    starts = range(0, n, shape.rows)
+    starts = list(range(0, n, shape.rows))
+    lower, upper = block_boxes(queries, spec, shape.rows)
     setups = [block_setup(queries[s:s + shape.rows], tiles.prepared, spec, mode, dtype) for s in starts]
-    pairs = sum(min(shape.rows, n - s) * int(counts[k].sum()) for s, k in zip(starts, kept))
+    computed = np.zeros(len(starts), np.int64)
 
     def one_block(b: int) -> None:
-        s = b * shape.rows
-        rows = slice(s, min(s + shape.rows, n))
-        sources = tiles.gather(kept[b], shape.tiles_per_call)
-        g[rows], v[rows] = block_sums(queries[rows], sources, spec, mode, dtype, shape, setups[b])
+        rows = slice(starts[b], min(starts[b] + shape.rows, n))
+        candidates = tiles.positions(selection.kept[b], counts)
+        keep = select_sources(lower[b], upper[b], tiles.scaled[candidates], tiles.abs_weight[candidates], bounds,
+                              budget.value - selection.spent_value[b], budget.slope - selection.spent_slope[b])
+        computed[b] = (rows.stop - rows.start) * len(keep)
+        g_sum, v_sum = 0.0, 0.0
+        for piece, piece_shape in call_pieces(candidates[keep], shape):
+            sources = tiles.gather(piece, piece_shape)
+            g_part, v_part = block_sums(queries[rows], sources, spec, mode, dtype, piece_shape, setups[b])
+            g_sum, v_sum = g_sum + g_part, v_sum + v_part
+        g[rows], v[rows] = g_sum, v_sum
 
     x64 = needs_x64(spec, mode, dtype) or any(s.variant.float64 for s in setups)
     with x64_enabled(x64):
@@ -119,7 +170,7 @@ def compute_blocks(queries: np.ndarray, kept: list[np.ndarray], tiles: SourceTil
                 one_block(b)
         else:
             _run_blocks_in_threads(one_block, range(len(setups)), min(threads, len(setups)))
-    return g, v, pairs
+    return g, v, int(computed.sum())
 
 
 # Above this estimated share of the N x M pairs a pruned run computes everything the dense way instead
@@ -165,10 +216,18 @@ def make_layout(points: np.ndarray, sources: np.ndarray | None, weights: np.ndar
     blocks = -(-n // rows)
     sample = np.unique(np.linspace(0, blocks - 1, min(blocks, ESTIMATE_BLOCKS)).astype(np.int64))
     kept_pairs = 0
+    w_abs = np.ones(len(x)) if w_sorted is None else np.abs(w_sorted)
     for b in sample:
         q = points[point_order[b * rows:(b + 1) * rows]]
-        kept = blocks_to_compute(q, spec, rows, index, bounds, budget)[0]
-        kept_pairs += len(q) * int(index.counts[kept].sum())
+        lower, upper = block_boxes(q, spec, rows)
+        chosen = select_tiles(lower, upper, index, bounds, budget)
+        tiles = chosen.kept[0]
+        full = (tiles[:, None] * cols + np.arange(cols)[None]).ravel()
+        candidates = full[(np.arange(cols)[None] < index.counts[tiles][:, None]).ravel()]
+        keep = select_sources(lower[0], upper[0], np.asarray(x[x_order[candidates]], np.float64) / scale,
+                              w_abs[candidates], bounds, budget.value - chosen.spent_value[0],
+                              budget.slope - chosen.spent_slope[0])
+        kept_pairs += len(q) * len(keep)
     sampled_rows = sum(min(rows, n - b * rows) for b in sample)
     estimated = int(round(kept_pairs / max(sampled_rows, 1) * n))
     signed = bool(weights is not None and len(weights) and np.min(weights) < 0 < np.max(weights))
@@ -200,9 +259,9 @@ def compute_in_memory(points: np.ndarray, sources: np.ndarray | None, weights: n
                               None if weights is None else np.asarray(weights)[x_order], spec, dtype, shape.cols,
                               center, layout.meta)
     queries = np.asarray(points)[layout.point_order]
-    kept = blocks_to_compute(queries, spec, shape.rows, layout.index, layout.bounds, layout.budget)
-    g_sorted, v_sorted, pairs = compute_blocks(queries, kept, tiles, layout.index.counts, spec, mode, dtype, shape,
-                                               threads)
+    selection = blocks_to_compute(queries, spec, shape.rows, layout.index, layout.bounds, layout.budget)
+    g_sorted, v_sorted, pairs = compute_blocks(queries, selection, tiles, layout.index.counts, layout.bounds,
+                                               layout.budget, spec, mode, dtype, shape, threads)
     g = np.empty_like(g_sorted)
     v = np.empty_like(v_sorted)
     g[layout.point_order] = g_sorted

@@ -8,9 +8,11 @@ For a kernel with a radial profile ``k = f(r)`` (``r`` the distance in lengthsca
 a query at distance at least ``d`` from every source of a tile loses, by skipping the tile, at most
 ``W_t f(d)`` in ``v`` and ``W_t sup_{r >= d} |f'(r)| / l_min`` in ``|g|`` (``W_t = sum |w|`` over the
 tile; ``|grad_q k| = |f'(r)| |(q - x) / l^2| / r <= |f'(r)| / l_min``, the smallest lengthscale).  A block
-of queries skips the tiles farthest from its bounding box first, as long as the sum of those terms stays
+of queries skips the sources farthest from its bounding box first, as long as the sum of those terms stays
 within the budget ``EPS * S * kmax`` (and ``EPS * S * sup |f'|`` for the gradient), so every query of the
-block keeps the bound: the skipped mass is counted against it, not just cut off at a radius.
+block keeps the bound: the skipped mass is counted against it, not just cut off at a radius.  The search
+has three levels: super-tiles (:data:`SUPER_TILES` tiles), tiles (``cols`` consecutive sources in spatial
+order), then single sources of the tiles left, each level spending a share of the budget.
 
 Tail bounds come from a table of ``f`` and ``|f'|`` at fixed radii (float64, JAX's derivative of the
 kernel's own profile), read at the grid point at or below ``d``: both are non-increasing there, so the
@@ -35,7 +37,8 @@ from .kernels import KernelSpec, get_kernel
 TABLE_SIZE = 1 << 15
 TABLE_MIN, TABLE_MAX = 1e-4, 1e12
 SUPER_TILES = 32  # tiles per super-tile: the first, coarse level of the search
-LEVEL_ONE_SHARE = 0.5  # share of the budget the coarse level may spend
+LEVEL_ONE_SHARE = 0.25  # share of the budget the super-tile level may spend
+LEVEL_TWO_SHARE = 0.5  # ... and with the tile level; single sources get the rest
 SHRINK = 1.0 - 1e-9  # distances are shrunk by this factor against rounding in the box arithmetic
 
 
@@ -64,9 +67,22 @@ class KernelBounds:
     def gmax(self) -> float:
         return self.slope_max / self.min_lengthscale
 
+    def bins(self, d) -> np.ndarray:
+        """Index of the largest table radius <= d (after :data:`SHRINK`): the radii are 0 then geometric, so
+        the index comes from a logarithm, corrected so that ``radii[index] <= d`` always holds."""
+        d = np.asarray(d, np.float64) * SHRINK
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = np.log(TABLE_MAX / TABLE_MIN) / (TABLE_SIZE - 2)
+            guess = np.floor(np.log(d / TABLE_MIN) / step) + 1.0
+        index = np.clip(np.nan_to_num(guess, nan=0.0, neginf=0.0), 0, TABLE_SIZE - 1).astype(np.int64)
+        while True:  # at most a step or two off (rounding of the logarithm)
+            high = self.radii[index] > d
+            if not high.any():
+                return index
+            index = index - high
+
     def _read(self, table: np.ndarray, d) -> np.ndarray:
-        index = np.searchsorted(self.radii, np.asarray(d, np.float64) * SHRINK, side="right") - 1
-        return table[np.maximum(index, 0)]
+        return table[self.bins(d)]
 
     def value_tail(self, d) -> np.ndarray:
         return self._read(self.values, d)
@@ -154,8 +170,9 @@ def tile_index(sources_scaled: np.ndarray, weights: np.ndarray | None, cols: int
 
 def box_distance(lo_a, hi_a, lo_b, hi_b) -> np.ndarray:
     """Smallest Euclidean distance between boxes (broadcasting over leading axes; last axis: D)."""
-    gap = np.maximum(np.maximum(lo_b - hi_a, lo_a - hi_b), 0.0)
-    return np.sqrt(np.sum(gap * gap, axis=-1))
+    gap = np.maximum(lo_b - hi_a, lo_a - hi_b)
+    np.maximum(gap, 0.0, out=gap)
+    return np.sqrt(np.einsum("...d,...d->...", gap, gap))
 
 
 @dataclass(frozen=True)
@@ -189,12 +206,22 @@ def _skippable(d: np.ndarray, weight: np.ndarray, bounds: KernelBounds, value_le
     return skip, spent_v, spent_g
 
 
-def select_tiles(block_lower: np.ndarray, block_upper: np.ndarray, index: TileIndex, bounds: KernelBounds,
-                 budget: Budget) -> list[np.ndarray]:
-    """For each query block (boxes (B, D), scaled), the ids of the tiles it must compute, ascending.
+@dataclass(frozen=True)
+class Selection:
+    """What the query blocks compute: per block the tile ids it keeps (ascending), and the budget its
+    skipped tiles spent (the rest is left for skipping single sources, :func:`select_sources`)."""
 
-    Two levels: super-tiles far enough away are skipped whole with at most :data:`LEVEL_ONE_SHARE` of the
-    budget, then the tiles of the remaining super-tiles with what is left."""
+    kept: list
+    spent_value: np.ndarray  # (B,)
+    spent_slope: np.ndarray  # (B,)
+
+
+def select_tiles(block_lower: np.ndarray, block_upper: np.ndarray, index: TileIndex, bounds: KernelBounds,
+                 budget: Budget) -> Selection:
+    """For each query block (boxes (B, D), scaled), the tiles it must look at.
+
+    Super-tiles far enough away are skipped whole with at most :data:`LEVEL_ONE_SHARE` of the budget, then
+    tiles of the remaining super-tiles with up to :data:`LEVEL_TWO_SHARE` of it in all."""
     s_lo, s_hi, s_w = index.supers
     d_super = box_distance(block_lower[:, None, :], block_upper[:, None, :], s_lo[None], s_hi[None])
     b = len(block_lower)
@@ -210,6 +237,37 @@ def select_tiles(block_lower: np.ndarray, block_upper: np.ndarray, index: TileIn
         tiles = (supers[:, None] * SUPER_TILES + np.arange(SUPER_TILES)[None]).ravel()
         tiles = tiles[tiles < n_tiles]
         d = box_distance(block_lower[j], block_upper[j], index.lower[tiles], index.upper[tiles])
-        skip, _, _ = _skippable(d, index.weight[tiles], bounds, budget.value - spent_v[j], budget.slope - spent_g[j])
+        skip, more_v, more_g = _skippable(d, index.weight[tiles], bounds,
+                                          budget.value * LEVEL_TWO_SHARE - spent_v[j],
+                                          budget.slope * LEVEL_TWO_SHARE - spent_g[j])
+        spent_v[j] += more_v
+        spent_g[j] += more_g
         kept.append(tiles[~skip])
-    return kept
+    return Selection(kept, spent_v, spent_g)
+
+
+def select_sources(block_lower: np.ndarray, block_upper: np.ndarray, points: np.ndarray, weight: np.ndarray,
+                   bounds: KernelBounds, value_left: float, slope_left: float) -> np.ndarray:
+    """The last level, for one block: of candidate sources (scaled points (K, D), ``|w|`` (K,)), the
+    positions it must compute (ascending).
+
+    The farthest are skipped while the budget left allows, whole table bins at a time: each source's cost
+    is read at its bin's lower radius (as :meth:`KernelBounds.value_tail` does), costs are summed per bin
+    with ``bincount`` and the bins are skipped from the farthest in (no sort of the K distances)."""
+    if len(points) == 0:
+        return np.zeros(0, np.int64)
+    d = box_distance(block_lower, block_upper, points, points)
+    bins = bounds.bins(d)
+    size = len(bounds.radii)
+    weight = np.asarray(weight, np.float64)
+    mass = np.bincount(bins, weights=weight, minlength=size)  # sum |w| per bin
+    used = np.flatnonzero(mass)[::-1]  # bins holding weight, farthest first
+    with np.errstate(invalid="ignore"):
+        cost_v = np.cumsum(mass[used] * bounds.values[used])
+        cost_g = np.cumsum(mass[used] * bounds.slopes[used])
+    fits = (cost_v <= value_left) & (cost_g <= slope_left)
+    skipped = int(np.argmin(fits)) if not fits.all() else len(fits)  # a prefix of the farthest bins
+    if skipped == 0:
+        return np.flatnonzero(weight > 0) if np.any(weight == 0) else np.arange(len(points))
+    cut = used[skipped - 1]  # bins >= cut are skipped
+    return np.flatnonzero((bins < cut) & (weight > 0))

@@ -260,11 +260,11 @@ def run_pruned_task(job: Job, task: Task) -> dict:
     bounds = kernel_bounds(job.spec)
     budget = Budget(job.pruned.budget_value, job.pruned.budget_slope)
     computed = time.perf_counter()
-    kept = blocks_to_compute(queries, job.spec, job.shape.rows, index, bounds, budget)
-    needed = np.unique(np.concatenate(kept)) if kept else np.zeros(0, np.int64)
+    selection = blocks_to_compute(queries, job.spec, job.shape.rows, index, bounds, budget)
+    needed = np.unique(np.concatenate(selection.kept)) if selection.kept else np.zeros(0, np.int64)
     tiles = _source_tiles(job, copy, index, needed)
-    gradient, value, pairs = compute_blocks(queries, kept, tiles, index.counts, job.spec, job.mode, job.dtype,
-                                            job.shape)
+    gradient, value, pairs = compute_blocks(queries, selection, tiles, index.counts, bounds, budget, job.spec,
+                                            job.mode, job.dtype, job.shape)
     compute_seconds = time.perf_counter() - computed
     check_finite_result(gradient, value, job.dtype, job.spec.describe(), rows=(task.start, task.stop))
     still_owner = None
