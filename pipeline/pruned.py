@@ -176,7 +176,8 @@ def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles
 # Above this estimated share of the N x M pairs a pruned run computes everything the dense way instead
 # (its bigger tiles are faster than gathering nearly every tile; the bound then holds trivially).
 DENSE_ABOVE = 0.5
-ESTIMATE_BLOCKS = 256  # query blocks sampled (evenly) for the plan's estimate of the pairs left
+ESTIMATE_BLOCKS = 128  # query blocks sampled (evenly) for the plan's estimate of the pairs left
+ESTIMATE_FINE_EVERY = 8  # ... and every 8th of them also through the per-source level
 
 
 @dataclass(frozen=True)
@@ -215,21 +216,28 @@ def make_layout(points: np.ndarray, sources: np.ndarray | None, weights: np.ndar
     n = len(points)
     blocks = -(-n // rows)
     sample = np.unique(np.linspace(0, blocks - 1, min(blocks, ESTIMATE_BLOCKS)).astype(np.int64))
-    kept_pairs = 0
+    tile_pairs, fine_pairs, fine_tile_pairs = 0, 0, 0
     w_abs = np.ones(len(x)) if w_sorted is None else np.abs(w_sorted)
-    for b in sample:
+    for k, b in enumerate(sample):
         q = points[point_order[b * rows:(b + 1) * rows]]
         lower, upper = block_boxes(q, spec, rows)
         chosen = select_tiles(lower, upper, index, bounds, budget)
         tiles = chosen.kept[0]
+        candidates = int(index.counts[tiles].sum())
+        tile_pairs += len(q) * candidates
+        if k % ESTIMATE_FINE_EVERY:
+            continue
+        # The per-source level on every few sampled blocks: its share of the tile level's pairs.
         full = (tiles[:, None] * cols + np.arange(cols)[None]).ravel()
-        candidates = full[(np.arange(cols)[None] < index.counts[tiles][:, None]).ravel()]
-        keep = select_sources(lower[0], upper[0], np.asarray(x[x_order[candidates]], np.float64) / scale,
-                              w_abs[candidates], bounds, budget.value - chosen.spent_value[0],
+        positions = full[(np.arange(cols)[None] < index.counts[tiles][:, None]).ravel()]
+        keep = select_sources(lower[0], upper[0], np.asarray(x[x_order[positions]], np.float64) / scale,
+                              w_abs[positions], bounds, budget.value - chosen.spent_value[0],
                               budget.slope - chosen.spent_slope[0])
-        kept_pairs += len(q) * len(keep)
+        fine_pairs += len(q) * len(keep)
+        fine_tile_pairs += len(q) * candidates
     sampled_rows = sum(min(rows, n - b * rows) for b in sample)
-    estimated = int(round(kept_pairs / max(sampled_rows, 1) * n))
+    share = fine_pairs / fine_tile_pairs if fine_tile_pairs else 1.0
+    estimated = int(round(tile_pairs * share / max(sampled_rows, 1) * n))
     signed = bool(weights is not None and len(weights) and np.min(weights) < 0 < np.max(weights))
     meta = PreparedSources(None, None, np.zeros(points.shape[1]), len(x), lower=np.min(x, 0).astype(np.float64),
                            upper=np.max(x, 0).astype(np.float64), signed=signed)
