@@ -40,8 +40,13 @@ LEASE_FILE = ".kgrad-lease.json"
 ORDER = "order"  # a pruned run's scratch group
 ORDER_ARRAYS = ("index", "source_index", "points", "sources", "weights", "tiles", "gradient", "value", "pairs",
                 "task_done")
-_OWN_FILE = re.compile(r"^(zarr\.json|(%s)/(zarr\.json|c(/\d+)+)|%s/zarr\.json|%s/(%s)/(zarr\.json|c(/\d+)+))$"
-                       % ("|".join(ARRAYS), ORDER, ORDER, "|".join(ORDER_ARRAYS)))
+# zarr writes each file as "<name>.<32 hex>.partial" first and renames it: a killed writer can leave one.
+_META = r"zarr(\.json|\.[0-9a-f]{32}\.partial)"
+_CHUNK = r"c(/\d+)+(\.[0-9a-f]{32}\.partial)?"
+_OWN_FILE = re.compile(r"^(%s|(%s)/(%s|%s)|%s/%s|%s/(%s)/(%s|%s))$"
+                       % (_META, "|".join(ARRAYS), _META, _CHUNK, ORDER, _META, ORDER, "|".join(ORDER_ARRAYS),
+                          _META, _CHUNK))
+_ROOT_PARTIAL = re.compile(r"^zarr\.[0-9a-f]{32}\.partial$")
 
 
 @dataclass(frozen=True)
@@ -200,9 +205,9 @@ class OutputGroup:
         marker = {"zarr_format": 3, "node_type": "group",
                   "attributes": {"kgrad_output": True, "complete": False, "format_version": FORMAT_VERSION}}
         fs.pipe_file(f"{root}/zarr.json", json.dumps(marker).encode())
-        for name in fs.ls(root, detail=False):  # a lease's leftover temporary files
+        for name in fs.ls(root, detail=False):  # leftover temporary files: a lease's, zarr's
             base = name.rstrip("/").rsplit("/", 1)[-1]
-            if base.startswith(LEASE_FILE + "."):
+            if base.startswith(LEASE_FILE + ".") or _ROOT_PARTIAL.match(base):
                 fs.rm(name)
         for name in (*ARRAYS, ORDER):
             if fs.exists(f"{root}/{name}"):

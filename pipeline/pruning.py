@@ -32,10 +32,10 @@ import numpy as np
 
 from .kernels import KernelSpec, get_kernel
 
-# Radii of the tail table (lengthscales): 0, then geometric from 1e-4 to 1e12 (ratio ~1.0017 per step, so a
-# table read overestimates the tail of rbf at r = 6.4 by about 7%: a little less pruning, never more error).
-TABLE_SIZE = 1 << 15
-TABLE_MIN, TABLE_MAX = 1e-4, 1e12
+# Radii of the tail table (lengthscales): 0, then geometric from 1e-12 to 1e12 (ratio ~1.00084 per step, so
+# a table read overestimates the tail of rbf at r = 6.4 by about 4%: a little less pruning, never more error).
+TABLE_SIZE = 1 << 16
+TABLE_MIN, TABLE_MAX = 1e-12, 1e12
 SUPER_TILES = 32  # tiles per super-tile: the first, coarse level of the search
 LEVEL_ONE_SHARE = 0.25  # share of the budget the super-tile level may spend
 LEVEL_TWO_SHARE = 0.5  # ... and with the tile level; single sources get the rest
@@ -115,15 +115,21 @@ def kernel_bounds(spec: KernelSpec) -> KernelBounds | None:
         f = np.asarray(jax.vmap(f_of_r2)(jnp.asarray(radii ** 2)), np.float64)
         df_dr2 = np.asarray(jax.vmap(jax.grad(f_of_r2))(jnp.asarray(radii ** 2)), np.float64)
     slope = np.abs(2.0 * radii * df_dr2)  # |df/dr| = 2 r |f'(r2)|
-    if not (np.all(np.isfinite(f)) and np.all(np.isfinite(slope)) and np.all(np.diff(f) <= 0)):
+    if not (np.all(np.isfinite(f)) and np.all(np.isfinite(slope))):
         return None
     peak = int(np.argmax(slope))
-    if np.any(np.diff(slope[peak:]) > 0):  # not unimodal: no tail bound from a table
+    if peak <= 1 and spec.name != "matern12":  # |f'| may peak below the table: gmax would be too small
         return None
-    slopes = slope.copy()
+    # The profile must decrease (and |f'| after its peak), up to float64 rounding of the evaluation; the
+    # tables are then made non-increasing exactly (running maximum from the right).
+    loose = 1e-9
+    if np.any(np.diff(f) > loose * f[:-1]) or np.any(np.diff(slope[peak:]) > loose * slope[peak:-1]):
+        return None
+    values = np.maximum.accumulate(f[::-1])[::-1]
+    slopes = np.maximum.accumulate(slope[::-1])[::-1]
     slopes[: peak + 1] = np.inf  # the true peak lies between grid points peak - 1 and peak + 1
     return KernelBounds(kmax=float(f[0]), slope_max=float(slope[peak]),
-                        min_lengthscale=float(min(spec.lengthscale)), radii=radii, values=f, slopes=slopes)
+                        min_lengthscale=float(min(spec.lengthscale)), radii=radii, values=values, slopes=slopes)
 
 
 @dataclass(frozen=True)
