@@ -1,4 +1,5 @@
-"""From ``results.json`` to ratios, the scale fit, ``throughput.png`` and ``BENCHMARKS.md``.
+"""From ``results.json`` to ratios, the scale fit, ``throughput.png`` and ``BENCHMARKS.md`` (which keeps the
+section ``benchmarks/pruning.py`` wrote there, between ``PRUNING_BEGIN`` and ``PRUNING_END``).
 
 Definitions used in every table:
 
@@ -29,6 +30,9 @@ LABELS = {
     "kgrad_jacrev": "kgrad mode=jacrev (generic path)",
 }
 ORDER = ["seed_jacfwd", "seed_jacrev", "gemm", "keops", "kgrad", "kgrad_e2e"]
+# benchmarks/pruning.py's section of BENCHMARKS.md lies between these markers; markdown() carries it over.
+PRUNING_BEGIN = "<!-- pruning: python benchmarks/pruning.py -->"
+PRUNING_END = "<!-- end of pruning -->"
 
 
 # ----------------------------------------------------------------------------- ratios and fits
@@ -478,7 +482,27 @@ def markdown(results, png_path: str, md_path: str) -> str:
               "- kgrad also returns the kernel sums v_j with the gradient at no extra pass; the other methods "
               "compute the gradient only.",
               ""]
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    kept = None
+    if os.path.exists(md_path):  # benchmarks/pruning.py's section of the file this text replaces
+        with open(md_path) as f:
+            kept = marked_block(f.read())
+    return with_marked_block(text, kept) if kept else text
+
+
+def marked_block(text: str) -> str | None:
+    """The pruning section of a Markdown text (``PRUNING_BEGIN`` to ``PRUNING_END``, both included), or None."""
+    start = text.find(PRUNING_BEGIN)
+    end = text.find(PRUNING_END, start) if start >= 0 else -1
+    return text[start:end + len(PRUNING_END)] if end >= 0 else None
+
+
+def with_marked_block(text: str, block: str) -> str:
+    """``text`` with its pruning section replaced by ``block``; ``block`` appended when it has none."""
+    old = marked_block(text)
+    if old is not None:
+        return text.replace(old, block, 1)
+    return (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
 
 
 def _load(values) -> str:

@@ -196,7 +196,8 @@ def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles
 # (its bigger tiles are faster than gathering nearly every tile; the bound then holds trivially).
 DENSE_ABOVE = 0.5
 ESTIMATE_BLOCKS = 128  # query blocks sampled (evenly) for the plan's estimate of the pairs left
-ESTIMATE_FINE_EVERY = 8  # ... and every 8th of them also through the per-source level
+ESTIMATE_FINE_EVERY = 16  # ... and every 16th of them also through the per-source level
+ESTIMATE_DENSE_EARLY = 0.8  # those alone leave more than this share of the pairs: dense, no more sampling
 
 
 @dataclass(frozen=True)
@@ -235,18 +236,27 @@ def make_layout(points: np.ndarray, sources: np.ndarray | None, weights: np.ndar
     n = len(points)
     blocks = -(-n // rows)
     sample = np.unique(np.linspace(0, blocks - 1, min(blocks, ESTIMATE_BLOCKS)).astype(np.int64))
-    tile_pairs, fine_pairs, fine_tile_pairs = 0, 0, 0
+    # The blocks that also go through the per-source level come first: if they leave nearly every pair, the
+    # run is dense and the rest of the sample is not needed (a run with nothing to prune pays little).
+    fine = np.zeros(len(sample), bool)
+    fine[::ESTIMATE_FINE_EVERY] = True
+    sample = np.concatenate([sample[fine], sample[~fine]])
+    tile_pairs, fine_pairs, fine_tile_pairs, sampled_rows = 0, 0, 0, 0
     w_abs = np.ones(len(x)) if w_sorted is None else np.abs(w_sorted)
+    n_fine, m = int(fine.sum()), len(x)
     for k, b in enumerate(sample):
+        if k == n_fine and fine_pairs > ESTIMATE_DENSE_EARLY * sampled_rows * m:
+            break
         q = points[point_order[b * rows:(b + 1) * rows]]
+        sampled_rows += len(q)
         lower, upper = block_boxes(q, spec, rows)
         chosen = select_tiles(lower, upper, index, bounds, budget)
         tiles = chosen.kept[0]
         candidates = int(index.counts[tiles].sum())
         tile_pairs += len(q) * candidates
-        if k % ESTIMATE_FINE_EVERY:
+        if k >= n_fine:
             continue
-        # The per-source level on every few sampled blocks: its share of the tile level's pairs.
+        # The per-source level: its share of the tile level's pairs, applied to the whole sample.
         full = (tiles[:, None] * cols + np.arange(cols)[None]).ravel()
         positions = full[(np.arange(cols)[None] < index.counts[tiles][:, None]).ravel()]
         keep = select_sources(lower[0], upper[0], np.asarray(x[x_order[positions]], np.float64) / scale,
@@ -254,7 +264,6 @@ def make_layout(points: np.ndarray, sources: np.ndarray | None, weights: np.ndar
                               budget.slope - chosen.spent_slope[0])
         fine_pairs += len(q) * len(keep)
         fine_tile_pairs += len(q) * candidates
-    sampled_rows = sum(min(rows, n - b * rows) for b in sample)
     share = fine_pairs / fine_tile_pairs if fine_tile_pairs else 1.0
     estimated = int(round(tile_pairs * share / max(sampled_rows, 1) * n))
     signed = bool(weights is not None and len(weights) and np.min(weights) < 0 < np.max(weights))

@@ -111,9 +111,8 @@ def kernel_bounds(spec: KernelSpec) -> KernelBounds | None:
     with thread_x64(True):
         dynamic, static = split_params(spec, "float64")
         p = {**dynamic, **dict(static)}
-        f_of_r2 = lambda r2: profile(r2, p)  # noqa: E731
-        f = np.asarray(jax.vmap(f_of_r2)(jnp.asarray(radii ** 2)), np.float64)
-        df_dr2 = np.asarray(jax.vmap(jax.grad(f_of_r2))(jnp.asarray(radii ** 2)), np.float64)
+        table = jax.jit(jax.vmap(jax.value_and_grad(lambda r2: profile(r2, p))))  # one compile: f and f'(r2)
+        f, df_dr2 = (np.asarray(a, np.float64) for a in table(jnp.asarray(radii ** 2)))
     slope = np.abs(2.0 * radii * df_dr2)  # |df/dr| = 2 r |f'(r2)|
     if not (np.all(np.isfinite(f)) and np.all(np.isfinite(slope))):
         return None
