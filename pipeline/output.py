@@ -241,6 +241,13 @@ class OutputGroup:
         zarr.consolidate_metadata(_store(self.location, self.storage_options))
 
 
+def _in_input_order(sorted_rows: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Rows given in spatial order (row k is input row ``order[k]``) back in input order."""
+    rows = np.empty_like(sorted_rows)
+    rows[order] = sorted_rows
+    return rows
+
+
 @dataclass(frozen=True)
 class SpatialCopy:
     """A pruned run's scratch group ``OUT/order/`` (see the module docstring).
@@ -260,20 +267,27 @@ class SpatialCopy:
     def _open(self, mode: str = "r") -> zarr.Group:
         return zarr.open_group(store=_store(self.location, self.output.storage_options, mode == "r"), mode=mode)
 
+    def attributes(self) -> dict:
+        """The copy's attributes ({} if there is no copy)."""
+        fs, path = _fs(self.location, self.output.storage_options)
+        if not fs.exists(path.rstrip("/") + "/zarr.json"):
+            return {}
+        return dict(self._open().attrs)
+
     def ready(self, run_fingerprint: str) -> bool:
         """The copy is whole and was made for this run."""
-        try:
-            attrs = dict(self._open().attrs)
-        except Exception:  # noqa: BLE001 - absent or half made: not ready
-            return False
+        attrs = self.attributes()
         return attrs.get("ready") is True and attrs.get("run_fingerprint") == run_fingerprint
 
     def create(self, *, run_fingerprint: str, point_index: np.ndarray, points: np.ndarray,
                source_index: np.ndarray | None, sources: np.ndarray | None, weights: np.ndarray | None,
                tiles: np.ndarray, dtype: str, rows_per_task: int, n_tasks: int, source_chunk: int) -> None:
-        """Write the sorted copy (``ready`` last).  Rewriting it gives the same bytes."""
+        """Write the sorted copy: a new ``copy_id`` from the first write on, ``ready`` last."""
+        import uuid
+
         group = zarr.create_group(store=_store(self.location, self.output.storage_options), overwrite=True,
-                                  attributes={"ready": False})
+                                  attributes={"ready": False, "run_fingerprint": run_fingerprint,
+                                              "copy_id": uuid.uuid4().hex})
         n, dim = points.shape
 
         def put(name, data, chunks, **extra):
@@ -292,7 +306,7 @@ class SpatialCopy:
         group.create_array("value", shape=(n,), chunks=(rows_per_task,), dtype=dtype, fill_value=np.nan)
         group.create_array("pairs", shape=(n_tasks,), chunks=(1,), dtype="int64", fill_value=0)
         group.create_array("task_done", shape=(n_tasks,), chunks=(1,), dtype="uint8", fill_value=0)
-        group.update_attributes({"ready": True, "run_fingerprint": run_fingerprint})
+        group.update_attributes({"ready": True})
 
     def done_tasks(self) -> np.ndarray:
         return np.asarray(self._open()["task_done"][:]).astype(bool)
@@ -318,21 +332,15 @@ class SpatialCopy:
             before_done()
         group["task_done"][index:index + 1] = np.ones(1, np.uint8)
 
-    def unsort_into_output(self, rows_per_task: int) -> int:
-        """Put the sorted results back in input order into the output's ``gradient`` and ``value``, a slab of
-        output chunks at a time; return the pairs computed (the caller then marks the tasks done)."""
+    def unsort_into_output(self) -> int:
+        """Put the sorted results back in input order into the output's ``gradient`` and ``value`` (read
+        whole: the client holds N (D + 1) values of the output dtype and the permutation); return the pairs
+        computed.  The caller then marks the output's tasks done."""
         group = self._open()
         order = np.asarray(group["index"][:])
         target = self.output.open(mode="r+")
-        gradient, value = group["gradient"], group["value"]
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        slab = rows_per_task * max(1, (1 << 20) // rows_per_task)
-        g_all, v_all = np.asarray(gradient[:]), np.asarray(value[:])
-        for start in range(0, len(order), slab):
-            rows = inverse[start:start + slab]
-            target["gradient"][start:start + len(rows)] = g_all[rows]
-            target["value"][start:start + len(rows)] = v_all[rows]
+        target["gradient"][:] = _in_input_order(np.asarray(group["gradient"][:]), order)
+        target["value"][:] = _in_input_order(np.asarray(group["value"][:]), order)
         return int(np.asarray(group["pairs"][:]).sum())
 
     def remove(self) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from .gradients import PreparedSources, TileShape, block_setup, block_sums, needs_x64, prepare_sources, x64_enabled
 from .kernels import KernelSpec
+from .plan import PRUNED_SLOWDOWN
 from .pruning import Budget, KernelBounds, Selection, TileIndex, select_sources, select_tiles
 from .spatial import morton_keys
 
@@ -194,7 +195,7 @@ def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles
 
 # Above this estimated share of the N x M pairs a pruned run computes everything the dense way instead
 # (its bigger tiles are faster than gathering nearly every tile; the bound then holds trivially).
-DENSE_ABOVE = 0.5
+DENSE_ABOVE = 1.0 / PRUNED_SLOWDOWN  # where the pruned run's estimated time reaches the dense run's
 ESTIMATE_BLOCKS = 128  # query blocks sampled (evenly) for the plan's estimate of the pairs left
 ESTIMATE_FINE_EVERY = 16  # ... and every 16th of them also through the per-source level
 ESTIMATE_DENSE_EARLY = 0.8  # those alone leave more than this share of the pairs: dense, no more sampling

@@ -1,6 +1,7 @@
 """Error-bounded pruning: which source tiles a block of queries may skip under ``--tolerance EPS``.
 
-The guarantee, per query j (``S = sum_i |w_i|``, ``kmax = max k``, ``gmax = max |grad_q k|`` over all pairs):
+The guarantee, per query j (``S = sum_i |w_i|``; ``kmax = max k`` and ``gmax = max |grad_q k|`` over all possible
+pairs, i.e. the kernel's own constants from its profile: ``kmax = f(0)``, ``gmax = sup |f'| / l_min``):
 
     |g^_j - g_j| <= EPS * S * gmax          |v^_j - v_j| <= EPS * S * kmax
 
@@ -39,6 +40,7 @@ TABLE_MIN, TABLE_MAX = 1e-12, 1e12
 SUPER_TILES = 32  # tiles per super-tile: the first, coarse level of the search
 LEVEL_ONE_SHARE = 0.25  # share of the budget the super-tile level may spend
 LEVEL_TWO_SHARE = 0.5  # ... and with the tile level; single sources get the rest
+LEVEL_ONE_GROUP = 8  # query blocks whose super-tile distances are computed at once
 SHRINK = 1.0 - 1e-9  # distances are shrunk by this factor against rounding in the box arithmetic
 
 
@@ -69,17 +71,19 @@ class KernelBounds:
 
     def bins(self, d) -> np.ndarray:
         """Index of the largest table radius <= d (after :data:`SHRINK`): the radii are 0 then geometric, so
-        the index comes from a logarithm, corrected so that ``radii[index] <= d`` always holds."""
+        the index comes from a logarithm, corrected so that ``radii[index] <= d < radii[index + 1]``."""
         d = np.asarray(d, np.float64) * SHRINK
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             step = np.log(TABLE_MAX / TABLE_MIN) / (TABLE_SIZE - 2)
             guess = np.floor(np.log(d / TABLE_MIN) / step) + 1.0
         index = np.clip(np.nan_to_num(guess, nan=0.0, neginf=0.0), 0, TABLE_SIZE - 1).astype(np.int64)
-        while True:  # at most a step or two off (rounding of the logarithm)
-            high = self.radii[index] > d
-            if not high.any():
+        last = TABLE_SIZE - 1
+        while True:  # at most a step or two off (rounding of the logarithm): corrected both ways, so the
+            high = self.radii[index] > d  # index does not depend on how the logarithm rounds
+            low = (index < last) & (self.radii[np.minimum(index + 1, last)] <= d)
+            if not (high.any() or low.any()):
                 return index
-            index = index - high
+            index = index - high + low
 
     def _read(self, table: np.ndarray, d) -> np.ndarray:
         return table[self.bins(d)]
@@ -228,10 +232,15 @@ def select_tiles(block_lower: np.ndarray, block_upper: np.ndarray, index: TileIn
     Super-tiles far enough away are skipped whole with at most :data:`LEVEL_ONE_SHARE` of the budget, then
     tiles of the remaining super-tiles with up to :data:`LEVEL_TWO_SHARE` of it in all."""
     s_lo, s_hi, s_w = index.supers
-    d_super = box_distance(block_lower[:, None, :], block_upper[:, None, :], s_lo[None], s_hi[None])
     b = len(block_lower)
-    skip_super, spent_v, spent_g = _skippable(d_super, s_w, bounds, np.full(b, budget.value * LEVEL_ONE_SHARE),
-                                              np.full(b, budget.slope * LEVEL_ONE_SHARE))
+    skip_super = np.zeros((b, len(s_w)), bool)
+    spent_v, spent_g = np.zeros(b), np.zeros(b)
+    for g in range(0, b, LEVEL_ONE_GROUP):  # bounded temporaries: LEVEL_ONE_GROUP x super-tiles x D
+        rows = slice(g, g + LEVEL_ONE_GROUP)
+        d_super = box_distance(block_lower[rows, None, :], block_upper[rows, None, :], s_lo[None], s_hi[None])
+        n = len(d_super)
+        skip_super[rows], spent_v[rows], spent_g[rows] = _skippable(
+            d_super, s_w, bounds, np.full(n, budget.value * LEVEL_ONE_SHARE), np.full(n, budget.slope * LEVEL_ONE_SHARE))
     kept = []
     n_tiles = index.n_tiles
     for j in range(b):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -57,7 +58,6 @@ class Job:
 class PrunedJob:
     """What the tasks of a pruned run need beyond :class:`Job` (the sorted copy is in ``OUT/order/``)."""
 
-    tolerance: float
     budget_value: float  # pipeline.pruning.Budget, in units of the kernel's profile
     budget_slope: float
     source_count: int
@@ -66,6 +66,7 @@ class PrunedJob:
     signed: bool  # weights of both signs
     separate_sources: bool  # OUT/order/sources (else the sorted points are the sources)
     source_chunk: int  # rows per chunk of the sorted sources
+    copy_id: str = ""  # the sorted copy the tasks read (OUT/order/ attribute, new each time it is written)
 
 
 _SOURCES: dict = {}  # this worker process's prepared sources: one run's at a time
@@ -180,17 +181,22 @@ def run_task_reporting(job: Job, task: Task, rows_digest: str | None = None) -> 
 
 # ---------------------------------------------------------------------------------------------- pruned runs
 
-_INDEX: dict = {}  # run fingerprint -> the tile index of the run's sorted sources
-_CHUNKS: "collections.OrderedDict" = None  # (fingerprint, chunk) -> (sorted source rows, weights or None)
+_INDEX: dict = {}  # copy id -> the tile index of the run's sorted sources
+_CHUNKS: "collections.OrderedDict" = None  # (copy id, chunk) -> (sorted source rows, weights or None)
+_LOCK = threading.Lock()  # the caches are shared by a worker's threads
 
 
 def _tile_index(job: Job, copy: SpatialCopy):
     from .pruning import TileIndex
 
-    if job.fingerprint not in _INDEX:
-        _INDEX.clear()
-        _INDEX[job.fingerprint] = TileIndex.from_array(copy.read("tiles"))
-    return _INDEX[job.fingerprint]
+    with _LOCK:
+        found = _INDEX.get(job.pruned.copy_id)
+    if found is None:
+        found = TileIndex.from_array(copy.read("tiles"))
+        with _LOCK:
+            _INDEX.clear()
+            _INDEX[job.pruned.copy_id] = found
+    return found
 
 
 def _source_rows(job: Job, copy: SpatialCopy, chunks: np.ndarray) -> dict:
@@ -201,23 +207,36 @@ def _source_rows(job: Job, copy: SpatialCopy, chunks: np.ndarray) -> dict:
     from .plan import PRUNED_HELD_SOURCES
 
     global _CHUNKS
-    if _CHUNKS is None:
-        _CHUNKS = collections.OrderedDict()
     name = "sources" if job.pruned.separate_sources else "points"
     size = job.pruned.source_chunk
     found = {}
     for chunk in (int(c) for c in chunks):
-        key = (job.fingerprint, chunk)
-        if key in _CHUNKS:
-            _CHUNKS.move_to_end(key)
-        else:
+        key = (job.pruned.copy_id, chunk)
+        with _LOCK:
+            if _CHUNKS is None:
+                _CHUNKS = collections.OrderedDict()
+            cached = _CHUNKS.get(key)
+            if cached is not None:
+                _CHUNKS.move_to_end(key)
+        if cached is None:
             start, stop = chunk * size, (chunk + 1) * size
-            weights = copy.read("weights", start, stop)
-            _CHUNKS[key] = (copy.read(name, start, stop), weights)
-        found[chunk] = _CHUNKS[key]
-    while len(_CHUNKS) * size > PRUNED_HELD_SOURCES and len(_CHUNKS) > len(found):
-        _CHUNKS.popitem(last=False)
+            cached = (copy.read(name, start, stop), copy.read("weights", start, stop))
+            with _LOCK:
+                _CHUNKS[key] = cached
+        found[chunk] = cached
+    with _LOCK:
+        while len(_CHUNKS) * size > PRUNED_HELD_SOURCES and len(_CHUNKS) > len(found):
+            _CHUNKS.popitem(last=False)
     return found
+
+
+def _check_copy(job: Job, copy: SpatialCopy) -> None:
+    """The run's own sorted copy, whole: else this task's run has ended (its copy was replaced or removed)."""
+    state = copy.attributes()
+    if not (state.get("ready") is True and state.get("run_fingerprint") == job.fingerprint
+            and state.get("copy_id") == job.pruned.copy_id):
+        raise RunEnded(f"the sorted copy in {copy.location!r} was replaced or removed; this task's results "
+                       f"are dropped")
 
 
 def _source_tiles(job: Job, copy: SpatialCopy, index, tiles: np.ndarray):
@@ -255,6 +274,7 @@ def run_pruned_task(job: Job, task: Task) -> dict:
     enable_compilation_cache(job.cache_dir)
     enable_x64()
     copy = SpatialCopy(OutputGroup(job.out, job.out_options))
+    _check_copy(job, copy)
     queries = copy.read("points", task.start, task.stop)
     index = _tile_index(job, copy)
     bounds = kernel_bounds(job.spec)
@@ -263,6 +283,7 @@ def run_pruned_task(job: Job, task: Task) -> dict:
     selection = blocks_to_compute(queries, job.spec, job.shape.rows, index, bounds, budget)
     needed = np.unique(np.concatenate(selection.kept)) if selection.kept else np.zeros(0, np.int64)
     tiles = _source_tiles(job, copy, index, needed)
+    _check_copy(job, copy)  # still the copy it started reading (its caches are keyed by the copy's id)
     gradient, value, pairs = compute_blocks(queries, selection, tiles, index.counts, bounds, budget, job.spec,
                                             job.mode, job.dtype, job.shape)
     compute_seconds = time.perf_counter() - computed

@@ -55,7 +55,8 @@ class Prepared:
     identity: dict = field(default_factory=dict)  # what the run fingerprint hashes
     task_digests: tuple = ()  # per task: blake2b of its query rows as read (workers check them)
     problem: Problem | None = field(default=None, repr=False)  # a pruned run's layout lives here
-    inputs: "Inputs | None" = field(default=None, repr=False)  # a pruned run's client writes the sorted copy
+    inputs: "Inputs | None" = field(default=None, repr=False)  # pruned runs (the client writes the sorted
+    # copy) and kgrad plan; None otherwise, so that a dense run's client does not keep its inputs
 
 
 # ----------------------------------------------------------------------------------------- stage 1: options
@@ -253,7 +254,7 @@ def prepare(config: RunOptions, worker_memory: int | None = None, planning: bool
     digests = () if problem.pruned else tuple(store.rows_digest(inputs.point_data[t.start:t.stop])
                                               for t in problem.plan.tasks)
     return Prepared(options, job, problem.plan, provenance.attributes, action, done, provenance.identity,
-                    digests, problem, inputs)
+                    digests, problem, inputs if problem.pruned or planning else None)
 
 
 def _pruned_job(problem: Problem, inputs: Inputs):
@@ -264,7 +265,7 @@ def _pruned_job(problem: Problem, inputs: Inputs):
     if layout is None:
         return None
     meta = layout.meta
-    return PrunedJob(tolerance=problem.tolerance, budget_value=layout.budget.value, budget_slope=layout.budget.slope,
+    return PrunedJob(budget_value=layout.budget.value, budget_slope=layout.budget.slope,
                      source_count=meta.count, lower=tuple(map(float, meta.lower)), upper=tuple(map(float, meta.upper)),
                      signed=meta.signed, separate_sources=inputs.sources is not None,
                      source_chunk=source_chunk(problem.plan))
@@ -346,6 +347,11 @@ def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: 
         return ("exists, half-created by a run that was stopped: a run "
                 + ("with --resume starts it afresh" if config.resume else "needs --resume or --overwrite "
                    "(either starts it afresh)")), None
+    if plan.pruned:  # a pruned run's progress is in its sorted copy until the results go back in order
+        from .output import SpatialCopy
+
+        copy = SpatialCopy(OutputGroup(config.out, opts))
+        done = copy.done_tasks() if copy.ready(fingerprint) else np.zeros(plan.n_tasks, bool)
     n_done = int(done.sum())
     left = f"{plan.n_tasks - n_done} of {plan.n_tasks} tasks left"
     return (f"exists, incomplete: a run with --resume runs the {left}" if config.resume else
@@ -436,17 +442,17 @@ def _run_owned(prepared: Prepared, stream) -> dict:
             per_task = plan.pairs_to_compute / max(plan.n_tasks, 1)
             callbacks = [progress_display(per_task, stream)] if config.progress else []
             run_tasks = functools.partial(
-                execute, job, plan, client, callbacks=callbacks, rows_digests=prepared.task_digests or None,
+                execute, plan=plan, client=client, callbacks=callbacks, rows_digests=prepared.task_digests or None,
                 scheduler_timeout=config.scheduler_timeout,
                 scheduler="(local)" if cluster is not None else getattr(client.scheduler, "address", config.scheduler))
             if job.pruned is None:
-                timings = run_tasks(done=prepared.done)
+                timings = run_tasks(job, done=prepared.done)
                 pairs = plan.pairs
             else:
                 timings, pairs = _run_pruned(prepared, output, run_tasks)
         _check_inputs_unchanged(prepared)
         if job.pruned is not None:
-            _put_back_in_order(prepared, output, pairs, timings)
+            _put_back_in_order(prepared, output, timings)
     except RunFailed as exc:
         if not output_exists:
             raise
@@ -489,17 +495,38 @@ def _run_pruned(prepared: Prepared, output: OutputGroup, run_tasks) -> tuple[dic
     from .output import SpatialCopy
 
     job, plan = prepared.job, prepared.plan
-    if output.done_tasks().all():  # a resumed run whose results are already back in input order
+    if output.attributes().get(IN_INPUT_ORDER) == job.fingerprint:  # resumed after the results went back
         return ({"tasks_run": 0, "tasks_skipped": plan.n_tasks, "execute_seconds": 0.0, "task_seconds_total": 0.0,
                  "compute_seconds_total": 0.0, "worker_pids": []}, int(output.attributes().get("pairs_computed", 0)))
     copy = SpatialCopy(output)
     started = time.perf_counter()
     if not copy.ready(job.fingerprint):
+        _still_owned(prepared, output)
         _write_sorted_copy(prepared, copy)
     order_seconds = time.perf_counter() - started
-    timings = run_tasks(done=copy.done_tasks())
+    # Tasks read only the copy they were given: a copy rewritten meanwhile (another run) is never mixed in.
+    job = dataclasses.replace(job, pruned=dataclasses.replace(job.pruned, copy_id=copy.attributes()["copy_id"]))
+    timings = run_tasks(job, done=copy.done_tasks())
     timings["order_seconds"] = round(order_seconds, 4)
     return timings, int(np.sum(copy.read("pairs")))
+
+
+IN_INPUT_ORDER = "results_in_input_order"  # a pruned run's output: set (to its fingerprint) once unsorted
+
+
+def _still_owned(prepared: Prepared, output: OutputGroup) -> None:
+    """Raise :class:`RunFailed` unless this run still holds the output's lease and the output is still its
+    own: the client's own writes (the sorted copy, putting results back in order) are checked like tasks'."""
+    from . import lease
+    from .errors import ENDED_STEP, RunEnded, RunFailed
+
+    job = prepared.job
+    try:
+        lease.check_owner(job.out, job.lease_token, job.out_options)
+        if output.attributes().get("run_fingerprint") != job.fingerprint:
+            raise RunEnded(f"output {job.out!r} now holds another run's data")
+    except RunEnded as exc:
+        raise RunFailed(str(exc), ENDED_STEP) from exc
 
 
 def _write_sorted_copy(prepared: Prepared, copy) -> None:
@@ -516,18 +543,30 @@ def _write_sorted_copy(prepared: Prepared, copy) -> None:
                 n_tasks=plan.n_tasks, source_chunk=prepared.job.pruned.source_chunk)
 
 
-def _put_back_in_order(prepared: Prepared, output: OutputGroup, pairs: int, timings: dict) -> None:
-    """The sorted results into the output in input order, every output task marked done, the pairs
-    computed recorded, and the sorted copy deleted."""
+def _put_back_in_order(prepared: Prepared, output: OutputGroup, timings: dict) -> None:
+    """The sorted results into the output in input order, the pairs computed and :data:`IN_INPUT_ORDER`
+    recorded, every output task marked done, and the sorted copy deleted.  Each write is made only while
+    the run still owns the output, and only from a whole copy of this run whose tasks are all done."""
+    from .errors import RunFailed
     from .output import SpatialCopy
 
-    if output.done_tasks().all():
-        return
-    started = time.perf_counter()
+    job = prepared.job
     copy = SpatialCopy(output)
-    pairs = copy.unsort_into_output(prepared.plan.rows_per_task)
-    output.open(mode="r+").update_attributes({"pairs_computed": pairs})
-    output.mark_all_done()  # after the count: a resumed run that finds every task done finds it too
+    if output.attributes().get(IN_INPUT_ORDER) == job.fingerprint:  # killed before the copy was deleted
+        _still_owned(prepared, output)
+        copy.remove()
+        return
+    if not copy.ready(job.fingerprint):
+        raise RunFailed("the run's sorted copy (order/) is missing or was replaced")
+    missing = int((~copy.done_tasks()).sum())
+    if missing:
+        raise RunFailed(f"{missing} of {prepared.plan.n_tasks} pruned tasks are not marked done")
+    started = time.perf_counter()
+    _still_owned(prepared, output)
+    pairs = copy.unsort_into_output()
+    _still_owned(prepared, output)
+    output.open(mode="r+").update_attributes({"pairs_computed": pairs, IN_INPUT_ORDER: job.fingerprint})
+    output.mark_all_done()
     copy.remove()
     timings["unsort_seconds"] = round(time.perf_counter() - started, 4)
 

@@ -232,6 +232,7 @@ def test_kill_while_putting_results_back_in_order_then_resume(big, big_run, tmp_
     result = kgrad(args_for(big, out, "--resume", rows=BIG_ROWS))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_complete(out)
+    assert not (out / "order").exists(), "the sorted copy was left inside a complete output"
     compared = assert_bit_identical(out, big_run)
     record("pruning_kill_while_unsorting", faults_injected=0 if killed.finished_first else 1,
            bytes_compared=compared)
