@@ -43,10 +43,26 @@ def morton_keys(points_scaled: np.ndarray) -> np.ndarray:
     top = (1 << bits) - 1
     cells = np.floor((pts[:, :used] - lo) * (top / span))
     cells = np.clip(cells, 0, top).astype(np.uint64)
-    for bit in range(bits - 1, -1, -1):
-        for d in range(used):
-            keys = (keys << np.uint64(1)) | ((cells[:, d] >> np.uint64(bit)) & np.uint64(1))
+    # Bit b of dimension d goes to position b * used + (used - 1 - d): spread each cell a byte at a time
+    # through a table (a few dozen array operations instead of one per bit and dimension).
+    table = _spread_table(used)
+    for d in range(used):
+        spread = np.zeros(n, dtype=np.uint64)
+        for k in range(-(-bits // 8)):
+            byte = (cells[:, d] >> np.uint64(8 * k)) & np.uint64(255)
+            spread |= table[byte] << np.uint64(8 * k * used)
+        keys |= spread << np.uint64(used - 1 - d)
     return keys
+
+
+def _spread_table(used: int) -> np.ndarray:
+    """For each byte value, its 8 bits moved to positions 0, used, 2 used, ... (those below 64)."""
+    byte = np.arange(256, dtype=np.uint64)
+    table = np.zeros(256, dtype=np.uint64)
+    for i in range(8):
+        if i * used < 64:
+            table |= ((byte >> np.uint64(i)) & np.uint64(1)) << np.uint64(i * used)
+    return table
 
 
 def morton_order(points_scaled: np.ndarray) -> np.ndarray:
