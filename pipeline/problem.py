@@ -104,7 +104,7 @@ def _pruned_plan(points, sources, weights, spec, mode, tolerance, sources_are_po
     (n, dim), m = points.shape, sources.shape[0]
     plan = make_plan(n, m, dim, pruned=True, **plan_args)
     layout = make_layout(points, None if sources_are_points else sources, weights, spec, tolerance, bounds,
-                         plan.rows, plan.cols)
+                         plan.rows)
     share = layout.estimated_pairs / max(plan.pairs, 1)
     if share > DENSE_ABOVE:
         return None, (f"pruning would skip only {1 - share:.0%} of the pairs at this tolerance, so every "

@@ -3,7 +3,7 @@ tiles each block cannot skip (:mod:`pipeline.pruning`).
 
 Points and sources are put in one spatial order each, once per run (:func:`spatial_order`: Morton order in
 lengthscales).  In that order, query block ``b`` is rows ``[b * rows, (b + 1) * rows)`` and source tile
-``t`` is rows ``[t * cols, (t + 1) * cols)``, wherever the rows are computed, so a block's bits do not
+``t`` is rows ``[t * INDEX_TILE, (t + 1) * INDEX_TILE)``, wherever the rows are computed, so a block's bits do not
 depend on how blocks are grouped into tasks or spread over workers: the in-process API and ``kgrad run``
 give the same bits.  Each block gathers its kept tiles into the fixed-shape calls of the dense path
 (:func:`pipeline.gradients.block_sums`, zero-weight tiles as padding) and adds the partial sums in
@@ -23,7 +23,7 @@ import numpy as np
 from .gradients import PreparedSources, TileShape, block_setup, block_sums, needs_x64, prepare_sources, x64_enabled
 from .kernels import KernelSpec
 from .plan import PRUNED_SLOWDOWN
-from .pruning import Budget, KernelBounds, Selection, TileIndex, select_sources, select_tiles
+from .pruning import INDEX_TILE, Budget, KernelBounds, Selection, TileIndex, select_sources, select_tiles
 from .spatial import morton_keys
 
 
@@ -221,7 +221,7 @@ class Layout:
 
 
 def make_layout(points: np.ndarray, sources: np.ndarray | None, weights: np.ndarray | None, spec: KernelSpec,
-                tolerance: float, bounds: KernelBounds, rows: int, cols: int) -> Layout:
+                tolerance: float, bounds: KernelBounds, rows: int, cols: int = INDEX_TILE) -> Layout:
     """Spatial orders, the tile index and an estimate of the pairs a pruned run computes.  ``sources``
     None: the points are the sources."""
     points = np.asarray(points)
@@ -293,7 +293,7 @@ def compute_in_memory(points: np.ndarray, sources: np.ndarray | None, weights: n
     x = points if sources is None else sources
     x_order = layout.point_order if layout.source_order is None else layout.source_order
     tiles = SourceTiles.build(np.arange(layout.index.n_tiles), np.asarray(x)[x_order],
-                              None if weights is None else np.asarray(weights)[x_order], spec, dtype, shape.cols,
+                              None if weights is None else np.asarray(weights)[x_order], spec, dtype, INDEX_TILE,
                               center, layout.meta)
     queries = np.asarray(points)[layout.point_order]
     selection = blocks_to_compute(queries, spec, shape.rows, layout.index, layout.bounds, layout.budget)

@@ -12,8 +12,8 @@ tile; ``|grad_q k| = |f'(r)| |(q - x) / l^2| / r <= |f'(r)| / l_min``, the small
 of queries skips the sources farthest from its bounding box first, as long as the sum of those terms stays
 within the budget ``EPS * S * kmax`` (and ``EPS * S * sup |f'|`` for the gradient), so every query of the
 block keeps the bound: the skipped mass is counted against it, not just cut off at a radius.  The search
-has three levels: super-tiles (:data:`SUPER_TILES` tiles), tiles (``cols`` consecutive sources in spatial
-order), then single sources of the tiles left, each level spending a share of the budget.
+has three levels: super-tiles (:data:`SUPER_TILES` tiles), tiles (:data:`INDEX_TILE` consecutive sources in
+spatial order), then single sources of the tiles left, each level spending a share of the budget.
 
 Tail bounds come from a table of ``f`` and ``|f'|`` at fixed radii (float64, JAX's derivative of the
 kernel's own profile), read at the grid point at or below ``d``: both are non-increasing there, so the
@@ -37,6 +37,8 @@ from .kernels import KernelSpec, get_kernel
 # a table read overestimates the tail of rbf at r = 6.4 by about 4%: a little less pruning, never more error).
 TABLE_SIZE = 1 << 16
 TABLE_MIN, TABLE_MAX = 1e-12, 1e12
+_LOG_STEP = float(np.log(TABLE_MAX / TABLE_MIN) / (TABLE_SIZE - 2))  # log(ratio) of consecutive radii
+INDEX_TILE = 64  # sources per tile of the index (the selection unit; calls pack single sources)
 SUPER_TILES = 32  # tiles per super-tile: the first, coarse level of the search
 LEVEL_ONE_SHARE = 0.25  # share of the budget the super-tile level may spend
 LEVEL_TWO_SHARE = 0.5  # ... and with the tile level; single sources get the rest
@@ -73,10 +75,13 @@ class KernelBounds:
         """Index of the largest table radius <= d (after :data:`SHRINK`): the radii are 0 then geometric, so
         the index comes from a logarithm, corrected so that ``radii[index] <= d < radii[index + 1]``."""
         d = np.asarray(d, np.float64) * SHRINK
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            step = np.log(TABLE_MAX / TABLE_MIN) / (TABLE_SIZE - 2)
-            guess = np.floor(np.log(d / TABLE_MIN) / step) + 1.0
-        index = np.clip(np.nan_to_num(guess, nan=0.0, neginf=0.0), 0, TABLE_SIZE - 1).astype(np.int64)
+        with np.errstate(divide="ignore", over="ignore"):  # d = 0: log -> -inf, clipped to bin 0
+            guess = np.log(d * (1.0 / TABLE_MIN))
+        guess *= 1.0 / _LOG_STEP
+        np.floor(guess, out=guess)
+        guess += 1.0
+        np.clip(guess, 0, TABLE_SIZE - 1, out=guess)
+        index = guess.astype(np.int64)
         last = TABLE_SIZE - 1
         while True:  # at most a step or two off (rounding of the logarithm): corrected both ways, so the
             high = self.radii[index] > d  # index does not depend on how the logarithm rounds
@@ -184,6 +189,13 @@ def box_distance(lo_a, hi_a, lo_b, hi_b) -> np.ndarray:
     return np.sqrt(np.einsum("...d,...d->...", gap, gap))
 
 
+def point_box_distance(lower, upper, points: np.ndarray) -> np.ndarray:
+    """Distance from each point (K, D) to one box: the same numbers as :func:`box_distance`, fewer passes."""
+    nearest = np.clip(points, lower, upper)
+    nearest -= points
+    return np.sqrt(np.einsum("kd,kd->k", nearest, nearest))
+
+
 @dataclass(frozen=True)
 class Budget:
     """What a block may skip: ``value`` (in units of f) and ``slope`` (in units of |f'|)."""
@@ -270,18 +282,19 @@ def select_sources(block_lower: np.ndarray, block_upper: np.ndarray, points: np.
     with ``bincount`` and the bins are skipped from the farthest in (no sort of the K distances)."""
     if len(points) == 0:
         return np.zeros(0, np.int64)
-    d = box_distance(block_lower, block_upper, points, points)
+    d = point_box_distance(block_lower, block_upper, points)
     bins = bounds.bins(d)
-    size = len(bounds.radii)
     weight = np.asarray(weight, np.float64)
-    mass = np.bincount(bins, weights=weight, minlength=size)  # sum |w| per bin
-    used = np.flatnonzero(mass)[::-1]  # bins holding weight, farthest first
+    first = int(bins.min())
+    mass = np.bincount(bins - first, weights=weight)  # sum |w| per bin, from the nearest bin on
+    used = np.flatnonzero(mass)[::-1]  # bins holding weight, farthest first (relative to ``first``)
     with np.errstate(invalid="ignore"):
-        cost_v = np.cumsum(mass[used] * bounds.values[used])
-        cost_g = np.cumsum(mass[used] * bounds.slopes[used])
+        cost_v = np.cumsum(mass[used] * bounds.values[used + first])
+        cost_g = np.cumsum(mass[used] * bounds.slopes[used + first])
     fits = (cost_v <= value_left) & (cost_g <= slope_left)
     skipped = int(np.argmin(fits)) if not fits.all() else len(fits)  # a prefix of the farthest bins
+    positive = weight > 0
     if skipped == 0:
-        return np.flatnonzero(weight > 0) if np.any(weight == 0) else np.arange(len(points))
-    cut = used[skipped - 1]  # bins >= cut are skipped
-    return np.flatnonzero((bins < cut) & (weight > 0))
+        return np.flatnonzero(positive)
+    cut = used[skipped - 1] + first  # bins >= cut are skipped
+    return np.flatnonzero((bins < cut) & positive)

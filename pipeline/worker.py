@@ -244,7 +244,9 @@ def _source_tiles(job: Job, copy: SpatialCopy, index, tiles: np.ndarray):
     from .pruned import SourceTiles
     from .gradients import PreparedSources
 
-    cols, size = job.shape.cols, job.pruned.source_chunk
+    from .pruning import INDEX_TILE
+
+    cols, size = INDEX_TILE, job.pruned.source_chunk
     starts = tiles * cols
     chunks = _source_rows(job, copy, np.unique(starts // size))
     rows = [chunks[s // size][0][s % size:s % size + index.counts[t]] for s, t in zip(starts, tiles)]

@@ -272,10 +272,10 @@ def _pruned_job(problem: Problem, inputs: Inputs):
 
 
 def source_chunk(plan: Plan) -> int:
-    """Rows per chunk of a pruned run's sorted copy: whole super-tiles (pipeline.pruning.SUPER_TILES)."""
-    from .pruning import SUPER_TILES
+    """Rows per chunk of a pruned run's sorted copy: whole super-tiles of the index, at least 8192 rows."""
+    from .pruning import INDEX_TILE, SUPER_TILES
 
-    return plan.cols * SUPER_TILES
+    return INDEX_TILE * SUPER_TILES * max(1, 8192 // (INDEX_TILE * SUPER_TILES))
 
 
 # ----------------------------------------------------------------------------------------- output action
