@@ -13,6 +13,7 @@ write whole output chunks, and return only small dicts: no JAX arrays or jitted 
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import threading
@@ -182,7 +183,7 @@ def run_task_reporting(job: Job, task: Task, rows_digest: str | None = None) -> 
 # ---------------------------------------------------------------------------------------------- pruned runs
 
 _INDEX: dict = {}  # copy id -> the tile index of the run's sorted sources
-_CHUNKS: "collections.OrderedDict" = None  # (copy id, chunk) -> (sorted source rows, weights or None)
+_CHUNKS: collections.OrderedDict | None = None  # (copy id, chunk) -> (sorted source rows, weights or None)
 _LOCK = threading.Lock()  # the caches are shared by a worker's threads
 
 
@@ -202,8 +203,6 @@ def _tile_index(job: Job, copy: SpatialCopy):
 def _source_rows(job: Job, copy: SpatialCopy, chunks: np.ndarray) -> dict:
     """The sorted sources' chunks ``chunks`` (rows, weights), from this process's cache or the copy.  The
     cache keeps at most :data:`pipeline.plan.PRUNED_HELD_SOURCES` rows beyond what one task needs."""
-    import collections
-
     from .plan import PRUNED_HELD_SOURCES
 
     global _CHUNKS
