@@ -37,14 +37,20 @@ def compute_rows(queries: np.ndarray, prepared: PreparedSources, spec: KernelSpe
         rows = blocks[index]
         g[rows], v[rows] = block_sums(queries[rows], prepared, spec, mode, dtype, shape, setups[index])
 
-    x64 = needs_x64(spec, mode, dtype) or any(s.variant.float64 for s in setups)
+    run_blocks(one_block, len(blocks), needs_x64(spec, mode, dtype) or any(s.variant.float64 for s in setups),
+               threads)
+    return g, v
+
+
+def run_blocks(one_block, count: int, x64: bool, threads: int = 1) -> None:
+    """``one_block(b)`` for b in ``range(count)``, with JAX's x64 switch on if ``x64``, on up to ``threads``
+    threads (each block writes only its own rows, so the bits do not depend on the threads)."""
     with x64_enabled(x64):
-        if min(threads, len(blocks)) <= 1:
-            for index in range(len(blocks)):
+        if min(threads, count) <= 1:
+            for index in range(count):
                 one_block(index)
         else:
-            _run_blocks_in_threads(one_block, range(len(blocks)), min(threads, len(blocks)))
-    return g, v
+            _run_blocks_in_threads(one_block, range(count), min(threads, count))
 
 
 def _run_blocks_in_threads(one_block, indices, threads: int) -> None:

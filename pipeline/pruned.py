@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .gradients import PreparedSources, TileShape, block_setup, block_sums, needs_x64, prepare_sources, x64_enabled
+from .gradients import PreparedSources, TileShape, block_setup, block_sums, needs_x64, prepare_sources
 from .kernels import KernelSpec
 from .plan import PRUNED_SLOWDOWN
 from .pruning import INDEX_TILE, Budget, KernelBounds, Selection, TileIndex, select_sources, select_tiles
@@ -159,7 +159,7 @@ def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles
     blocks of ``shape.rows`` rows: block ``b`` against the sources of its tiles ``selection.kept[b]`` that
     the rest of its budget cannot skip (:func:`~pipeline.pruning.select_sources`), packed into whole calls
     (``counts``: sources per tile, global)."""
-    from .blocks import _run_blocks_in_threads
+    from .blocks import run_blocks
 
     queries = np.asarray(queries)
     n, dim = queries.shape
@@ -183,13 +183,8 @@ def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles
             g_sum, v_sum = g_sum + g_part, v_sum + v_part
         g[rows], v[rows] = g_sum, v_sum
 
-    x64 = needs_x64(spec, mode, dtype) or any(s.variant.float64 for s in setups)
-    with x64_enabled(x64):
-        if min(threads, len(setups)) <= 1:
-            for b in range(len(setups)):
-                one_block(b)
-        else:
-            _run_blocks_in_threads(one_block, range(len(setups)), min(threads, len(setups)))
+    run_blocks(one_block, len(setups), needs_x64(spec, mode, dtype) or any(s.variant.float64 for s in setups),
+               threads)
     return g, v, int(computed.sum())
 
 

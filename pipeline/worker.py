@@ -127,6 +127,17 @@ def _pin_to_core() -> None:
             pass
 
 
+def _check_lease(job: Job):
+    """Check that the task's run still holds the output's lease (raises :class:`RunEnded`), and return the
+    check, to be made again right before the task is marked done: a run that lost the output (ended, taken
+    over) never writes there.  None for a job without a lease."""
+    if job.lease_token is None:
+        return None
+    still_owner = functools.partial(lease.check_owner, job.out, job.lease_token, job.out_options)
+    still_owner()
+    return still_owner
+
+
 def run_task(job: Job, task: Task, rows_digest: str | None = None) -> dict:
     """Compute and store one output chunk: rows ``[task.start, task.stop)`` against all sources.
 
@@ -153,12 +164,7 @@ def run_task(job: Job, task: Task, rows_digest: str | None = None) -> dict:
     gradient, value = compute_rows(queries, prepared, job.spec, job.mode, job.dtype, job.shape)
     compute_seconds = time.perf_counter() - computed
     check_finite_result(gradient, value, job.dtype, job.spec.describe(), rows=(task.start, task.stop))
-    # The run's lease is checked before the chunks are written and again right before the task is marked
-    # done: a run that lost the output (ended, taken over) never writes there.
-    still_owner = None
-    if job.lease_token is not None:
-        still_owner = functools.partial(lease.check_owner, job.out, job.lease_token, job.out_options)
-        still_owner()
+    still_owner = _check_lease(job)
     OutputGroup(job.out, job.out_options).write_task(task.start, task.stop, task.index, gradient, value,
                                                      run_fingerprint=job.fingerprint, before_done=still_owner)
     return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
@@ -289,10 +295,7 @@ def run_pruned_task(job: Job, task: Task) -> dict:
                                             job.mode, job.dtype, job.shape)
     compute_seconds = time.perf_counter() - computed
     check_finite_result(gradient, value, job.dtype, job.spec.describe(), rows=(task.start, task.stop))
-    still_owner = None
-    if job.lease_token is not None:
-        still_owner = functools.partial(lease.check_owner, job.out, job.lease_token, job.out_options)
-        still_owner()
+    still_owner = _check_lease(job)
     copy.write_task(task.start, task.stop, task.index, gradient, value, pairs, run_fingerprint=job.fingerprint,
                     before_done=still_owner)
     return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
