@@ -28,7 +28,10 @@ polynomial          s2 (q.x + c)^degree                                         
 ==================  ==========================================================  ======================
 
 At ``r = 0`` the Matern kernels use a safe square root (``where`` trick), so that a kernel that is not
-differentiable there (matern12) contributes a zero gradient, never NaN.  Powers with a real exponent are
+differentiable there (matern12) contributes a zero gradient, never NaN.  Matern 3/2 and 5/2 are smooth in
+``r2``: below ``r2 = 1e-6`` they use their Taylor series, whose derivative is accurate there and has the
+true limit at 0 (the closed forms lose digits to cancellation, and their derivative through the safe
+square root would be 0 at ``r2 = 0``).  Powers with a real exponent are
 written as ``exp(e * log(b))``, which XLA evaluates several times faster than ``pow`` on CPU.
 """
 
@@ -141,14 +144,53 @@ def _matern12(r2, p):
     return p["variance"] * jnp.exp(-_safe_sqrt(r2))
 
 
+# Below this r2 the Matern 3/2 and 5/2 profiles use their Taylor series.  The closed forms lose digits in
+# their derivative there (cancellation: 1e-11 to 3e-10 relative in float64 below r2 = 1e-10), and through
+# the safe square root their derivative at r2 = 0 is 0 instead of the true limit (-3/2 and -5/6 times the
+# variance), so a near-duplicate pair whose r2 rounds to 0 (GEMM distances) lost its gradient.  The series
+# to a^8 (a = sqrt(3 r2) or sqrt(5 r2)) is accurate to 1e-15 relative below the threshold, in f and f'.
+NEAR_ZERO_R2 = 1e-6
+SERIES_ORDER = 8
+
+
+def _near_zero_series(poly: tuple, scale: float) -> tuple[tuple, tuple]:
+    """Coefficients of poly(a) exp(-a), a = sqrt(scale r2), as E(r2) + a O(r2): (E's, O's) coefficients in
+    powers of r2, from the constant up.  The a^1 coefficient must vanish (f is smooth in r2 at 0)."""
+    c = [sum(p * (-1) ** (k - j) / math.factorial(k - j) for j, p in enumerate(poly) if j <= k)
+         for k in range(SERIES_ORDER + 1)]
+    assert abs(c[1]) < 1e-15, c
+    even = tuple(c[k] * scale ** (k // 2) for k in range(0, SERIES_ORDER + 1, 2))
+    odd = tuple(c[k] * scale ** ((k - 1) // 2) for k in range(3, SERIES_ORDER + 1, 2))
+    return even, (0.0, *odd)
+
+
+def _polyval(coefficients: tuple, x):
+    """sum_k coefficients[k] x^k by Horner's rule."""
+    total = coefficients[-1]
+    for c in reversed(coefficients[:-1]):
+        total = total * x + c
+    return total
+
+
+_MATERN32_SERIES = _near_zero_series((1.0, 1.0), 3.0)
+_MATERN52_SERIES = _near_zero_series((1.0, 1.0, 1.0 / 3.0), 5.0)
+
+
+def _matern_near_zero(r2, a, series):
+    even, odd = series
+    return _polyval(even, r2) + a * _polyval(odd, r2)
+
+
 def _matern32(r2, p):
     a = SQRT3 * _safe_sqrt(r2)
-    return p["variance"] * (1.0 + a) * jnp.exp(-a)
+    full = (1.0 + a) * jnp.exp(-a)
+    return p["variance"] * jnp.where(r2 < NEAR_ZERO_R2, _matern_near_zero(r2, a, _MATERN32_SERIES), full)
 
 
 def _matern52(r2, p):
     a = SQRT5 * _safe_sqrt(r2)
-    return p["variance"] * (1.0 + a + (5.0 / 3.0) * r2) * jnp.exp(-a)
+    full = (1.0 + a + (5.0 / 3.0) * r2) * jnp.exp(-a)
+    return p["variance"] * jnp.where(r2 < NEAR_ZERO_R2, _matern_near_zero(r2, a, _MATERN52_SERIES), full)
 
 
 def _rational_quadratic(r2, p):
