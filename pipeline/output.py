@@ -29,6 +29,7 @@ import numpy as np
 import zarr
 
 from .errors import InputError, RunEnded, user_fixable
+from .spatial import in_input_order
 from .store import _fs, _store, exists
 
 FORMAT_VERSION = 1
@@ -241,13 +242,6 @@ class OutputGroup:
         zarr.consolidate_metadata(_store(self.location, self.storage_options))
 
 
-def _in_input_order(sorted_rows: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Rows given in spatial order (row k is input row ``order[k]``) back in input order."""
-    rows = np.empty_like(sorted_rows)
-    rows[order] = sorted_rows
-    return rows
-
-
 @dataclass(frozen=True)
 class SpatialCopy:
     """A pruned run's scratch group ``OUT/order/`` (see the module docstring).
@@ -339,8 +333,8 @@ class SpatialCopy:
         group = self._open()
         order = np.asarray(group["index"][:])
         target = self.output.open(mode="r+")
-        target["gradient"][:] = _in_input_order(np.asarray(group["gradient"][:]), order)
-        target["value"][:] = _in_input_order(np.asarray(group["value"][:]), order)
+        target["gradient"][:] = in_input_order(np.asarray(group["gradient"][:]), order)
+        target["value"][:] = in_input_order(np.asarray(group["value"][:]), order)
         return int(np.asarray(group["pairs"][:]).sum())
 
     def remove(self) -> None:

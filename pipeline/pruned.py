@@ -23,8 +23,9 @@ import numpy as np
 from .gradients import PreparedSources, TileShape, block_setup, block_sums, needs_x64, prepare_sources
 from .kernels import KernelSpec
 from .plan import PRUNED_SLOWDOWN
-from .pruning import INDEX_TILE, Budget, KernelBounds, Selection, TileIndex, select_sources, select_tiles
-from .spatial import morton_keys
+from .pruning import (INDEX_TILE, Budget, KernelBounds, Selection, TileIndex, select_sources, select_tiles,
+                      tile_index)
+from .spatial import in_input_order, morton_keys, tile_rows
 
 
 def spatial_order(points: np.ndarray, spec: KernelSpec, weights: np.ndarray | None = None) -> np.ndarray:
@@ -62,7 +63,7 @@ def blocks_to_compute(queries: np.ndarray, spec: KernelSpec, rows: int, index: T
                       budget: Budget) -> Selection:
     """For consecutive blocks of ``rows`` query rows (spatial order): the tiles each must look at."""
     if len(queries) == 0:
-        return Selection([], np.zeros(0), np.zeros(0))
+        return Selection([], np.zeros(0), np.zeros(0), np.zeros((0, queries.shape[1])), np.zeros((0, queries.shape[1])))
     lower, upper = block_boxes(queries, spec, rows)
     return select_tiles(lower, upper, index, bounds, budget)
 
@@ -109,9 +110,7 @@ class SourceTiles:
         where = np.searchsorted(self.ids, tiles)
         if len(tiles) and (where.max() >= len(self.ids) or np.any(self.ids[where] != tiles)):
             raise ValueError("a block needs a source tile that was not loaded")
-        cols = self.cols
-        full = (where[:, None] * cols + np.arange(cols)[None]).ravel()
-        return full[(np.arange(cols)[None] < counts[tiles][:, None]).ravel()]
+        return tile_rows(tiles, counts, self.cols, slots=where)
 
     def gather(self, positions: np.ndarray, shape: TileShape) -> PreparedSources:
         """The sources at ``positions`` packed into whole calls of ``shape`` (padded with weight 0)."""
@@ -166,7 +165,7 @@ def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles
     g = np.empty((n, dim), dtype=dtype)
     v = np.empty(n, dtype=dtype)
     starts = list(range(0, n, shape.rows))
-    lower, upper = block_boxes(queries, spec, shape.rows)
+    lower, upper = selection.lower, selection.upper
     setups = [block_setup(queries[s:s + shape.rows], tiles.prepared, spec, mode, dtype) for s in starts]
     computed = np.zeros(len(starts), np.int64)
 
@@ -245,17 +244,15 @@ def make_layout(points: np.ndarray, sources: np.ndarray | None, weights: np.ndar
             break
         q = points[point_order[b * rows:(b + 1) * rows]]
         sampled_rows += len(q)
-        lower, upper = block_boxes(q, spec, rows)
-        chosen = select_tiles(lower, upper, index, bounds, budget)
+        chosen = select_tiles(*block_boxes(q, spec, rows), index, bounds, budget)
         tiles = chosen.kept[0]
         candidates = int(index.counts[tiles].sum())
         tile_pairs += len(q) * candidates
         if k >= n_fine:
             continue
         # The per-source level: its share of the tile level's pairs, applied to the whole sample.
-        full = (tiles[:, None] * cols + np.arange(cols)[None]).ravel()
-        positions = full[(np.arange(cols)[None] < index.counts[tiles][:, None]).ravel()]
-        keep = select_sources(lower[0], upper[0], np.asarray(x[x_order[positions]], np.float64) / scale,
+        positions = tile_rows(tiles, index.counts, cols)
+        keep = select_sources(chosen.lower[0], chosen.upper[0], np.asarray(x[x_order[positions]], np.float64) / scale,
                               w_abs[positions], bounds, budget.value - chosen.spent_value[0],
                               budget.slope - chosen.spent_slope[0])
         fine_pairs += len(q) * len(keep)
@@ -271,8 +268,6 @@ def make_layout(points: np.ndarray, sources: np.ndarray | None, weights: np.ndar
 def tile_index_of(sources: np.ndarray, order: np.ndarray, weights_sorted: np.ndarray | None, scale: np.ndarray,
                   cols: int) -> TileIndex:
     """The tile index of sources (M, D) in the given order, built a slab at a time (bounded memory)."""
-    from .pruning import tile_index
-
     slab = cols * 4096
     parts = [tile_index(np.asarray(sources[order[s:s + slab]], np.float64) / scale,
                         None if weights_sorted is None else weights_sorted[s:s + slab], cols)
@@ -294,8 +289,4 @@ def compute_in_memory(points: np.ndarray, sources: np.ndarray | None, weights: n
     selection = blocks_to_compute(queries, spec, shape.rows, layout.index, layout.bounds, layout.budget)
     g_sorted, v_sorted, pairs = compute_blocks(queries, selection, tiles, layout.index.counts, layout.bounds,
                                                layout.budget, spec, mode, dtype, shape, threads)
-    g = np.empty_like(g_sorted)
-    v = np.empty_like(v_sorted)
-    g[layout.point_order] = g_sorted
-    v[layout.point_order] = v_sorted
-    return g, v, pairs
+    return in_input_order(g_sorted, layout.point_order), in_input_order(v_sorted, layout.point_order), pairs

@@ -235,6 +235,8 @@ class Selection:
     kept: list
     spent_value: np.ndarray  # (B,)
     spent_slope: np.ndarray  # (B,)
+    lower: np.ndarray  # (B, D): the blocks' boxes, in lengthscales
+    upper: np.ndarray
 
 
 def select_tiles(block_lower: np.ndarray, block_upper: np.ndarray, index: TileIndex, bounds: KernelBounds,
@@ -269,7 +271,7 @@ def select_tiles(block_lower: np.ndarray, block_upper: np.ndarray, index: TileIn
         spent_v[j] += more_v
         spent_g[j] += more_g
         kept.append(tiles[~skip])
-    return Selection(kept, spent_v, spent_g)
+    return Selection(kept, spent_v, spent_g, block_lower, block_upper)
 
 
 def select_sources(block_lower: np.ndarray, block_upper: np.ndarray, points: np.ndarray, weight: np.ndarray,

@@ -71,6 +71,21 @@ def morton_order(points_scaled: np.ndarray) -> np.ndarray:
     return np.argsort(morton_keys(points_scaled), kind="stable").astype(np.int64)
 
 
+def in_input_order(sorted_rows: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Rows given in spatial order (row k belongs to input row ``order[k]``) back in input order."""
+    rows = np.empty_like(sorted_rows)
+    rows[order] = sorted_rows
+    return rows
+
+
+def tile_rows(tiles: np.ndarray, counts: np.ndarray, size: int, slots: np.ndarray | None = None) -> np.ndarray:
+    """Row positions, ascending per tile, of the tiles ``tiles`` of ``size`` rows (``counts``: rows per tile,
+    indexed by tile id; the last tile may be partial).  ``slots``: where each tile is stored (default: its id)."""
+    tiles = np.asarray(tiles, np.int64)
+    start = (tiles if slots is None else np.asarray(slots, np.int64))[:, None] * size + np.arange(size)[None]
+    return start[np.arange(size)[None] < counts[tiles][:, None]]
+
+
 def block_slices(count: int, rows: int) -> list[slice]:
     """Consecutive blocks of at most ``rows`` entries covering ``range(count)``."""
     if rows < 1:

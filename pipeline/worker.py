@@ -246,25 +246,24 @@ def _check_copy(job: Job, copy: SpatialCopy) -> None:
 
 def _source_tiles(job: Job, copy: SpatialCopy, index, tiles: np.ndarray):
     """The prepared source tiles ``tiles`` (global ids, ascending) for this task."""
-    from .pruned import SourceTiles
     from .gradients import PreparedSources
-
+    from .pruned import SourceTiles
     from .pruning import INDEX_TILE
+    from .spatial import tile_rows
 
-    cols, size = INDEX_TILE, job.pruned.source_chunk
-    starts = tiles * cols
-    chunks = _source_rows(job, copy, np.unique(starts // size))
-    rows = [chunks[s // size][0][s % size:s % size + index.counts[t]] for s, t in zip(starts, tiles)]
+    size = job.pruned.source_chunk
+    rows = tile_rows(tiles, index.counts, INDEX_TILE)  # rows of the sorted sources, ascending
+    needed = np.unique(rows // size)
+    chunks = _source_rows(job, copy, needed)
+    at = np.searchsorted(needed, rows // size) * size + rows % size  # the same rows in the chunks read
+    sources = np.concatenate([chunks[c][0] for c in needed])[at] if len(needed) else np.zeros((0, len(job.center)))
     weights = None
-    if len(tiles) and chunks[starts[0] // size][1] is not None:  # weighted run (else unit weights)
-        weights = np.concatenate([chunks[s // size][1][s % size:s % size + index.counts[t]]
-                                  for s, t in zip(starts, tiles)])
-    dim = len(job.center)
-    sources = np.concatenate(rows) if rows else np.zeros((0, dim))
+    if len(needed) and chunks[needed[0]][1] is not None:  # weighted run (else unit weights)
+        weights = np.concatenate([chunks[c][1] for c in needed])[at]
     p = job.pruned
     meta = PreparedSources(None, None, np.asarray(job.center), p.source_count, lower=np.asarray(p.lower),
                            upper=np.asarray(p.upper), signed=p.signed)
-    return SourceTiles.build(tiles, sources, weights, job.spec, job.dtype, cols, np.asarray(job.center), meta)
+    return SourceTiles.build(tiles, sources, weights, job.spec, job.dtype, INDEX_TILE, np.asarray(job.center), meta)
 
 
 def run_pruned_task(job: Job, task: Task) -> dict:
