@@ -4,6 +4,13 @@
 # Every socket they listen on (scheduler, nannies, workers, and the HTTP servers that dask starts even
 # with --no-dashboard) is bound to 127.0.0.1 (tests/test_loopback.py).
 #
+# Loopback is not authentication: any account on this host can reach those ports, and a dask client
+# that reaches a scheduler runs code as its owner.  So the cluster speaks TLS only, with mutual
+# authentication, on credentials made for it alone by cluster/make-tls-certs.sh into STATE_DIR/tls/
+# (directory 700, every file 600: only the user who started it can read them).  A client without them
+# is refused at the handshake (tests/test_local_cluster_security.py).  kgrad finds them by itself when
+# given the scheduler file (STATE_DIR/tls/ beside it); other clients pass them as dask's Security.
+#
 # Usage:
 #     cluster/start-local-cluster.sh STATE_DIR [NWORKERS]        # NWORKERS defaults to 2
 #     kgrad run --points P --out OUT --scheduler STATE_DIR/scheduler.json
@@ -14,6 +21,7 @@
 #     scheduler.pid     pid of `dask scheduler` (also its process group: it runs in its own session)
 #     worker.pid        pid of `dask worker` (its own session too; its nannies and worker processes
 #                       are in that process group, so `kill -- -PID` reaches all of them)
+#     tls/              the cluster's CA and the scheduler's, workers' and client's certificates and keys
 #     scheduler.log, worker.log
 #     worker-space/     the workers' local directory
 #
@@ -37,7 +45,7 @@
 set -euo pipefail
 
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then
-    sed -n '2,12p' "$0" >&2
+    sed -n '14,17p' "$0" >&2
     exit 2
 fi
 STATE_DIR=$1
@@ -70,12 +78,18 @@ WORKER_ENV=$(cd "$HERE/.." && "$PYTHON" -m pipeline.cluster env --shell) || {
     exit 1
 }
 eval "$WORKER_ENV"
+
+# Credentials for this cluster alone, readable only by this user (made anew at each start).
+TLS=$STATE_DIR/tls
+rm -rf "$TLS"
+"$HERE/make-tls-certs.sh" "$TLS" >/dev/null || { echo "start-local-cluster: could not make TLS certificates in $TLS" >&2; exit 1; }
 export DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=${ALLOWED_FAILURES:-5}
 
 # setsid: each in its own session and process group (pid == pgid), so that stopping it stops all its
 # children and a signal sent to the caller's group does not reach the cluster.  In a non-interactive
 # shell a background job is not a group leader, so setsid does not fork and $! is the dask process.
-setsid "$DASK" scheduler --host 127.0.0.1 --port 0 --no-dashboard --dashboard-address 127.0.0.1:0 --scheduler-file "$SCHEDULER_FILE" \
+setsid "$DASK" scheduler --protocol tls --host 127.0.0.1 --port 0 \
+    --tls-ca-file "$TLS/ca.pem" --tls-cert "$TLS/scheduler.pem" --tls-key "$TLS/scheduler.key" --no-dashboard --dashboard-address 127.0.0.1:0 --scheduler-file "$SCHEDULER_FILE" \
     >"$STATE_DIR/scheduler.log" 2>&1 </dev/null &
 echo $! >"$STATE_DIR/scheduler.pid"
 
@@ -98,17 +112,21 @@ while [ ! -s "$SCHEDULER_FILE" ]; do
 done
 
 setsid "$DASK" worker --scheduler-file "$SCHEDULER_FILE" --nworkers "$NWORKERS" --nthreads 1 \
+    --tls-ca-file "$TLS/ca.pem" --tls-cert "$TLS/worker.pem" --tls-key "$TLS/worker.key" \
     --host 127.0.0.1 --no-dashboard --dashboard-address 127.0.0.1:0 --memory-limit "$MEMORY_LIMIT" --death-timeout 60 \
     --local-directory "$STATE_DIR/worker-space" >"$STATE_DIR/worker.log" 2>&1 </dev/null &
 echo $! >"$STATE_DIR/worker.pid"
 
 left=$((deadline - SECONDS)); [ $left -gt 1 ] || left=1
-if ! "$PYTHON" - "$SCHEDULER_FILE" "$NWORKERS" "$left" <<'EOF'
+if ! "$PYTHON" - "$SCHEDULER_FILE" "$NWORKERS" "$left" "$TLS" <<'EOF'
 import sys
 from distributed import Client
+from distributed.security import Security
 
-scheduler_file, n, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-with Client(scheduler_file=scheduler_file, timeout=timeout) as client:
+scheduler_file, n, timeout, tls = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+security = Security(tls_ca_file=f"{tls}/ca.pem", tls_client_cert=f"{tls}/client.pem",
+                    tls_client_key=f"{tls}/client.key", require_encryption=True)
+with Client(scheduler_file=scheduler_file, timeout=timeout, security=security) as client:
     client.wait_for_workers(n, timeout=timeout)
 EOF
 then
@@ -116,4 +134,4 @@ then
     tail -n 20 "$STATE_DIR/worker.log" >&2
     stop_all; exit 1
 fi
-echo "start-local-cluster: scheduler $(cat "$STATE_DIR/scheduler.pid"), $NWORKERS workers under $(cat "$STATE_DIR/worker.pid"); scheduler file $SCHEDULER_FILE"
+echo "start-local-cluster: scheduler $(cat "$STATE_DIR/scheduler.pid"), $NWORKERS workers under $(cat "$STATE_DIR/worker.pid"); scheduler file $SCHEDULER_FILE (TLS; credentials in $TLS)"

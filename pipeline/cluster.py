@@ -86,19 +86,29 @@ def _workers_ignore_ctrl_c():
 
 
 def local_cluster(workers: int, memory_limit: int | str = "auto", threads_per_worker: int = 1):
-    """A LocalCluster on loopback only, with workers that keep XLA's large temporaries mapped.
+    """A LocalCluster on loopback only, that admits only this process's clients, with workers that keep
+    XLA's large temporaries mapped.
+
+    Loopback is not authentication: any account on the host can reach a loopback port, and a dask client
+    that reaches a scheduler runs code as its owner (``client.run``).  So every connection is TLS with
+    mutual authentication, on credentials made for this cluster alone (``Security.temporary()``: a fresh
+    self-signed CA and key, held in this process's memory and passed to the workers by their nannies,
+    never written to disk).  A client without them is refused at the handshake.  ``Client(cluster)`` takes
+    them from the cluster (``cluster.security``); pass that to :class:`~pipeline.workflow.RunOptions`'s
+    ``security`` to run kgrad on it from Python.  Key generation costs about 0.1 s at start-up.
 
     Its nannies start each worker process with :data:`WORKER_ENVIRONMENT` (their pre-spawn-environ).
     """
     import dask
     from distributed import LocalCluster
+    from distributed.security import Security
 
     with dask.config.set({"distributed.nanny.pre-spawn-environ": dict(WORKER_ENVIRONMENT),
                           "distributed.scheduler.allowed-failures": 5,
                           "distributed.worker.daemon": False}), _workers_ignore_ctrl_c():
         return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
                             host="127.0.0.1", dashboard_address="127.0.0.1:0", memory_limit=memory_limit,
-                            silence_logs=worker_log_level())
+                            silence_logs=worker_log_level(), security=Security.temporary())
 
 
 def _client(*args, **kwargs):
@@ -140,16 +150,40 @@ def connect(scheduler: str, security=None):
 
 
 _SECURITY_KEYS = ("tls_ca_file", "tls_client_cert", "tls_client_key")
+_CREDENTIAL_FILES = {"tls_ca_file": "ca.pem", "tls_client_cert": "client.pem", "tls_client_key": "client.key"}
 
 
-def security(scheduler: str, files: dict):
+def credentials_beside(scheduler: str) -> dict:
+    """The client credentials that cluster/start-local-cluster.sh keeps beside its scheduler file
+    (``tls/ca.pem``, ``tls/client.pem``, ``tls/client.key`` in the scheduler file's directory), or {}.
+
+    Only for a scheduler file (an address names no directory), and only when all three are there: the
+    user who chose the scheduler file trusts its directory, and the files are readable by their owner
+    alone."""
+    if "://" in scheduler or not os.path.isfile(scheduler):
+        return {}
+    tls = os.path.join(os.path.dirname(os.path.abspath(scheduler)), "tls")
+    found = {key: os.path.join(tls, name) for key, name in _CREDENTIAL_FILES.items()}
+    return found if all(os.path.isfile(path) for path in found.values()) else {}
+
+
+def security(scheduler: str, files):
     """distributed Security for the TLS ``files`` (CA, client certificate and key), or None.
 
     None leaves it to dask's configuration (``distributed.comm.tls.ca-file``, ``...tls.client.cert``,
-    ``...tls.client.key``, e.g. from DASK_DISTRIBUTED__COMM__TLS__* variables).
+    ``...tls.client.key``, e.g. from DASK_DISTRIBUTED__COMM__TLS__* variables).  A ``Security`` object
+    (from Python only, e.g. :func:`local_cluster`'s ``cluster.security``) is used as it is.
     """
+    from distributed.security import Security
+
+    if isinstance(files, Security):
+        return files
     if not files:
         import dask
+
+        if not dask.config.get("distributed.comm.tls.ca-file", None):
+            files = credentials_beside(scheduler)
+    if not files:
 
         if scheduler.startswith("tls://") and not dask.config.get("distributed.comm.tls.ca-file", None):
             raise InputError(f"scheduler {scheduler!r} uses TLS but no certificates were given; pass "
@@ -166,8 +200,6 @@ def security(scheduler: str, files: dict):
         if not os.path.isfile(files[key]):
             raise InputError(f"security {key}={files[key]!r} is not a file; "
                              f"see cluster/make-tls-certs.sh")
-    from distributed.security import Security
-
     return Security(require_encryption=True, **files)
 
 

@@ -382,7 +382,10 @@ class DaskCluster:
     def client(self, timeout: str = "20s"):
         from distributed import Client
 
-        return Client(scheduler_file=str(self.scheduler_file), timeout=timeout)
+        from pipeline.cluster import security
+
+        return Client(scheduler_file=str(self.scheduler_file), timeout=timeout,
+                      security=security(str(self.scheduler_file), {}))
 
 
 def start_cluster(state_dir: Path, nworkers: int = 2, **env_extra) -> DaskCluster:

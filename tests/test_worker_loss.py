@@ -194,10 +194,10 @@ def test_dask_cli_cluster_fixture_is_real(dask_cli_cluster):
     groups, with kgrad's worker environment (the malloc thresholds raised) in the worker processes."""
     with dask_cli_cluster.client() as client:
         info = client.scheduler_info()
-        assert info["address"].startswith("tcp://127.0.0.1:")
+        assert info["address"].startswith("tls://127.0.0.1:")  # TLS only (start-local-cluster.sh)
         workers = info["workers"]
         assert len(workers) == 2 and all(w["nthreads"] == 1 for w in workers.values())
-        assert all(a.startswith("tcp://127.0.0.1:") for a in workers)
+        assert all(a.startswith("tls://127.0.0.1:") for a in workers)
         env = client.run(lambda: {k: os.environ.get(k) for k in WORKER_ENVIRONMENT})
         pids = client.run(os.getpid)
     assert env and all(e == WORKER_ENVIRONMENT for e in env.values()), env

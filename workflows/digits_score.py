@@ -102,15 +102,16 @@ class Runner:
             from pipeline.cluster import local_cluster
 
             self.cluster = local_cluster(workers)
-            scheduler = self.cluster.scheduler_address
+            scheduler = self.cluster.scheduler_address  # tls://: it admits only its own credentials
         self.scheduler = scheduler
+        self.security = self.cluster.security if self.cluster is not None else {}
         self.seconds = []
 
     def __call__(self, points: str, out: str, lengthscale: float, sources: str | None = None):
         from pipeline.workflow import RunConfig, run_workflow
 
         config = RunConfig(points=points, sources=sources, out=out, kernel="rbf", lengthscale=lengthscale,
-                           dtype="float32", scheduler=self.scheduler, overwrite=True, progress=False)
+                           dtype="float32", scheduler=self.scheduler, security=self.security, overwrite=True, progress=False)
         t0 = time.perf_counter()
         run_workflow(config)
         self.seconds.append(time.perf_counter() - t0)

@@ -118,8 +118,9 @@ class ClusterTerms:
             from pipeline.cluster import local_cluster
 
             self.cluster = local_cluster(workers)
-            scheduler = self.cluster.scheduler_address
+            scheduler = self.cluster.scheduler_address  # tls://: it admits only its own credentials
         self.scheduler = scheduler
+        self.security = self.cluster.security if self.cluster is not None else {}
         self.runs = 0
         self.seconds = 0.0
 
@@ -133,7 +134,7 @@ class ClusterTerms:
         from pipeline.workflow import RunConfig, run_workflow
 
         config = RunConfig(points=points, weights=weights, out=out, kernel="rbf", lengthscale=lengthscale,
-                           dtype="float32", scheduler=self.scheduler, overwrite=True, progress=False)
+                           dtype="float32", scheduler=self.scheduler, security=self.security, overwrite=True, progress=False)
         t0 = time.perf_counter()
         _quiet(run_workflow, config)
         self.seconds += time.perf_counter() - t0

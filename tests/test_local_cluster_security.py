@@ -1,0 +1,141 @@
+"""Another account on the host cannot use kgrad's clusters: loopback is not authentication.
+
+A dask client that reaches a scheduler runs code as its owner (``client.run``), and any local account can
+reach a loopback port.  So kgrad's own local cluster (``--scheduler local``, the default) and the one
+``cluster/start-local-cluster.sh`` starts speak TLS only, with mutual authentication on credentials made
+for that cluster alone.  Here, during a real ``kgrad run`` and against the script's cluster, a stranger
+(this test process, without the credentials) tries every listening port of the run's processes:
+
+* a plain TCP dask client (what the attack used),
+* a TLS client with no certificate of its own,
+* a TLS client whose certificate another authority signed (``Security.temporary()`` of its own);
+
+each is refused within seconds and never gets to run a function.  The run finishes undisturbed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from cluster_fixtures import N_TASKS, assert_complete, kill_group, poll, read_streams, run_args, \
+    start_cluster, start_kgrad, stop_cluster, wait_group_gone
+
+pytest_plugins = ["cluster_fixtures"]
+pytestmark = pytest.mark.timeout(240)
+
+REFUSE_WITHIN = 10.0  # seconds: a refused client fails well within this
+
+
+def _listening_ports(pids) -> list[int]:
+    ports = set()
+    for pid in pids:
+        try:
+            for c in psutil.Process(pid).net_connections(kind="tcp"):
+                if c.status == psutil.CONN_LISTEN:
+                    ports.add(c.laddr.port)
+        except psutil.Error:
+            continue
+    return sorted(ports)
+
+
+def _stranger_attempts(address_or_port) -> list[str]:
+    """Try to connect as a stranger in every way; return what got in (empty: all refused)."""
+    from distributed import Client
+    from distributed.security import Security
+
+    if isinstance(address_or_port, int):
+        host = f"127.0.0.1:{address_or_port}"
+    else:
+        host = address_or_port.split("://", 1)[1]
+    ways = {
+        "plain tcp": (f"tcp://{host}", None),
+        "tls, no certificate": (f"tls://{host}", Security(require_encryption=True)),
+        "tls, another authority": (f"tls://{host}", Security.temporary()),
+    }
+    got_in = []
+    for name, (address, security) in ways.items():
+        started = time.monotonic()
+        try:
+            with Client(address, security=security, timeout=3) as client:
+                client.run(os.getuid)
+            got_in.append(f"{name} at {address}")
+        except Exception:  # noqa: BLE001 - refused (OSError, TimeoutError, SSL errors): what we want
+            pass
+        assert time.monotonic() - started < REFUSE_WITHIN, f"{name} at {address} took too long to fail"
+    return got_in
+
+
+def test_kgrad_local_cluster_refuses_a_client_without_its_credentials(job_inputs, tmp_path):
+    """During a real `kgrad run` on its own local cluster, every port its processes listen on refuses a
+    client without the cluster's credentials; the run is undisturbed."""
+    out = tmp_path / "out.zarr"
+    proc = start_kgrad(run_args(job_inputs.points, out, workers=2))
+    try:
+        def ready():
+            pids = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+            ports = _listening_ports(pids)
+            return ports if len(ports) >= 4 and os.path.exists(out / "zarr.json") else None
+
+        ports = poll(ready, 120, interval=0.1, what="the run's cluster to listen")
+        got_in = [way for port in ports for way in _stranger_attempts(port)]
+        assert got_in == [], f"a stranger got in: {got_in}"
+        assert proc.wait(timeout=200) == 0, read_streams(proc)[1]
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+        wait_group_gone(proc.pid)
+    assert_complete(out, tasks_run=N_TASKS, tasks_skipped=0)
+
+
+def test_start_local_cluster_script_admits_only_its_credentials(tmp_path):
+    """cluster/start-local-cluster.sh: a TLS scheduler; its credentials readable by their owner only;
+    refused without them, admitted with them (what kgrad finds beside the scheduler file)."""
+    from distributed import Client
+
+    from pipeline.cluster import credentials_beside, security
+
+    cluster = start_cluster(tmp_path / "state", 1)
+    try:
+        import json
+
+        address = json.loads(cluster.scheduler_file.read_text())["address"]
+        assert address.startswith("tls://127.0.0.1:"), address
+        tls = cluster.state_dir / "tls"
+        assert stat.S_IMODE(tls.stat().st_mode) == 0o700
+        for path in tls.iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        assert _stranger_attempts(address) == []
+        found = credentials_beside(str(cluster.scheduler_file))
+        assert found["tls_client_key"] == str(tls / "client.key")
+        with Client(scheduler_file=str(cluster.scheduler_file), timeout=20,
+                    security=security(str(cluster.scheduler_file), {})) as client:
+            assert client.run(lambda: 1)
+    finally:
+        stop_cluster(cluster)
+
+
+def test_security_object_from_python(tmp_path):
+    """From Python, a local_cluster's own credentials (``cluster.security``) run kgrad on it."""
+    from pipeline.cluster import local_cluster
+    from pipeline.workflow import RunOptions, run_workflow
+
+    points = np.random.default_rng(3).normal(size=(500, 2))
+    np.save(tmp_path / "p.npy", points)
+    cluster = local_cluster(1)
+    try:
+        assert cluster.scheduler_address.startswith("tls://")
+        attrs = run_workflow(RunOptions(points=str(tmp_path / "p.npy"), out=str(tmp_path / "o.zarr"),
+                                        scheduler=cluster.scheduler_address, security=cluster.security,
+                                        progress=False), )
+        assert attrs["N"] == 500
+        with pytest.raises(Exception, match="TLS"):
+            run_workflow(RunOptions(points=str(tmp_path / "p.npy"), out=str(tmp_path / "o2.zarr"),
+                                    scheduler=cluster.scheduler_address, progress=False))
+    finally:
+        cluster.close()
