@@ -364,3 +364,56 @@ def test_a_killed_pruned_run_is_still_a_kgrad_output(big, interrupted, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_complete(out)
     assert read_attrs(out)["tolerance"] == 1e-3 and not (out / "order").exists()
+
+
+# ------------------------------------------------------------------------------------------ (e) every step of the end
+
+# The client's last steps of a pruned run, in order; a kill right before or after each.  The kgrad process is
+# started with one of its methods wrapped so that it SIGKILLs its own process group (workers included) there:
+# a real kill -9 at an exact point, which polling from outside cannot hit (the steps take milliseconds).
+_KILL_AT = """
+import os, signal, sys
+from pipeline import output
+
+cls, name, when = sys.argv[1], sys.argv[2], sys.argv[3]
+target = getattr(output, cls)
+original = getattr(target, name)
+
+def wrapped(*args, **kwargs):
+    if when == "before":
+        os.killpg(0, signal.SIGKILL)
+    result = original(*args, **kwargs)
+    os.killpg(0, signal.SIGKILL)
+    return result
+
+setattr(target, name, wrapped)
+from pipeline.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+END_STEPS = [("SpatialCopy", "unsort_into_output", "before"), ("SpatialCopy", "unsort_into_output", "after"),
+             ("OutputGroup", "mark_all_done", "before"),  # the results are in input order, not marked done
+             ("OutputGroup", "mark_all_done", "after"), ("SpatialCopy", "remove", "after"),
+             ("OutputGroup", "finish", "before")]
+
+
+@pytest.mark.parametrize("cls,name,when", END_STEPS, ids=[f"{w}-{n}" for _, n, w in END_STEPS])
+def test_kill_at_each_step_of_the_end_then_resume(small, small_run, tmp_path, cls, name, when):
+    """SIGKILL right before or after each step of putting the results back in input order: `kgrad plan
+    --resume` says what is left, and `--resume` finishes with the clean run's bits (and no order/ left)."""
+    import subprocess
+
+    from cluster_fixtures import PYTHON, kgrad_env
+
+    out = tmp_path / "out.zarr"
+    proc = subprocess.run([PYTHON, "-c", _KILL_AT, cls, name, when, *args_for(small, out)], env=kgrad_env(),
+                          capture_output=True, text=True, timeout=240, start_new_session=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert read_attrs(out).get("complete") is False
+    plan = kgrad(["plan", *args_for(small, out, "--resume")[1:]])
+    assert plan.returncode == 0, plan.stderr
+    result = kgrad(args_for(small, out, "--resume"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_complete(out)
+    assert not (out / "order").exists(), "the sorted copy was left inside a complete output"
+    assert_bit_identical(out, small_run)
