@@ -350,8 +350,12 @@ def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: 
     if plan.pruned:  # a pruned run's progress is in its sorted copy until the results go back in order
         from .output import SpatialCopy
 
-        copy = SpatialCopy(OutputGroup(config.out, opts))
-        done = copy.done_tasks() if copy.ready(fingerprint) else np.zeros(plan.n_tasks, bool)
+        output = OutputGroup(config.out, opts)
+        copy = SpatialCopy(output)
+        if output.attributes().get(IN_INPUT_ORDER) == fingerprint:  # stopped after the results went back
+            done = np.ones(plan.n_tasks, bool)
+        else:
+            done = copy.done_tasks() if copy.ready(fingerprint) else np.zeros(plan.n_tasks, bool)
     n_done = int(done.sum())
     left = f"{plan.n_tasks - n_done} of {plan.n_tasks} tasks left"
     return (f"exists, incomplete: a run with --resume runs the {left}" if config.resume else
@@ -552,8 +556,9 @@ def _put_back_in_order(prepared: Prepared, output: OutputGroup, timings: dict) -
 
     job = prepared.job
     copy = SpatialCopy(output)
-    if output.attributes().get(IN_INPUT_ORDER) == job.fingerprint:  # killed before the copy was deleted
+    if output.attributes().get(IN_INPUT_ORDER) == job.fingerprint:  # killed after the results went back
         _still_owned(prepared, output)
+        output.mark_all_done()  # the results in input order are whole: every task's rows are there
         copy.remove()
         return
     if not copy.ready(job.fingerprint):
