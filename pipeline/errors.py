@@ -12,7 +12,8 @@ class InputError(ValueError):
 
 RESUME_STEP = "fix the cause, then finish it with 'kgrad run ... --resume'"
 RESTART_STEP = "start it again with 'kgrad run ... --overwrite' once the inputs stop changing"
-ENDED_STEP = "see who owns it now with 'kgrad plan', then resume or start over"
+ENDED_STEP = ("this run's results there were dropped; see what it holds now with 'kgrad inspect' (replace it only "
+              "if you mean to, with --overwrite)")
 
 
 class RunFailed(RuntimeError):

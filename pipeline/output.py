@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
-from .errors import InputError, RunEnded, user_fixable
+from . import fenced
+from .errors import InputError, user_fixable
+from .fenced import ID_KEY
 from .spatial import in_input_order
 from .store import _fs, _store, exists
 
@@ -176,22 +178,24 @@ class OutputGroup:
 
         ``zarr.json`` carries kgrad's marker from its first write, so a group killed while being created
         is still recognised as kgrad's (:meth:`kind`).  The run's lease file stays where it is."""
+        output_id = fenced.new_id()  # every write of the run checks it (pipeline/fenced.py)
         group = zarr.create_group(store=_store(self.location, self.storage_options),
                                   attributes={"kgrad_output": True, "complete": False,
                                               "format_version": FORMAT_VERSION})
         group.create_array("gradient", shape=(n_points, dim), chunks=(rows_per_task, dim), dtype=dtype,
                            dimension_names=("point", "dim"), fill_value=np.nan,
                            attributes={"long_name": "sum_i w_i grad_q k(q, x_i)",
-                                       "units": "kernel units per point unit"})
+                                       "units": "kernel units per point unit", ID_KEY: output_id})
         group.create_array("value", shape=(n_points,), chunks=(rows_per_task,), dtype=dtype,
                            dimension_names=("point",), fill_value=np.nan,
-                           attributes={"long_name": "sum_i w_i k(q, x_i)", "units": "kernel units"})
+                           attributes={"long_name": "sum_i w_i k(q, x_i)", "units": "kernel units",
+                                       ID_KEY: output_id})
         group.create_array("task_done", shape=(n_tasks,), chunks=(1,), dtype="uint8",
                            dimension_names=("task",), fill_value=0,
-                           attributes={"long_name": "1 once the task's chunks are written"})
+                           attributes={"long_name": "1 once the task's chunks are written", ID_KEY: output_id})
         # Run attributes last and in one write: an output with a run fingerprint always has its arrays.
-        group.update_attributes({**attributes, "kgrad_output": True, "complete": False,
-                                 "format_version": FORMAT_VERSION})
+        self.update({**attributes, "kgrad_output": True, "complete": False, "format_version": FORMAT_VERSION,
+                     ID_KEY: output_id}, output_id)
 
     def remove(self) -> None:
         """Delete a kgrad output's own contents (checked by :meth:`kind`), keeping the lease.
@@ -215,31 +219,37 @@ class OutputGroup:
                 fs.rm(f"{root}/{name}", recursive=True)
         fs.rm(f"{root}/zarr.json")
 
+    def output_id(self) -> str | None:
+        """The id this output's arrays carry (:mod:`pipeline.fenced`): a run writes only into its own."""
+        return self.attributes().get(ID_KEY)
+
     def write_task(self, start: int, stop: int, index: int, gradient: np.ndarray, value: np.ndarray,
-                   run_fingerprint: str | None = None, before_done: Callable[[], None] | None = None) -> None:
+                   output_id: str, before_done: Callable[[], None] | None = None) -> None:
         """Write one task's rows (whole chunks), then mark it done.  Rewriting gives the same bytes.
 
-        With ``run_fingerprint``, refuse to write into an output that now belongs to another run.
-        ``before_done`` is called after the chunks are written and right before the task is marked done;
-        it raises to leave the task not done (the worker checks there that its run still holds the lease)."""
-        group = self.open(mode="r+")
-        if run_fingerprint is not None and group.attrs.get("run_fingerprint") != run_fingerprint:
-            raise RunEnded(f"output {self.location!r} now belongs to another run; this task's results are dropped")
-        group["gradient"][start:stop] = gradient
-        group["value"][start:stop] = value
+        Every write goes only into arrays that carry ``output_id`` (:func:`pipeline.fenced.write_rows`):
+        an output that another run has taken over and replaced is never written.  ``before_done`` is
+        called after the chunks are written and right before the task is marked done; it raises to leave
+        the task not done (the worker checks there that its run still holds the lease)."""
+        where = (self.location, self.storage_options)
+        fenced.write_rows(*where, "gradient", output_id, start, gradient)
+        fenced.write_rows(*where, "value", output_id, start, value)
         if before_done is not None:
             before_done()
-        group["task_done"][index:index + 1] = np.ones(1, np.uint8)
+        fenced.write_rows(*where, "task_done", output_id, index, np.ones(1, np.uint8))
 
-    def mark_all_done(self) -> None:
-        group = self.open(mode="r+")
-        group["task_done"][:] = np.ones(group["task_done"].shape, np.uint8)
+    def mark_all_done(self, output_id: str) -> None:
+        n_tasks = self.open()["task_done"].shape[0]
+        fenced.write_rows(self.location, self.storage_options, "task_done", output_id, 0, np.ones(n_tasks, np.uint8))
 
-    def finish(self, attributes: dict) -> None:
-        """Record final attributes and the completion flag, last, then consolidate metadata once."""
-        group = self.open(mode="r+")
-        group.update_attributes({**attributes, "complete": True})
-        zarr.consolidate_metadata(_store(self.location, self.storage_options))
+    def update(self, attributes: dict, output_id: str) -> None:
+        """Update the run attributes, only while the arrays are ``output_id``'s."""
+        fenced.update_group(self.location, self.storage_options, output_id, attributes, ARRAYS)
+
+    def finish(self, attributes: dict, output_id: str) -> None:
+        """Record final attributes and the completion flag, last; only while the arrays are ``output_id``'s."""
+        fenced.update_group(self.location, self.storage_options, output_id, {**attributes, "complete": True},
+                            ARRAYS)
 
 
 @dataclass(frozen=True)
@@ -279,13 +289,16 @@ class SpatialCopy:
         """Write the sorted copy: a new ``copy_id`` from the first write on, ``ready`` last."""
         import uuid
 
+        copy_id = uuid.uuid4().hex
         group = zarr.create_group(store=_store(self.location, self.output.storage_options), overwrite=True,
                                   attributes={"ready": False, "run_fingerprint": run_fingerprint,
-                                              "copy_id": uuid.uuid4().hex})
+                                              "copy_id": copy_id})
         n, dim = points.shape
+        mine = {ID_KEY: copy_id}  # the tasks write only into this copy's arrays (pipeline/fenced.py)
 
         def put(name, data, chunks, **extra):
-            array = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, **extra)
+            array = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, attributes=mine,
+                                       **extra)
             array[...] = data
 
         put("index", np.asarray(point_index, np.int64), (source_chunk,))
@@ -296,10 +309,12 @@ class SpatialCopy:
         if weights is not None:
             put("weights", np.asarray(weights, np.float64), (source_chunk,))
         put("tiles", np.asarray(tiles, np.float64), (max(1, len(tiles)), tiles.shape[1]))
-        group.create_array("gradient", shape=(n, dim), chunks=(rows_per_task, dim), dtype=dtype, fill_value=np.nan)
-        group.create_array("value", shape=(n,), chunks=(rows_per_task,), dtype=dtype, fill_value=np.nan)
-        group.create_array("pairs", shape=(n_tasks,), chunks=(1,), dtype="int64", fill_value=0)
-        group.create_array("task_done", shape=(n_tasks,), chunks=(1,), dtype="uint8", fill_value=0)
+        group.create_array("gradient", shape=(n, dim), chunks=(rows_per_task, dim), dtype=dtype, fill_value=np.nan,
+                           attributes=mine)
+        group.create_array("value", shape=(n,), chunks=(rows_per_task,), dtype=dtype, fill_value=np.nan,
+                           attributes=mine)
+        group.create_array("pairs", shape=(n_tasks,), chunks=(1,), dtype="int64", fill_value=0, attributes=mine)
+        group.create_array("task_done", shape=(n_tasks,), chunks=(1,), dtype="uint8", fill_value=0, attributes=mine)
         group.update_attributes({"ready": True})
 
     def done_tasks(self) -> np.ndarray:
@@ -313,28 +328,26 @@ class SpatialCopy:
         return np.asarray(group[name][start:stop])
 
     def write_task(self, start: int, stop: int, index: int, gradient: np.ndarray, value: np.ndarray, pairs: int,
-                   run_fingerprint: str | None = None, before_done: Callable[[], None] | None = None) -> None:
-        """One task's sorted results (whole chunks), its pair count, then its done mark."""
-        group = self._open(mode="r+")
-        if run_fingerprint is not None and group.attrs.get("run_fingerprint") != run_fingerprint:
-            raise RunEnded(f"output {self.output.location!r} now belongs to another run; this task's results "
-                           f"are dropped")
-        group["gradient"][start:stop] = gradient
-        group["value"][start:stop] = value
-        group["pairs"][index:index + 1] = np.array([pairs], np.int64)
+                   copy_id: str, before_done: Callable[[], None] | None = None) -> None:
+        """One task's sorted results (whole chunks), its pair count, then its done mark; only into the arrays
+        of the copy ``copy_id`` (:func:`pipeline.fenced.write_rows`)."""
+        where = (self.output.location, self.output.storage_options)
+        fenced.write_rows(*where, f"{ORDER}/gradient", copy_id, start, gradient)
+        fenced.write_rows(*where, f"{ORDER}/value", copy_id, start, value)
+        fenced.write_rows(*where, f"{ORDER}/pairs", copy_id, index, np.array([pairs], np.int64))
         if before_done is not None:
             before_done()
-        group["task_done"][index:index + 1] = np.ones(1, np.uint8)
+        fenced.write_rows(*where, f"{ORDER}/task_done", copy_id, index, np.ones(1, np.uint8))
 
-    def unsort_into_output(self) -> int:
+    def unsort_into_output(self, output_id: str) -> int:
         """Put the sorted results back in input order into the output's ``gradient`` and ``value`` (read
         whole: the client holds N (D + 1) values of the output dtype and the permutation); return the pairs
         computed.  The caller then marks the output's tasks done."""
         group = self._open()
         order = np.asarray(group["index"][:])
-        target = self.output.open(mode="r+")
-        target["gradient"][:] = in_input_order(np.asarray(group["gradient"][:]), order)
-        target["value"][:] = in_input_order(np.asarray(group["value"][:]), order)
+        where = (self.output.location, self.output.storage_options)
+        for name in ("gradient", "value"):
+            fenced.write_rows(*where, name, output_id, 0, in_input_order(np.asarray(group[name][:]), order))
         return int(np.asarray(group["pairs"][:]).sum())
 
     def remove(self) -> None:

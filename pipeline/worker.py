@@ -53,6 +53,7 @@ class Job:
     cache_dir: str | None = None
     lease_token: str | None = None  # the run's lease on ``out``: tasks write only while the run holds it
     pruned: "PrunedJob | None" = None  # a pruned run (tolerance > 0): tasks are ranges of the spatial order
+    output_id: str = ""  # the output's id: tasks write only into its arrays (pipeline/fenced.py)
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def run_task(job: Job, task: Task, rows_digest: str | None = None) -> dict:
     check_finite_result(gradient, value, job.dtype, job.spec.describe(), rows=(task.start, task.stop))
     still_owner = _check_lease(job)
     OutputGroup(job.out, job.out_options).write_task(task.start, task.stop, task.index, gradient, value,
-                                                     run_fingerprint=job.fingerprint, before_done=still_owner)
+                                                     job.output_id, before_done=still_owner)
     return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
             "compute_seconds": compute_seconds, "pid": os.getpid()}
 
@@ -295,7 +296,7 @@ def run_pruned_task(job: Job, task: Task) -> dict:
     compute_seconds = time.perf_counter() - computed
     check_finite_result(gradient, value, job.dtype, job.spec.describe(), rows=(task.start, task.stop))
     still_owner = _check_lease(job)
-    copy.write_task(task.start, task.stop, task.index, gradient, value, pairs, run_fingerprint=job.fingerprint,
+    copy.write_task(task.start, task.stop, task.index, gradient, value, pairs, job.pruned.copy_id,
                     before_done=still_owner)
     return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
             "compute_seconds": compute_seconds, "pid": os.getpid(), "pairs": pairs,

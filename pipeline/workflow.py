@@ -28,9 +28,10 @@ import numpy as np
 
 from . import __version__ as VERSION  # noqa: N812
 from . import store
-from .errors import RESTART_STEP, RESUME_STEP, InputError
+from .errors import ENDED_STEP, RESTART_STEP, RESUME_STEP, InputError
 from .inputs import check_same_dim
 from .options import RunOptions, load_workflow
+from .fenced import ID_KEY
 from .output import OutputGroup
 from .plan import Plan, memory_fraction, usable_cores
 from .problem import Problem, make_problem
@@ -313,6 +314,9 @@ def _output_action(config: RunOptions, fingerprint: str, identity: dict, opts: t
                          f"({', '.join(differs) or 'unknown run'}); use --overwrite to start over")
     if attrs.get("complete"):
         return "complete", None
+    if not attrs.get(ID_KEY):
+        raise InputError(f"cannot resume {config.out!r}: an earlier kgrad made it, before outputs carried the id "
+                         f"that keeps a stale run's writes out; use --overwrite to start over")
     return "resume", output.done_tasks()
 
 
@@ -396,6 +400,20 @@ def _incomplete(config: RunOptions, cause: str, step: str = RESUME_STEP) -> str:
     return f"{cause}{where}; {config.out} is incomplete: {step}"
 
 
+def _lost(config: RunOptions, cause: str) -> str:
+    """The one line for a run that lost its output to another run: never a call to resume what is not its own."""
+    return f"{cause}; {config.out} is another run's now, not this run's to finish: {ENDED_STEP}"
+
+
+def _taken_over(job: "Job") -> bool:
+    """Whether this run has lost the output's lease (it was frozen or cut off past it, and another run took
+    it over, and may have finished and given it back): only this run deletes its own lease, at its end."""
+    from . import lease
+
+    record = lease.read(job.out, job.out_options)
+    return record is None or record.get("token") != job.lease_token
+
+
 def _run_owned(prepared: Prepared, stream) -> dict:
     """The run itself, with the lease held: cluster, output, tasks, checks, completion flag."""
     from . import lease
@@ -432,11 +450,15 @@ def _run_owned(prepared: Prepared, stream) -> dict:
         check_cluster_memory(client, plan)
         if prepared.action == "overwrite":
             output_exists = True
+            lease.check_owner(config.out, job.lease_token, job.out_options)  # not taken over while we waited
             output.remove()
         if prepared.action in ("create", "overwrite"):
             output_exists = True
             output.create(n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
                           rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks, attributes=prepared.attributes)
+        # Every write of the run goes only into this output's arrays (pipeline/fenced.py).
+        job = dataclasses.replace(job, output_id=output.output_id())
+        prepared = dataclasses.replace(prepared, job=job)
         link = dashboard_link(client)
         n_workers = len(client.scheduler_info()["workers"])
         print(f"kgrad: {count(plan.n_tasks, 'task')} ({plan.n_points} x {plan.n_sources} pairs, D={plan.dim}, "
@@ -457,7 +479,11 @@ def _run_owned(prepared: Prepared, stream) -> dict:
         _check_inputs_unchanged(prepared)
         if job.pruned is not None:
             _put_back_in_order(prepared, output, timings)
+    except RunEnded as exc:  # the client's own writes found the output another run's
+        raise RunFailed(_lost(config, str(exc)), ENDED_STEP) from exc
     except RunFailed as exc:
+        if exc.step == ENDED_STEP or _taken_over(job):
+            raise RunFailed(_lost(config, str(exc)), ENDED_STEP) from exc
         if not output_exists:
             raise
         raise RunFailed(_incomplete(config, str(exc), exc.step), exc.step) from exc
@@ -467,6 +493,8 @@ def _run_owned(prepared: Prepared, stream) -> dict:
     except InputError:
         raise
     except Exception as exc:
+        if _taken_over(job):
+            raise RunFailed(_lost(config, f"{type(exc).__name__}: {exc}"), ENDED_STEP) from exc
         if not output_exists:
             raise
         raise RunFailed(_incomplete(config, f"{type(exc).__name__}: {exc}")) from exc
@@ -484,10 +512,14 @@ def _run_owned(prepared: Prepared, stream) -> dict:
     try:  # the last word: still this run's output, still its lease (a frozen client may have lost both)
         lease.check_owner(config.out, job.lease_token, job.out_options)
     except RunEnded as exc:
-        raise RunFailed(_incomplete(config, str(exc), ENDED_STEP), ENDED_STEP) from exc
+        raise RunFailed(_lost(config, str(exc)), ENDED_STEP) from exc
     if output.attributes().get("run_fingerprint") != job.fingerprint:
-        raise RunFailed(_incomplete(config, "the output now holds another run's data", ENDED_STEP), ENDED_STEP)
-    output.finish({"timings": timings, "pairs_computed": int(output.attributes().get("pairs_computed", pairs))})
+        raise RunFailed(_lost(config, "the output now holds another run's data"), ENDED_STEP)
+    try:
+        output.finish({"timings": timings, "pairs_computed": int(output.attributes().get("pairs_computed", pairs))},
+                      job.output_id)
+    except RunEnded as exc:
+        raise RunFailed(_lost(config, str(exc)), ENDED_STEP) from exc
     print(f"kgrad: wrote {config.out} in {total:.2f} s ({count(timings['tasks_run'], 'task')} run, "
           f"{timings['tasks_skipped']} already done)", file=stream, flush=True)
     return {**prepared.attributes, "timings": timings}
@@ -558,7 +590,7 @@ def _put_back_in_order(prepared: Prepared, output: OutputGroup, timings: dict) -
     copy = SpatialCopy(output)
     if output.attributes().get(IN_INPUT_ORDER) == job.fingerprint:  # killed after the results went back
         _still_owned(prepared, output)
-        output.mark_all_done()  # the results in input order are whole: every task's rows are there
+        output.mark_all_done(job.output_id)  # the results in input order are whole: every task's rows are there
         copy.remove()
         return
     if not copy.ready(job.fingerprint):
@@ -568,10 +600,10 @@ def _put_back_in_order(prepared: Prepared, output: OutputGroup, timings: dict) -
         raise RunFailed(f"{missing} of {prepared.plan.n_tasks} pruned tasks are not marked done")
     started = time.perf_counter()
     _still_owned(prepared, output)
-    pairs = copy.unsort_into_output()
+    pairs = copy.unsort_into_output(job.output_id)
     _still_owned(prepared, output)
-    output.open(mode="r+").update_attributes({"pairs_computed": pairs, IN_INPUT_ORDER: job.fingerprint})
-    output.mark_all_done()
+    output.update({"pairs_computed": pairs, IN_INPUT_ORDER: job.fingerprint}, job.output_id)
+    output.mark_all_done(job.output_id)
     copy.remove()
     timings["unsort_seconds"] = round(time.perf_counter() - started, 4)
 
