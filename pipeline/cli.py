@@ -19,11 +19,56 @@ from .errors import InputError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line (exit 2), like every other bad input."""
+    """argparse that reports usage errors as one line (exit 2), like every other bad input, with a "did you
+    mean" for a mistyped flag or command."""
+
+    _argv: list = []
+
+    def parse_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)  # to tell which command a bad flag was for
+        return super().parse_args(args, namespace)
 
     def error(self, message):
-        raise InputError(f"{message} (see 'kgrad {self.prog.split()[-1]} --help')"
-                         if " " in self.prog else f"{message} (see 'kgrad --help')")
+        command = _command_in(self, self._argv)
+        message += _did_you_mean(message, self, command)
+        where = self.prog.split()[-1] if " " in self.prog else command
+        raise InputError(f"{message} (see 'kgrad {where} --help')" if where else f"{message} (see 'kgrad --help')")
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict:
+    """The subcommands' parsers by name ({} for a parser without subcommands)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _command_in(parser: argparse.ArgumentParser, argv: list) -> str:
+    """The subcommand named in ``argv`` (the first word that is one), or ''."""
+    commands = _commands(parser)
+    return next((word for word in argv if word in commands), "")
+
+
+def _did_you_mean(message: str, parser: argparse.ArgumentParser, command: str = "") -> str:
+    """'; did you mean --overwrite?' for argparse's 'unrecognized arguments: --overwite' (the flags of
+    ``command``, whose unknown flags argparse reports from the top-level parser) or for an invalid command,
+    from the closest known word (difflib); '' when nothing is close."""
+    import difflib
+    import re
+
+    commands = _commands(parser)
+    unknown = re.match(r"unrecognized arguments: (.*)", message)
+    if unknown:
+        known = list((commands[command] if command in commands else parser)._option_string_actions)
+        words = [w.split("=")[0] for w in unknown.group(1).split() if w.startswith("-")]
+    else:
+        choice = re.match(r"argument (?:command|\{.*\}): invalid choice: '([^']*)'", message)
+        words, known = ([choice.group(1)] if choice else []), list(commands)
+    for word in words:
+        close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+        if close:
+            return f"; did you mean {close[0]}?"
+    return ""
 
 
 def _kernel_names() -> str:
