@@ -158,25 +158,34 @@ def _field(ax, fig, xy, gxy, v, arrows, title_extra=""):
         ax.set_xlabel(ax.get_xlabel() + title_extra)
 
 
+HISTOGRAM_HEADROOM = 1.3  # y axis top / tallest bar: the legend sits in the band above the bars
+
+
 def _histogram(ax, g: np.ndarray):
-    """Histogram of |g|; on a log axis when it spans more than 3 decades (outliers below 0.5% are noted)."""
+    """Histogram of |g|; on a log axis when it spans more than 3 decades (outliers below 0.5% are noted).
+
+    The legend (the median, and the note on outliers) sits at the top right in a band of empty room above
+    the tallest bar (:data:`HISTOGRAM_HEADROOM`), so it never covers a bar, wherever the tall bars are."""
     norms = np.linalg.norm(g, axis=1)
     positive = norms[norms > 0]
     low = float(np.percentile(positive, 0.5)) if positive.size else 0.0
+    note = None
     if positive.size and positive.max() / low > 1e3:
-        ax.hist(positive[positive >= low], bins=np.geomspace(low, positive.max(), 60), color="tab:blue")
+        heights, _, _ = ax.hist(positive[positive >= low], bins=np.geomspace(low, positive.max(), 60),
+                                color="tab:blue")
         ax.set_xscale("log")
         hidden = int(norms.size - np.count_nonzero(norms >= low))
         if hidden:
-            ax.text(0.02, 0.95, f"{count(hidden, 'point')} with |g| < {low:.2g} not shown", transform=ax.transAxes,
-                    va="top")
+            note = f"{count(hidden, 'point')} with |g| < {low:.2g} not shown"
     else:
-        ax.hist(norms, bins=60, color="tab:blue")
+        heights, _, _ = ax.hist(norms, bins=60, color="tab:blue")
+    ax.set_ylim(0, max(float(np.max(heights)), 1.0) * HISTOGRAM_HEADROOM)
     ax.axvline(float(np.median(norms)), color="tab:red", lw=1, label=f"median {np.median(norms):.3g}")
     ax.set_xlabel("|g| (all D components)")
     ax.set_ylabel("points")
     ax.set_title("gradient magnitudes")
-    ax.legend(loc="upper right")
+    legend = ax.legend(loc="upper right", title=note, fontsize="small", title_fontsize="small")
+    legend.set_alignment("right")
 
 
 def _principal_axes(x: np.ndarray):
