@@ -91,6 +91,7 @@ def _format_bytes(n: int) -> str:
 
 def cmd_plan(args) -> int:
     from .options import options_from_args
+    from .plan import project
     from .workflow import prepare
 
     config = options_from_args(args)
@@ -105,15 +106,15 @@ def cmd_plan(args) -> int:
     print(f"memory        {_format_bytes(plan.task_memory_bytes)} per task{limit}")
     print(f"workers       {plan.workers}")
     print(f"pruning       {_pruning_line(prepared)}")
-    print(f"rough time    {plan.estimated_seconds:.1f} s of compute")
+    print(f"rough time    {project(plan)}")
     print(f"output        {prepared.config.out}: {prepared.action}" if prepared.config.out
           else "output        (none given)")
     return 0
 
 
 def _pruning_line(prepared) -> str:
-    """What a tolerance does for this run: the pairs left and the bounds, why every pair is computed, or (a
-    dense run of a kernel that prunes) how much a tolerance of 1e-9 would cut."""
+    """What a tolerance does for this run: the pairs left and the bounds, why every pair is computed, or (an
+    exact run) what a tolerance of 1e-9 would do, including that it would not help and why."""
     plan, problem = prepared.plan, prepared.problem
     if problem.pruned:
         bound = problem.layout.error_bounds
@@ -122,30 +123,29 @@ def _pruning_line(prepared) -> str:
                 f"|g^ - g| <= {bound['gradient']:.3g}, |v^ - v| <= {bound['value']:.3g}")
     if plan.tolerance > 0:
         return f"tolerance {plan.tolerance:g}: {plan.exact_reason}"
-    hint = _tolerance_hint(prepared)
-    return "none (exact: every pair)" + (f"; {hint}" if hint else "")
+    return f"none (exact: every pair); {_tolerance_hint(prepared)}"
 
 
 HINT_TOLERANCE = 1e-9
 
 
 def _tolerance_hint(prepared) -> str:
-    """For a dense run of a kernel that prunes: the share of pairs --tolerance 1e-9 would leave."""
-    from .problem import make_problem
+    """For an exact run: what ``--tolerance 1e-9`` would do, planned with this run's own options (workers,
+    tiles, memory) and projected by the same function as the run's own time (:func:`pipeline.plan.project`):
+    the share of pairs it would leave and the projected time, or that it would not help here, and why."""
+    from .plan import project
+    from .workflow import plan_problem
 
-    inputs, config = prepared.inputs, prepared.config
     try:
-        problem = make_problem(inputs.point_data, inputs.source_data, kernel=config.kernel,
-                               lengthscale=config.lengthscale, variance=config.variance, params=config.params,
-                               dtype=config.dtype, mode=config.mode, tolerance=HINT_TOLERANCE,
-                               weights=inputs.weight_data, sources_are_points=inputs.sources is None)
-    except InputError:
-        return ""
+        problem = plan_problem(prepared.config.replace(tolerance=HINT_TOLERANCE), prepared.inputs)
+    except InputError as exc:
+        return f"--tolerance {HINT_TOLERANCE:g} could not be planned here ({exc})"
     if not problem.pruned:
-        return ""
+        reason = problem.plan.exact_reason.removesuffix(": the run is exact")
+        return f"--tolerance {HINT_TOLERANCE:g} would not help here: {reason}"
     share = problem.plan.pairs_to_compute / problem.plan.pairs
     return (f"--tolerance {HINT_TOLERANCE:g} would leave about {share:.1%} of the pairs "
-            f"(rough time {problem.plan.estimated_seconds:.1f} s)")
+            f"(rough time {project(problem.plan).seconds:.1f} s, projected as below)")
 
 
 def cmd_run(args) -> int:
