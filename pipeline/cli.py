@@ -89,12 +89,27 @@ def _format_bytes(n: int) -> str:
     return format_bytes(n)
 
 
-def cmd_plan(args) -> int:
-    from .options import options_from_args
-    from .plan import project
-    from .workflow import prepare
+def _checked_options(args, planning: bool = False):
+    """The run's options, with every usage error that needs neither JAX nor dask found first (importing them
+    takes seconds): the options' own values (:func:`pipeline.options.check_usage`), and that each local input
+    exists in a format kgrad reads (URLs are checked when read)."""
+    from . import store
+    from .options import check_usage, options_from_args
 
     config = options_from_args(args)
+    check_usage(config, planning)
+    for role in ("points", "sources", "weights"):
+        location = getattr(config, role)
+        if isinstance(location, str) and "://" not in location:
+            store.resolve_input(store.absolute(location), role)
+    return config
+
+
+def cmd_plan(args) -> int:
+    config = _checked_options(args, planning=True)
+    from .plan import project
+    from .workflow import prepare  # JAX: only now that there is work
+
     prepared = prepare(config, planning=True)
     plan = prepared.plan
     print(f"kernel        {prepared.job.spec.describe()}  [{plan.formulation}, mode={config.mode}]")
@@ -149,10 +164,10 @@ def _tolerance_hint(prepared) -> str:
 
 
 def cmd_run(args) -> int:
-    from .options import options_from_args
-    from .workflow import prepare, run_prepared
+    config = _checked_options(args)
+    from .workflow import prepare, run_prepared  # JAX and dask: only now that there is work
 
-    prepared = prepare(options_from_args(args))
+    prepared = prepare(config)
     run_prepared(prepared)
     return 0
 
