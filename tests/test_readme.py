@@ -84,3 +84,94 @@ def test_xarray_snippet_reads_a_run_as_the_readme_says(tmp_path, monkeypatch):
     assert relative_error(ds.value.values, v_ref) < FLOAT32_BOUND
     assert relative_error(score.values, g_ref / v_ref[:, None]) < 1e-4  # a ratio: both errors add
     assert (ds.attrs["kernel"], ds.attrs["lengthscale"], ds.attrs["complete"]) == ("rbf", [0.5, 0.5, 0.5], True)
+
+
+# ----------------------------------------------------------------------------------------- the worked example
+
+EXAMPLE_MARKER = "$ .venv/bin/kgrad plan workflows/demo.toml"
+README_ROOT = "/home/you/kgrad"  # where the README's worked example says the clone is
+NUMBER = r"\d+(?:\.\d+)?"
+
+
+def worked_example() -> list[tuple[str, list[str]]]:
+    """The README's worked example: (command, the output lines shown under it) for each '$ ' line."""
+    steps: list[tuple[str, list[str]]] = []
+    for line in block_with("console", EXAMPLE_MARKER).splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        elif line.strip():
+            steps[-1][1].append(line)
+    return steps
+
+
+def _normalise(text: str, root: pathlib.Path) -> list[str]:
+    """Real output as the README shows it: the clone's path as README_ROOT, no dashboard link (the README's
+    install has no bokeh), and of the progress lines only the last (what a terminal keeps)."""
+    lines = [re.sub(r"; dashboard \S+", "", line.replace(str(root), README_ROOT)) for line in text.splitlines()]
+    progress = [i for i, line in enumerate(lines) if re.match(r"kgrad: \d+/\d+ tasks? \(", line)]
+    return [line for i, line in enumerate(lines) if i not in progress[:-1]]
+
+
+def run_worked_example(root: pathlib.Path) -> list[tuple[str, list[str]]]:
+    """Run the worked example in ``root`` (a copy of workflows/demo.toml there): the demo data and command 1
+    first, as the README says, then each command of the example; (command, output lines) for each."""
+    import shutil
+    import subprocess
+    import sys
+
+    (root / "workflows").mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "workflows" / "demo.toml", root / "workflows" / "demo.toml")
+
+    def run(command: str) -> list[str]:
+        words = command.split("#")[0].split()
+        argv = ([sys.executable, "-m", "pipeline", *words[1:]] if words[0] == ".venv/bin/kgrad" else
+                [sys.executable, *words[1:]])
+        proc = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{command} exited {proc.returncode}:\n{proc.stderr}"
+        return _normalise(proc.stdout + proc.stderr, root)
+
+    run(f".venv/bin/python {ROOT / 'workflows' / 'make_demo_data.py'} demo-data/blobs.zarr")
+    run(".venv/bin/kgrad run workflows/demo.toml --overwrite")
+    return [(command, [] if "pip install" in command else run(command)) for command, _ in worked_example()]
+
+
+def _pattern(line: str) -> str:
+    """A README output line as a regex: numbers (sizes, times, rates, worker counts: machine-dependent) and
+    12-digit fingerprints match any value; everything else must be as shown."""
+    parts = re.split(rf"(\b[0-9a-f]{{12}}\b|{NUMBER})", line)
+    return "".join(r"[0-9a-f]{12}" if re.fullmatch(r"[0-9a-f]{12}", p) and not p.isdigit() else
+                   NUMBER if re.fullmatch(NUMBER, p) else re.escape(p) for p in parts)
+
+
+@pytest.mark.timeout(900)
+def test_worked_example_shows_what_the_commands_print(tmp_path):
+    """Every command of the README's worked example is run (kgrad plan, run, inspect, plot, on the demo data),
+    and its output must be the README's, line for line, numbers and fingerprints matched loosely.  To
+    regenerate the README's example: python tests/test_readme.py --regenerate."""
+    pytest.importorskip("matplotlib")
+    shown = worked_example()
+    assert shown and shown[0][0] == EXAMPLE_MARKER[2:], shown
+    for (command, expected), (_, real) in zip(shown, run_worked_example(tmp_path)):
+        assert len(real) == len(expected), f"$ {command}\nREADME:\n" + "\n".join(expected) + "\nreal:\n" + "\n".join(real)
+        for want, got in zip(expected, real):
+            assert re.fullmatch(_pattern(want), got), f"$ {command}\nREADME: {want}\nreal:   {got}"
+
+
+def regenerate_readme() -> None:
+    """Rewrite the worked example's output in README.md with what its commands print now."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        steps = run_worked_example(pathlib.Path(tmp))
+    block = "".join("\n".join([f"$ {command}", *lines]) + ("\n\n" if lines else "\n") for command, lines in steps)
+    block = block.rstrip("\n") + "\n"
+    text = README.read_text()
+    old = block_with("console", EXAMPLE_MARKER)
+    README.write_text(text.replace(old, block))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--regenerate"]:
+        regenerate_readme()
