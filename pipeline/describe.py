@@ -67,7 +67,7 @@ def format_output(info: dict) -> str:
 
 
 # The dtype's own rounding (README, "float32 error bound"): max |g - g_ref| / max |g_ref|.
-ROUNDING_BOUND = {"float32": "2e-5 (float64 inputs)", "float64": "1e-10"}
+ROUNDING_BOUND = {"float32": "2e-5 (for float64 inputs)", "float64": "1e-10"}
 
 
 def _tolerance_line(info: dict) -> str:
@@ -77,10 +77,10 @@ def _tolerance_line(info: dict) -> str:
     tolerance, bound = info["tolerance"], info.get("error_bound") or {}
     pairs, total = info.get("pairs_computed"), info.get("pairs_total")
     if info.get("exact_reason") or not (bound.get("gradient") or bound.get("value")):
-        reason = info.get("exact_reason") or "every pair was computed"
-        rounding = ROUNDING_BOUND.get(info.get("dtype"), "the dtype's")
-        return (f"{tolerance:g} asked, but the run was exact ({reason}); only {info.get('dtype')} rounding "
-                f"applies (relative error within {rounding} of max |g|)")
+        reason = (info.get("exact_reason") or "every pair was computed").removesuffix(": the run is exact")
+        rounding = ROUNDING_BOUND.get(info.get("dtype"), "the dtype's bound")
+        return (f"{tolerance:g} asked, but the run was exact: {reason}; only {info.get('dtype')} rounding "
+                f"applies: max |g^ - g| within {rounding} of max |g|")
     share = f"; {pairs / total:.2%} of the pairs computed" if pairs and total else ""
     return (f"{tolerance:g}: per query |g^ - g| <= {bound.get('gradient', 0):.3g}, "
             f"|v^ - v| <= {bound.get('value', 0):.3g}{share}")
