@@ -159,8 +159,9 @@ def _tolerance_hint(prepared) -> str:
         reason = problem.plan.exact_reason.removesuffix(": the run is exact")
         return f"--tolerance {HINT_TOLERANCE:g} would not help here: {reason}"
     share = problem.plan.pairs_to_compute / problem.plan.pairs
+    projection = project(problem.plan)
     return (f"--tolerance {HINT_TOLERANCE:g} would leave about {share:.1%} of the pairs "
-            f"(rough time {project(problem.plan).seconds:.1f} s, projected as below)")
+            f"(rough time {projection.seconds:.1f} s: {projection.terms})")
 
 
 def cmd_run(args) -> int:

@@ -273,7 +273,8 @@ class Projection:
     seconds: float
     startup_seconds: float
     compute_seconds: float
-    basis: str
+    terms: str  # the sum, in words: start-up + pairs x cost per pair / workers
+    basis: str  # the terms and where the costs come from
 
     def __str__(self) -> str:
         return f"{self.seconds:.1f} s ({self.basis})"
@@ -289,10 +290,11 @@ def project(plan: Plan) -> Projection:
                               plan.parallel)
     per_pair = pair_seconds(plan.formulation, plan.dim, plan.dtype, plan.pruned) * 1e9
     pairs = f"{plan.pairs_to_compute / 1e9:.3g} G pairs" + (" kept" if plan.pruned else "")
-    basis = (f"{STARTUP_SECONDS:.0f} s start-up + {pairs} x {per_pair:.2g} ns/pair"
+    terms = (f"{STARTUP_SECONDS:.0f} s start-up + {pairs} x {per_pair:.2g} ns/pair"
              f"{' (pruned: ' + format(PRUNED_SLOWDOWN, 'g') + 'x per pair)' if plan.pruned else ''}"
-             f" / {plan.parallel} worker{'s' if plan.parallel != 1 else ''}; costs measured on a 2-core machine")
-    return Projection(STARTUP_SECONDS + compute, STARTUP_SECONDS, compute, basis)
+             f" / {plan.parallel} worker{'s' if plan.parallel != 1 else ''}")
+    return Projection(STARTUP_SECONDS + compute, STARTUP_SECONDS, compute, terms,
+                      f"{terms}; costs measured on a 2-core machine")
 
 
 def with_pruning(plan: Plan, tolerance: float, estimated_pairs: int | None, exact_reason: str = "") -> Plan:
