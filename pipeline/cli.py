@@ -19,11 +19,56 @@ from .errors import InputError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line (exit 2), like every other bad input."""
+    """argparse that reports usage errors as one line (exit 2), like every other bad input, with a "did you
+    mean" for a mistyped flag or command."""
+
+    _argv: list = []
+
+    def parse_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)  # to tell which command a bad flag was for
+        return super().parse_args(args, namespace)
 
     def error(self, message):
-        raise InputError(f"{message} (see 'kgrad {self.prog.split()[-1]} --help')"
-                         if " " in self.prog else f"{message} (see 'kgrad --help')")
+        command = _command_in(self, self._argv)
+        message += _did_you_mean(message, self, command)
+        where = self.prog.split()[-1] if " " in self.prog else command
+        raise InputError(f"{message} (see 'kgrad {where} --help')" if where else f"{message} (see 'kgrad --help')")
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict:
+    """The subcommands' parsers by name ({} for a parser without subcommands)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _command_in(parser: argparse.ArgumentParser, argv: list) -> str:
+    """The subcommand named in ``argv`` (the first word that is one), or ''."""
+    commands = _commands(parser)
+    return next((word for word in argv if word in commands), "")
+
+
+def _did_you_mean(message: str, parser: argparse.ArgumentParser, command: str = "") -> str:
+    """'; did you mean --overwrite?' for argparse's 'unrecognized arguments: --overwite' (the flags of
+    ``command``, whose unknown flags argparse reports from the top-level parser) or for an invalid command,
+    from the closest known word (difflib); '' when nothing is close."""
+    import difflib
+    import re
+
+    commands = _commands(parser)
+    unknown = re.match(r"unrecognized arguments: (.*)", message)
+    if unknown:
+        known = list((commands[command] if command in commands else parser)._option_string_actions)
+        words = [w.split("=")[0] for w in unknown.group(1).split() if w.startswith("-")]
+    else:
+        choice = re.match(r"argument (?:command|\{.*\}): invalid choice: '([^']*)'", message)
+        words, known = ([choice.group(1)] if choice else []), list(commands)
+    for word in words:
+        close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+        if close:
+            return f"; did you mean {close[0]}?"
+    return ""
 
 
 def _kernel_names() -> str:
@@ -44,11 +89,27 @@ def _format_bytes(n: int) -> str:
     return format_bytes(n)
 
 
-def cmd_plan(args) -> int:
-    from .options import options_from_args
-    from .workflow import prepare
+def _checked_options(args, planning: bool = False):
+    """The run's options, with every usage error that needs neither JAX nor dask found first (importing them
+    takes seconds): the options' own values (:func:`pipeline.options.check_usage`), and that each local input
+    exists in a format kgrad reads (URLs are checked when read)."""
+    from . import store
+    from .options import check_usage, options_from_args
 
     config = options_from_args(args)
+    check_usage(config, planning)
+    for role in ("points", "sources", "weights"):
+        location = getattr(config, role)
+        if isinstance(location, str) and "://" not in location:
+            store.resolve_input(store.absolute(location), role)
+    return config
+
+
+def cmd_plan(args) -> int:
+    config = _checked_options(args, planning=True)
+    from .plan import project
+    from .workflow import prepare  # JAX: only now that there is work
+
     prepared = prepare(config, planning=True)
     plan = prepared.plan
     print(f"kernel        {prepared.job.spec.describe()}  [{plan.formulation}, mode={config.mode}]")
@@ -60,15 +121,15 @@ def cmd_plan(args) -> int:
     print(f"memory        {_format_bytes(plan.task_memory_bytes)} per task{limit}")
     print(f"workers       {plan.workers}")
     print(f"pruning       {_pruning_line(prepared)}")
-    print(f"rough time    {plan.estimated_seconds:.1f} s of compute")
+    print(f"rough time    {project(plan)}")
     print(f"output        {prepared.config.out}: {prepared.action}" if prepared.config.out
           else "output        (none given)")
     return 0
 
 
 def _pruning_line(prepared) -> str:
-    """What a tolerance does for this run: the pairs left and the bounds, why every pair is computed, or (a
-    dense run of a kernel that prunes) how much a tolerance of 1e-9 would cut."""
+    """What a tolerance does for this run: the pairs left and the bounds, why every pair is computed, or (an
+    exact run) what a tolerance of 1e-9 would do, including that it would not help and why."""
     plan, problem = prepared.plan, prepared.problem
     if problem.pruned:
         bound = problem.layout.error_bounds
@@ -77,37 +138,37 @@ def _pruning_line(prepared) -> str:
                 f"|g^ - g| <= {bound['gradient']:.3g}, |v^ - v| <= {bound['value']:.3g}")
     if plan.tolerance > 0:
         return f"tolerance {plan.tolerance:g}: {plan.exact_reason}"
-    hint = _tolerance_hint(prepared)
-    return "none (exact: every pair)" + (f"; {hint}" if hint else "")
+    return f"none (exact: every pair); {_tolerance_hint(prepared)}"
 
 
 HINT_TOLERANCE = 1e-9
 
 
 def _tolerance_hint(prepared) -> str:
-    """For a dense run of a kernel that prunes: the share of pairs --tolerance 1e-9 would leave."""
-    from .problem import make_problem
+    """For an exact run: what ``--tolerance 1e-9`` would do, planned with this run's own options (workers,
+    tiles, memory) and projected by the same function as the run's own time (:func:`pipeline.plan.project`):
+    the share of pairs it would leave and the projected time, or that it would not help here, and why."""
+    from .plan import project
+    from .workflow import plan_problem
 
-    inputs, config = prepared.inputs, prepared.config
     try:
-        problem = make_problem(inputs.point_data, inputs.source_data, kernel=config.kernel,
-                               lengthscale=config.lengthscale, variance=config.variance, params=config.params,
-                               dtype=config.dtype, mode=config.mode, tolerance=HINT_TOLERANCE,
-                               weights=inputs.weight_data, sources_are_points=inputs.sources is None)
-    except InputError:
-        return ""
+        problem = plan_problem(prepared.config.replace(tolerance=HINT_TOLERANCE), prepared.inputs)
+    except InputError as exc:
+        return f"--tolerance {HINT_TOLERANCE:g} could not be planned here ({exc})"
     if not problem.pruned:
-        return ""
+        reason = problem.plan.exact_reason.removesuffix(": the run is exact")
+        return f"--tolerance {HINT_TOLERANCE:g} would not help here: {reason}"
     share = problem.plan.pairs_to_compute / problem.plan.pairs
+    projection = project(problem.plan)
     return (f"--tolerance {HINT_TOLERANCE:g} would leave about {share:.1%} of the pairs "
-            f"(rough time {problem.plan.estimated_seconds:.1f} s)")
+            f"(rough time {projection.seconds:.1f} s: {projection.terms})")
 
 
 def cmd_run(args) -> int:
-    from .options import options_from_args
-    from .workflow import prepare, run_prepared
+    config = _checked_options(args)
+    from .workflow import prepare, run_prepared  # JAX and dask: only now that there is work
 
-    prepared = prepare(options_from_args(args))
+    prepared = prepare(config)
     run_prepared(prepared)
     return 0
 

@@ -70,7 +70,8 @@ def execute(job: Job, plan: Plan, client, *, done: np.ndarray | None = None, ret
             scheduler_timeout: float = 60.0, scheduler: str = "the scheduler") -> dict:
     """Run every task not marked done; return timings.
 
-    ``callbacks``: objects with ``on_start(total)``, ``on_task_done(result)`` and ``on_end()``
+    ``callbacks``: objects with ``on_start(total)``, ``on_task_done(result)`` and ``on_end()`` (and,
+    optionally, ``on_plan(plan)``, called first)
     (:class:`pipeline.progress.Callback`); ``on_end`` is called on every way out, before an error goes up.
     Raises :class:`RunFailed` if a task fails after its retries or the scheduler stops answering for
     ``scheduler_timeout`` seconds.  On every way out (an error, Ctrl-C) the run's unfinished futures are
@@ -84,6 +85,8 @@ def execute(job: Job, plan: Plan, client, *, done: np.ndarray | None = None, ret
     started = time.perf_counter()
     callbacks = list(callbacks)
     for callback in callbacks:
+        if hasattr(callback, "on_plan"):  # optional: callbacks written before it need not have it
+            callback.on_plan(plan)
         callback.on_start(len(todo))
     futures, watch, results, finished = [], None, [], False
     try:

@@ -44,10 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .kernels import KernelSpec, get_kernel
+from .options import DTYPES, MODES  # noqa: F401  (defined without JAX: the command line checks them first)
 from .reductions import sums_as_dots
-
-MODES = ("auto", "jacfwd", "jacrev")
-DTYPES = ("float32", "float64")
 HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes on GPUs: r2 needs full precision
 PREPARE_ROWS = 1 << 16  # sources re-centred in float64 this many rows at a time
 

@@ -321,8 +321,9 @@ def get_kernel(name: str) -> Kernel:
         return KERNELS[name]
     if ":" in name:
         return load_user_kernel(name)
-    raise InputError(f"unknown kernel {name!r}; choose one of {', '.join(KERNELS)}, "
-                     f"or give a user kernel as 'module:function'")
+    from .options import unknown_kernel
+
+    raise unknown_kernel(name)
 
 
 def make_spec(name: str, dim: int, lengthscale=1.0, variance=1.0, **params) -> KernelSpec:

@@ -37,6 +37,41 @@ from .errors import InputError
 # --help and usage errors need no JAX.
 KERNEL_NAMES = ("rbf", "matern12", "matern32", "matern52", "rational_quadratic", "imq", "periodic", "linear",
                 "polynomial")
+# Compute precisions and modes (pipeline.gradients uses these), named here for the same reason.
+DTYPES = ("float32", "float64")
+MODES = ("auto", "jacfwd", "jacrev")
+
+
+def check_choice(name: str, value, allowed) -> None:
+    """InputError naming ``value`` and the values ``allowed`` unless it is one of them."""
+    if value not in allowed:
+        raise InputError(f"{name}={value!r} is not supported; use one of {', '.join(allowed)}")
+
+
+def unknown_kernel(name: str) -> InputError:
+    """The error for a kernel name that is neither built in nor 'module:function', with the closest name."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), KERNEL_NAMES, n=1)
+    return InputError(f"unknown kernel {name!r}; choose one of {', '.join(KERNEL_NAMES)}, or give a user kernel "
+                      f"as 'module:function'" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
+def check_usage(options: "RunOptions", planning: bool = False) -> None:
+    """The usage errors that an option shows by itself, found before JAX or dask is imported (which takes
+    seconds): points and output given, --resume with --overwrite, the kernel's name, the dtype and the mode.
+    (:func:`pipeline.workflow.check_options` does the rest; the data are checked once read.)"""
+    if not options.points:
+        raise InputError("no points given; pass --points PATH or set [inputs] points in the workflow")
+    if not options.out and not planning:
+        raise InputError("no output given; pass --out PATH or set [run] out in the workflow")
+    if options.resume and options.overwrite:
+        raise InputError("--resume and --overwrite exclude each other; choose one")
+    kernel = options.kernel  # not a string: pipeline.kernels.make_spec says so
+    if isinstance(kernel, str) and kernel not in KERNEL_NAMES and ":" not in kernel:
+        raise unknown_kernel(kernel)
+    check_choice("dtype", options.dtype, DTYPES)
+    check_choice("mode", options.mode, MODES)
 
 # ----------------------------------------------------------------------------------------- value kinds
 

@@ -41,6 +41,9 @@ MAX_TILES_PER_CALL = 64
 PAIR_RATE = {"radial": 1.2e9, "dot": 1.5e9, "generic": 0.15e9}
 FLOAT64_SLOWDOWN = 3.0
 PRUNED_SLOWDOWN = 5.0  # per pair, small gathered calls plus the per-block selection (measured: 10^6 clustered points, rbf)
+# The fixed cost of a run on a local cluster, whatever its size: starting the cluster, importing JAX in the
+# workers and compiling the first tiles (measured: about 4 s, benchmarks/pruning.py at N = 10^5, 2 cores).
+STARTUP_SECONDS = 4.0
 # Cost per pair grows with D (r2 and the gradient GEMMs are O(D); the generic path's per-pair gradient
 # more so): the fraction added per dimension beyond D = 3, fitted to in-process runs at D = 1..200
 # (rbf 1.0 -> 9.3 ns/pair from D = 3 to 200, polynomial 0.8 -> 3.9, periodic 10.5 -> 476; 2 busy cores).
@@ -110,6 +113,7 @@ class Plan:
     pruned: bool = False  # tolerance > 0 and the kernel prunes: tasks are ranges of the spatial order
     estimated_pairs: int | None = None  # pairs left after pruning (None: all N x M)
     exact_reason: str = ""  # why a run with a tolerance computes every pair
+    parallel: int = 1  # tasks that run at once (workers, at most the cores): what the compute time divides by
 
     @property
     def pairs_to_compute(self) -> int:
@@ -242,20 +246,64 @@ def make_plan(n_points: int, n_sources: int, dim: int, *, dtype: str = "float32"
             f"dask pauses it: workers need {needed / MiB:.0f} MiB but have {worker_memory_bytes / MiB:.0f} MiB; "
             f"use fewer workers (more memory each){', float32' if dtype == 'float64' else ''}, or fewer "
             f"sources per run (M={n_sources})")
-    rate = PAIR_RATE[formulation] / (FLOAT64_SLOWDOWN if dtype == "float64" else 1.0)
     parallel = max(1, min(workers, cores or workers))
-    per_pair = max(0.5, 1.0 + COST_PER_EXTRA_DIM[formulation] * (dim - 3)) / rate
-    estimated = n_points * n_sources * per_pair / parallel
+    estimated = compute_seconds(n_points * n_sources, formulation, dim, dtype, pruned, parallel)
     return Plan(n_points, n_sources, dim, dtype, formulation, rows, cols, tiles, rows_per_task, tasks,
-                memory, worker_memory_bytes, workers, estimated, pruned=pruned)
+                memory, worker_memory_bytes, workers, estimated, pruned=pruned, parallel=parallel)
+
+
+def pair_seconds(formulation: str, dim: int, dtype: str, pruned: bool = False) -> float:
+    """Seconds one worker spends per pair: the measured rate of the formulation (:data:`PAIR_RATE`, float32,
+    D = 3), times the measured growth with D, :data:`FLOAT64_SLOWDOWN` for float64 and
+    :data:`PRUNED_SLOWDOWN` for a pruned run's pairs (small gathered calls plus the per-block selection)."""
+    per_pair = max(0.5, 1.0 + COST_PER_EXTRA_DIM[formulation] * (dim - 3)) / PAIR_RATE[formulation]
+    return (per_pair * (FLOAT64_SLOWDOWN if dtype == "float64" else 1.0)
+            * (PRUNED_SLOWDOWN if pruned else 1.0))
+
+
+def compute_seconds(pairs: int, formulation: str, dim: int, dtype: str, pruned: bool, parallel: int) -> float:
+    """Seconds of computing for ``pairs`` pairs on ``parallel`` workers at once (no start-up)."""
+    return pairs * pair_seconds(formulation, dim, dtype, pruned) / max(1, parallel)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A run's projected wall time: the fixed start-up plus the computing, and what the numbers rest on."""
+
+    seconds: float
+    startup_seconds: float
+    compute_seconds: float
+    terms: str  # the sum, in words: start-up + pairs x cost per pair / workers
+    basis: str  # the terms and where the costs come from
+
+    def __str__(self) -> str:
+        return f"{self.seconds:.1f} s ({self.basis})"
+
+
+def project(plan: Plan) -> Projection:
+    """The one projection of a run's time, for an exact plan and a pruned one alike (``kgrad plan`` prints it,
+    and the hint for an exact run projects the tolerance's plan with it): :data:`STARTUP_SECONDS` plus the
+    pairs it computes at the measured per-pair cost (:func:`pair_seconds`) over the workers at once.  It
+    is rough: the costs were measured on one machine (2 cores, AVX-512), and the data's layout changes a
+    pruned run's cost."""
+    compute = compute_seconds(plan.pairs_to_compute, plan.formulation, plan.dim, plan.dtype, plan.pruned,
+                              plan.parallel)
+    per_pair = pair_seconds(plan.formulation, plan.dim, plan.dtype, plan.pruned) * 1e9
+    pairs = f"{plan.pairs_to_compute / 1e9:.3g} G pairs" + (" kept" if plan.pruned else "")
+    terms = (f"{STARTUP_SECONDS:.0f} s start-up + {pairs} x {per_pair:.2g} ns/pair"
+             f"{' (pruned: ' + format(PRUNED_SLOWDOWN, 'g') + 'x per pair)' if plan.pruned else ''}"
+             f" / {plan.parallel} worker{'s' if plan.parallel != 1 else ''}")
+    return Projection(STARTUP_SECONDS + compute, STARTUP_SECONDS, compute, terms,
+                      f"{terms}; costs measured on a 2-core machine")
 
 
 def with_pruning(plan: Plan, tolerance: float, estimated_pairs: int | None, exact_reason: str = "") -> Plan:
-    """The plan with its tolerance and the pairs left after pruning (time scaled to them; None: all)."""
+    """The plan with its tolerance and the pairs left after pruning (None: all), its compute time projected
+    for them by :func:`compute_seconds`, as every plan's."""
     import dataclasses
 
-    seconds = plan.estimated_seconds
-    if estimated_pairs is not None:
-        seconds = seconds * estimated_pairs / max(plan.pairs, 1) * PRUNED_SLOWDOWN
+    pruned = estimated_pairs is not None
+    seconds = compute_seconds(plan.pairs if estimated_pairs is None else estimated_pairs, plan.formulation,
+                              plan.dim, plan.dtype, pruned, plan.parallel)
     return dataclasses.replace(plan, tolerance=tolerance, estimated_pairs=estimated_pairs,
                                exact_reason=exact_reason, estimated_seconds=seconds)

@@ -18,6 +18,7 @@ from .errors import InputError
 from .gradients import DTYPES, MODES, TileShape, formulation, source_center
 from .inputs import check_range
 from .kernels import KernelSpec, make_spec
+from .options import check_choice
 from .plan import Plan, make_plan, with_pruning
 
 
@@ -41,11 +42,6 @@ class Problem:
     @property
     def shape(self) -> TileShape:
         return TileShape(self.plan.rows, self.plan.cols, self.plan.tiles_per_call)
-
-
-def check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise InputError(f"{name}={value!r} is not supported; use one of {', '.join(allowed)}")
 
 
 def check_tolerance(tolerance) -> float:

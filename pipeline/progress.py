@@ -1,8 +1,8 @@
-"""Progress of a run as callbacks: ``on_start(total)``, ``on_task_done(result)``, ``on_end()``.
+"""Progress of a run as callbacks: ``on_plan(plan)``, ``on_start(total)``, ``on_task_done(result)``, ``on_end()``.
 
-:func:`pipeline.execute.execute` calls each callback's ``on_start`` with the number of tasks it runs,
-``on_task_done`` with each finished task's result dict, and ``on_end`` on every way out (finished, failed,
-interrupted).  :func:`progress_display` picks the display for a stream: :class:`TerminalProgress` (one
+:func:`pipeline.execute.execute` calls each callback's ``on_plan`` (optional) with the run's plan, then
+``on_start`` with the number of tasks it runs, ``on_task_done`` with each finished task's result dict, and
+``on_end`` on every way out (finished, failed, interrupted).  :func:`progress_display` picks the display for a stream: :class:`TerminalProgress` (one
 line rewritten with ``\\r``) on a terminal, :class:`LineProgress` (a whole line every few seconds) otherwise.
 """
 
@@ -18,6 +18,9 @@ from .text import count
 class Callback:
     """Does nothing; subclass it and override what you need (any object with these methods will do)."""
 
+    def on_plan(self, plan) -> None:
+        """Before ``on_start``: the run's :class:`pipeline.plan.Plan` (sizes, pairs); optional."""
+
     def on_start(self, total: int) -> None:
         """Before the first task is submitted: ``total`` tasks will run."""
 
@@ -29,7 +32,12 @@ class Callback:
 
 
 class _Display(Callback, abc.ABC):
-    """'tasks done/total (percent), pair rate, time left' for a stream, at most once per ``interval`` s."""
+    """'tasks done/total (percent), pair rate, time left' for a stream, at most once per ``interval`` s.
+
+    The rate is of pairs *covered* (N x M over the whole run, so a run with ``--tolerance`` compares with an
+    exact one), with the pairs actually computed beside it when they differ.  The time left is estimated
+    only from tasks that ran on an already warm worker: each worker's first task includes starting JAX and
+    compiling, so until some worker has finished a second task the line says "estimating"."""
 
     interval = 1.0
 
@@ -38,29 +46,65 @@ class _Display(Callback, abc.ABC):
         self.stream = stream if stream is not None else sys.stderr
         if interval is not None:
             self.interval = interval
-        self.total = self.done = 0
-        self.started = time.perf_counter()
-        self._last = float("-inf")
+        self.pairs_per_row = None  # M, from on_plan: a task covers rows x M pairs
+        self.on_start(0)
+
+    def on_plan(self, plan) -> None:
+        self.pairs_per_row = plan.n_sources
 
     def on_start(self, total: int) -> None:
         self.total, self.done = total, 0
         self.started = time.perf_counter()
         self._last = float("-inf")
+        self.covered = self.computed = 0.0
+        self._workers: set = set()  # pids that finished a task: warm from then on
+        self._warm_since = None  # when a warm worker first finished a task
+        self._warm_done = 0  # tasks finished after _warm_since
 
     def on_task_done(self, result: dict) -> None:
         self.done += 1
         now = time.perf_counter()
+        self._count_pairs(result)
+        self._count_warm(result.get("pid"), now)
         if now - self._last < self.interval and self.done < self.total:
             return
         self._last = now
         self._show(self._line(now))
 
+    def _count_pairs(self, result: dict) -> None:
+        """Pairs covered (rows x M) and computed (a pruned task's own count) by one task."""
+        if self.pairs_per_row is None or "rows" not in result:
+            covered = self.pairs_per_task
+        else:
+            covered = result["rows"] * self.pairs_per_row
+        self.covered += covered
+        self.computed += result.get("pairs", covered)
+
+    def _count_warm(self, pid, now: float) -> None:
+        """Mark when a worker that had already finished a task (so had compiled) finishes another."""
+        if pid in self._workers:
+            if self._warm_since is None:
+                self._warm_since = now
+            else:
+                self._warm_done += 1
+        self._workers.add(pid)
+
+    def time_left(self, now: float) -> float | None:
+        """Seconds left from the rate of tasks finished on warm workers; None until there is one."""
+        if self.done >= self.total:
+            return 0.0
+        if self._warm_since is None or self._warm_done < 1 or now <= self._warm_since:
+            return None
+        return (self.total - self.done) * (now - self._warm_since) / self._warm_done
+
     def _line(self, now: float) -> str:
         elapsed = max(now - self.started, 1e-9)
-        rate = self.done * self.pairs_per_task / elapsed
-        left = (self.total - self.done) * elapsed / max(self.done, 1)
+        rate = f"{self.covered / elapsed / 1e9:.2f} G pairs/s"
+        if self.computed < self.covered:
+            rate += f" covered ({self.computed / elapsed / 1e9:.3g} G/s computed)"
+        left = self.time_left(now)
         return (f"kgrad: {self.done}/{count(self.total, 'task')} ({100 * self.done / max(self.total, 1):.0f}%), "
-                f"{rate / 1e9:.2f} G pairs/s, {left:.0f} s left")
+                f"{rate}, " + ("estimating time left" if left is None else f"{left:.0f} s left"))
 
     @abc.abstractmethod
     def _show(self, line: str) -> None:

@@ -30,8 +30,8 @@ from . import __version__ as VERSION  # noqa: N812
 from . import store
 from .errors import ENDED_STEP, RESTART_STEP, RESUME_STEP, InputError
 from .inputs import check_same_dim
-from .options import RunOptions, load_workflow
 from .fenced import ID_KEY
+from .options import RunOptions, check_usage, load_workflow
 from .output import OutputGroup
 from .plan import Plan, memory_fraction, usable_cores
 from .problem import Problem, make_problem
@@ -86,13 +86,8 @@ def local_worker_memory(options: RunOptions, workers: int) -> int:
 
 def check_options(options: RunOptions, planning: bool = False) -> RunOptions:
     """Every check that needs no data, and local paths made absolute (workers resolve paths in their own
-    working directories).  dtype and mode are checked with the problem (:func:`make_problem`)."""
-    if not options.points:
-        raise InputError("no points given; pass --points PATH or set [inputs] points in the workflow")
-    if not options.out and not planning:
-        raise InputError("no output given; pass --out PATH or set [run] out in the workflow")
-    if options.resume and options.overwrite:
-        raise InputError("--resume and --overwrite exclude each other; choose one")
+    working directories).  dtype and mode are checked again with the problem (:func:`make_problem`)."""
+    check_usage(options, planning)
     timeout = options.scheduler_timeout
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
         raise InputError(f"scheduler_timeout={timeout!r} must be a number of seconds > 0")

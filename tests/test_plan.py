@@ -232,3 +232,66 @@ def test_time_estimate_grows_with_dimension():
         ratio = (make_plan(4096, 4096, 200, formulation=form).estimated_seconds
                  / make_plan(4096, 4096, 3, formulation=form).estimated_seconds)
         assert low < ratio < high, (form, ratio)
+
+
+# ----------------------------------------------------------------------------------------- time projection
+
+
+def test_one_projection_for_exact_and_pruned_plans():
+    """Exact and pruned plans are projected by one function: the same start-up, plus the pairs computed at
+    the measured per-pair cost, a pruned pair costing PRUNED_SLOWDOWN times a dense one, over the workers."""
+    from pipeline.plan import PRUNED_SLOWDOWN, STARTUP_SECONDS, pair_seconds, project, with_pruning
+
+    dense = with_pruning(make_plan(10**5, 10**5, 3, workers=2, cores=2), 0.0, None)
+    pruned = with_pruning(make_plan(10**5, 10**5, 3, workers=2, cores=2, pruned=True), 1e-9, 10**8)
+    per_pair = pair_seconds("radial", 3, "float32")
+    assert project(dense).seconds == pytest.approx(STARTUP_SECONDS + 10**10 * per_pair / 2)
+    assert project(pruned).seconds == pytest.approx(STARTUP_SECONDS + 10**8 * per_pair * PRUNED_SLOWDOWN / 2)
+    assert project(pruned).compute_seconds == pytest.approx(pruned.estimated_seconds)
+    for plan in (dense, pruned):
+        basis = project(plan).basis
+        assert "start-up" in basis and "ns/pair" in basis and "2 workers" in basis, basis
+    assert "pruned: 5x per pair" in project(pruned).basis
+
+
+def _clustered(path, n=40_000, seed=0):
+    """Tight clusters far apart (rbf lengthscale 0.2): a tolerance of 1e-9 leaves about 1% of the pairs."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0.0, 100.0, (n // 50, 3))
+    np.save(path, centres[rng.integers(0, len(centres), n)] + rng.standard_normal((n, 3)))
+
+
+def _plan_lines(capsys, argv) -> dict:
+    from pipeline.cli import main
+
+    assert main(["plan", *argv]) == 0
+    return {line[:14].strip(): line[14:] for line in capsys.readouterr().out.splitlines()}
+
+
+def test_exact_plans_hint_projects_what_the_tolerance_plan_projects(tmp_path, capsys):
+    """The exact plan's hint (what --tolerance 1e-9 would do) and the plan with that tolerance give one
+    projected time, from the same options (2 workers); it used to be 1.1 s beside 0.5 s."""
+    _clustered(tmp_path / "p.npy")
+    common = ["--points", str(tmp_path / "p.npy"), "--lengthscale", "0.2", "--workers", "2", "--memory-limit", "2GiB"]
+    exact = _plan_lines(capsys, common)
+    tolerant = _plan_lines(capsys, [*common, "--tolerance", "1e-9"])
+    hint = re.search(r"--tolerance 1e-09 would leave about ([\d.]+)% of the pairs \(rough time ([\d.]+) s",
+                     exact["pruning"])
+    assert hint, exact["pruning"]
+    projected = re.match(r"([\d.]+) s \((.*)\)$", tolerant["rough time"])
+    assert projected and hint[2] == projected[1], (exact["pruning"], tolerant["rough time"])
+    assert "start-up" in projected[2] and "pruned" in projected[2], projected[2]
+    assert f"({hint[1]}%)" in tolerant["pruning"], (exact["pruning"], tolerant["pruning"])
+
+
+@pytest.mark.parametrize("case, argv, why", [
+    ("kernel that does not decay", ["--kernel", "periodic"], "kernel periodic does not decay to 0 with distance"),
+    ("mode", ["--mode", "jacfwd"], "mode=jacfwd computes every pair"),
+    ("little to prune", ["--lengthscale", "5"], "pruning would skip only"),
+])
+def test_exact_plan_says_why_a_tolerance_would_not_help(tmp_path, capsys, case, argv, why):
+    """An exact plan always says what a tolerance would do: here, that it would not help, and why."""
+    np.save(tmp_path / "p.npy", np.random.default_rng(1).normal(size=(3000, 3)))
+    pruning = _plan_lines(capsys, ["--points", str(tmp_path / "p.npy"), "--workers", "2", *argv])["pruning"]
+    assert pruning.startswith("none (exact: every pair); --tolerance 1e-09 would not help here: "), pruning
+    assert why in pruning, pruning

@@ -238,3 +238,35 @@ def test_npy_points(tmp_path):
     OutputGroup(out).finish({})
     plot_output(out, tmp_path / "npy.png")
     assert_png(tmp_path / "npy.png")
+
+
+def _legend_overlaps_bars(g: np.ndarray) -> list:
+    """Draw the |g| histogram alone and return the bars whose drawn box the legend's box overlaps."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from pipeline.plot import _histogram
+
+    fig = Figure(figsize=(7, 5))
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    _histogram(ax, g)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    return [bar for bar in ax.patches if bar.get_height() > 0 and bar.get_window_extent(renderer).overlaps(legend)]
+
+
+@pytest.mark.parametrize("layout", ["tallest_at_the_right", "flat", "log_axis_with_outliers"])
+def test_histogram_legend_covers_no_bar(layout):
+    """The demo's |g| piles up at its largest values (the tallest bar at the right, where the legend used to
+    sit); a flat histogram fills every corner; a log axis adds the note on outliers to the legend."""
+    rng = np.random.default_rng(0)
+    if layout == "tallest_at_the_right":
+        norms = 0.07 * np.sqrt(rng.uniform(size=50_000)) ** 0.3
+    elif layout == "flat":
+        norms = rng.uniform(0.0, 1.0, size=50_000)
+    else:
+        norms = np.concatenate([10 ** rng.uniform(-4, 1, size=20_000), np.full(50, 1e-9)])
+    g = norms[:, None] * np.array([[0.6, 0.8, 0.0]])
+    assert _legend_overlaps_bars(g) == []

@@ -73,7 +73,66 @@ def test_line_progress_prints_whole_lines_now_and_then():
     lines = stream.getvalue().splitlines(keepends=True)
     assert "\r" not in stream.getvalue()
     assert [line.split(" (")[0] for line in lines] == ["kgrad: 1/5 tasks", "kgrad: 4/5 tasks", "kgrad: 5/5 tasks"]
-    assert all(line.endswith("s left\n") for line in lines), lines
+    assert lines[0].endswith("estimating time left\n"), lines  # the first task included compiling
+    assert all(line.endswith("s left\n") for line in lines[1:]), lines
+
+
+class _Clock:
+    """A stand-in for time.perf_counter that the test moves by hand."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_time_left_ignores_each_workers_first_task(monkeypatch):
+    """Two workers whose first tasks take 20 s (compiling), then a task every 1 s each (staggered by 0.5 s):
+    the line says 'estimating' until a warm worker has finished tasks, then follows the warm rate (2 tasks a
+    second), not the 20 s of the first tasks."""
+    clock = _Clock()
+    monkeypatch.setattr("pipeline.progress.time.perf_counter", clock)
+    stream = io.StringIO()
+    bar = LineProgress(1e9, stream, interval=0)
+    bar.on_start(42)
+    for now, pid in ((20.0, 1), (20.5, 2), (21.0, 1)):  # two first tasks, then the first warm one
+        clock.now = now
+        bar.on_task_done({"pid": pid})
+        assert stream.getvalue().splitlines()[-1].endswith("estimating time left"), stream.getvalue()
+    for now, pid in ((21.5, 2), (22.0, 1), (22.5, 2)):
+        clock.now = now
+        bar.on_task_done({"pid": pid})
+    # 36 tasks left at 2 per second (3 warm tasks in the 1.5 s since the first warm one)
+    assert bar.time_left(clock.now) == 18.0
+    assert stream.getvalue().splitlines()[-1].endswith(", 18 s left"), stream.getvalue()
+    # the old estimate (elapsed per task so far) said 36 * 22.5 / 6 = 135 s
+    assert "135 s left" not in stream.getvalue()
+
+
+class _Plan:
+    n_sources = 1000
+
+
+def test_rate_counts_pairs_covered_with_computed_beside(monkeypatch):
+    """A pruned run: each task covers rows x M pairs but computes few; the line shows pairs covered per
+    second (comparable with an exact run) and the computed pairs beside it."""
+    clock = _Clock()
+    monkeypatch.setattr("pipeline.progress.time.perf_counter", clock)
+    stream = io.StringIO()
+    bar = LineProgress(1.0, stream, interval=0)
+    bar.on_plan(_Plan())
+    bar.on_start(2)
+    clock.now = 1.0
+    bar.on_task_done({"pid": 1, "rows": 2_000_000, "pairs": 10_000_000})
+    line = stream.getvalue().splitlines()[-1]
+    assert "2.00 G pairs/s covered (0.01 G/s computed)" in line, line
+    exact = io.StringIO()
+    bar = LineProgress(1.0, exact, interval=0)
+    bar.on_plan(_Plan())
+    bar.on_start(2)
+    bar.on_task_done({"pid": 1, "rows": 2_000_000})
+    assert "G pairs/s," in exact.getvalue() and "computed" not in exact.getvalue(), exact.getvalue()
 
 
 def test_base_callback_does_nothing():

@@ -1,10 +1,14 @@
 """Stein variational gradient descent (SVGD) on a 2-D Gaussian mixture, with kgrad doing the kernel sums.
 
-    python workflows/svgd.py                                  # in process (kernel_gradients), ~20 s
+    python workflows/svgd.py                                  # in process (kernel_gradients), see below
     python workflows/svgd.py --start 0.3 -0.3                 # off-centre start: SVGD misses modes
     python workflows/svgd.py --n 500 --steps 100              # smaller and quicker
     python workflows/svgd.py --scheduler local --steps 40     # through run_workflow on a local cluster
     python workflows/svgd.py --scheduler tcp://host:8786 --work-dir /shared/svgd
+
+The first line, the default (2000 particles, 200 steps), took 12.4 s wall clock (10.0 s of it the SVGD
+steps, the rest Python, JAX and the pictures) on a 2-vCPU Intel Xeon VM shared with other work, JAX on the
+CPU, without a warm compilation cache (measured 2026-12, kgrad 0.1.0); the script prints its own time.
 
 SVGD moves n particles x_j along
 
