@@ -30,7 +30,7 @@ import zarr
 
 from . import fenced
 from .errors import InputError, user_fixable
-from .fenced import ID_KEY
+from .fenced import ID_KEY, PREVIOUS_KEY, TRASH
 from .spatial import in_input_order
 from .store import _fs, _store, exists
 
@@ -50,6 +50,9 @@ _OWN_FILE = re.compile(r"^(%s|(%s)/(%s|%s)|%s/%s|%s/(%s)/(%s|%s))$"
                        % (_META, "|".join(ARRAYS), _META, _CHUNK, ORDER, _META, ORDER, "|".join(ORDER_ARRAYS),
                           _META, _CHUNK))
 _ROOT_PARTIAL = re.compile(r"^zarr\.[0-9a-f]{32}\.partial$")
+_TRASH = re.compile(r"^%s[0-9a-f]{32}$" % re.escape(TRASH))  # a directory being deleted (pipeline/fenced.py)
+_IN_TRASH = re.compile(r"^%s[0-9a-f]{32}/" % re.escape(TRASH))
+_LEASE_LEFTOVER = re.compile(r"^%s\.([0-9a-f]{8}\.tmp|stale-[0-9a-f]{8})$" % re.escape(LEASE_FILE))
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ class OutputGroup:
             shown = ", ".join(sorted(files)[:3]) + (", ..." if len(files) > 3 else "")
             raise InputError(f"--out {where!r} holds files that are not a kgrad output ({shown}); kgrad "
                              f"never deletes them, even with --overwrite: choose another --out")
-        foreign = sorted(f for f in files if not _OWN_FILE.match(f))
+        foreign = sorted(f for f in files if not (_OWN_FILE.match(f) or _IN_TRASH.match(f)))
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise InputError(f"--out {where!r} is a kgrad output but also holds files kgrad did not write "
@@ -179,9 +182,12 @@ class OutputGroup:
         ``zarr.json`` carries kgrad's marker from its first write, so a group killed while being created
         is still recognised as kgrad's (:meth:`kind`).  The run's lease file stays where it is."""
         output_id = fenced.new_id()  # every write of the run checks it (pipeline/fenced.py)
-        group = zarr.create_group(store=_store(self.location, self.storage_options),
-                                  attributes={"kgrad_output": True, "complete": False,
-                                              "format_version": FORMAT_VERSION})
+        store = _store(self.location, self.storage_options)
+        if self.kind() == "kgrad":  # the bare marker that remove() leaves: build on it (never replace it)
+            group = zarr.open_group(store=store, mode="r+", use_consolidated=False)
+        else:
+            group = zarr.create_group(store=store, attributes={"kgrad_output": True, "complete": False,
+                                                               "format_version": FORMAT_VERSION})
         group.create_array("gradient", shape=(n_points, dim), chunks=(rows_per_task, dim), dtype=dtype,
                            dimension_names=("point", "dim"), fill_value=np.nan,
                            attributes={"long_name": "sum_i w_i grad_q k(q, x_i)",
@@ -195,29 +201,51 @@ class OutputGroup:
                            attributes={"long_name": "1 once the task's chunks are written", ID_KEY: output_id})
         # Run attributes last and in one write: an output with a run fingerprint always has its arrays.
         self.update({**attributes, "kgrad_output": True, "complete": False, "format_version": FORMAT_VERSION,
-                     ID_KEY: output_id}, output_id)
+                     ID_KEY: output_id, PREVIOUS_KEY: []}, output_id)
+        return output_id
 
-    def remove(self) -> None:
-        """Delete a kgrad output's own contents (checked by :meth:`kind`), keeping the lease.
+    def take_over(self, accept, new_id: str) -> None:
+        """Make a resumed output this run's: its arrays (and the sorted copy's) re-stamped from one of the
+        ids ``accept`` to ``new_id``, so that nothing of the runs before it can write there any more.  The
+        group names the new id first and keeps the old ones beside it until every array is re-stamped, so
+        a take-over cut short is taken over again."""
+        where = (self.location, self.storage_options)
+        accept = frozenset(accept)
+        self.update({ID_KEY: new_id, PREVIOUS_KEY: sorted(accept)}, new_id, accept=accept)
+        fenced.restamp(*where, ARRAYS, accept, new_id)
+        copy = SpatialCopy(self)
+        names = copy.array_names()
+        if names:
+            fenced.restamp(*where, tuple(f"{ORDER}/{n}" for n in names), accept, new_id)
+            fenced.update_group(copy.location, self.storage_options, new_id, {ID_KEY: new_id}, names, accept=accept)
+        self.update({PREVIOUS_KEY: []}, new_id)
+
+    def remove(self, accept=frozenset()) -> None:
+        """Delete a kgrad output's own contents (checked by :meth:`kind`), keeping the lease, and only while
+        its arrays carry one of the ids ``accept`` (those the run saw when it took the lease; none: arrays
+        without ids, as a half-made output has): a run frozen past its lease never removes a newer output.
 
         First ``zarr.json`` becomes kgrad's bare marker (no run attributes, not complete), then the arrays
-        go, then ``zarr.json``: an output removed halfway is still recognised as kgrad's, and is never
-        mistaken for a complete one."""
+        and the ``order/`` group go (each renamed aside, checked, deleted); the marker stays, and
+        :meth:`create` builds on it: an output removed halfway is still recognised as kgrad's, and is
+        never mistaken for a complete one."""
         if self.kind() != "kgrad":
             return
+        accept = frozenset(accept) or frozenset({None})
+        where = (self.location, self.storage_options)
+        marker = {"zarr_format": 3, "node_type": "group",  # it names the ids the arrays left may carry
+                  "attributes": {"kgrad_output": True, "complete": False, "format_version": FORMAT_VERSION,
+                                 PREVIOUS_KEY: sorted(i for i in accept if i)}}
+        fenced.replace_group_json(*where, json.dumps(marker).encode(), ARRAYS, accept)
         fs, path = _fs(self.location, self.storage_options)
         root = path.rstrip("/")
-        marker = {"zarr_format": 3, "node_type": "group",
-                  "attributes": {"kgrad_output": True, "complete": False, "format_version": FORMAT_VERSION}}
-        fs.pipe_file(f"{root}/zarr.json", json.dumps(marker).encode())
-        for name in fs.ls(root, detail=False):  # leftover temporary files: a lease's, zarr's
+        for name in fs.ls(root, detail=False):  # leftovers: a lease's temporary files, zarr's, kgrad's trash
             base = name.rstrip("/").rsplit("/", 1)[-1]
-            if base.startswith(LEASE_FILE + ".") or _ROOT_PARTIAL.match(base):
-                fs.rm(name)
-        for name in (*ARRAYS, ORDER):
-            if fs.exists(f"{root}/{name}"):
-                fs.rm(f"{root}/{name}", recursive=True)
-        fs.rm(f"{root}/zarr.json")
+            if _LEASE_LEFTOVER.match(base) or _ROOT_PARTIAL.match(base) or _TRASH.match(base):
+                fs.rm(name, recursive=True)
+        for name in ARRAYS:
+            fenced.remove_tree(*where, name, None, accept)
+        fenced.remove_tree(*where, ORDER, "task_done", accept | {None})
 
     def output_id(self) -> str | None:
         """The id this output's arrays carry (:mod:`pipeline.fenced`): a run writes only into its own."""
@@ -242,9 +270,10 @@ class OutputGroup:
         n_tasks = self.open()["task_done"].shape[0]
         fenced.write_rows(self.location, self.storage_options, "task_done", output_id, 0, np.ones(n_tasks, np.uint8))
 
-    def update(self, attributes: dict, output_id: str) -> None:
-        """Update the run attributes, only while the arrays are ``output_id``'s."""
-        fenced.update_group(self.location, self.storage_options, output_id, attributes, ARRAYS)
+    def update(self, attributes: dict, output_id: str, accept=()) -> None:
+        """Update the run attributes, only while the arrays are ``output_id``'s (or, during a take-over, one
+        of ``accept``)."""
+        fenced.update_group(self.location, self.storage_options, output_id, attributes, ARRAYS, accept=accept)
 
     def finish(self, attributes: dict, output_id: str) -> None:
         """Record final attributes and the completion flag, last; only while the arrays are ``output_id``'s."""
@@ -283,23 +312,37 @@ class SpatialCopy:
         attrs = self.attributes()
         return attrs.get("ready") is True and attrs.get("run_fingerprint") == run_fingerprint
 
-    def create(self, *, run_fingerprint: str, point_index: np.ndarray, points: np.ndarray,
+    def array_names(self) -> tuple[str, ...]:
+        """The copy's arrays that are there (none: no copy)."""
+        fs, path = _fs(self.location, self.output.storage_options)
+        return tuple(n for n in ORDER_ARRAYS if fs.exists(f"{path.rstrip('/')}/{n}/zarr.json"))
+
+    def create(self, *, run_id: str, run_fingerprint: str, point_index: np.ndarray, points: np.ndarray,
                source_index: np.ndarray | None, sources: np.ndarray | None, weights: np.ndarray | None,
-               tiles: np.ndarray, dtype: str, rows_per_task: int, n_tasks: int, source_chunk: int) -> None:
-        """Write the sorted copy: a new ``copy_id`` from the first write on, ``ready`` last."""
+               tiles: np.ndarray, dtype: str, rows_per_task: int, n_tasks: int, source_chunk: int) -> str:
+        """Write the sorted copy, for the run ``run_id`` (its arrays carry it: every write into them, the
+        client's and the tasks', is fenced by it); return the new ``copy_id`` (the workers' caches key).
+        Any earlier copy is removed first, only if it is this run's (or carries no id); ``ready`` goes last."""
         import uuid
 
+        where = (self.output.location, self.output.storage_options)
+        fenced.remove_tree(*where, ORDER, "task_done", {run_id, None})
         copy_id = uuid.uuid4().hex
-        group = zarr.create_group(store=_store(self.location, self.output.storage_options), overwrite=True,
+        group = zarr.create_group(store=_store(self.location, self.output.storage_options),
                                   attributes={"ready": False, "run_fingerprint": run_fingerprint,
-                                              "copy_id": copy_id})
+                                              "copy_id": copy_id, ID_KEY: run_id})
         n, dim = points.shape
-        mine = {ID_KEY: copy_id}  # the tasks write only into this copy's arrays (pipeline/fenced.py)
+        mine = {ID_KEY: run_id}
+        names = []
 
-        def put(name, data, chunks, **extra):
-            array = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, attributes=mine,
-                                       **extra)
-            array[...] = data
+        def add(name, shape, chunks, dtype, data=None, **extra):
+            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, attributes=mine, **extra)
+            names.append(name)
+            if data is not None:
+                fenced.write_rows(*where, f"{ORDER}/{name}", run_id, 0, data)
+
+        def put(name, data, chunks):
+            add(name, data.shape, chunks, data.dtype, data)
 
         put("index", np.asarray(point_index, np.int64), (source_chunk,))
         put("points", np.asarray(points, np.float64), (source_chunk, dim))
@@ -309,13 +352,12 @@ class SpatialCopy:
         if weights is not None:
             put("weights", np.asarray(weights, np.float64), (source_chunk,))
         put("tiles", np.asarray(tiles, np.float64), (max(1, len(tiles)), tiles.shape[1]))
-        group.create_array("gradient", shape=(n, dim), chunks=(rows_per_task, dim), dtype=dtype, fill_value=np.nan,
-                           attributes=mine)
-        group.create_array("value", shape=(n,), chunks=(rows_per_task,), dtype=dtype, fill_value=np.nan,
-                           attributes=mine)
-        group.create_array("pairs", shape=(n_tasks,), chunks=(1,), dtype="int64", fill_value=0, attributes=mine)
-        group.create_array("task_done", shape=(n_tasks,), chunks=(1,), dtype="uint8", fill_value=0, attributes=mine)
-        group.update_attributes({"ready": True})
+        add("gradient", (n, dim), (rows_per_task, dim), dtype, fill_value=np.nan)
+        add("value", (n,), (rows_per_task,), dtype, fill_value=np.nan)
+        add("pairs", (n_tasks,), (1,), "int64", fill_value=0)
+        add("task_done", (n_tasks,), (1,), "uint8", fill_value=0)
+        fenced.update_group(self.location, self.output.storage_options, run_id, {"ready": True}, tuple(names))
+        return copy_id
 
     def done_tasks(self) -> np.ndarray:
         return np.asarray(self._open()["task_done"][:]).astype(bool)
@@ -328,16 +370,16 @@ class SpatialCopy:
         return np.asarray(group[name][start:stop])
 
     def write_task(self, start: int, stop: int, index: int, gradient: np.ndarray, value: np.ndarray, pairs: int,
-                   copy_id: str, before_done: Callable[[], None] | None = None) -> None:
+                   run_id: str, before_done: Callable[[], None] | None = None) -> None:
         """One task's sorted results (whole chunks), its pair count, then its done mark; only into the arrays
-        of the copy ``copy_id`` (:func:`pipeline.fenced.write_rows`)."""
+        of the run ``run_id`` (:func:`pipeline.fenced.write_rows`)."""
         where = (self.output.location, self.output.storage_options)
-        fenced.write_rows(*where, f"{ORDER}/gradient", copy_id, start, gradient)
-        fenced.write_rows(*where, f"{ORDER}/value", copy_id, start, value)
-        fenced.write_rows(*where, f"{ORDER}/pairs", copy_id, index, np.array([pairs], np.int64))
+        fenced.write_rows(*where, f"{ORDER}/gradient", run_id, start, gradient)
+        fenced.write_rows(*where, f"{ORDER}/value", run_id, start, value)
+        fenced.write_rows(*where, f"{ORDER}/pairs", run_id, index, np.array([pairs], np.int64))
         if before_done is not None:
             before_done()
-        fenced.write_rows(*where, f"{ORDER}/task_done", copy_id, index, np.ones(1, np.uint8))
+        fenced.write_rows(*where, f"{ORDER}/task_done", run_id, index, np.ones(1, np.uint8))
 
     def unsort_into_output(self, output_id: str) -> int:
         """Put the sorted results back in input order into the output's ``gradient`` and ``value`` (read
@@ -350,7 +392,6 @@ class SpatialCopy:
             fenced.write_rows(*where, name, output_id, 0, in_input_order(np.asarray(group[name][:]), order))
         return int(np.asarray(group["pairs"][:]).sum())
 
-    def remove(self) -> None:
-        fs, path = _fs(self.location, self.output.storage_options)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+    def remove(self, run_id: str) -> None:
+        """Delete the copy, only while it is the run ``run_id``'s."""
+        fenced.remove_tree(self.output.location, self.output.storage_options, ORDER, "task_done", {run_id})

@@ -296,7 +296,7 @@ def run_pruned_task(job: Job, task: Task) -> dict:
     compute_seconds = time.perf_counter() - computed
     check_finite_result(gradient, value, job.dtype, job.spec.describe(), rows=(task.start, task.stop))
     still_owner = _check_lease(job)
-    copy.write_task(task.start, task.stop, task.index, gradient, value, pairs, job.pruned.copy_id,
+    copy.write_task(task.start, task.stop, task.index, gradient, value, pairs, job.output_id,
                     before_done=still_owner)
     return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
             "compute_seconds": compute_seconds, "pid": os.getpid(), "pairs": pairs,

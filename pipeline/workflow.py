@@ -30,7 +30,7 @@ from . import __version__ as VERSION  # noqa: N812
 from . import store
 from .errors import ENDED_STEP, RESTART_STEP, RESUME_STEP, InputError
 from .inputs import check_same_dim
-from .fenced import ID_KEY
+from .fenced import ID_KEY, accepted_ids, new_id
 from .options import RunOptions, check_usage, load_workflow
 from .output import OutputGroup
 from .plan import Plan, memory_fraction, usable_cores
@@ -58,6 +58,8 @@ class Prepared:
     problem: Problem | None = field(default=None, repr=False)  # a pruned run's layout lives here
     inputs: "Inputs | None" = field(default=None, repr=False)  # pruned runs (the client writes the sorted
     # copy) and kgrad plan; None otherwise, so that a dense run's client does not keep its inputs
+    taken_ids: frozenset = frozenset()  # the ids an existing output's arrays carried when this run took its
+    # lease: it removes or takes over only those (pipeline/fenced.py)
 
 
 # ----------------------------------------------------------------------------------------- stage 1: options
@@ -382,8 +384,10 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
             print(f"kgrad: {config.out} is already complete; nothing to do", file=stream)
             return OutputGroup(config.out, opts).attributes()
         held.start_heartbeat()
+        taken = (accepted_ids(OutputGroup(config.out, opts).attributes()) if action in ("resume", "overwrite")
+                 else frozenset())
         owned = dataclasses.replace(prepared, job=dataclasses.replace(prepared.job, lease_token=held.token),
-                                    action=action, done=done)
+                                    action=action, done=done, taken_ids=taken)
         return _run_owned(owned, stream)
     finally:
         held.release()
@@ -446,13 +450,17 @@ def _run_owned(prepared: Prepared, stream) -> dict:
         if prepared.action == "overwrite":
             output_exists = True
             lease.check_owner(config.out, job.lease_token, job.out_options)  # not taken over while we waited
-            output.remove()
+            output.remove(prepared.taken_ids)
+        # Every write of the run goes only into arrays that carry its own id (pipeline/fenced.py).
         if prepared.action in ("create", "overwrite"):
             output_exists = True
-            output.create(n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
-                          rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks, attributes=prepared.attributes)
-        # Every write of the run goes only into this output's arrays (pipeline/fenced.py).
-        job = dataclasses.replace(job, output_id=output.output_id())
+            output_id = output.create(n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
+                                      rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks,
+                                      attributes=prepared.attributes)
+        else:  # resume: the output becomes this run's; writers of the runs before it are fenced out
+            output_id = new_id()
+            output.take_over(prepared.taken_ids, output_id)
+        job = dataclasses.replace(job, output_id=output_id)
         prepared = dataclasses.replace(prepared, job=job)
         link = dashboard_link(client)
         n_workers = len(client.scheduler_info()["workers"])
@@ -533,10 +541,12 @@ def _run_pruned(prepared: Prepared, output: OutputGroup, run_tasks) -> tuple[dic
     started = time.perf_counter()
     if not copy.ready(job.fingerprint):
         _still_owned(prepared, output)
-        _write_sorted_copy(prepared, copy)
+        copy_id = _write_sorted_copy(prepared, copy)
+    else:
+        copy_id = copy.attributes()["copy_id"]
     order_seconds = time.perf_counter() - started
     # Tasks read only the copy they were given: a copy rewritten meanwhile (another run) is never mixed in.
-    job = dataclasses.replace(job, pruned=dataclasses.replace(job.pruned, copy_id=copy.attributes()["copy_id"]))
+    job = dataclasses.replace(job, pruned=dataclasses.replace(job.pruned, copy_id=copy_id))
     timings = run_tasks(job, done=copy.done_tasks())
     timings["order_seconds"] = round(order_seconds, 4)
     return timings, int(np.sum(copy.read("pairs")))
@@ -560,18 +570,18 @@ def _still_owned(prepared: Prepared, output: OutputGroup) -> None:
         raise RunFailed(str(exc), ENDED_STEP) from exc
 
 
-def _write_sorted_copy(prepared: Prepared, copy) -> None:
+def _write_sorted_copy(prepared: Prepared, copy) -> str:
     """The inputs in the run's spatial order, and the tile index, into ``OUT/order/``."""
     layout, inputs, plan = prepared.problem.layout, prepared.inputs, prepared.plan
     separate = inputs.sources is not None
     source_order = layout.source_order if separate else layout.point_order
     weights = None if inputs.weight_data is None else np.asarray(inputs.weight_data, np.float64)[source_order]
-    copy.create(run_fingerprint=prepared.job.fingerprint, point_index=layout.point_order,
-                points=np.asarray(inputs.point_data)[layout.point_order],
-                source_index=source_order if separate else None,
-                sources=np.asarray(inputs.source_data)[source_order] if separate else None, weights=weights,
-                tiles=layout.index.as_array(), dtype=plan.dtype, rows_per_task=plan.rows_per_task,
-                n_tasks=plan.n_tasks, source_chunk=prepared.job.pruned.source_chunk)
+    return copy.create(run_id=prepared.job.output_id, run_fingerprint=prepared.job.fingerprint,
+                       point_index=layout.point_order, points=np.asarray(inputs.point_data)[layout.point_order],
+                       source_index=source_order if separate else None,
+                       sources=np.asarray(inputs.source_data)[source_order] if separate else None, weights=weights,
+                       tiles=layout.index.as_array(), dtype=plan.dtype, rows_per_task=plan.rows_per_task,
+                       n_tasks=plan.n_tasks, source_chunk=prepared.job.pruned.source_chunk)
 
 
 def _put_back_in_order(prepared: Prepared, output: OutputGroup, timings: dict) -> None:
@@ -586,7 +596,7 @@ def _put_back_in_order(prepared: Prepared, output: OutputGroup, timings: dict) -
     if output.attributes().get(IN_INPUT_ORDER) == job.fingerprint:  # killed after the results went back
         _still_owned(prepared, output)
         output.mark_all_done(job.output_id)  # the results in input order are whole: every task's rows are there
-        copy.remove()
+        copy.remove(job.output_id)
         return
     if not copy.ready(job.fingerprint):
         raise RunFailed("the run's sorted copy (order/) is missing or was replaced")
@@ -599,7 +609,7 @@ def _put_back_in_order(prepared: Prepared, output: OutputGroup, timings: dict) -
     _still_owned(prepared, output)
     output.update({"pairs_computed": pairs, IN_INPUT_ORDER: job.fingerprint}, job.output_id)
     output.mark_all_done(job.output_id)
-    copy.remove()
+    copy.remove(job.output_id)
     timings["unsort_seconds"] = round(time.perf_counter() - started, 4)
 
 

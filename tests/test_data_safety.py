@@ -450,25 +450,24 @@ def test_plan_names_the_run_that_holds_the_output(small_points, tmp_path):
 def test_an_interrupted_removal_never_looks_complete(small_points, tmp_path, monkeypatch):
     """--overwrite stopped halfway through deleting the old output (Ctrl-C, kill) must not leave a group
     that says `complete` over missing data: the run attributes go first, the arrays next, zarr.json last."""
-    import fsspec.implementations.local as local
-
+    from pipeline import fenced
     from pipeline.output import OutputGroup
 
     out = tmp_path / "out.zarr"
     assert kgrad(["run", "--points", small_points, "--out", out, "--workers", "1", "--no-progress",
                   "--rows-per-task", "100"]).returncode == 0
     calls = []
-    real_rm = local.LocalFileSystem.rm
+    real_remove_tree = fenced.remove_tree
 
-    def interrupted(self, path, *args, **kwargs):
-        calls.append(path)
+    def interrupted(*args, **kwargs):  # the first array is gone, then Ctrl-C
+        calls.append(args)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_rm(self, path, *args, **kwargs)
+        return real_remove_tree(*args, **kwargs)
 
-    monkeypatch.setattr(local.LocalFileSystem, "rm", interrupted)
+    monkeypatch.setattr(fenced, "remove_tree", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        OutputGroup(str(out)).remove()
+        OutputGroup(str(out)).remove(fenced.accepted_ids(read_attrs(out)))
     monkeypatch.undo()
     output = OutputGroup(str(out))
     attrs = output.attributes()

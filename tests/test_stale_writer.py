@@ -163,10 +163,10 @@ def test_a_writer_that_checked_before_a_take_over_cannot_write(tmp_path):
     old = _make_output(path)
     old_id = old.output_id()
     with fenced._array_dir(str(path), "value", old_id) as (fd, meta):  # checked: still the old output
-        old.remove()  # another run takes over ...
+        old.remove({old_id})  # another run takes over ...
         new = _make_output(path)  # ... and writes its own output
         new.write_task(0, 4, 0, np.ones((4, 2), np.float32), np.full(4, 7, np.float32), new.output_id())
-        chunks, _ = fenced._encode(meta, 0, np.zeros(4, np.float32))
+        chunks = fenced._encode(meta, 0, np.zeros(4, np.float32))
         with pytest.raises(FileNotFoundError):  # the frozen writer wakes up: its directory is gone
             for key, raw in chunks.items():
                 fenced._put_at(fd, key, raw)
@@ -196,3 +196,42 @@ def test_fenced_writes_are_what_zarr_writes(tmp_path):
 
     ds = xr.open_zarr(str(path))  # consolidated metadata, written in the same fenced write
     assert ds["gradient"].dims == ("point", "dim")
+
+
+def test_a_stale_overwrite_never_removes_a_newer_output(tmp_path):
+    """A run that judged the output (its ids) before freezing cannot remove what another run made meanwhile."""
+    from pipeline.errors import RunEnded
+
+    path = tmp_path / "out.zarr"
+    first = _make_output(path)
+    judged = {first.output_id()}  # what the frozen run saw when it took the lease
+    first.remove(judged)  # the run that took over in the meantime ...
+    newer = _make_output(path)
+    newer.write_task(0, 4, 0, np.ones((4, 2), np.float32), np.ones(4, np.float32), newer.output_id())
+    with pytest.raises(RunEnded):
+        first.remove(judged)  # ... the frozen one wakes up
+    assert newer.output_id() and np.array_equal(np.asarray(newer.open()["value"][:4]), np.ones(4, np.float32))
+    assert not list(path.glob(".kgrad-trash-*"))
+
+
+def test_a_take_over_fences_out_the_runs_before_it(tmp_path):
+    """A resume re-stamps the arrays with its own id: a writer of the run before it (the same output, the same
+    inputs) can write nothing more there, not even its attributes; a take-over cut short is taken over again."""
+    from pipeline import fenced
+    from pipeline.errors import RunEnded
+
+    path = tmp_path / "out.zarr"
+    output = _make_output(path)
+    before = output.output_id()
+    cut_short = fenced.new_id()
+    output.update({fenced.ID_KEY: cut_short, fenced.PREVIOUS_KEY: [before]}, cut_short, accept={before})
+    fenced.restamp(str(path), (), ("gradient",), {before}, cut_short)  # killed after one array
+    now = fenced.new_id()
+    output.take_over(fenced.accepted_ids(output.attributes()), now)
+    assert output.output_id() == now and output.attributes()[fenced.PREVIOUS_KEY] == []
+    for stale in (before, cut_short):
+        with pytest.raises(RunEnded):
+            output.write_task(0, 4, 0, np.ones((4, 2), np.float32), np.ones(4, np.float32), stale)
+        with pytest.raises(RunEnded):
+            output.update({"complete": False}, stale)
+    output.write_task(0, 4, 0, np.ones((4, 2), np.float32), np.ones(4, np.float32), now)
