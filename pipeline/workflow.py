@@ -30,6 +30,7 @@ from . import __version__ as VERSION  # noqa: N812
 from . import store
 from .errors import RESTART_STEP, RESUME_STEP, InputError
 from .inputs import check_same_dim
+from .kernels import user_kernel_code
 from .options import RunOptions, load_workflow
 from .output import OutputGroup
 from .plan import Plan, memory_fraction, usable_cores
@@ -209,6 +210,9 @@ def describe_run(inputs: Inputs, problem: Problem) -> Provenance:
         "tile_rows": plan.rows, "tile_cols": plan.cols, "tiles_per_call": plan.tiles_per_call,
         "rows_per_task": plan.rows_per_task, "tolerance": problem.tolerance, "kgrad_version": VERSION,
     }
+    code = user_kernel_code(spec, plan.dim)
+    if code is not None:  # a user kernel: what it computes, not only its name (kgrad's own: the version)
+        identity["kernel_code"] = code
     fingerprint = hashlib.blake2b(json.dumps(identity, sort_keys=True, default=str).encode(),
                                   digest_size=16).hexdigest()
     attributes = {
@@ -309,11 +313,17 @@ def _output_action(config: RunOptions, fingerprint: str, identity: dict, opts: t
                 differs.append(f"{k} data")
             elif (old or {}).get("location") != (new or {}).get("location"):
                 differs.append(f"{k} location")
+        differs = [_kernel_code_changed(identity) if k == "kernel_code" else k for k in differs]
         raise InputError(f"cannot resume {config.out!r}: it was made with different inputs or parameters "
                          f"({', '.join(differs) or 'unknown run'}); use --overwrite to start over")
     if attrs.get("complete"):
         return "complete", None
     return "resume", output.done_tasks()
+
+
+def _kernel_code_changed(identity: dict) -> str:
+    """The refusal's words for a user kernel whose code differs from the one that made the output."""
+    return f"the code of kernel {identity['kernel']!r} changed since the output was made"
 
 
 def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: tuple, plan: Plan):

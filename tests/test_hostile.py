@@ -132,3 +132,59 @@ def test_a_service_that_is_not_a_scheduler_fails_fast(server, tiny, tmp_path, re
     assert address in line and "dask scheduler" in line, line
     assert seconds < SCHEDULER_TIMEOUT + STARTUP_ALLOWANCE, seconds
     assert not out.exists(), "the output (or its lease) was created for a scheduler that never answered"
+
+
+# ----------------------------------------------------------------------------------------- B: edited kernel
+
+KERNEL_MODULE = '''import jax.numpy as jnp
+
+
+def bump(q, x, p):
+    """A user kernel: s2 exp(-|q - x|^2 / (2 l^2))."""
+    d = (q - x) / p["lengthscale"]
+    return p["variance"] * jnp.exp(-0.5 * jnp.sum(d * d))
+'''
+
+
+def _interrupted_user_kernel_run(tmp_path) -> tuple[list, Path, Path]:
+    """A complete run of a user kernel made incomplete again (the state a killed run leaves: some tasks
+    not done, ``complete`` false); returns the run's arguments, the output and the kernel's module file."""
+    import zarr
+
+    kernels = tmp_path / "kernels"
+    kernels.mkdir()
+    module = kernels / "hostile_kernel.py"
+    module.write_text(KERNEL_MODULE)
+    points = tmp_path / "points.npy"
+    np.save(points, np.random.default_rng(5).normal(size=(64, 2)))
+    out = tmp_path / "out.zarr"
+    args = ["run", "--points", points, "--out", out, "--kernel", "hostile_kernel:bump", "--rows-per-task", 16,
+            "--workers", 1, "--no-progress"]
+    proc, _ = kgrad(args, path=[str(kernels)])
+    assert proc.returncode == 0, proc.stderr
+    group = zarr.open_group(str(out), mode="r+")
+    done = np.ones(group["task_done"].shape, np.uint8)
+    done[2:] = 0
+    group["task_done"][:] = done
+    group.attrs["complete"] = False
+    return args, out, module
+
+
+def test_resume_with_an_edited_user_kernel_is_refused(tmp_path):
+    """Before: the edited kernel resumed the output (two kernels in one 'complete' output).  After: exit 2,
+    one line naming the kernel, the output untouched; the unedited kernel still resumes."""
+    from fileutil import tree_digest
+
+    args, out, module = _interrupted_user_kernel_run(tmp_path)
+    before = tree_digest(out)
+    module.write_text(KERNEL_MODULE.replace("-0.5 *", "-0.25 *"))  # another kernel, same name
+    proc, _ = kgrad([*args, "--resume"], path=[str(module.parent)])
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    line = one_line(proc.stderr)
+    assert "cannot resume" in line and "hostile_kernel:bump" in line and "code" in line, line
+    assert tree_digest(out) == before, "a refused resume touched the output"
+
+    module.write_text(KERNEL_MODULE)  # the kernel the output was made with: resumes
+    proc, _ = kgrad([*args, "--resume"], path=[str(module.parent)])
+    assert proc.returncode == 0, proc.stderr
+    assert "2 already done" in proc.stderr, proc.stderr
