@@ -188,3 +188,51 @@ def test_resume_with_an_edited_user_kernel_is_refused(tmp_path):
     proc, _ = kgrad([*args, "--resume"], path=[str(module.parent)])
     assert proc.returncode == 0, proc.stderr
     assert "2 already done" in proc.stderr, proc.stderr
+
+
+# ----------------------------------------------------------------------------------------- C: SIGTERM, SIGHUP
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_a_run_like_ctrl_c(signum, tmp_path):
+    """Before: killed by the signal (exit -15 / -1), no kgrad line, the lease left, a resource_tracker
+    warning.  After: exit 128 + signum, one kgrad line after the signal, no traceback or warning, the lease
+    gone; after SIGTERM --resume finishes the output."""
+    from cluster_fixtures import assert_no_leftovers, kill_group, read_streams, start_kgrad
+
+    points = tmp_path / "points.npy"
+    np.save(points, np.random.default_rng(11).normal(size=(50000, 3)).astype(np.float32))
+    out = tmp_path / "out.zarr"
+    args = ["run", "--points", points, "--out", out, "--rows-per-task", 1024, "--workers", 1, "--lengthscale", 0.5]
+    proc = start_kgrad(args)
+    try:
+        _wait_for(lambda: "%)" in read_streams(proc)[1] or proc.poll() is not None, 180, "the first progress line")
+        assert proc.poll() is None, f"the run ended before the signal: {read_streams(proc)[1]}"
+        before = read_streams(proc)[1]
+        proc.send_signal(signum)
+        returncode = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    assert_no_leftovers(proc, timeout=20)
+    stderr = read_streams(proc)[1]
+    after = stderr[len(before):].strip().splitlines()
+    after = [line for line in after if "%)" not in line]  # progress lines printed before the signal landed
+    print(f"[hostile] {signum.name}: exit {returncode}; {after}")
+    assert returncode == 128 + signum, (returncode, stderr)
+    assert "Traceback" not in stderr and "resource_tracker" not in stderr, stderr
+    assert len(after) == 1 and after[0].startswith(f"kgrad: interrupted ({signum.name})"), stderr
+    assert "--resume" in after[0], after[0]
+    assert not (out / ".kgrad-lease.json").exists(), "the lease was not given back"
+    if signum == signal.SIGTERM:
+        proc, _ = kgrad([*args, "--resume", "--no-progress"])
+        assert proc.returncode == 0, proc.stderr
+        assert "wrote" in proc.stderr
