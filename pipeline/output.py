@@ -48,6 +48,9 @@ _OWN_FILE = re.compile(r"^(%s|(%s)/(%s|%s)|%s/%s|%s/(%s)/(%s|%s))$"
                        % (_META, "|".join(ARRAYS), _META, _CHUNK, ORDER, _META, ORDER, "|".join(ORDER_ARRAYS),
                           _META, _CHUNK))
 _ROOT_PARTIAL = re.compile(r"^zarr\.[0-9a-f]{32}\.partial$")
+# Exactly the lease files kgrad writes (pipeline/lease.py): the lease, its temporary "<lease>.<8 hex>.tmp"
+# and a stale lease moved aside, "<lease>.stale-<8 hex>".  A user's ".kgrad-lease.json.notes" is not kgrad's.
+LEASE_NAMES = re.compile(r"^%s(\.[0-9a-f]{8}\.tmp|\.stale-[0-9a-f]{8})?$" % re.escape(LEASE_FILE))
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ class OutputGroup:
         except OSError as exc:
             raise InputError(f"--out {where!r} could not be listed ({exc}); check the path and "
                              f"its permissions") from exc
-        files = [f for f in files if f and not f.startswith(LEASE_FILE)]
+        files = [f for f in files if f and not LEASE_NAMES.match(f)]
         if not files:
             return "empty"
         if "zarr.json" not in files or not _is_kgrad_metadata(fs.cat_file(path.rstrip("/") + "/zarr.json")):
@@ -208,7 +211,7 @@ class OutputGroup:
         fs.pipe_file(f"{root}/zarr.json", json.dumps(marker).encode())
         for name in fs.ls(root, detail=False):  # leftover temporary files: a lease's, zarr's
             base = name.rstrip("/").rsplit("/", 1)[-1]
-            if base.startswith(LEASE_FILE + ".") or _ROOT_PARTIAL.match(base):
+            if (base != LEASE_FILE and LEASE_NAMES.match(base)) or _ROOT_PARTIAL.match(base):
                 fs.rm(name)
         for name in (*ARRAYS, ORDER):
             if fs.exists(f"{root}/{name}"):

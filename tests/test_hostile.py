@@ -236,3 +236,39 @@ def test_sigterm_and_sighup_stop_a_run_like_ctrl_c(signum, tmp_path):
         proc, _ = kgrad([*args, "--resume", "--no-progress"])
         assert proc.returncode == 0, proc.stderr
         assert "wrote" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------- C: lease names
+
+
+def test_a_users_file_named_like_the_lease_is_not_kgrads(tiny, tmp_path):
+    """Before: ``.kgrad-lease.json.notes`` counted as kgrad's and ``--overwrite`` deleted it.  After: only
+    the names kgrad writes count (the lease, ``.<8 hex>.tmp``, ``.stale-<8 hex>``); the user's file makes
+    the output foreign: exit 2, one line naming it, the file kept byte for byte."""
+    from pipeline.output import LEASE_NAMES, OutputGroup
+
+    for own in (".kgrad-lease.json", ".kgrad-lease.json.0123abcd.tmp", ".kgrad-lease.json.stale-89abcdef"):
+        assert LEASE_NAMES.match(own), own
+    for foreign in (".kgrad-lease.json.notes", ".kgrad-lease.json.bak", ".kgrad-lease.json.0123abcd.tmp.x",
+                    ".kgrad-lease.jsonx", ".kgrad-lease.json.stale-xyz"):
+        assert not LEASE_NAMES.match(foreign), foreign
+
+    out = tmp_path / "out.zarr"
+    args = ["run", "--points", tiny, "--out", out, "--workers", 1, "--no-progress"]
+    proc, _ = kgrad(args)
+    assert proc.returncode == 0, proc.stderr
+    (out / ".kgrad-lease.json.stale-0123abcd").write_text("{}")  # kgrad's leftovers: still kgrad's output
+    assert OutputGroup(str(out)).kind() == "kgrad"
+    notes = out / ".kgrad-lease.json.notes"
+    notes.write_text("my notes about this run\n")
+    proc, _ = kgrad([*args, "--overwrite"])
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert ".kgrad-lease.json.notes" in one_line(proc.stderr)
+    assert notes.read_text() == "my notes about this run\n"
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / ".kgrad-lease.json.notes").write_text("x")  # not an empty directory any more
+    proc, _ = kgrad(["run", "--points", tiny, "--out", alone, "--workers", 1, "--no-progress", "--overwrite"])
+    assert proc.returncode == 2 and ".kgrad-lease.json.notes" in one_line(proc.stderr), proc.stderr
+    assert (alone / ".kgrad-lease.json.notes").read_text() == "x"
