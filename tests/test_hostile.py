@@ -272,3 +272,76 @@ def test_a_users_file_named_like_the_lease_is_not_kgrads(tiny, tmp_path):
     proc, _ = kgrad(["run", "--points", tiny, "--out", alone, "--workers", 1, "--no-progress", "--overwrite"])
     assert proc.returncode == 2 and ".kgrad-lease.json.notes" in one_line(proc.stderr), proc.stderr
     assert (alone / ".kgrad-lease.json.notes").read_text() == "x"
+
+
+# ----------------------------------------------------------------------------------------- C: lengthscale range
+
+
+@pytest.mark.parametrize("lengthscale,dtype,float64_helps", [
+    ("1e300", "float32", False), ("1e300", "float64", False), ("1e-300", "float32", False),
+    ("1e-300", "float64", False), ("1e30", "float32", True), ("1e-30", "float32", True)])
+def test_a_lengthscale_that_overflows_the_dtype_is_one_line(lengthscale, dtype, float64_helps, tiny, tmp_path):
+    """Before: 1e300 printed numpy overflow warnings (and ran, every gradient 0); 1e-300 blamed a row and
+    suggested float64, which overflows too.  After: exit 2, one line naming the lengthscale and the range
+    that fits, float64 suggested only where it fits, no warning, nothing written."""
+    out = tmp_path / "out.zarr"
+    proc, _ = kgrad(["run", "--points", tiny, "--out", out, "--workers", 1, "--no-progress",
+                     "--lengthscale", lengthscale, "--dtype", dtype])
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    line = one_line(proc.stderr)
+    assert f"lengthscale={float(lengthscale):g}" in line and dtype in line and "between" in line, line
+    assert ("--dtype float64" in line) is float64_helps, line
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------- C: inspect
+
+
+@pytest.fixture
+def complete_output(tiny, tmp_path) -> Path:
+    out = tmp_path / "out.zarr"
+    proc, _ = kgrad(["run", "--points", tiny, "--out", out, "--workers", 1, "--no-progress"])
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_inspect_into_a_closed_pipe_is_quiet(complete_output):
+    """Before: ``kgrad inspect OUT | head`` ended with 'kgrad: failed: BrokenPipeError', exit 1.  After:
+    nothing on stderr, exit 141 (128 + SIGPIPE, what a shell reports for ``cat`` in the same place)."""
+    command = (f"set -o pipefail; {sys.executable} -m pipeline inspect {complete_output} | head -n 0; "
+               f"echo \"status ${{PIPESTATUS[0]}}\" >&2")
+    proc = subprocess.run(["bash", "-c", command], cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.stderr.strip() == "status 141", proc.stderr
+    # the same with the reader gone before kgrad writes, without a shell
+    reader = subprocess.Popen([sys.executable, "-m", "pipeline", "inspect", str(complete_output)], cwd=REPO,
+                              env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader.stdout.close()
+    stderr = reader.stderr.read()
+    assert reader.wait(timeout=TIMEOUT) == 141 and stderr == "", (reader.returncode, stderr)
+
+
+def test_inspect_names_the_run_that_is_writing_the_output(complete_output):
+    """Before: an output a live run holds was reported INCOMPLETE, 'finish it with --resume' (which the
+    lease would refuse).  After: BEING WRITTEN by the run (pid, host), no --resume; in --json too."""
+    import json
+
+    import zarr
+
+    from pipeline import lease
+
+    group = zarr.open_group(str(complete_output), mode="r+")
+    group.attrs["complete"] = False  # as while a run goes on
+    held = lease.acquire(str(complete_output))  # this test process is the live owner
+    try:
+        proc, _ = kgrad(["inspect", complete_output])
+        assert proc.returncode == 0, proc.stderr
+        first = proc.stdout.splitlines()[0]
+        assert "BEING WRITTEN" in first and f"pid {os.getpid()}" in first, first
+        assert "--resume" not in proc.stdout, proc.stdout
+        proc, _ = kgrad(["inspect", complete_output, "--json"])
+        assert f"pid {os.getpid()}" in json.loads(proc.stdout)["being_written_by"]
+    finally:
+        held.release()
+    proc, _ = kgrad(["inspect", complete_output])  # the run gone: incomplete, resumable
+    assert "INCOMPLETE" in proc.stdout and "--resume" in proc.stdout, proc.stdout
