@@ -2,9 +2,9 @@
 
 Exit codes: 0 done; 2 bad input or usage (one line on stderr, nothing written); 1 anything else (one
 line naming the cause, the output and the next step); 130 after Ctrl-C, 143 after SIGTERM, 129 after
-SIGHUP (each stops a run the same way: one line, tasks cancelled, lease given back).  The run options and
-their flags come from :mod:`pipeline.options`; nothing here imports JAX or dask before the arguments are
-parsed.
+SIGHUP (each stops a run the same way: one line, tasks cancelled, lease given back); 141, quietly, when
+stdout's reader has gone (``kgrad inspect OUT | head -3``, as ``cat`` ends).  The run options and their
+flags come from :mod:`pipeline.options`; nothing here imports JAX or dask before the arguments are parsed.
 """
 
 from __future__ import annotations
@@ -167,6 +167,30 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _stopped_by = signal.SIGINT  # the signal that stopped the run; the exit code is 128 + its number
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (``kgrad inspect OUT | head -3``)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real stdout (a test's capture): not a pipe
+        return False
+
+
+def _quiet_broken_pipe() -> int:
+    """A reader that closed stdout early ends the command quietly, as it ends ``cat``: coreutils die of
+    SIGPIPE, which a shell reports as 141 (128 + 13).  stdout is pointed at /dev/null so that the final
+    flush at exit does not fail again (Python's recipe, "Note on SIGPIPE" in the signal module's docs)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 128 + signal.SIGPIPE
+
+
 def _on_sigint(signum, frame):
     """First stop signal (Ctrl-C, SIGTERM, SIGHUP): stop the run (KeyboardInterrupt), which then cancels
     its tasks, gives its lease back and closes the cluster, each step bounded in time.  Further stop
@@ -205,7 +229,9 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             raise InputError("no command given; use one of run, plan, inspect, plot (see 'kgrad --help')")
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe fails here, inside the handlers below, not at interpreter exit
+        return status
     except InputError as exc:
         if debug:
             import traceback
@@ -225,6 +251,10 @@ def main(argv=None) -> int:
         # The shell's convention for a command stopped by a signal: 128 + its number (Ctrl-C: 130,
         # SIGTERM: 143, SIGHUP: 129).
         return 128 + int(_stopped_by)
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        return _quiet_broken_pipe()
     except Exception as exc:
         if debug:
             raise
