@@ -222,6 +222,8 @@ def main(argv=None) -> int:
         # Ctrl-C stops a run even when started from a shell that ignores SIGINT in background jobs
         # (Python keeps an inherited "ignore" and would then run to the end).
         for signum in STOP_SIGNALS:
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # started under nohup: the user asked to outlive the terminal
             signal.signal(signum, _on_sigint)
     debug = bool(os.environ.get("KGRAD_DEBUG"))
     parser = build_parser()

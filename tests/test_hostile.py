@@ -238,6 +238,29 @@ def test_sigterm_and_sighup_stop_a_run_like_ctrl_c(signum, tmp_path):
         assert "wrote" in proc.stderr
 
 
+def test_sighup_under_nohup_is_still_ignored(tmp_path):
+    """A run started with SIGHUP ignored (``nohup kgrad run ...``) keeps running through a SIGHUP."""
+    from cluster_fixtures import PYTHON, kgrad_env, kill_group, read_streams
+
+    points = tmp_path / "points.npy"
+    np.save(points, np.random.default_rng(12).normal(size=(20000, 3)).astype(np.float32))
+    out = tmp_path / "out.zarr"
+    streams = (open(tmp_path / "stdout", "w+"), open(tmp_path / "stderr", "w+"))
+    proc = subprocess.Popen(["nohup", PYTHON, "-m", "pipeline", "run", "--points", str(points), "--out", str(out),
+                             "--rows-per-task", "1024", "--workers", "1"], cwd=REPO, env=kgrad_env(),
+                            stdout=streams[0], stderr=streams[1], text=True, start_new_session=True)
+    proc.streams = streams
+    try:
+        _wait_for(lambda: "%)" in read_streams(proc)[1] or proc.poll() is not None, 180, "the first progress line")
+        proc.send_signal(signal.SIGHUP)
+        returncode = proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    assert returncode == 0, read_streams(proc)[1]
+    assert "wrote" in read_streams(proc)[1]
+
+
 # ----------------------------------------------------------------------------------------- C: lease names
 
 
