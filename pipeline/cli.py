@@ -4,7 +4,8 @@ Exit codes: 0 done; 2 bad input or usage (one line on stderr, nothing written); 
 line naming the cause, the output and the next step); 130 after Ctrl-C, 143 after SIGTERM, 129 after
 SIGHUP (ignored under nohup): each stops a run the same way, one line, tasks cancelled, lease given back;
 141, quietly, when stdout's reader has gone (``kgrad inspect OUT | head -3``, as ``cat`` ends).  The run
-options and their flags come from :mod:`pipeline.options`; nothing here imports JAX or dask before the arguments are parsed.
+options and their flags come from :mod:`pipeline.options`; nothing here imports JAX or dask before the
+arguments are parsed.
 """
 
 from __future__ import annotations
