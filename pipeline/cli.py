@@ -1,8 +1,11 @@
 """The ``kgrad`` command: ``run``, ``plan``, ``inspect``, ``plot``.
 
 Exit codes: 0 done; 2 bad input or usage (one line on stderr, nothing written); 1 anything else (one
-line naming the cause, the output and the next step); 130 after Ctrl-C.  The run options and their flags
-come from :mod:`pipeline.options`; nothing here imports JAX or dask before the arguments are parsed.
+line naming the cause, the output and the next step); 130 after Ctrl-C, 143 after SIGTERM, 129 after
+SIGHUP (ignored under nohup): each stops a run the same way, one line, tasks cancelled, lease given back;
+141, quietly, when stdout's reader has gone (``kgrad inspect OUT | head -3``, as ``cat`` ends).  The run
+options and their flags come from :mod:`pipeline.options`; nothing here imports JAX or dask before the
+arguments are parsed.
 """
 
 from __future__ import annotations
@@ -220,12 +223,56 @@ def _quiet_exit() -> None:
     sys.stderr = open(os.devnull, "w")
 
 
+# The signals that stop a run like Ctrl-C: SIGTERM (timeout, SLURM's scancel, Kubernetes) and SIGHUP (the
+# terminal closed) used to kill the client outright, its lease and futures left behind.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_stopped_by = signal.SIGINT  # the signal that stopped the run; the exit code is 128 + its number
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (``kgrad inspect OUT | head -3``)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real stdout (a test's capture): not a pipe
+        return False
+
+
+def _quiet_broken_pipe() -> int:
+    """A reader that closed stdout early ends the command quietly, as it ends ``cat``: coreutils die of
+    SIGPIPE, which a shell reports as 141 (128 + 13).  stdout is pointed at /dev/null so that the final
+    flush at exit does not fail again (Python's recipe, "Note on SIGPIPE" in the signal module's docs)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 128 + signal.SIGPIPE
+
+
 def _on_sigint(signum, frame):
-    """First Ctrl-C: stop the run (KeyboardInterrupt), which then cancels its tasks, gives its lease back
-    and closes the cluster, each step bounded in time.  Further Ctrl-Cs are ignored meanwhile, so that
-    clean-up finishes and the run still ends in one line."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """First stop signal (Ctrl-C, SIGTERM, SIGHUP): stop the run (KeyboardInterrupt), which then cancels
+    its tasks, gives its lease back and closes the cluster, each step bounded in time.  Further stop
+    signals are ignored meanwhile, so that clean-up finishes and the run still ends in one line."""
+    global _stopped_by
+    _ignore_stop_signals()
+    _stopped_by = signal.Signals(signum)
     raise KeyboardInterrupt
+
+
+def _ignore_stop_signals() -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _stopped_line(detail: str) -> str:
+    """The one line for a stopped run; a signal other than Ctrl-C is named ("interrupted (SIGTERM)")."""
+    if _stopped_by == signal.SIGINT:
+        return f"kgrad: {detail}"
+    return f"kgrad: {detail.replace('interrupted', f'interrupted ({_stopped_by.name})', 1)}"
 
 
 def main(argv=None) -> int:
@@ -236,14 +283,19 @@ def main(argv=None) -> int:
     if console:
         # Ctrl-C stops a run even when started from a shell that ignores SIGINT in background jobs
         # (Python keeps an inherited "ignore" and would then run to the end).
-        signal.signal(signal.SIGINT, _on_sigint)
+        for signum in STOP_SIGNALS:
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # started under nohup: the user asked to outlive the terminal
+            signal.signal(signum, _on_sigint)
     debug = bool(os.environ.get("KGRAD_DEBUG"))
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             raise InputError("no command given; use one of run, plan, inspect, plot (see 'kgrad --help')")
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe fails here, inside the handlers below, not at interpreter exit
+        return status
     except InputError as exc:
         if debug:
             import traceback
@@ -255,12 +307,18 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         if console:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _ignore_stop_signals()
         detail = str(exc) or "interrupted; finish the run later with 'kgrad run ... --resume'"
-        print(f"kgrad: {detail}", file=sys.stderr)
+        print(_stopped_line(detail), file=sys.stderr)
         if argv is None:
             _quiet_exit()
-        return 130  # the shell's convention for a command stopped by Ctrl-C (128 + SIGINT)
+        # The shell's convention for a command stopped by a signal: 128 + its number (Ctrl-C: 130,
+        # SIGTERM: 143, SIGHUP: 129).
+        return 128 + int(_stopped_by)
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        return _quiet_broken_pipe()
     except Exception as exc:
         if debug:
             raise

@@ -149,6 +149,85 @@ def connect(scheduler: str, security=None):
     return _client(scheduler, security=security, timeout="20s")
 
 
+CONNECT_SECONDS = 20.0  # the longest a run waits for a scheduler to answer before it gives up
+
+
+def scheduler_address(scheduler: str) -> str:
+    """The address a ``--scheduler`` value names: itself, or the ``address`` in a scheduler file."""
+    if not os.path.isfile(scheduler):
+        return scheduler
+    import json
+
+    try:
+        with open(scheduler) as f:
+            address = json.load(f).get("address")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InputError(f"scheduler file {scheduler!r} is not a dask scheduler file ({exc}); give the file "
+                         f"'dask scheduler --scheduler-file' wrote, or a scheduler address") from None
+    if not isinstance(address, str) or "://" not in address:
+        raise InputError(f"scheduler file {scheduler!r} names no scheduler address (address={address!r}); give "
+                         f"the file 'dask scheduler --scheduler-file' wrote, or a scheduler address")
+    return address
+
+
+async def _identity(address: str, connection_args: dict, timeout: float) -> dict:
+    """Connect to ``address`` with distributed's own comm layer and ask it who it is (``identity``)."""
+    from distributed.comm import connect
+
+    comm = await connect(address, timeout=timeout, **connection_args)
+    try:
+        await comm.write({"op": "identity", "reply": True})
+        return await comm.read()
+    finally:
+        comm.abort()
+
+
+def probe_scheduler(scheduler: str, security=None, timeout: float = CONNECT_SECONDS) -> None:
+    """Raise :class:`InputError` unless a dask scheduler answers at ``scheduler`` within ``timeout`` s.
+
+    Why: ``distributed.Client`` bounds only the TCP connect; its handshake and first reply wait forever, so
+    a service that is not a scheduler (an HTTP server, a socket that accepts and says nothing) kept a run
+    hanging with its output's lease held.  This asks ``identity`` under one hard deadline, in a thread of
+    its own (the caller may itself be inside an event loop), before the run takes its lease.
+    """
+    import asyncio
+    import threading
+
+    from distributed.security import Security
+
+    address = scheduler_address(scheduler)
+    try:
+        args = (security or Security()).get_connection_args("client")
+    except (OSError, ValueError) as exc:  # ssl.SSLError: a file that holds no certificate or key
+        raise InputError(f"the TLS files for scheduler {scheduler!r} cannot be used ({exc}); give PEM files "
+                         f"(see cluster/make-tls-certs.sh)") from None
+    result: dict = {}
+
+    def ask():
+        try:
+            result["reply"] = asyncio.run(asyncio.wait_for(_identity(address, args, timeout), timeout))
+        except BaseException as exc:  # noqa: BLE001 - reported below, in the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=ask, name="kgrad-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 5)  # the deadline is inside; this only guards against a stuck event loop
+    where = f"scheduler {scheduler!r}" + ("" if address == scheduler else f" ({address})")
+    error, reply = result.get("error"), result.get("reply")
+    if thread.is_alive() or isinstance(error, asyncio.TimeoutError):
+        raise InputError(f"{where} did not answer as a dask scheduler within {timeout:g} s (not a dask "
+                         f"scheduler, or not reachable); check the address and port, or raise "
+                         f"--scheduler-timeout")
+    if error is not None:
+        raise InputError(f"could not reach the dask {where} ({type(error).__name__}: {error}); check the "
+                         f"address or scheduler file, and TLS settings")
+    if not isinstance(reply, dict) or reply.get("type") != "Scheduler":
+        kind = reply.get("type") if isinstance(reply, dict) else type(reply).__name__
+        raise InputError(f"{where} is not a dask scheduler (it answered as {kind!r}); give the scheduler's "
+                         f"address (dask scheduler prints it, default port 8786), not a worker's or another "
+                         f"service's")
+
+
 _SECURITY_KEYS = ("tls_ca_file", "tls_client_cert", "tls_client_key")
 _CREDENTIAL_FILES = {"tls_ca_file": "ca.pem", "tls_client_cert": "client.pem", "tls_client_key": "client.key"}
 

@@ -27,6 +27,9 @@ def describe_output(location: str, storage_options: tuple = ()) -> dict:
             "dtype": record.dtype, "mode": record.mode, "N": record.n_points, "M": record.n_sources,
             "D": record.dim, "inputs": record.inputs, "kgrad_version": record.kgrad_version,
             "run_fingerprint": record.run_fingerprint, "plan": record.plan, "timings": record.timings or None}
+    writer = live_writer(location, storage_options)
+    if writer:
+        info["being_written_by"] = writer
     attrs = dict(group.attrs)
     info.update({key: attrs[key] for key in ("tolerance", "error_bound", "pairs_computed", "pairs_total",
                                              "exact_reason") if key in attrs})
@@ -38,9 +41,28 @@ def describe_output(location: str, storage_options: tuple = ()) -> dict:
     return info
 
 
+def live_writer(location: str, storage_options: tuple = ()) -> str | None:
+    """The live run that holds the output's lease, in words ("run 1a2b3c4d (pid 42 on host, since ...)"),
+    or None: an output being written is not to be resumed, and ``kgrad inspect`` says who writes it (as
+    ``kgrad plan`` does) instead."""
+    from . import lease
+
+    owner = lease.read(location, storage_options)
+    return lease.describe(owner) if lease.is_live(owner) else None
+
+
+def _state(info: dict) -> str:
+    """complete; being written by a live run (named); or incomplete, to be finished with --resume."""
+    if info["complete"]:
+        return "complete"
+    written = f"{info['tasks_done']}/{count(info['tasks_total'], 'task')} written"
+    if info.get("being_written_by"):
+        return f"BEING WRITTEN ({written} so far) by kgrad {info['being_written_by']}; wait for it to finish"
+    return f"INCOMPLETE ({written}; finish it with kgrad run ... --resume)"
+
+
 def format_output(info: dict) -> str:
-    state = "complete" if info["complete"] else f"INCOMPLETE ({info['tasks_done']}/" \
-                                                 f"{count(info['tasks_total'], 'task')} written; finish it with kgrad run ... --resume)"
+    state = _state(info)
     lines = [f"{info['location']}: {state}",
              f"  kernel      {info['kernel_description']}  [{info['formulation']}, mode={info['mode']}, "
              f"{info['dtype']}]",

@@ -85,8 +85,49 @@ def check_range(array: np.ndarray, name: str, center, lengthscale, dtype: str) -
     with np.errstate(over="ignore", invalid="ignore"):
         spread = np.nan_to_num(np.abs((data - np.median(data, axis=0)) / scale).max(axis=1), nan=np.inf)
     row = int(np.argmax(spread))
-    fix = ("use --dtype float64 (dtype='float64'), or rescale the data" if dtype == "float32"
+    fits_float64 = scaled.max() <= np.sqrt(np.finfo(np.float64).max / (4 * max(1, scaled.shape[-1])))
+    fix = ("use --dtype float64 (dtype='float64'), or rescale the data" if dtype == "float32" and fits_float64
            else "rescale the data, or drop that row if it is an error")
     raise InputError(f"{name} row {row} ({array[row].tolist()}) is too far out for {dtype}: more than "
                      f"{limit:g} lengthscales from the rest of the data, and its squared distances would "
                      f"overflow; {fix}")
+
+
+def _lengthscale_range(bulk: float, extent: float, dim: int, dtype: str) -> tuple[float, float]:
+    """The lengthscales (one dimension) whose squared distances neither overflow nor underflow ``dtype``
+    for data whose bulk spans ``bulk`` and whole extent ``extent`` there."""
+    info = np.finfo(dtype)
+    with np.errstate(all="ignore"):
+        low = bulk / np.sqrt(info.max / (4 * max(1, dim)))
+        high = extent / np.sqrt(info.tiny) if extent > 0 else float(info.max)
+    return max(float(low), float(info.tiny)), min(float(high), float(info.max))
+
+
+def check_lengthscale_range(points: np.ndarray, sources: np.ndarray, lengthscale, dtype: str) -> None:
+    """Raise if the lengthscale makes the data's extent, in lengthscales, overflow or underflow ``dtype``.
+
+    Why: a tiny lengthscale puts every squared distance above the dtype's largest number (numpy overflow
+    warnings, then a row blamed for it); a huge one makes every squared distance (and so every gradient)
+    underflow to 0, silently.  Overflow is judged on the data's bulk (the 5-95 % range per dimension; an
+    outlier is named by :func:`check_range`), underflow on their whole extent."""
+    data = np.concatenate([np.asarray(points, np.float64), np.asarray(sources, np.float64)])
+    dim = data.shape[1]
+    scale = np.broadcast_to(np.asarray(lengthscale, np.float64), (dim,))
+    with np.errstate(all="ignore"):
+        extent = data.max(axis=0) - data.min(axis=0)
+        low, high = np.percentile(data, [5.0, 95.0], axis=0)
+        bulk = np.where(high > low, high - low, extent)
+    for d in range(dim):
+        lo, hi = _lengthscale_range(float(bulk[d]), float(extent[d]), dim, dtype)
+        value = float(scale[d])
+        if lo <= value <= hi:
+            continue
+        which = "" if len(set(scale.tolist())) == 1 else f" (dimension {d})"
+        where = f" in dimension {d}" if dim > 1 else ""
+        trouble = ("overflow" if value < lo else "underflow to 0 (every gradient would be 0)")
+        lo64, hi64 = _lengthscale_range(float(bulk[d]), float(extent[d]), dim, "float64")
+        fix = ("use --dtype float64 (dtype='float64'), or " if dtype == "float32" and lo64 <= value <= hi64
+               else "")
+        raise InputError(f"lengthscale={value:g}{which} does not fit these data in {dtype}: they span "
+                         f"{extent[d]:.3g}{where}, and squared distances in lengthscales would {trouble}; "
+                         f"give a lengthscale between {lo:.3g} and {hi:.3g}, {fix or 'or '}rescale the data")

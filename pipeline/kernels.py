@@ -316,6 +316,42 @@ def load_user_kernel(ref: str) -> Kernel:
     return Kernel(name=ref, evaluate=fn, stationary=False, user=True)
 
 
+def user_kernel_code(spec: KernelSpec, dim: int) -> str | None:
+    """A digest of what a user kernel computes, or None for kgrad's own kernels (the version covers those).
+
+    Why: a user kernel is named only by 'module:function', so a kernel edited between an interrupted run
+    and its ``--resume`` would fill the rest of the output with another function.  The digest covers the
+    function's source, its module file's bytes (helpers, constants) and its jaxpr on two points of
+    dimension ``dim`` (code it calls in other modules), so the run identity changes when any of them does.
+    """
+    import hashlib
+    import inspect
+
+    import jax
+
+    kernel = spec.kernel
+    if not kernel.user:
+        return None
+    fn = kernel.evaluate
+    parts = []
+    try:
+        parts.append(inspect.getsource(fn))
+    except (OSError, TypeError):  # no source to read (a builtin, a C extension, a REPL function)
+        parts.append(repr(fn))
+    try:
+        with open(inspect.getfile(inspect.unwrap(fn)), "rb") as f:
+            parts.append(f.read().decode("utf-8", "surrogateescape"))
+    except (OSError, TypeError):
+        parts.append("")
+    point = jax.ShapeDtypeStruct((dim,), jnp.float32)
+    params = {k: jax.ShapeDtypeStruct(np.shape(v), jnp.float32) for k, v in spec.param_dict().items()}
+    try:
+        parts.append(str(jax.make_jaxpr(fn)(point, point, params)))
+    except Exception as exc:  # noqa: BLE001 - _check_user_kernel reports a kernel that fails to trace
+        parts.append(type(exc).__name__)
+    return hashlib.blake2b("\0".join(parts).encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+
+
 def get_kernel(name: str) -> Kernel:
     if name in KERNELS:
         return KERNELS[name]

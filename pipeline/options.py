@@ -178,7 +178,9 @@ class RunOptions:
                             help="TLS files: tls_ca_file, tls_client_cert, tls_client_key "
                                  "(flags --tls-ca-file, --tls-cert, --tls-key)")
     scheduler_timeout: float = option(60.0, section="run", kind=NUMBER, metavar="SECONDS",
-                                      help="fail (exit 1) when the dask scheduler has not answered for this long")
+                                      help="fail (exit 1) when the dask scheduler has not answered for this long; "
+                                           "at the start, exit 2 unless the address answers as a dask "
+                                           "scheduler within this (at most 20 s)")
     resume: bool = option(False, section=None, kind=BOOL, help="finish an interrupted run of the same job")
     overwrite: bool = option(False, section=None, kind=BOOL,
                              help="replace an existing kgrad output (never anything else)")

@@ -52,7 +52,9 @@ _OWN_FILE = re.compile(r"^(%s|(%s)/(%s|%s)|%s/%s|%s/(%s)/(%s|%s))$"
 _ROOT_PARTIAL = re.compile(r"^zarr\.[0-9a-f]{32}\.partial$")
 _TRASH = re.compile(r"^%s[0-9a-f]{32}$" % re.escape(TRASH))  # a directory being deleted (pipeline/fenced.py)
 _IN_TRASH = re.compile(r"^%s[0-9a-f]{32}/" % re.escape(TRASH))
-_LEASE_LEFTOVER = re.compile(r"^%s\.([0-9a-f]{8}\.tmp|stale-[0-9a-f]{8})$" % re.escape(LEASE_FILE))
+# Exactly the lease files kgrad writes (pipeline/lease.py): the lease, its temporary "<lease>.<8 hex>.tmp"
+# and a stale lease moved aside, "<lease>.stale-<8 hex>".  A user's ".kgrad-lease.json.notes" is not kgrad's.
+LEASE_NAMES = re.compile(r"^%s(\.[0-9a-f]{8}\.tmp|\.stale-[0-9a-f]{8})?$" % re.escape(LEASE_FILE))
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ class OutputGroup:
         except OSError as exc:
             raise InputError(f"--out {where!r} could not be listed ({exc}); check the path and "
                              f"its permissions") from exc
-        files = [f for f in files if f and not f.startswith(LEASE_FILE)]
+        files = [f for f in files if f and not LEASE_NAMES.match(f)]
         if not files:
             return "empty"
         if "zarr.json" not in files or not _is_kgrad_metadata(fs.cat_file(path.rstrip("/") + "/zarr.json")):
@@ -241,7 +243,7 @@ class OutputGroup:
         root = path.rstrip("/")
         for name in fs.ls(root, detail=False):  # leftovers: a lease's temporary files, zarr's, kgrad's trash
             base = name.rstrip("/").rsplit("/", 1)[-1]
-            if _LEASE_LEFTOVER.match(base) or _ROOT_PARTIAL.match(base) or _TRASH.match(base):
+            if (base != LEASE_FILE and LEASE_NAMES.match(base)) or _ROOT_PARTIAL.match(base) or _TRASH.match(base):
                 fs.rm(name, recursive=True)
         for name in ARRAYS:
             fenced.remove_tree(*where, name, None, accept)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import InputError
 from .gradients import DTYPES, MODES, TileShape, formulation, source_center
-from .inputs import check_range
+from .inputs import check_lengthscale_range, check_range
 from .kernels import KernelSpec, make_spec
 from .options import check_choice
 from .plan import Plan, make_plan, with_pruning
@@ -73,6 +73,8 @@ def make_problem(points: np.ndarray, sources: np.ndarray, *, kernel: str = "rbf"
     spec = make_spec(kernel, dim, lengthscale, variance, **(params or {}))
     form = formulation(spec, mode)
     center = source_center(sources, spec)
+    if spec.kernel.radial_profile is not None:  # distances are measured in lengthscales
+        check_lengthscale_range(points, sources, spec.lengthscale, dtype)
     check_range(sources, "sources", center, spec.lengthscale, dtype)
     check_range(points, "points", center, spec.lengthscale, dtype)
     plan_args = dict(dtype=dtype, formulation=form, distances=spec.kernel.distances, **plan_options)

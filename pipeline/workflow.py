@@ -31,6 +31,7 @@ from . import store
 from .errors import ENDED_STEP, RESTART_STEP, RESUME_STEP, InputError
 from .inputs import check_same_dim
 from .fenced import ID_KEY, accepted_ids, new_id
+from .kernels import user_kernel_code
 from .options import RunOptions, check_usage, load_workflow
 from .output import OutputGroup
 from .plan import Plan, memory_fraction, usable_cores
@@ -207,6 +208,9 @@ def describe_run(inputs: Inputs, problem: Problem) -> Provenance:
         "tile_rows": plan.rows, "tile_cols": plan.cols, "tiles_per_call": plan.tiles_per_call,
         "rows_per_task": plan.rows_per_task, "tolerance": problem.tolerance, "kgrad_version": VERSION,
     }
+    code = user_kernel_code(spec, plan.dim)
+    if code is not None:  # a user kernel: what it computes, not only its name (kgrad's own: the version)
+        identity["kernel_code"] = code
     fingerprint = hashlib.blake2b(json.dumps(identity, sort_keys=True, default=str).encode(),
                                   digest_size=16).hexdigest()
     attributes = {
@@ -307,6 +311,7 @@ def _output_action(config: RunOptions, fingerprint: str, identity: dict, opts: t
                 differs.append(f"{k} data")
             elif (old or {}).get("location") != (new or {}).get("location"):
                 differs.append(f"{k} location")
+        differs = [_kernel_code_changed(identity) if k == "kernel_code" else k for k in differs]
         raise InputError(f"cannot resume {config.out!r}: it was made with different inputs or parameters "
                          f"({', '.join(differs) or 'unknown run'}); use --overwrite to start over")
     if attrs.get("complete"):
@@ -315,6 +320,11 @@ def _output_action(config: RunOptions, fingerprint: str, identity: dict, opts: t
         raise InputError(f"cannot resume {config.out!r}: an earlier kgrad made it, before outputs carried the id "
                          f"that keeps a stale run's writes out; use --overwrite to start over")
     return "resume", output.done_tasks()
+
+
+def _kernel_code_changed(identity: dict) -> str:
+    """The refusal's words for a user kernel whose code differs from the one that made the output."""
+    return f"the code of kernel {identity['kernel']!r} changed since the output was made"
 
 
 def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: tuple, plan: Plan):
@@ -376,6 +386,7 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
     if prepared.action == "complete":
         print(f"kgrad: {config.out} is already complete; nothing to do", file=stream)
         return OutputGroup(config.out, opts).attributes()
+    _check_scheduler(config)
     held = lease.acquire(config.out, opts)
     try:
         # Under the lease: the output may have changed since prepare() looked (another run finished).
@@ -391,6 +402,19 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
         return _run_owned(owned, stream)
     finally:
         held.release()
+
+
+def _check_scheduler(config: RunOptions) -> None:
+    """An existing scheduler must answer as one within ``scheduler_timeout`` (at most 20 s) before the run
+    takes its output's lease: a wrong address or another service fails in one line (exit 2) instead of
+    hanging with the output locked."""
+    if config.scheduler == "local":
+        return
+    from .cluster import CONNECT_SECONDS, probe_scheduler, quiet_dask_logs, security
+
+    quiet_dask_logs()
+    probe_scheduler(config.scheduler, security(config.scheduler, config.security),
+                    timeout=min(float(config.scheduler_timeout), CONNECT_SECONDS))
 
 
 def _incomplete(config: RunOptions, cause: str, step: str = RESUME_STEP) -> str:
