@@ -24,6 +24,7 @@ which narrows the gap to the milliseconds between the check and the request.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import uuid
@@ -182,13 +183,18 @@ def write_rows(location: str, storage_options: tuple, array: str, output_id: str
         rows = json.loads(meta)["chunk_grid"]["configuration"]["chunk_shape"][0]
         per_row = max(1, data[:1].nbytes)
         step = max(rows, BATCH_BYTES // per_row // rows * rows)
-        for at in range(0, len(data), step):
-            for key, raw in _encode(meta, start + at, data[at:at + step]).items():
-                if raw is None:  # equal to the fill value: zarr keeps no file for it
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(key, dir_fd=fd)
-                else:
-                    _put_at(fd, key, raw)
+        try:
+            for at in range(0, len(data), step):
+                for key, raw in _encode(meta, start + at, data[at:at + step]).items():
+                    if raw is None:  # equal to the fill value: zarr keeps no file for it
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(key, dir_fd=fd)
+                    else:
+                        _put_at(fd, key, raw)
+        except OSError as exc:  # the directory it checked was deleted meanwhile (ESTALE: the same on NFS)
+            if exc.errno in (errno.ENOENT, errno.ESTALE):
+                raise _lost(location, array, "gone") from None
+            raise
 
 
 def _with_attributes(meta: bytes, attributes: dict) -> bytes:

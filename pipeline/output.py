@@ -254,13 +254,16 @@ class OutputGroup:
         return self.attributes().get(ID_KEY)
 
     def write_task(self, start: int, stop: int, index: int, gradient: np.ndarray, value: np.ndarray,
-                   output_id: str, before_done: Callable[[], None] | None = None) -> None:
+                   output_id: str | None = None, before_done: Callable[[], None] | None = None) -> None:
         """Write one task's rows (whole chunks), then mark it done.  Rewriting gives the same bytes.
 
         Every write goes only into arrays that carry ``output_id`` (:func:`pipeline.fenced.write_rows`):
         an output that another run has taken over and replaced is never written.  ``before_done`` is
         called after the chunks are written and right before the task is marked done; it raises to leave
-        the task not done (the worker checks there that its run still holds the lease)."""
+        the task not done (the worker checks there that its run still holds the lease).  ``output_id``
+        None: the output's current id (a caller that owns the output outright: tests, tools; a run's tasks
+        always pass their run's)."""
+        output_id = output_id or self.output_id()
         where = (self.location, self.storage_options)
         fenced.write_rows(*where, "gradient", output_id, start, gradient)
         fenced.write_rows(*where, "value", output_id, start, value)
@@ -268,7 +271,8 @@ class OutputGroup:
             before_done()
         fenced.write_rows(*where, "task_done", output_id, index, np.ones(1, np.uint8))
 
-    def mark_all_done(self, output_id: str) -> None:
+    def mark_all_done(self, output_id: str | None = None) -> None:
+        output_id = output_id or self.output_id()
         n_tasks = self.open()["task_done"].shape[0]
         fenced.write_rows(self.location, self.storage_options, "task_done", output_id, 0, np.ones(n_tasks, np.uint8))
 
@@ -277,8 +281,10 @@ class OutputGroup:
         of ``accept``)."""
         fenced.update_group(self.location, self.storage_options, output_id, attributes, ARRAYS, accept=accept)
 
-    def finish(self, attributes: dict, output_id: str) -> None:
-        """Record final attributes and the completion flag, last; only while the arrays are ``output_id``'s."""
+    def finish(self, attributes: dict, output_id: str | None = None) -> None:
+        """Record final attributes and the completion flag, last; only while the arrays are ``output_id``'s
+        (None: the output's current id, as for :meth:`write_task`)."""
+        output_id = output_id or self.output_id()
         fenced.update_group(self.location, self.storage_options, output_id, {**attributes, "complete": True},
                             ARRAYS)
 

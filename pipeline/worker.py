@@ -167,7 +167,7 @@ def run_task(job: Job, task: Task, rows_digest: str | None = None) -> dict:
     check_finite_result(gradient, value, job.dtype, job.spec.describe(), rows=(task.start, task.stop))
     still_owner = _check_lease(job)
     OutputGroup(job.out, job.out_options).write_task(task.start, task.stop, task.index, gradient, value,
-                                                     job.output_id, before_done=still_owner)
+                                                     job.output_id or None, before_done=still_owner)
     return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
             "compute_seconds": compute_seconds, "pid": os.getpid()}
 
