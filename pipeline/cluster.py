@@ -155,6 +155,9 @@ CONNECT_SECONDS = 20.0  # the longest a run waits for a scheduler to answer befo
 def scheduler_address(scheduler: str) -> str:
     """The address a ``--scheduler`` value names: itself, or the ``address`` in a scheduler file."""
     if not os.path.isfile(scheduler):
+        if "://" not in scheduler and (os.sep in scheduler or scheduler.endswith(".json")):
+            raise InputError(f"scheduler file {scheduler!r} does not exist; give 'local', a scheduler address "
+                             f"(tcp://host:8786) or an existing scheduler file")
         return scheduler
     import json
 

@@ -391,13 +391,17 @@ from pipeline.cli import main
 sys.exit(main(sys.argv[4:]))
 """
 
-END_STEPS = [("SpatialCopy", "unsort_into_output", "before"), ("SpatialCopy", "unsort_into_output", "after"),
-             ("OutputGroup", "mark_all_done", "before"),  # the results are in input order, not marked done
-             ("OutputGroup", "mark_all_done", "after"), ("SpatialCopy", "remove", "after"),
-             ("OutputGroup", "finish", "before")]
+_SLOW = pytest.mark.slow
+END_STEPS = [pytest.param("SpatialCopy", "unsort_into_output", "before", marks=_SLOW, id="before-unsort"),
+             pytest.param("SpatialCopy", "unsort_into_output", "after", marks=_SLOW, id="after-unsort"),
+             # the results are in input order, not yet marked done: the window that once never resumed
+             pytest.param("OutputGroup", "mark_all_done", "before", id="before-mark_all_done"),
+             pytest.param("OutputGroup", "mark_all_done", "after", marks=_SLOW, id="after-mark_all_done"),
+             pytest.param("SpatialCopy", "remove", "after", marks=_SLOW, id="after-copy-removed"),
+             pytest.param("OutputGroup", "finish", "before", id="before-finish")]
 
 
-@pytest.mark.parametrize("cls,name,when", END_STEPS, ids=[f"{w}-{n}" for _, n, w in END_STEPS])
+@pytest.mark.parametrize("cls,name,when", END_STEPS)
 def test_kill_at_each_step_of_the_end_then_resume(small, small_run, tmp_path, cls, name, when):
     """SIGKILL right before or after each step of putting the results back in input order: `kgrad plan
     --resume` says what is left, and `--resume` finishes with the clean run's bits (and no order/ left)."""
