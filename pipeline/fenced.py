@@ -307,7 +307,10 @@ def remove_tree(location: str, storage_options: tuple, name: str, check: str | N
                     if None not in accept or os.path.exists(os.path.join(root, name, check, "zarr.json")):
                         raise  # (a group cut short before ``check`` was made, and no id asked for: remove it)
             else:
-                found = json.loads(_read_at(fd, "zarr.json")).get("attributes", {}).get(ID_KEY)
+                try:
+                    found = json.loads(_read_at(fd, "zarr.json")).get("attributes", {}).get(ID_KEY)
+                except FileNotFoundError:  # an array cut short before its metadata: carries no id
+                    found = None
                 if found not in accept:
                     raise _lost(location, name, found)
             trash = f"{TRASH}{uuid.uuid4().hex}"

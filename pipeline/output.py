@@ -185,11 +185,14 @@ class OutputGroup:
         is still recognised as kgrad's (:meth:`kind`).  The run's lease file stays where it is."""
         output_id = fenced.new_id()  # every write of the run checks it (pipeline/fenced.py)
         store = _store(self.location, self.storage_options)
+        # The group names the new id before any array exists: a run killed while creating them leaves a marker
+        # that names the ids its arrays may carry, so the next run can remove them.
         if self.kind() == "kgrad":  # the bare marker that remove() leaves: build on it (never replace it)
             group = zarr.open_group(store=store, mode="r+", use_consolidated=False)
+            group.update_attributes({ID_KEY: output_id})
         else:
             group = zarr.create_group(store=store, attributes={"kgrad_output": True, "complete": False,
-                                                               "format_version": FORMAT_VERSION})
+                                                               "format_version": FORMAT_VERSION, ID_KEY: output_id})
         group.create_array("gradient", shape=(n_points, dim), chunks=(rows_per_task, dim), dtype=dtype,
                            dimension_names=("point", "dim"), fill_value=np.nan,
                            attributes={"long_name": "sum_i w_i grad_q k(q, x_i)",

@@ -18,7 +18,7 @@ import pytest
 
 pytest.register_assert_rewrite("cluster_fixtures")
 from cluster_fixtures import (N_TASKS, RUN_TIMEOUT, Killed, assert_bit_identical, assert_complete,  # noqa: E402
-                              assert_no_leftovers, count_done, group_members, kgrad, kill_group, partial_files,
+                              assert_no_leftovers, count_done, group_members, kgrad, kill_group, output_created, partial_files,
                               poll, read_attrs, read_streams, read_task_done, record, rng_for, run_and_kill,
                               run_args, start_kgrad, tree_digest)
 
@@ -105,8 +105,8 @@ def test_kill_before_output_exists_then_resume(job_inputs, undisturbed, tmp_path
 def test_kill_before_any_task_done_then_resume(job_inputs, undisturbed, tmp_path):
     """Killed once the output group exists but no task is marked done: resume runs every task."""
     out = tmp_path / "out.zarr"
-    killed = run_and_kill(run_args(job_inputs.points, out), out,
-                          lambda t, done: done is not None and done.sum() == 0, interval=0.005)
+    killed = run_and_kill(run_args(job_inputs.points, out), out,  # the run attributes are written last
+                          lambda t, done: done is not None and done.sum() == 0 and output_created(out), interval=0.005)
     assert not killed.finished_first and killed.output_existed
     assert killed.done == 0, "a task finished between the poll and the kill (unlikely: compile takes longer)"
     resume_and_check("kill_before_any_task_done", job_inputs, undisturbed, out, killed)
