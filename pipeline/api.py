@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .blocks import compute_rows
 from .finite import check_finite_result
-from .gradients import on_cpu, prepare_sources
+from .precision import on_cpu
 from .inputs import as_point_array, as_weights, check_same_dim
 from .plan import usable_cores
 from .problem import make_problem
@@ -51,17 +50,7 @@ def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", length
     problem = make_problem(queries, srcs, kernel=kernel, lengthscale=lengthscale, variance=variance,
                            params=params, dtype=dtype, mode=mode, tolerance=tolerance, weights=w,
                            sources_are_points=sources is None)
-    threads = usable_cores() if on_cpu() else 1
-    if problem.pruned:  # blocks in the run's spatial order: the same bits as `kgrad run --tolerance`
-        from .pruned import compute_in_memory
-
-        g, v, _ = compute_in_memory(queries, None if sources is None else srcs, w, problem.layout, problem.spec,
-                                    mode, dtype, problem.shape, np.asarray(problem.center), threads)
-    else:
-        prepared = prepare_sources(srcs, w, problem.spec, dtype, problem.shape, center=np.asarray(problem.center))
-        # Rows grouped as a cluster run's tasks group them: the same bits as `kgrad run`.
-        g, v = compute_rows(queries, prepared, problem.spec, mode, dtype, problem.shape,
-                            chunk=problem.plan.rows_per_task, threads=threads)
+    g, v, _ = problem.compute(threads=usable_cores() if on_cpu() else 1)
     check_finite_result(g, v, dtype, problem.spec.describe(), dtype_option='dtype="float64"')
     if one_d:
         g = g[:, 0]

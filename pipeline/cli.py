@@ -123,6 +123,7 @@ def cmd_plan(args) -> int:
     limit = "" if plan.worker_memory_bytes is None else f" (worker limit {_format_bytes(plan.worker_memory_bytes)})"
     print(f"memory        {_format_bytes(plan.task_memory_bytes)} per task{limit}")
     print(f"workers       {plan.workers}")
+    print(f"method        {prepared.problem.method.name}")
     print(f"pruning       {_pruning_line(prepared)}")
     print(f"rough time    {project(plan)}")
     print(f"output        {prepared.config.out}: {prepared.action}" if prepared.config.out
@@ -134,8 +135,8 @@ def _pruning_line(prepared) -> str:
     """What a tolerance does for this run: the pairs left and the bounds, why every pair is computed, or (an
     exact run) what a tolerance of 1e-9 would do, including that it would not help and why."""
     plan, problem = prepared.plan, prepared.problem
-    if problem.pruned:
-        bound = problem.layout.error_bounds
+    if plan.estimated_pairs is not None:  # a method that computes only some of the pairs
+        bound = problem.error_bounds
         return (f"tolerance {plan.tolerance:g}: about {plan.pairs_to_compute / 1e9:.3g} G of the "
                 f"{plan.pairs / 1e9:.3g} G pairs left ({plan.pairs_to_compute / plan.pairs:.1%}); per query "
                 f"|g^ - g| <= {bound['gradient']:.3g}, |v^ - v| <= {bound['value']:.3g}")
@@ -158,7 +159,7 @@ def _tolerance_hint(prepared) -> str:
         problem = plan_problem(prepared.config.replace(tolerance=HINT_TOLERANCE), prepared.inputs)
     except InputError as exc:
         return f"--tolerance {HINT_TOLERANCE:g} could not be planned here ({exc})"
-    if not problem.pruned:
+    if problem.plan.estimated_pairs is None:
         reason = problem.plan.exact_reason.removesuffix(": the run is exact")
         return f"--tolerance {HINT_TOLERANCE:g} would not help here: {reason}"
     share = problem.plan.pairs_to_compute / problem.plan.pairs

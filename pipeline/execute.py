@@ -18,7 +18,8 @@ import numpy as np
 from .errors import RunFailed, task_failure
 from .plan import Plan
 from .progress import Callback
-from .worker import Job, run_task_reporting
+from .task import Job
+from .worker import run_task_reporting
 
 
 class SchedulerWatch:

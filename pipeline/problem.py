@@ -3,45 +3,65 @@
 A :class:`Problem` fixes, for points (N, D) and sources (M, D): the kernel with validated parameters
 (:class:`~pipeline.kernels.KernelSpec`), the compute dtype and mode, the tile formulation, the plan (tile
 shape and tasks, :mod:`pipeline.plan`) and the centre that coordinates are taken relative to (float64, in
-the points' units).  :func:`make_problem` is where dtype, mode and tolerance are validated, and where the
-data's range is checked against the dtype.  With a tolerance on a kernel that prunes, the problem also holds
-the run's spatial layout (:class:`pipeline.pruned.Layout`); otherwise every pair is computed.
+the points' units), and the computation method that runs it (:mod:`pipeline.methods`, chosen here, once,
+with its plan and fixed data).  :func:`make_problem` is where dtype, mode and tolerance are validated, and
+where the data's range is checked against the dtype.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import InputError
-from .gradients import DTYPES, MODES, TileShape, formulation, source_center
+from .methods import Method, Planned, PlanRequest, choose
+from .options import DTYPES, MODES
+from .sources import source_center
+from .tiles import TileShape, formulation
 from .inputs import check_lengthscale_range, check_range
 from .kernels import KernelSpec, make_spec
 from .options import check_choice
-from .plan import Plan, make_plan, with_pruning
+from .plan import Plan
 
 
 @dataclass(frozen=True)
 class Problem:
-    """Everything fixed about a computation before the first tile runs."""
+    """Everything fixed about a computation before the first tile runs, including the method that runs it
+    (chosen once, here)."""
 
     spec: KernelSpec
     dtype: str  # compute precision: "float32" or "float64"
     mode: str  # "auto", "jacfwd" or "jacrev"
-    formulation: str  # "radial", "dot" or "generic" (pipeline.gradients)
+    formulation: str  # "radial", "dot" or "generic" (pipeline.tiles)
     plan: Plan
     center: tuple[float, ...]  # subtracted from points and sources in float64 (zeros: not re-centred)
+    method: Method
+    planned: Planned = field(repr=False)  # the method's plan, fixed data (layout) and error bounds
+    request: PlanRequest = field(repr=False)  # the data and options the method planned for
     tolerance: float = 0.0
-    layout: object = None  # pipeline.pruned.Layout of a pruned run; None: every pair is computed
+
+    @property
+    def layout(self):
+        """The method's fixed data (e.g. the pruned method's spatial order and tile index; None for dense)."""
+        return self.planned.layout
 
     @property
     def pruned(self) -> bool:
-        return self.layout is not None
+        return self.method.name == "pruned"
+
+    @property
+    def error_bounds(self) -> dict:
+        return self.planned.error_bounds
 
     @property
     def shape(self) -> TileShape:
         return TileShape(self.plan.rows, self.plan.cols, self.plan.tiles_per_call)
+
+    def compute(self, threads: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
+        """g (N, D), v (N,) and the pairs computed, in this process, by the problem's method."""
+        return self.method.compute(self, self.request, threads)
 
 
 def check_tolerance(tolerance) -> float:
@@ -62,10 +82,11 @@ def make_problem(points: np.ndarray, sources: np.ndarray, *, kernel: str = "rbf"
     (``plan_options`` go to :func:`~pipeline.plan.make_plan`: workers, memory, tile overrides ...) and
     check that the data fit the dtype.  Raises :class:`InputError` naming what is wrong.
 
-    With ``tolerance > 0`` on a kernel that prunes, the spatial layout is built here (``weights``: the
-    sources' weights, None for ones; ``sources_are_points``: one order serves both) and the plan holds the
-    estimated pairs left; if pruning would leave more than :data:`pipeline.pruned.DENSE_ABOVE` of them, the
-    run computes every pair (the bound then holds trivially) and the plan says why."""
+    The method is the first of :data:`pipeline.methods.METHODS` that accepts the problem (``weights``: the
+    sources' weights, None for ones; ``sources_are_points``: the sources are the points themselves).  With
+    ``tolerance > 0`` on a kernel that prunes, that is the pruned method, unless pruning would leave more than
+    :data:`pipeline.methods.pruned.DENSE_ABOVE` of the pairs; a run that computes every pair despite a
+    tolerance says why in ``plan.exact_reason``."""
     check_choice("dtype", dtype, DTYPES)
     check_choice("mode", mode, MODES)
     tolerance = check_tolerance(tolerance)
@@ -77,34 +98,9 @@ def make_problem(points: np.ndarray, sources: np.ndarray, *, kernel: str = "rbf"
         check_lengthscale_range(points, sources, spec.lengthscale, dtype)
     check_range(sources, "sources", center, spec.lengthscale, dtype)
     check_range(points, "points", center, spec.lengthscale, dtype)
-    plan_args = dict(dtype=dtype, formulation=form, distances=spec.kernel.distances, **plan_options)
-    layout, reason = None, ""
-    if tolerance > 0:
-        layout, reason, plan = _pruned_plan(points, sources, weights, spec, mode, tolerance, sources_are_points,
-                                            plan_args)
-    if layout is None:
-        plan = with_pruning(make_plan(n, m, dim, **plan_args), tolerance, None, reason)
-    return Problem(spec, dtype, mode, form, plan, tuple(float(c) for c in center), tolerance, layout)
-
-
-def _pruned_plan(points, sources, weights, spec, mode, tolerance, sources_are_points, plan_args):
-    """(layout, "", plan) for a pruned run, or (None, why every pair is computed, None)."""
-    from .pruned import DENSE_ABOVE, make_layout
-    from .pruning import kernel_bounds, prunes
-
-    if not prunes(spec, mode):
-        why = (f"mode={mode} computes every pair" if mode != "auto" else
-               f"kernel {spec.name} does not decay to 0 with distance, so nothing can be skipped")
-        return None, f"{why}: the run is exact", None
-    bounds = kernel_bounds(spec)
-    if bounds is None:
-        return None, f"kernel {spec.describe()} has no usable tail bound: the run is exact", None
-    (n, dim), m = points.shape, sources.shape[0]
-    plan = make_plan(n, m, dim, pruned=True, **plan_args)
-    layout = make_layout(points, None if sources_are_points else sources, weights, spec, tolerance, bounds,
-                         plan.rows)
-    share = layout.estimated_pairs / max(plan.pairs, 1)
-    if share > DENSE_ABOVE:
-        return None, (f"pruning would skip only {1 - share:.0%} of the pairs at this tolerance, so every "
-                      f"pair is computed (faster with the dense tiles; the bound holds exactly)"), None
-    return layout, "", with_pruning(plan, tolerance, layout.estimated_pairs)
+    request = PlanRequest(points, sources, weights, sources_are_points, spec, mode, dtype, tolerance,
+                          dict(dtype=dtype, formulation=form, distances=spec.kernel.distances, **plan_options))
+    method, planned, why = choose(request)
+    plan = dataclasses.replace(planned.plan, exact_reason=why) if why else planned.plan
+    return Problem(spec, dtype, mode, form, plan, tuple(float(c) for c in center), method,
+                   dataclasses.replace(planned, plan=plan), request, tolerance)

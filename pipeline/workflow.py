@@ -22,7 +22,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,12 +32,11 @@ from .inputs import check_same_dim
 from .fenced import ID_KEY, accepted_ids, new_id
 from .kernels import user_kernel_code
 from .options import RunOptions, check_usage, load_workflow
+from .methods import ClientRun
 from .output import OutputGroup
 from .plan import Plan, memory_fraction, usable_cores
 from .problem import Problem, make_problem
-
-if TYPE_CHECKING:
-    from .worker import Job
+from .task import Job
 
 RunConfig = RunOptions  # the name scripts written for earlier versions import
 __all__ = ["RunOptions", "RunConfig", "load_workflow", "prepare", "run_prepared", "run_workflow"]
@@ -49,16 +47,15 @@ class Prepared:
     """A validated run: what it reads, computes and writes.  Nothing has been written yet."""
 
     config: RunOptions
-    job: "Job"
+    job: Job
     plan: Plan
     attributes: dict
     action: str  # "create", "overwrite", "resume" or "complete" (kgrad plan: a sentence)
     done: np.ndarray | None
     identity: dict = field(default_factory=dict)  # what the run fingerprint hashes
     task_digests: tuple = ()  # per task: blake2b of its query rows as read (workers check them)
-    problem: Problem | None = field(default=None, repr=False)  # a pruned run's layout lives here
-    inputs: "Inputs | None" = field(default=None, repr=False)  # pruned runs (the client writes the sorted
-    # copy) and kgrad plan; None otherwise, so that a dense run's client does not keep its inputs
+    problem: Problem | None = field(default=None, repr=False)  # the method, its plan and fixed data
+    inputs: "Inputs | None" = field(default=None, repr=False)  # the data as read and checked
     taken_ids: frozenset = frozenset()  # the ids an existing output's arrays carried when this run took its
     # lease: it removes or takes over only those (pipeline/fenced.py)
 
@@ -219,8 +216,8 @@ def describe_run(inputs: Inputs, problem: Problem) -> Provenance:
         "formulation": problem.formulation, "kernel_description": spec.describe(),
         "N": plan.n_points, "M": plan.n_sources, "D": plan.dim, "run_fingerprint": fingerprint,
         "kgrad_version": VERSION, "plan": plan.summary(),
-        "pairs_total": plan.pairs, "pruned": problem.pruned,
-        "error_bound": (problem.layout.error_bounds if problem.pruned else {"gradient": 0.0, "value": 0.0}),
+        "pairs_total": plan.pairs, "method": problem.method.name, "pruned": problem.method.name == "pruned",
+        "error_bound": problem.error_bounds,
         **({"exact_reason": plan.exact_reason} if plan.exact_reason else {}),
     }
     return Provenance(identity, fingerprint, attributes)
@@ -234,15 +231,13 @@ def prepare(config: RunOptions, worker_memory: int | None = None, planning: bool
 
     ``planning``: for ``kgrad plan``: the output may be left out, and an existing output is described
     (with the flag a run would need) instead of refused."""
-    from .worker import Job
-
     options = check_options(config, planning)
     storage = tuple(sorted(options.storage_options.items()))
     inputs = read_inputs(options, storage)
     problem = plan_problem(options, inputs, worker_memory)
     provenance = describe_run(inputs, problem)
     output_action = _planned_action if planning else _output_action
-    action, done = (output_action(options, provenance.fingerprint, provenance.identity, storage, problem.plan)
+    action, done = (output_action(options, provenance.fingerprint, provenance.identity, storage, problem)
                     if options.out else ("none", None))
     pin = (options.scheduler == "local" and options.workers <= usable_cores() and options.threads_per_worker == 1)
     job = Job(points=inputs.points, sources=inputs.sources, weights=inputs.weights, spec=problem.spec,
@@ -251,39 +246,18 @@ def prepare(config: RunOptions, worker_memory: int | None = None, planning: bool
               sources_fingerprint=inputs.fingerprints.get("sources", inputs.fingerprints["points"]),
               weights_fingerprint=inputs.fingerprints.get("weights"),
               pin_cores=pin if options.pin_cores is None else options.pin_cores, cache_dir=options.cache_dir,
-              pruned=_pruned_job(problem, inputs))
-    # Pruned tasks read the run's own sorted copy, written from the data checked here.
-    digests = () if problem.pruned else tuple(store.rows_digest(inputs.point_data[t.start:t.stop])
-                                              for t in problem.plan.tasks)
+              method=problem.method.name, data=problem.method.job_data(problem.request, problem.planned))
+    # Tasks that read their rows from the points input check them against the client's digests.
+    digests = (tuple(store.rows_digest(inputs.point_data[t.start:t.stop]) for t in problem.plan.tasks)
+               if problem.method.needs_row_digests() else ())
     return Prepared(options, job, problem.plan, provenance.attributes, action, done, provenance.identity,
-                    digests, problem, inputs if problem.pruned or planning else None)
-
-
-def _pruned_job(problem: Problem, inputs: Inputs):
-    """What a pruned run's tasks need beyond the Job (None for runs that compute every pair)."""
-    from .worker import PrunedJob
-
-    layout = problem.layout
-    if layout is None:
-        return None
-    meta = layout.meta
-    return PrunedJob(budget_value=layout.budget.value, budget_slope=layout.budget.slope,
-                     source_count=meta.count, lower=tuple(map(float, meta.lower)), upper=tuple(map(float, meta.upper)),
-                     signed=meta.signed, separate_sources=inputs.sources is not None,
-                     source_chunk=source_chunk(problem.plan))
-
-
-def source_chunk(plan: Plan) -> int:
-    """Rows per chunk of a pruned run's sorted copy: whole super-tiles of the index, at least 8192 rows."""
-    from .pruning import INDEX_TILE, SUPER_TILES
-
-    return INDEX_TILE * SUPER_TILES * max(1, 8192 // (INDEX_TILE * SUPER_TILES))
+                    digests, problem, inputs)
 
 
 # ----------------------------------------------------------------------------------------- output action
 
 
-def _output_action(config: RunOptions, fingerprint: str, identity: dict, opts: tuple, plan: Plan):
+def _output_action(config: RunOptions, fingerprint: str, identity: dict, opts: tuple, problem: Problem):
     """What a run does with its output location: create it, overwrite or resume a kgrad output, or
     nothing (complete).  Raises InputError for anything kgrad must not touch."""
     output = OutputGroup(config.out, opts)
@@ -327,7 +301,7 @@ def _kernel_code_changed(identity: dict) -> str:
     return f"the code of kernel {identity['kernel']!r} changed since the output was made"
 
 
-def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: tuple, plan: Plan):
+def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: tuple, problem: Problem):
     """For ``kgrad plan``: what a run with these flags would do with the output, in words; never refuses
     (an existing output is described, with the flag a run would need)."""
     from . import lease
@@ -344,7 +318,7 @@ def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: 
     if config.overwrite:
         return "exists: a run with --overwrite replaces it", None
     try:
-        action, done = _output_action(dataclasses.replace(config, resume=True), fingerprint, identity, opts, plan)
+        action, done = _output_action(dataclasses.replace(config, resume=True), fingerprint, identity, opts, problem)
     except InputError as exc:  # not a kgrad output, or another run's
         prefix = f"cannot resume {config.out!r}: "
         reason = (str(exc)[len(prefix):].split("; use --overwrite")[0] if str(exc).startswith(prefix)
@@ -358,15 +332,8 @@ def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: 
         return ("exists, half-created by a run that was stopped: a run "
                 + ("with --resume starts it afresh" if config.resume else "needs --resume or --overwrite "
                    "(either starts it afresh)")), None
-    if plan.pruned:  # a pruned run's progress is in its sorted copy until the results go back in order
-        from .output import SpatialCopy
-
-        output = OutputGroup(config.out, opts)
-        copy = SpatialCopy(output)
-        if output.attributes().get(IN_INPUT_ORDER) == fingerprint:  # stopped after the results went back
-            done = np.ones(plan.n_tasks, bool)
-        else:
-            done = copy.done_tasks() if copy.ready(fingerprint) else np.zeros(plan.n_tasks, bool)
+    plan = problem.plan
+    done = problem.method.done_tasks(OutputGroup(config.out, opts), fingerprint, plan)  # where the method keeps it
     n_done = int(done.sum())
     left = f"{plan.n_tasks - n_done} of {plan.n_tasks} tasks left"
     return (f"exists, incomplete: a run with --resume runs the {left}" if config.resume else
@@ -390,7 +357,7 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
     held = lease.acquire(config.out, opts)
     try:
         # Under the lease: the output may have changed since prepare() looked (another run finished).
-        action, done = _output_action(config, prepared.job.fingerprint, prepared.identity, opts, prepared.plan)
+        action, done = _output_action(config, prepared.job.fingerprint, prepared.identity, opts, prepared.problem)
         if action == "complete":
             print(f"kgrad: {config.out} is already complete; nothing to do", file=stream)
             return OutputGroup(config.out, opts).attributes()
@@ -498,14 +465,10 @@ def _run_owned(prepared: Prepared, stream) -> dict:
                 execute, plan=plan, client=client, callbacks=callbacks, rows_digests=prepared.task_digests or None,
                 scheduler_timeout=config.scheduler_timeout,
                 scheduler="(local)" if cluster is not None else getattr(client.scheduler, "address", config.scheduler))
-            if job.pruned is None:
-                timings = run_tasks(job, done=prepared.done)
-                pairs = plan.pairs
-            else:
-                timings, pairs = _run_pruned(prepared, output, run_tasks)
+            run = _client_run(prepared, output)
+            timings, pairs = prepared.problem.method.run_tasks(run, run_tasks)
         _check_inputs_unchanged(prepared)
-        if job.pruned is not None:
-            _put_back_in_order(prepared, output, timings)
+        prepared.problem.method.finish(run, timings)
     except RunEnded as exc:  # the client's own writes found the output another run's
         raise RunFailed(_lost(config, str(exc)), ENDED_STEP) from exc
     except RunFailed as exc:
@@ -552,89 +515,12 @@ def _run_owned(prepared: Prepared, stream) -> dict:
     return {**prepared.attributes, "timings": timings}
 
 
-def _run_pruned(prepared: Prepared, output: OutputGroup, run_tasks) -> tuple[dict, int]:
-    """A pruned run's tasks: the client writes the sorted copy (unless a resumed run's is whole), then the
-    tasks not yet done run.  Returns the timings and the pairs computed (from the copy, at the end)."""
-    from .output import SpatialCopy
-
-    job, plan = prepared.job, prepared.plan
-    if output.attributes().get(IN_INPUT_ORDER) == job.fingerprint:  # resumed after the results went back
-        return ({"tasks_run": 0, "tasks_skipped": plan.n_tasks, "execute_seconds": 0.0, "task_seconds_total": 0.0,
-                 "compute_seconds_total": 0.0, "worker_pids": []}, int(output.attributes().get("pairs_computed", 0)))
-    copy = SpatialCopy(output)
-    started = time.perf_counter()
-    if not copy.ready(job.fingerprint):
-        _still_owned(prepared, output)
-        copy_id = _write_sorted_copy(prepared, copy)
-    else:
-        copy_id = copy.attributes()["copy_id"]
-    order_seconds = time.perf_counter() - started
-    # Tasks read only the copy they were given: a copy rewritten meanwhile (another run) is never mixed in.
-    job = dataclasses.replace(job, pruned=dataclasses.replace(job.pruned, copy_id=copy_id))
-    timings = run_tasks(job, done=copy.done_tasks())
-    timings["order_seconds"] = round(order_seconds, 4)
-    return timings, int(np.sum(copy.read("pairs")))
-
-
-IN_INPUT_ORDER = "results_in_input_order"  # a pruned run's output: set (to its fingerprint) once unsorted
-
-
-def _still_owned(prepared: Prepared, output: OutputGroup) -> None:
-    """Raise :class:`RunFailed` unless this run still holds the output's lease and the output is still its
-    own: the client's own writes (the sorted copy, putting results back in order) are checked like tasks'."""
-    from . import lease
-    from .errors import ENDED_STEP, RunEnded, RunFailed
-
-    job = prepared.job
-    try:
-        lease.check_owner(job.out, job.lease_token, job.out_options)
-        if output.attributes().get("run_fingerprint") != job.fingerprint:
-            raise RunEnded(f"output {job.out!r} now holds another run's data")
-    except RunEnded as exc:
-        raise RunFailed(str(exc), ENDED_STEP) from exc
-
-
-def _write_sorted_copy(prepared: Prepared, copy) -> str:
-    """The inputs in the run's spatial order, and the tile index, into ``OUT/order/``."""
-    layout, inputs, plan = prepared.problem.layout, prepared.inputs, prepared.plan
-    separate = inputs.sources is not None
-    source_order = layout.source_order if separate else layout.point_order
-    weights = None if inputs.weight_data is None else np.asarray(inputs.weight_data, np.float64)[source_order]
-    return copy.create(run_id=prepared.job.output_id, run_fingerprint=prepared.job.fingerprint,
-                       point_index=layout.point_order, points=np.asarray(inputs.point_data)[layout.point_order],
-                       source_index=source_order if separate else None,
-                       sources=np.asarray(inputs.source_data)[source_order] if separate else None, weights=weights,
-                       tiles=layout.index.as_array(), dtype=plan.dtype, rows_per_task=plan.rows_per_task,
-                       n_tasks=plan.n_tasks, source_chunk=prepared.job.pruned.source_chunk)
-
-
-def _put_back_in_order(prepared: Prepared, output: OutputGroup, timings: dict) -> None:
-    """The sorted results into the output in input order, the pairs computed and :data:`IN_INPUT_ORDER`
-    recorded, every output task marked done, and the sorted copy deleted.  Each write is made only while
-    the run still owns the output, and only from a whole copy of this run whose tasks are all done."""
-    from .errors import RunFailed
-    from .output import SpatialCopy
-
-    job = prepared.job
-    copy = SpatialCopy(output)
-    if output.attributes().get(IN_INPUT_ORDER) == job.fingerprint:  # killed after the results went back
-        _still_owned(prepared, output)
-        output.mark_all_done(job.output_id)  # the results in input order are whole: every task's rows are there
-        copy.remove(job.output_id)
-        return
-    if not copy.ready(job.fingerprint):
-        raise RunFailed("the run's sorted copy (order/) is missing or was replaced")
-    missing = int((~copy.done_tasks()).sum())
-    if missing:
-        raise RunFailed(f"{missing} of {prepared.plan.n_tasks} pruned tasks are not marked done")
-    started = time.perf_counter()
-    _still_owned(prepared, output)
-    pairs = copy.unsort_into_output(job.output_id)
-    _still_owned(prepared, output)
-    output.update({"pairs_computed": pairs, IN_INPUT_ORDER: job.fingerprint}, job.output_id)
-    output.mark_all_done(job.output_id)
-    copy.remove(job.output_id)
-    timings["unsort_seconds"] = round(time.perf_counter() - started, 4)
+def _client_run(prepared: Prepared, output: OutputGroup) -> ClientRun:
+    """What the method's client steps see of this run."""
+    inputs = prepared.inputs
+    return ClientRun(job=prepared.job, plan=prepared.plan, layout=prepared.problem.layout, output=output,
+                     points=inputs.point_data, sources=None if inputs.sources is None else inputs.source_data,
+                     weights=inputs.weight_data, done=prepared.done)
 
 
 def _check_inputs_unchanged(prepared: Prepared) -> None:

@@ -1,5 +1,5 @@
-"""The pruned computation (``tolerance > 0``): query blocks in the run's spatial order against the source
-tiles each block cannot skip (:mod:`pipeline.pruning`).
+"""The pruned method's computation (``tolerance > 0``, :mod:`pipeline.methods.pruned`): query blocks in the
+run's spatial order against the source tiles each block keeps (:mod:`pipeline.pruning` decides which).
 
 Points and sources are put in one spatial order each, once per run (:func:`spatial_order`: Morton order in
 lengthscales).  In that order, query block ``b`` is rows ``[b * rows, (b + 1) * rows)`` and source tile
@@ -22,7 +22,6 @@ import numpy as np
 
 from .gradients import PreparedSources, TileShape, block_setup, block_sums, needs_x64, prepare_sources
 from .kernels import KernelSpec
-from .plan import PRUNED_SLOWDOWN
 from .pruning import (INDEX_TILE, Budget, KernelBounds, Selection, TileIndex, select_sources, select_tiles,
                       tile_index)
 from .spatial import in_input_order, morton_keys, tile_rows
@@ -187,9 +186,6 @@ def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles
     return g, v, int(computed.sum())
 
 
-# Above this estimated share of the N x M pairs a pruned run computes everything the dense way instead
-# (its bigger tiles are faster than gathering nearly every tile; the bound then holds trivially).
-DENSE_ABOVE = 1.0 / PRUNED_SLOWDOWN  # where the pruned run's estimated time reaches the dense run's
 ESTIMATE_BLOCKS = 128  # query blocks sampled (evenly) for the plan's estimate of the pairs left
 ESTIMATE_FINE_EVERY = 16  # ... and every 16th of them also through the per-source level
 ESTIMATE_DENSE_EARLY = 0.8  # those alone leave more than this share of the pairs: dense, no more sampling
