@@ -6,10 +6,11 @@ import numpy as np
 
 from .blocks import compute_rows
 from .finite import check_finite_result
-from .gradients import on_cpu, prepare_sources
 from .inputs import as_point_array, as_weights, check_same_dim
 from .plan import usable_cores
+from .precision import on_cpu
 from .problem import make_problem
+from .sources import prepare_sources
 
 
 def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", lengthscale=1.0, variance=1.0,

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError
-from .gradients import DTYPES, MODES, TileShape, formulation, source_center
 from .inputs import check_lengthscale_range, check_range
 from .kernels import KernelSpec, make_spec
-from .options import check_choice
+from .options import DTYPES, MODES, check_choice
 from .plan import Plan, make_plan, with_pruning
+from .sources import source_center
+from .tiles import TileShape, formulation
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class Problem:
     spec: KernelSpec
     dtype: str  # compute precision: "float32" or "float64"
     mode: str  # "auto", "jacfwd" or "jacrev"
-    formulation: str  # "radial", "dot" or "generic" (pipeline.gradients)
+    formulation: str  # "radial", "dot" or "generic" (pipeline.tiles)
     plan: Plan
     center: tuple[float, ...]  # subtracted from points and sources in float64 (zeros: not re-centred)
     tolerance: float = 0.0

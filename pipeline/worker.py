@@ -27,7 +27,7 @@ from .output import OutputGroup, SpatialCopy
 from .errors import InputError, InputsChanged, NonFiniteResultError, RunEnded, task_failure
 from .blocks import compute_rows
 from .finite import check_finite_result
-from .gradients import TileShape
+from .tiles import TileShape
 from .kernels import KernelSpec
 from .plan import Task
 
@@ -65,7 +65,7 @@ class PrunedJob:
     source_count: int
     lower: tuple[float, ...]  # the sources' bounding box (input units)
     upper: tuple[float, ...]
-    signed: bool  # weights of both signs
+    may_cancel: bool  # float32 terms may cancel (weights of both signs)
     separate_sources: bool  # OUT/order/sources (else the sorted points are the sources)
     source_chunk: int  # rows per chunk of the sorted sources
     copy_id: str = ""  # the sorted copy the tasks read (OUT/order/ attribute, new each time it is written)
@@ -76,7 +76,7 @@ _SOURCES: dict = {}  # this worker process's prepared sources: one run's at a ti
 
 def _prepared_sources(job: Job):
     """Sources prepared once per worker process and run (keyed by the run's fingerprint)."""
-    from .gradients import prepare_sources
+    from .sources import prepare_sources
 
     key = (job.fingerprint, job.dtype, job.shape)
     if key not in _SOURCES:
@@ -145,7 +145,7 @@ def run_task(job: Job, task: Task, rows_digest: str | None = None) -> dict:
     ``rows_digest``: the client's digest of these query rows; the task refuses rows that differ (points
     rewritten during the run), so a run never mixes two versions of its inputs."""
     from .cache import enable_compilation_cache
-    from .gradients import enable_x64
+    from .precision import enable_x64
 
     started = time.perf_counter()
     if job.pin_cores:
@@ -247,7 +247,7 @@ def _check_copy(job: Job, copy: SpatialCopy) -> None:
 
 def _source_tiles(job: Job, copy: SpatialCopy, index, tiles: np.ndarray):
     """The prepared source tiles ``tiles`` (global ids, ascending) for this task."""
-    from .gradients import PreparedSources
+    from .sources import PreparedSources
     from .pruned import SourceTiles
     from .pruning import INDEX_TILE
     from .spatial import tile_rows
@@ -263,7 +263,7 @@ def _source_tiles(job: Job, copy: SpatialCopy, index, tiles: np.ndarray):
         weights = np.concatenate([chunks[c][1] for c in needed])[at]
     p = job.pruned
     meta = PreparedSources(None, None, np.asarray(job.center), p.source_count, lower=np.asarray(p.lower),
-                           upper=np.asarray(p.upper), signed=p.signed)
+                           upper=np.asarray(p.upper), may_cancel=p.may_cancel)
     return SourceTiles.build(tiles, sources, weights, job.spec, job.dtype, INDEX_TILE, np.asarray(job.center), meta)
 
 
@@ -271,7 +271,7 @@ def run_pruned_task(job: Job, task: Task) -> dict:
     """Compute and store one task of a pruned run: rows ``[task.start, task.stop)`` of the points in spatial
     order, each block against the source tiles it cannot skip, read from the run's sorted copy."""
     from .cache import enable_compilation_cache
-    from .gradients import enable_x64
+    from .precision import enable_x64
     from .pruned import blocks_to_compute, compute_blocks
     from .pruning import Budget, kernel_bounds
 

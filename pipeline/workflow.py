@@ -269,7 +269,7 @@ def _pruned_job(problem: Problem, inputs: Inputs):
     meta = layout.meta
     return PrunedJob(budget_value=layout.budget.value, budget_slope=layout.budget.slope,
                      source_count=meta.count, lower=tuple(map(float, meta.lower)), upper=tuple(map(float, meta.upper)),
-                     signed=meta.signed, separate_sources=inputs.sources is not None,
+                     may_cancel=meta.may_cancel, separate_sources=inputs.sources is not None,
                      source_chunk=source_chunk(problem.plan))
 
 
