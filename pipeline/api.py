@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from .finite import check_finite_result
-from .precision import on_cpu
 from .inputs import as_point_array, as_weights, check_same_dim
 from .plan import usable_cores
+from .precision import on_cpu
 from .problem import make_problem
 
 

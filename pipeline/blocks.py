@@ -1,21 +1,31 @@
 """The one query-block loop: the in-process API and every dask task compute their rows with it.
 
 Rows are grouped as a run's tasks group them (``chunk`` consecutive rows; a task is one chunk), each
-group is cut into blocks of at most ``shape.rows`` rows in spatial order (:func:`~pipeline.gradients.
-query_blocks`: compact blocks, each in its own coordinates), and each block's sums are written back to its
-rows' own places, so results stay in input order and are the same bits however the groups are spread
-over workers or threads.
+group is cut into blocks of at most ``shape.rows`` rows in spatial order (:func:`query_blocks`: compact
+blocks, each in its own coordinates), and each block's sums are written back to its rows' own places, so
+results stay in input order and are the same bits however the groups are spread over workers or threads.
+
+One block (:func:`block_sums`): its queries are moved to the sources' frame as the sources were
+(:mod:`pipeline.sources`), its variant is chosen (:mod:`pipeline.block_precision`), and one jitted call
+per ``tiles_per_call`` source tiles (:func:`pipeline.tiles.compiled_block`) returns one partial sum per
+tile.  Every call is dispatched first, then the partials are added in float64, in a fixed order, so
+results are reproducible bit for bit and float32 error does not grow with the number of sources.  The
+summed gradient g (b, D) is in units of k per unit of q, the kernel sum v (b,) in units of k.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import jax
 import numpy as np
 
-from .gradients import (PreparedSources, TileShape, block_setup, block_sums, needs_x64, query_blocks,
-                        thread_x64, x64_enabled)
-from .kernels import KernelSpec
+from .block_precision import BlockSetup, block_setup, needs_x64
+from .kernels import KernelSpec, get_kernel
+from .precision import thread_x64, x64_active, x64_enabled
+from .sources import PreparedSources, split_hi_lo
+from .spatial import block_slices, morton_order
+from .tiles import TileShape, compiled_block, formulation, split_params
 
 
 def compute_rows(queries: np.ndarray, prepared: PreparedSources, spec: KernelSpec, mode: str, dtype: str,
@@ -37,7 +47,7 @@ def compute_rows(queries: np.ndarray, prepared: PreparedSources, spec: KernelSpe
         rows = blocks[index]
         g[rows], v[rows] = block_sums(queries[rows], prepared, spec, mode, dtype, shape, setups[index])
 
-    run_blocks(one_block, len(blocks), needs_x64(spec, mode, dtype) or any(s.variant.float64 for s in setups),
+    run_blocks(one_block, len(blocks), needs_x64(spec, mode, dtype) or any(s.variant.uses_float64 for s in setups),
                threads)
     return g, v
 
@@ -57,8 +67,6 @@ def _run_blocks_in_threads(one_block, indices, threads: int) -> None:
     """One block per thread at a time.  Worker threads get the calling thread's effective x64 switch (a
     caller's ``with jax.enable_x64(...)`` is per thread).  On the first error the blocks not yet started are
     cancelled and the error is raised."""
-    import jax
-
     x64 = bool(jax.config.read("jax_enable_x64"))
 
     def run(index):
@@ -74,3 +82,54 @@ def _run_blocks_in_threads(one_block, indices, threads: int) -> None:
             for future in futures:
                 future.cancel()
             raise
+
+
+def query_blocks(queries, spec: KernelSpec, rows: int) -> list[np.ndarray]:
+    """Row indices of each query block of at most ``rows`` rows, in the order they are computed.
+
+    Stationary kernels: the rows in Morton order of their coordinates scaled by the lengthscales
+    (:func:`pipeline.spatial.morton_order`), so that each block is compact; others: input order.  Results
+    are written back to the rows' own places, so only which rows share a block changes.
+    """
+    queries = np.asarray(queries)
+    n = len(queries)
+    if get_kernel(spec.name).stationary and n > rows:
+        order = morton_order(queries.astype(np.float64) / np.asarray(spec.lengthscale, np.float64))
+    else:
+        order = np.arange(n, dtype=np.int64)
+    return [order[s] for s in block_slices(n, rows)]
+
+
+def block_sums(queries, prepared: PreparedSources, spec: KernelSpec, mode: str, dtype: str,
+               shape: TileShape, setup: BlockSetup | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Summed gradient (b, D) and kernel sum (b,) in float64 for up to ``shape.rows`` query rows.
+    Needs JAX's x64 switch on (:func:`pipeline.precision.enable_x64` or :func:`x64_enabled`) for float64 runs and for blocks
+    whose variant computes in float64 (:func:`block_setup`)."""
+    queries = np.asarray(queries)
+    b, dim = queries.shape
+    if b > shape.rows:
+        raise ValueError(f"block of {b} rows exceeds the tile's {shape.rows} rows")
+    setup = setup or block_setup(queries, prepared, spec, mode, dtype)
+    variant = setup.variant
+    if variant.uses_float64 and not x64_active():
+        raise RuntimeError("this block computes in float64 but JAX's x64 switch is off (use x64_enabled)")
+    split = dtype == "float32"
+    q = np.empty((shape.rows, dim), dtype=dtype)
+    q_lo = np.empty((shape.rows, dim), dtype=dtype) if split else None
+    split_hi_lo(queries.astype(np.float64) - prepared.center, q[:b], q_lo[:b] if split else None)
+    q[b:] = q[0] if b else 0.0
+    if split:
+        q_lo[b:] = q_lo[0] if b else 0.0
+    delta = setup.center - prepared.center
+    offset = np.zeros((2, dim), dtype=dtype)
+    split_hi_lo(delta, offset[0], offset[1] if dtype == "float32" else None)
+    dynamic, static = split_params(spec, "float64" if variant.uses_float64 else dtype)
+    fn = compiled_block(spec.name, static, formulation(spec, mode), mode, dtype, shape, dim, variant)
+    # Dispatch every call first (JAX runs them asynchronously), then add the partials in a fixed order.
+    partials = [fn(q, q_lo, offset, xs, xs_lo, ws, ws_lo, dynamic) for xs, xs_lo, ws, ws_lo in prepared.calls()]
+    g_total = np.zeros((shape.rows, dim))
+    v_total = np.zeros(shape.rows)
+    for g, v in partials:
+        g_total += np.sum(np.asarray(g, dtype=np.float64), axis=0)
+        v_total += np.sum(np.asarray(v, dtype=np.float64), axis=0)
+    return g_total[:b], v_total[:b]

@@ -6,7 +6,7 @@ lengthscales).  In that order, query block ``b`` is rows ``[b * rows, (b + 1) * 
 ``t`` is rows ``[t * INDEX_TILE, (t + 1) * INDEX_TILE)``, wherever the rows are computed, so a block's bits do not
 depend on how blocks are grouped into tasks or spread over workers: the in-process API and ``kgrad run``
 give the same bits.  Each block gathers its kept tiles into the fixed-shape calls of the dense path
-(:func:`pipeline.gradients.block_sums`, zero-weight tiles as padding) and adds the partial sums in
+(:func:`pipeline.blocks.block_sums`, zero-weight tiles as padding) and adds the partial sums in
 ascending tile order.
 
 Used by :func:`pipeline.api.kernel_gradients` (all tiles in memory) and by the workers (only the tiles
@@ -20,11 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .gradients import PreparedSources, TileShape, block_setup, block_sums, needs_x64, prepare_sources
+from .block_precision import block_setup, needs_x64
+from .blocks import block_sums, run_blocks
 from .kernels import KernelSpec
 from .pruning import (INDEX_TILE, Budget, KernelBounds, Selection, TileIndex, select_sources, select_tiles,
                       tile_index)
+from .sources import PreparedSources, prepare_sources
 from .spatial import in_input_order, morton_keys, tile_rows
+from .tiles import TileShape
 
 
 def spatial_order(points: np.ndarray, spec: KernelSpec, weights: np.ndarray | None = None) -> np.ndarray:
@@ -88,7 +91,7 @@ class SourceTiles:
     def build(cls, ids: np.ndarray, sources: np.ndarray, weights: np.ndarray | None, spec: KernelSpec,
               dtype: str, cols: int, center: np.ndarray, meta: PreparedSources | None = None) -> "SourceTiles":
         """``sources`` (and ``weights``): the rows of the tiles ``ids``, in order.  ``meta``: the run's
-        whole-source facts (count, bounding box, signed weights) that each block's precision depends on."""
+        whole-source facts (count, bounding box, whether float32 terms may cancel) that each block's precision depends on."""
         sources = np.asarray(sources)
         m = len(sources)
         padded = -(-m // cols) * cols + cols  # whole tiles, then the zero-weight tile
@@ -100,7 +103,7 @@ class SourceTiles:
         prepared = prepare_sources(rows, w, spec, dtype, TileShape(1, cols, 1), center=center)
         if meta is not None:
             prepared = dataclasses.replace(prepared, count=meta.count, lower=meta.lower, upper=meta.upper,
-                                           signed=meta.signed)
+                                           may_cancel=meta.may_cancel)
         scaled = rows.astype(np.float64) / np.asarray(spec.lengthscale, np.float64)
         return cls(np.asarray(ids, np.int64), prepared, scaled, np.abs(w))
 
@@ -157,8 +160,6 @@ def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles
     blocks of ``shape.rows`` rows: block ``b`` against the sources of its tiles ``selection.kept[b]`` that
     the rest of its budget cannot skip (:func:`~pipeline.pruning.select_sources`), packed into whole calls
     (``counts``: sources per tile, global)."""
-    from .blocks import run_blocks
-
     queries = np.asarray(queries)
     n, dim = queries.shape
     g = np.empty((n, dim), dtype=dtype)
@@ -181,7 +182,7 @@ def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles
             g_sum, v_sum = g_sum + g_part, v_sum + v_part
         g[rows], v[rows] = g_sum, v_sum
 
-    run_blocks(one_block, len(setups), needs_x64(spec, mode, dtype) or any(s.variant.float64 for s in setups),
+    run_blocks(one_block, len(setups), needs_x64(spec, mode, dtype) or any(s.variant.uses_float64 for s in setups),
                threads)
     return g, v, int(computed.sum())
 
@@ -203,7 +204,7 @@ class Layout:
     weight_sum: float  # S = sum |w|
     tolerance: float
     estimated_pairs: int  # from a sample of blocks (the run records the exact count)
-    meta: PreparedSources = dataclasses.field(repr=False, default=None)  # count, box, signed of all sources
+    meta: PreparedSources = dataclasses.field(repr=False, default=None)  # count, box, may_cancel of all sources
 
     @property
     def error_bounds(self) -> dict:
@@ -257,7 +258,7 @@ def make_layout(points: np.ndarray, sources: np.ndarray | None, weights: np.ndar
     estimated = int(round(tile_pairs * share / max(sampled_rows, 1) * n))
     signed = bool(weights is not None and len(weights) and np.min(weights) < 0 < np.max(weights))
     meta = PreparedSources(None, None, np.zeros(points.shape[1]), len(x), lower=np.min(x, 0).astype(np.float64),
-                           upper=np.max(x, 0).astype(np.float64), signed=signed)
+                           upper=np.max(x, 0).astype(np.float64), may_cancel=signed)
     return Layout(point_order, source_order, index, bounds, budget, weight_sum, tolerance, estimated, meta)
 
 

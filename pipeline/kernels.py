@@ -2,7 +2,7 @@
 
 Every kernel is ``k(q, x, p) -> scalar`` for two points ``q, x`` of shape (D,) and a parameter dict ``p``
 holding ``lengthscale`` (shape (D,)), ``variance`` (scalar) and the kernel's own parameters.  Gradients are
-never written by hand: the tile code in :mod:`pipeline.gradients` derives them with JAX.
+never written by hand: the tile code in :mod:`pipeline.tiles` derives them with JAX.
 
 Some kernels also declare *structure* that the fast paths use:
 

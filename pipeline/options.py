@@ -37,7 +37,7 @@ from .errors import InputError
 # --help and usage errors need no JAX.
 KERNEL_NAMES = ("rbf", "matern12", "matern32", "matern52", "rational_quadratic", "imq", "periodic", "linear",
                 "polynomial")
-# Compute precisions and modes (pipeline.gradients uses these), named here for the same reason.
+# Compute precisions and modes (pipeline.tiles and pipeline.problem use these), named here for the same reason.
 DTYPES = ("float32", "float64")
 MODES = ("auto", "jacfwd", "jacrev")
 

@@ -180,7 +180,7 @@ def pair_arrays(formulation: str, dim: int, distances: str = "gemm") -> int:
 def task_memory(n_sources: int, dim: int, dtype: str, rows: int, cols: int, tiles_per_call: int,
                 rows_per_task: int, pair_arrays: int = None) -> int:
     """Projected peak bytes held by one task (beyond the worker's baseline), the terms in the order a
-    worker holds them (pipeline.store.load_input, pipeline.gradients.prepare_sources, block_sums):
+    worker holds them (pipeline.store.load_input, pipeline.sources.prepare_sources, pipeline.blocks.block_sums):
 
     the sources as read (up to float64) and the read buffers of one block, the padded copy (8 bytes a
     value: float64, or float32 hi/lo pairs), one call's tile temporaries (r2, f', f and XLA scratch, in float64 at worst), the per-tile
@@ -190,7 +190,7 @@ def task_memory(n_sources: int, dim: int, dtype: str, rows: int, cols: int, tile
     padded = _round_up(max(n_sources, 1), cols * tiles_per_call)
     calls = padded // (cols * tiles_per_call)
     read = n_sources * (dim + 1) * 8 + min(n_sources, READ_BLOCK_ROWS) * (dim + 1) * 8 * 2
-    prepared = padded * (dim + 1) * 8  # float64, or float32 hi/lo pairs (pipeline.gradients.PreparedSources)
+    prepared = padded * (dim + 1) * 8  # float64, or float32 hi/lo pairs (pipeline.sources.PreparedSources)
     temporaries = (pair_arrays or TILE_TEMPORARIES) * rows * cols * 8 + rows * (dim + 2) * 8 * 2
     partials = calls * tiles_per_call * rows * (dim + 1) * item + rows * (dim + 1) * 8 * 2
     task = rows_per_task * dim * 8 + rows_per_task * (dim + 1) * (8 + item)

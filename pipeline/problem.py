@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
-from .methods import Method, Planned, PlanRequest, choose
-from .options import DTYPES, MODES
-from .sources import source_center
-from .tiles import TileShape, formulation
 from .inputs import check_lengthscale_range, check_range
 from .kernels import KernelSpec, make_spec
-from .options import check_choice
+from .methods import Method, Planned, PlanRequest, choose
+from .options import DTYPES, MODES, check_choice
 from .plan import Plan
+from .sources import source_center
+from .tiles import TileShape, formulation
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ def make_problem(points: np.ndarray, sources: np.ndarray, *, kernel: str = "rbf"
     check_choice("dtype", dtype, DTYPES)
     check_choice("mode", mode, MODES)
     tolerance = check_tolerance(tolerance)
-    (n, dim), m = points.shape, sources.shape[0]
+    dim = points.shape[1]
     spec = make_spec(kernel, dim, lengthscale, variance, **(params or {}))
     form = formulation(spec, mode)
     center = source_center(sources, spec)

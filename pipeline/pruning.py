@@ -113,7 +113,8 @@ def kernel_bounds(spec: KernelSpec) -> KernelBounds | None:
     import jax
     import jax.numpy as jnp
 
-    from .gradients import split_params, thread_x64
+    from .precision import thread_x64
+    from .tiles import split_params
 
     radii = np.concatenate([[0.0], np.geomspace(TABLE_MIN, TABLE_MAX, TABLE_SIZE - 1)])
     profile = get_kernel(spec.name).radial_profile

@@ -2,7 +2,7 @@
 
 Pure numpy, float64, deterministic (no JAX, no randomness).  Used to group query rows into compact blocks:
 consecutive points in Morton order lie close together, so a block of them has a small bounding box.  The
-tile code centres each block on its own mid-range (accuracy: :mod:`pipeline.gradients`); a pruning pass can
+tile code centres each block on its own mid-range (accuracy: :mod:`pipeline.block_precision`); a pruning pass can
 use the same blocks and their boxes to skip far sources.
 
 * :func:`morton_order` -- the permutation that sorts points by their Morton key;

@@ -1,4 +1,4 @@
-"""Measure a worker task's memory: run ``pipeline.worker.run_task`` in this (fresh) process, as a dask
+"""Measure a worker task's memory: run ``pipeline.methods.dense.DENSE.run_task`` in this (fresh) process, as a dask
 worker would, and print one JSON object with the figures.  Used by test_memory.py.
 
     python tests/memory_probe.py JOBS.pkl
@@ -46,13 +46,13 @@ def main(path: str) -> None:
     import numpy as np  # noqa: F401
 
     import distributed  # noqa: F401
-    from pipeline.worker import run_task
+    from pipeline.methods.dense import DENSE
 
     with open(path, "rb") as f:
         jobs = pickle.load(f)
     warm_job, warm_tasks = jobs["warmup"]
     for task in warm_tasks:
-        run_task(warm_job, task)
+        DENSE.run_task(warm_job, task)
     gc.collect()
     baseline = _status_kib("VmRSS") * 1024
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -62,7 +62,7 @@ def main(path: str) -> None:
     seconds = []
     for task in tasks:
         t = time.perf_counter()
-        run_task(job, task)
+        DENSE.run_task(job, task)
         seconds.append(round(time.perf_counter() - t, 3))
     hwm = _status_kib("VmHWM") * 1024
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -253,7 +253,7 @@ def test_gaussian_exponent_is_consistent(kernel):
     decreasing (JAX's second derivative of e is 0, its first is negative and the same everywhere)."""
     import jax
 
-    from pipeline.gradients import x64_enabled
+    from pipeline.precision import x64_enabled
     k = pipeline.KERNELS[kernel]
     p = {"lengthscale": np.ones(3), "variance": np.float64(VARIANCE)}
     r2 = np.array([0.0, 1e-8, 0.3, 1.0, 7.5, 40.0])
@@ -274,12 +274,13 @@ def test_gaussian_tile_matches_general_radial_tile(kernel, dtype, data):
     """The one-GEMM tile and the general radial tile (f' from vmap(jacfwd(f)), two GEMMs) agree."""
     import jax.numpy as jnp
 
-    from pipeline import gradients
+    from pipeline import tiles
+    from pipeline.precision import x64_enabled
     q, x, w = (np.asarray(a, dtype) for a in data)
     k = pipeline.KERNELS[kernel]
-    with gradients.x64_enabled(dtype == "float64"):
+    with x64_enabled(dtype == "float64"):
         p = {"lengthscale": jnp.asarray(ARD, dtype), "variance": jnp.asarray(VARIANCE, dtype)}
-        g1, v1 = gradients._gaussian_tile(k.radial_profile, k.exponent, q, x, w, p)
-        g2, v2 = gradients._radial_tile(k.radial_profile, False, q, x, w, p)
+        g1, v1 = tiles._gaussian_tile(k.radial_profile, k.exponent, q, x, w, p)
+        g2, v2 = tiles._radial_tile(k.radial_profile, False, q, x, w, p)
         assert relative_error(np.asarray(g1), np.asarray(g2)) <= BOUND[dtype]
         assert relative_error(np.asarray(v1), np.asarray(v2)) <= BOUND[dtype]

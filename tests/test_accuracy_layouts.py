@@ -253,7 +253,7 @@ def test_run_task_on_wide_spread_data(tmp_path):
     import zarr
 
     from pipeline.output import OutputGroup
-    from pipeline.worker import run_task
+    from pipeline.methods.dense import DENSE
     from pipeline.workflow import RunConfig, prepare
 
     q, _, _, _ = LAYOUTS["clusters_1e4"]()
@@ -266,7 +266,7 @@ def test_run_task_on_wide_spread_data(tmp_path):
     OutputGroup(str(out)).create(n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
                                  rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks, attributes=prepared.attributes)
     for task in plan.tasks:
-        run_task(prepared.job, task)
+        DENSE.run_task(prepared.job, task)
     group = zarr.open_group(str(out), mode="r")
     g, v = np.asarray(group["gradient"][:]), np.asarray(group["value"][:])
     g_ref, v_ref = reference_gradients(q)

@@ -482,7 +482,7 @@ def test_workers_check_the_sources_when_they_are_the_points(tmp_path):
     """Without --sources the points are the sources: a worker that loads them changed refuses the task."""
     from pipeline.errors import InputsChanged
     from pipeline.output import OutputGroup
-    from pipeline.worker import _SOURCES, run_task
+    from pipeline.methods.dense import _SOURCES, DENSE
     from pipeline.workflow import RunOptions, prepare
 
     points = tmp_path / "q.npy"
@@ -499,7 +499,7 @@ def test_workers_check_the_sources_when_they_are_the_points(tmp_path):
     np.save(points, data)
     _SOURCES.clear()
     with pytest.raises(InputsChanged, match="changed"):
-        run_task(prepared.job, plan.tasks[0])
+        DENSE.run_task(prepared.job, plan.tasks[0])
     assert not OutputGroup(str(out)).done_tasks().any()
 
 

@@ -2,7 +2,7 @@
 (``plan.task_memory_bytes``, plus ``WORKER_BASELINE_BYTES`` for the process), and a plan that cannot fit
 the workers' memory limit is refused before anything runs (exit 2, nothing written).
 
-The measurement runs ``pipeline.worker.run_task`` in a fresh subprocess (tests/memory_probe.py) with the
+The measurement runs ``pipeline.methods.dense.DENSE.run_task`` in a fresh subprocess (tests/memory_probe.py) with the
 environment kgrad's workers get (malloc thresholds at 256 MiB), after a warm-up task of the same tile
 shape, with M = 2e6 sources (D = 3) so that the sources dominate.
 """

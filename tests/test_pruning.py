@@ -1,4 +1,4 @@
-"""Error-bounded pruning (``kernel_gradients(..., tolerance=EPS)``, ``pipeline.pruning``, ``pipeline.pruned``).
+"""Error-bounded pruning (``kernel_gradients(..., tolerance=EPS)``, ``pipeline.pruning``, ``pipeline.methods.pruned``).
 
 The contract, per query j (``S = sum_i |w_i|``; ``kmax = max k``, ``gmax = max |grad_q k|`` over all pairs, i.e.
 ``variance * f(0)`` and ``variance * sup |f'(r)| / l_min`` for a radial profile ``f`` of r in lengthscales):
@@ -43,8 +43,8 @@ from pipeline.errors import InputError
 from pipeline.kernels import make_spec
 from pipeline.plan import PRUNED_TILES
 from pipeline.problem import make_problem
-import pipeline.pruned  # noqa: E402
-from pipeline.pruned import compute_in_memory
+import pipeline.methods.pruned  # noqa: E402
+from pipeline.kept_tiles import compute_in_memory
 from pipeline.pruning import (SUPER_TILES, TABLE_MAX, TABLE_MIN, Budget, TileIndex, kernel_bounds, prunes,
                               select_sources, select_tiles, tile_index)
 
@@ -52,11 +52,11 @@ from pipeline.pruning import (SUPER_TILES, TABLE_MAX, TABLE_MIN, Budget, TileInd
 @pytest.fixture(autouse=True)
 def prune_small_problems(monkeypatch, request):
     """These layouts are small (a few thousand points), so pruning often leaves more of the pairs than
-    pipeline.pruned.DENSE_ABOVE, where a real run computes every pair the dense way instead.  The bound is
+    pipeline.methods.pruned.DENSE_ABOVE, where a real run computes every pair the dense way instead.  The bound is
     what is tested here, so the pruned path runs up to 95% of the pairs (a run with nothing to prune still
     falls back); the fallback itself is tested with the real threshold."""
     if "real_threshold" not in request.keywords:
-        monkeypatch.setattr(pipeline.pruned, "DENSE_ABOVE", 0.95)
+        monkeypatch.setattr(pipeline.methods.pruned, "DENSE_ABOVE", 0.95)
 
 kernel_gradients = pipeline.kernel_gradients
 
@@ -309,7 +309,7 @@ def test_bound_on_adversarial_layouts(layout, kernel):
             assert problem.plan.exact_reason
             assert np.array_equal(g, g_dense) and np.array_equal(v, v_dense), label
             continue
-        assert problem.layout.estimated_pairs <= pipeline.pruned.DENSE_ABOVE * n * m
+        assert problem.layout.estimated_pairs <= pipeline.methods.pruned.DENSE_ABOVE * n * m
         bound_g, bound_v = contract_bounds(kernel, params, tolerance, w, m, ls)
         check_reported_bounds(problem, bound_g, bound_v)
         check_within(f"{label} vs oracle", g, v, g_ref, v_ref, bound_g, bound_v)

@@ -113,7 +113,7 @@ def big_run(big, tmp_path_factory):
 def test_cli_equals_the_api_bit_for_bit(small, small_run):
     from pipeline import kernel_gradients
     from pipeline.problem import make_problem
-    from pipeline.pruned import compute_in_memory
+    from pipeline.kept_tiles import compute_in_memory
 
     pts = np.load(small)
     g, v = kernel_gradients(pts, lengthscale=float(LENGTHSCALE), tolerance=float(TOLERANCE), return_value=True)

@@ -10,7 +10,7 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 jaxprs_in_params = pytest.importorskip("jax.extend.core").jaxprs_in_params
 
-from pipeline.gradients import x64_enabled  # noqa: E402
+from pipeline.precision import x64_enabled  # noqa: E402
 from pipeline.reductions import sums_as_dots  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""pipeline.spatial (Morton order, block boxes) and the per-block variant choice of pipeline.gradients."""
+"""pipeline.spatial (Morton order, block boxes) and the per-block variant choice of pipeline.block_precision."""
 
 from __future__ import annotations
 
@@ -46,7 +46,10 @@ def test_block_box_and_slices():
 def test_dense_data_stays_on_the_float32_tiles():
     """The benchmark's data (standard normal, D = 3, lengthscale 1, unit weights): every query block of the
     in-process API takes the fast float32 variant (accuracy costs no speed there)."""
-    from pipeline.gradients import TileShape, Variant, block_setup, prepare_sources, query_blocks
+    from pipeline.block_precision import block_setup
+    from pipeline.blocks import query_blocks
+    from pipeline.sources import prepare_sources
+    from pipeline.tiles import TileShape, Variant
     from pipeline.kernels import make_spec
     from pipeline.plan import make_plan
 
@@ -61,8 +64,9 @@ def test_dense_data_stays_on_the_float32_tiles():
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_variant_thresholds(dtype):
-    from pipeline.gradients import (FAST_RADIUS_FLOAT32, GEMM_RADIUS_FLOAT64, GEMM_RADIUS_WIDE, SPACING_FLOAT32,
-                                    SPACING_FLOAT64, Variant, choose_variant)
+    from pipeline.block_precision import (FAST_RADIUS_FLOAT32, GEMM_RADIUS_FLOAT64, GEMM_RADIUS_WIDE,
+                                          SPACING_FLOAT32, SPACING_FLOAT64, choose_variant)
+    from pipeline.tiles import Variant
     from pipeline.kernels import make_spec
 
     rbf, m12, lin, per = (make_spec(k, 2) for k in ("rbf", "matern12", "linear", "periodic"))
@@ -74,7 +78,7 @@ def test_variant_thresholds(dtype):
         return
     fast = Variant("float32", "gemm")
     assert choose_variant(rbf, "auto", dtype, FAST_RADIUS_FLOAT32, False, spacing=SPACING_FLOAT32) == fast
-    assert choose_variant(rbf, "auto", dtype, FAST_RADIUS_FLOAT32, True) == Variant("float64", "gemm")  # signed
+    assert choose_variant(rbf, "auto", dtype, FAST_RADIUS_FLOAT32, True) == Variant("float64", "gemm")  # may cancel
     assert choose_variant(rbf, "auto", dtype, 2 * FAST_RADIUS_FLOAT32, False) == Variant("float32", "wide")
     assert choose_variant(rbf, "auto", dtype, 1.0, False, spacing=2 * SPACING_FLOAT32) == Variant("float32", "wide")
     assert choose_variant(rbf, "auto", dtype, 1.0, False, spacing=2 * SPACING_FLOAT64).distances == "direct"

@@ -137,20 +137,20 @@ def _task_files(out, index: int) -> dict[str, bytes]:
 def test_task_run_twice_writes_same_bytes(prepared_output, undisturbed):
     """run_task twice (a rerun after a lost worker): the chunk files are rewritten (new inodes) with the
     same bytes, which are also the bytes the CLI run wrote for that chunk."""
-    from pipeline.worker import run_task
+    from pipeline.methods.dense import DENSE
 
     prepared, out = prepared_output
     tasks = [prepared.plan.tasks[1], prepared.plan.tasks[-1]]  # a whole chunk and the ragged last one
     first, inodes = {}, {}
     for task in tasks:
-        run_task(prepared.job, task)
+        DENSE.run_task(prepared.job, task)
         first[task.index] = _task_files(out, task.index)
         assert len(first[task.index]) == 2
         inodes[task.index] = {k: os.stat(out / k).st_ino for k in first[task.index]}
     time.sleep(0.01)
     compared = 0
     for task in tasks:
-        run_task(prepared.job, task)
+        DENSE.run_task(prepared.job, task)
         again = _task_files(out, task.index)
         assert again == first[task.index], f"task {task.index} wrote different bytes the second time"
         assert all(os.stat(out / k).st_ino != inodes[task.index][k] for k in again), "not rewritten"
@@ -163,12 +163,12 @@ def test_task_run_twice_writes_same_bytes(prepared_output, undisturbed):
 def test_task_run_concurrently_twice_writes_same_bytes(prepared_output, undisturbed):
     """Two copies of one task writing at the same time (a duplicate while the first still runs) leave
     one whole, correct chunk: each chunk file is replaced atomically."""
-    from pipeline.worker import run_task
+    from pipeline.methods.dense import DENSE
 
     prepared, out = prepared_output
     task = prepared.plan.tasks[2]
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda _: run_task(prepared.job, task), range(2)))
+        results = list(pool.map(lambda _: DENSE.run_task(prepared.job, task), range(2)))
     assert [r["index"] for r in results] == [task.index] * 2
     files = _task_files(out, task.index)
     assert files == _task_files(undisturbed.out, task.index)
