@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import KernelSpec, get_kernel
+from .kernels import KernelSpec
 from .sources import PreparedSources
 from .spatial import block_box
 from .tiles import Variant, formulation
@@ -56,7 +56,7 @@ SPACING_FLOAT64 = 4.0
 
 def needs_x64(spec: KernelSpec, mode: str, dtype: str) -> bool:
     """float64 runs, and float32 runs that take their distances in float64 (Matern 3/2, 5/2)."""
-    kernel = get_kernel(spec.name)
+    kernel = spec.kernel
     return dtype == "float64" or (formulation(spec, mode) == "radial" and kernel.distances == "wide")
 
 
@@ -76,7 +76,7 @@ def choose_variant(spec: KernelSpec, mode: str, dtype: str, radius: float, may_c
     in float64); ``reach``: periodic kernels, see :data:`FAST_REACH_PERIODIC`; ``spacing``: see
     :data:`SPACING_FLOAT32`.
     """
-    kernel = get_kernel(spec.name)
+    kernel = spec.kernel
     radial = formulation(spec, mode) == "radial" and kernel.stationary
     if dtype == "float64":
         exact = radial and (radius > GEMM_RADIUS_FLOAT64 or spacing > SPACING_FLOAT64)
@@ -101,7 +101,7 @@ def choose_variant(spec: KernelSpec, mode: str, dtype: str, radius: float, may_c
 def block_setup(queries, prepared: PreparedSources, spec: KernelSpec, mode: str, dtype: str) -> BlockSetup:
     """Centre, radius and variant of one block of query rows (numpy, float64)."""
     queries = np.asarray(queries)
-    kernel = get_kernel(spec.name)
+    kernel = spec.kernel
     if not kernel.stationary or len(queries) == 0:
         return BlockSetup(prepared.center, 0.0, choose_variant(spec, mode, dtype, 0.0, prepared.may_cancel))
     lengthscale = np.asarray(spec.lengthscale, np.float64)

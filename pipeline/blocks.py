@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from .block_precision import BlockSetup, block_setup, needs_x64
-from .kernels import KernelSpec, get_kernel
+from .kernels import KernelSpec
 from .precision import thread_x64, x64_active, x64_enabled
 from .sources import PreparedSources, split_hi_lo
 from .spatial import block_slices, morton_order
@@ -93,7 +93,7 @@ def query_blocks(queries, spec: KernelSpec, rows: int) -> list[np.ndarray]:
     """
     queries = np.asarray(queries)
     n = len(queries)
-    if get_kernel(spec.name).stationary and n > rows:
+    if spec.kernel.stationary and n > rows:
         order = morton_order(queries.astype(np.float64) / np.asarray(spec.lengthscale, np.float64))
     else:
         order = np.arange(n, dtype=np.int64)

@@ -178,13 +178,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .describe import describe_output
+    from .inspect_output import describe_output
 
     info = describe_output(args.out)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:
-        from .describe import format_output
+        from .inspect_output import format_output
 
         print(format_output(info))
     return 0

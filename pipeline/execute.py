@@ -67,7 +67,7 @@ def cancel(client, futures, timeout: float = 5.0) -> None:
 
 
 def execute(job: Job, plan: Plan, client, *, done: np.ndarray | None = None, retries: int = 2,
-            callbacks: Sequence[Callback] = (), rows_digests: tuple | None = None,
+            callbacks: Sequence[Callback] = (),
             scheduler_timeout: float = 60.0, scheduler: str = "the scheduler") -> dict:
     """Run every task not marked done; return timings.
 
@@ -93,7 +93,6 @@ def execute(job: Job, plan: Plan, client, *, done: np.ndarray | None = None, ret
     try:
         for task in todo:
             futures.append(client.submit(run_task_reporting, job, task,
-                                         None if rows_digests is None else rows_digests[task.index],
                                          key=f"kgrad-{job.fingerprint[:12]}-{token}-task-{task.index}",
                                          retries=retries, pure=False))
         watch = SchedulerWatch(client, scheduler, scheduler_timeout)

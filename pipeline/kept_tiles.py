@@ -26,32 +26,8 @@ from .kernels import KernelSpec
 from .pruning import (INDEX_TILE, Budget, KernelBounds, Selection, TileIndex, select_sources, select_tiles,
                       tile_index)
 from .sources import PreparedSources, prepare_sources
-from .spatial import in_input_order, morton_keys, tile_rows
+from .spatial import in_input_order, spatial_order, tile_rows
 from .tiles import TileShape
-
-
-def spatial_order(points: np.ndarray, spec: KernelSpec, weights: np.ndarray | None = None) -> np.ndarray:
-    """The permutation (int64) that puts points (N, D) in Morton order of their coordinates in lengthscales.
-
-    Equal keys (points closer than the key's grid step, duplicates) are ordered by their coordinates, then
-    by weight, never by their input position: the same set of rows in any order gives the same blocks and
-    tiles, so permuting the input rows permutes the results exactly."""
-    scaled = np.asarray(points, np.float64) / np.asarray(spec.lengthscale, np.float64)
-    keys = morton_keys(scaled)
-    order = np.argsort(keys, kind="stable")
-    ordered = keys[order]
-    tied = np.zeros(len(order), bool)
-    if len(order) > 1:
-        same = ordered[1:] == ordered[:-1]
-        tied[1:] |= same
-        tied[:-1] |= same
-    if tied.any():  # re-sort the tied runs by (key, coordinates, weight); each run keeps its place
-        where = np.flatnonzero(tied)
-        rows = order[where]
-        columns = ([] if weights is None else [np.asarray(weights, np.float64)[rows]])
-        columns += [scaled[rows, d] for d in range(scaled.shape[1] - 1, -1, -1)] + [keys[rows]]
-        order[where] = rows[np.lexsort(columns)]
-    return order.astype(np.int64)
 
 
 def block_boxes(queries: np.ndarray, spec: KernelSpec, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,8 +192,8 @@ def make_layout(points: np.ndarray, sources: np.ndarray | None, weights: np.ndar
     """Spatial orders, the tile index and an estimate of the pairs a pruned run computes.  ``sources``
     None: the points are the sources."""
     points = np.asarray(points)
-    point_order = spatial_order(points, spec, weights if sources is None else None)
-    source_order = None if sources is None else spatial_order(sources, spec, weights)
+    point_order = spatial_order(points, spec.lengthscale, weights if sources is None else None)
+    source_order = None if sources is None else spatial_order(sources, spec.lengthscale, weights)
     x = points if sources is None else np.asarray(sources)
     x_order = point_order if source_order is None else source_order
     scale = np.asarray(spec.lengthscale, np.float64)

@@ -100,7 +100,7 @@ NUMBER_TABLE = Kind("a table of numbers", lambda v: isinstance(v, dict) and all(
 
 
 @dataclass(frozen=True)
-class Spec:
+class OptionSpec:
     """How one option appears outside Python: its workflow section and key, its flag, its help."""
 
     section: str | None  # "inputs", "kernel" or "run"; None: a flag only (resume, overwrite)
@@ -114,9 +114,9 @@ class Spec:
     flag_help: str | None = None  # the flag's help, where it differs (a --no-... flag)
 
 
-def option(default=None, *, section, kind, help, factory=None, **spec):
-    """A dataclass field carrying its :class:`Spec`."""
-    meta = {"option": Spec(section, kind, help, **spec)}
+def option(default=None, *, section, kind, help, factory=None, **opt):
+    """A dataclass field carrying its :class:`OptionSpec`."""
+    meta = {"option": OptionSpec(section, kind, help, **opt)}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -190,18 +190,18 @@ class RunOptions:
         return dataclasses.replace(self, **changes)
 
 
-def specs() -> list[tuple[str, Spec]]:
+def option_specs() -> list[tuple[str, OptionSpec]]:
     return [(f.name, f.metadata["option"]) for f in dataclasses.fields(RunOptions)]
 
 
-def _flag(name: str, spec: Spec) -> str | None:
-    if spec.flag is None:
+def _flag(name: str, opt: OptionSpec) -> str | None:
+    if opt.flag is None:
         return None
-    return spec.flag or "--" + name.replace("_", "-")
+    return opt.flag or "--" + name.replace("_", "-")
 
 
-def _key(name: str, spec: Spec) -> str:
-    return spec.key or name
+def _key(name: str, opt: OptionSpec) -> str:
+    return opt.key or name
 
 
 # ----------------------------------------------------------------------------------------- workflow file
@@ -221,8 +221,8 @@ def load_workflow(path: str) -> RunOptions:
         raise InputError(f"workflow file {path!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"workflow file {path!r} is not valid TOML: {exc}") from None
-    by_key = {(spec.section, _key(name, spec)): (name, spec) for name, spec in specs() if spec.section}
-    sections = sorted({spec.section for _, spec in specs() if spec.section})
+    by_key = {(opt.section, _key(name, opt)): (name, opt) for name, opt in option_specs() if opt.section}
+    sections = sorted({opt.section for _, opt in option_specs() if opt.section})
     values: dict = {}
     for section, table in doc.items():
         if section not in sections or not isinstance(table, dict):
@@ -233,10 +233,10 @@ def load_workflow(path: str) -> RunOptions:
                 allowed = sorted(k for s, k in by_key if s == section)
                 raise InputError(f"workflow file {path!r}: unknown key {key!r} in [{section}]; "
                                  f"allowed: {', '.join(allowed)}")
-            name, spec = by_key[section, key]
-            if not spec.kind.accepts(value):
+            name, opt = by_key[section, key]
+            if not opt.kind.accepts(value):
                 raise InputError(f"workflow file {path!r}: [{section}] {key} = {value!r} must be "
-                                 f"{spec.kind.phrase}")
+                                 f"{opt.kind.phrase}")
             values[name] = value
     return RunOptions(**_relative_to(values, os.path.dirname(os.path.abspath(path))))
 
@@ -251,8 +251,8 @@ def _relative_to(values: dict, base: str) -> dict:
     directory: the path options, the security files, and a scheduler file (a scheduler ending in .json or
     holding a path separator)."""
     values = dict(values)
-    for name, spec in specs():
-        if spec.path and isinstance(values.get(name), str) and _is_local_relative(values[name]):
+    for name, opt in option_specs():
+        if opt.path and isinstance(values.get(name), str) and _is_local_relative(values[name]):
             values[name] = os.path.join(base, values[name])
     scheduler = values.get("scheduler")
     if (isinstance(scheduler, str) and scheduler != "local" and _is_local_relative(scheduler)
@@ -277,26 +277,26 @@ def add_arguments(parser: argparse.ArgumentParser, kernel_names: str = "") -> No
     "not given" (argparse.SUPPRESS), so only the flags a user typed override the workflow file."""
     parser.add_argument("workflow", nargs="?", help="TOML workflow file (flags override it; relative paths "
                                                     "in it are relative to its directory)")
-    for name, spec in specs():
-        flag = _flag(name, spec)
+    for name, opt in option_specs():
+        flag = _flag(name, opt)
         if flag is None:
             continue
         default = RunOptions.__dataclass_fields__[name].default
-        text = argparse.SUPPRESS if spec.hidden else (spec.flag_help or spec.help) + (
+        text = argparse.SUPPRESS if opt.hidden else (opt.flag_help or opt.help) + (
             f" (default {default})" if default not in (None, dataclasses.MISSING, False, True) else "")
         if name == "kernel" and kernel_names:
             text = f"{kernel_names}, or a user kernel 'module:function' (default rbf)"
         common = {"dest": name, "default": argparse.SUPPRESS, "help": text}
-        if spec.kind is BOOL:
+        if opt.kind is BOOL:
             store = "store_false" if flag.startswith("--no-") else "store_true"
             parser.add_argument(flag, action=store, **common)
         elif name == "params":
-            parser.add_argument(flag, action="append", metavar=spec.metavar, **common)
-        elif spec.kind is NUMBERS:
-            parser.add_argument(flag, nargs="+", type=float, metavar=spec.metavar, **common)
+            parser.add_argument(flag, action="append", metavar=opt.metavar, **common)
+        elif opt.kind is NUMBERS:
+            parser.add_argument(flag, nargs="+", type=float, metavar=opt.metavar, **common)
         else:
-            kind = {NUMBER: float, WHOLE: int}.get(spec.kind, str)
-            parser.add_argument(flag, type=kind, metavar=spec.metavar, **common)
+            kind = {NUMBER: float, WHOLE: int}.get(opt.kind, str)
+            parser.add_argument(flag, type=kind, metavar=opt.metavar, **common)
     for flag, key, text in _TLS_FLAGS:
         parser.add_argument(flag, dest=key, metavar="PEM", default=argparse.SUPPRESS, help=text)
 
@@ -322,7 +322,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
     given = dict(vars(args))
     workflow = given.pop("workflow", None)
     base = load_workflow(workflow) if workflow else RunOptions()
-    changes = {name: given[name] for name, _ in specs() if name in given}
+    changes = {name: given[name] for name, _ in option_specs() if name in given}
     if "params" in changes:
         changes["params"] = {**base.params, **_parse_params(changes["params"])}
     if "lengthscale" in changes and len(changes["lengthscale"]) == 1:
@@ -339,15 +339,15 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
 def markdown_table() -> str:
     """The README's options table."""
     rows = ["| workflow key | flag | default | what it is |", "|---|---|---|---|"]
-    for name, spec in specs():
+    for name, opt in option_specs():
         default = RunOptions.__dataclass_fields__[name].default
         shown = "" if default in (None, dataclasses.MISSING) else f"`{json.dumps(default)}`"
-        key = f"`[{spec.section}] {_key(name, spec)}`" if spec.section else ""
-        flag = _flag(name, spec)
-        flags = "" if flag is None or spec.hidden else f"`{flag}`"
+        key = f"`[{opt.section}] {_key(name, opt)}`" if opt.section else ""
+        flag = _flag(name, opt)
+        flags = "" if flag is None or opt.hidden else f"`{flag}`"
         if name == "security":
             flags = ", ".join(f"`{f}`" for f, _, _ in _TLS_FLAGS)
-        text = spec.help + (" (relative to the workflow file)" if spec.path else "")
+        text = opt.help + (" (relative to the workflow file)" if opt.path else "")
         rows.append(f"| {key} | {flags} | {shown} | {text} |")
     return "\n".join(rows)
 

@@ -12,9 +12,9 @@ A zarr v3 group that ``xarray.open_zarr`` reads:
 Each task writes whole chunks that no other task touches, so concurrent writers never overlap.  While a
 run goes on the group also holds its lease file (:mod:`pipeline.lease`).
 
-A pruned run (``--tolerance``) also keeps a scratch group ``order/`` while it runs (:class:`SpatialCopy`): the
-inputs in the run's spatial order, the source tiles' index, and the results in that order with their own
-``task_done``.  The client writes the sorted copy, the tasks write the sorted results, and the client puts
+A run also keeps a scratch group ``order/`` while it runs (:class:`SpatialCopy`): the points (and what its
+method's tasks read besides: sorted sources, weights, a tile index) in the run's spatial order, and the
+results in that order with their own ``task_done``.  The client writes the sorted copy, the tasks write the sorted results, and the client puts
 them back in input order into ``gradient`` and ``value`` at the end and deletes ``order/``.
 """
 
@@ -40,7 +40,7 @@ FORMAT_VERSION = 1
 # there is somebody else's, and kgrad never deletes it.
 ARRAYS = ("gradient", "value", "task_done")
 LEASE_FILE = ".kgrad-lease.json"
-ORDER = "order"  # a pruned run's scratch group
+ORDER = "order"  # a run's scratch group while it runs (pipeline.methods.in_order)
 ORDER_ARRAYS = ("index", "source_index", "points", "sources", "weights", "tiles", "gradient", "value", "pairs",
                 "task_done")
 # zarr writes each file as "<name>.<32 hex>.partial" first and renames it: a killed writer can leave one.
@@ -294,11 +294,12 @@ class OutputGroup:
 
 @dataclass(frozen=True)
 class SpatialCopy:
-    """A pruned run's scratch group ``OUT/order/`` (see the module docstring).
+    """A run's scratch group ``OUT/order/`` (see the module docstring and :mod:`pipeline.methods.in_order`).
 
     Arrays: ``index`` (N,) int64, the input row of each point in spatial order; ``points`` (N, D) float64 in
     that order; with separate sources ``source_index`` (M,) and ``sources`` (M, D); ``weights`` (M,) float64
-    in the sources' order (absent: unit weights); ``tiles`` (T, 2 D + 2), the tile index
+    in the sources' order (absent: unit weights, or the tasks read the inputs' own); ``tiles`` (T, 2 D + 2), the
+    pruned method's tile index
     (:meth:`pipeline.pruning.TileIndex.as_array`); ``gradient``, ``value`` (sorted results), ``pairs`` (per
     task, pairs computed) and ``task_done``.  ``ready`` and the run fingerprint are set once the copy is whole."""
 
@@ -330,7 +331,7 @@ class SpatialCopy:
 
     def create(self, *, run_id: str, run_fingerprint: str, point_index: np.ndarray, points: np.ndarray,
                source_index: np.ndarray | None, sources: np.ndarray | None, weights: np.ndarray | None,
-               tiles: np.ndarray, dtype: str, rows_per_task: int, n_tasks: int, source_chunk: int) -> str:
+               tiles: np.ndarray | None, dtype: str, rows_per_task: int, n_tasks: int, source_chunk: int) -> str:
         """Write the sorted copy, for the run ``run_id`` (its arrays carry it: every write into them, the
         client's and the tasks', is fenced by it); return the new ``copy_id`` (the workers' caches key).
         Any earlier copy is removed first, only if it is this run's (or carries no id); ``ready`` goes last."""
@@ -362,7 +363,8 @@ class SpatialCopy:
             put("sources", np.asarray(sources, np.float64), (source_chunk, dim))
         if weights is not None:
             put("weights", np.asarray(weights, np.float64), (source_chunk,))
-        put("tiles", np.asarray(tiles, np.float64), (max(1, len(tiles)), tiles.shape[1]))
+        if tiles is not None:
+            put("tiles", np.asarray(tiles, np.float64), (max(1, len(tiles)), tiles.shape[1]))
         add("gradient", (n, dim), (rows_per_task, dim), dtype, fill_value=np.nan)
         add("value", (n,), (rows_per_task,), dtype, fill_value=np.nan)
         add("pairs", (n_tasks,), (1,), "int64", fill_value=0)

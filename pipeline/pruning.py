@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import KernelSpec, get_kernel
+from .kernels import KernelSpec
 
 # Radii of the tail table (lengthscales): 0, then geometric from 1e-12 to 1e12 (ratio ~1.00084 per step, so
 # a table read overestimates the tail of rbf at r = 6.4 by about 4%: a little less pruning, never more error).
@@ -49,7 +49,7 @@ SHRINK = 1.0 - 1e-9  # distances are shrunk by this factor against rounding in t
 def prunes(spec: KernelSpec, mode: str = "auto") -> bool:
     """True for kernels whose radial profile decreases to 0 (rbf, the Matern family, rational_quadratic,
     imq); periodic, dot-product and user kernels, and ``mode`` jacfwd/jacrev, run exact."""
-    kernel = get_kernel(spec.name)
+    kernel = spec.kernel
     return mode == "auto" and kernel.radial_profile is not None and kernel.stationary and not kernel.user
 
 
@@ -117,7 +117,7 @@ def kernel_bounds(spec: KernelSpec) -> KernelBounds | None:
     from .tiles import split_params
 
     radii = np.concatenate([[0.0], np.geomspace(TABLE_MIN, TABLE_MAX, TABLE_SIZE - 1)])
-    profile = get_kernel(spec.name).radial_profile
+    profile = spec.kernel.radial_profile
     with thread_x64(True):
         dynamic, static = split_params(spec, "float64")
         p = {**dynamic, **dict(static)}

@@ -79,7 +79,7 @@ def source_center(sources: np.ndarray, spec: KernelSpec) -> np.ndarray:
     """Stationary kernels depend on q - x only: shift by the sources' mid-range (in float64) so that
     coordinates far from the origin lose no float32 precision.  Other kernels are not shifted."""
     dim = sources.shape[1]
-    if not get_kernel(spec.name).stationary or len(sources) == 0:
+    if not spec.kernel.stationary or len(sources) == 0:
         return np.zeros(dim)
     lo = np.min(sources, axis=0).astype(np.float64)
     hi = np.max(sources, axis=0).astype(np.float64)
@@ -120,7 +120,7 @@ def prepare_sources(sources, weights, spec: KernelSpec, dtype: str, shape: TileS
         w64 = np.asarray(weights, dtype=np.float64)
         split_hi_lo(w64, w[:m], None if w_lo is None else w_lo[:m])
         may_cancel = bool(m and w64.min() < 0 < w64.max())
-    if split and m and not may_cancel and not get_kernel(spec.name).stationary:
+    if split and m and not may_cancel and not spec.kernel.stationary:
         may_cancel = cancellation_ratio(spec, sources, weights) > CANCELLATION_MAX
     lower = np.min(sources, axis=0).astype(np.float64) if m else np.zeros(dim)
     upper = np.max(sources, axis=0).astype(np.float64) if m else np.zeros(dim)

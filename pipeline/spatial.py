@@ -7,7 +7,8 @@ use the same blocks and their boxes to skip far sources.
 
 * :func:`morton_order` -- the permutation that sorts points by their Morton key;
 * :func:`block_slices` -- consecutive blocks of ``rows`` entries of an order;
-* :func:`block_box` -- a block's bounding box, mid-range centre and half-diagonal (its radius).
+* :func:`block_box` -- a block's bounding box, mid-range centre and half-diagonal (its radius);
+* :func:`spatial_order` -- a run's order of its points (and sources): Morton order, ties broken by value.
 
 Points are given *scaled* (e.g. divided by the kernel's lengthscales), so that "close" means close in the
 kernel's own units in every dimension.
@@ -107,3 +108,28 @@ def block_box(points: np.ndarray, scale=None) -> tuple[np.ndarray, np.ndarray, f
     if scale is not None:
         half = half / np.asarray(scale, dtype=np.float64)
     return centre, half, float(np.sqrt(np.sum(half * half)))
+
+
+def spatial_order(points: np.ndarray, lengthscale, weights: np.ndarray | None = None) -> np.ndarray:
+    """The permutation (int64) that puts points (N, D) in Morton order of their coordinates in lengthscales
+    (``lengthscale``: one per dimension, the points' units).  A run's tasks are ranges of this order.
+
+    Equal keys (points closer than the key's grid step, duplicates) are ordered by their coordinates, then
+    by weight, never by their input position: the same set of rows in any order gives the same blocks and
+    tiles, so permuting the input rows permutes the results exactly."""
+    scaled = np.asarray(points, np.float64) / np.asarray(lengthscale, np.float64)
+    keys = morton_keys(scaled)
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    tied = np.zeros(len(order), bool)
+    if len(order) > 1:
+        same = ordered[1:] == ordered[:-1]
+        tied[1:] |= same
+        tied[:-1] |= same
+    if tied.any():  # re-sort the tied runs by (key, coordinates, weight); each run keeps its place
+        where = np.flatnonzero(tied)
+        rows = order[where]
+        columns = ([] if weights is None else [np.asarray(weights, np.float64)[rows]])
+        columns += [scaled[rows, d] for d in range(scaled.shape[1] - 1, -1, -1)] + [keys[rows]]
+        order[where] = rows[np.lexsort(columns)]
+    return order.astype(np.int64)

@@ -230,8 +230,3 @@ def load_input(ref: InputRef, role: str) -> tuple[np.ndarray, str]:
     if role != "weights" and data.ndim == 1:
         data = data[:, None]
     return data, digest.hexdigest()
-
-
-def rows_digest(rows: np.ndarray) -> str:
-    """blake2b of a block of input rows as stored (the client and the workers hash the same bytes)."""
-    return hashlib.blake2b(np.ascontiguousarray(rows).tobytes(), digest_size=16).hexdigest()

@@ -67,7 +67,7 @@ def formulation(spec: KernelSpec, mode: str) -> str:
     """Which tile formulation a kernel and mode use: ``radial``, ``dot`` or ``generic``."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; choose one of {', '.join(MODES)}")
-    structure = get_kernel(spec.name).structure
+    structure = spec.kernel.structure
     return structure if mode == "auto" else "generic"
 
 

@@ -16,16 +16,13 @@ from .plan import Task
 from .task import Job
 
 
-def run_task_reporting(job: Job, task: Task, rows_digest: str | None = None) -> dict:
+def run_task_reporting(job: Job, task: Task) -> dict:
     """One task of the run, by its method, with the failures that a retry cannot mend returned as
     ``{"failed": kind, "message": line}`` instead of raised: dask must not retry them (same inputs, same
     failure) and the worker must not log them (the client ends the run with the one line).  Anything else (a
-    lost file system, a full disk) is raised, and dask retries it.
-
-    ``rows_digest``: the client's digest of the task's query rows, for methods whose tasks read them from the
-    points input (the task refuses rows that differ: points rewritten during the run)."""
+    lost file system, a full disk) is raised, and dask retries it."""
     try:
-        return get(job.method).run_task(job, task, rows_digest)
+        return get(job.method).run_task(job, task)
     except NonFiniteResultError as exc:
         return {"index": task.index, "failed": "nonfinite", "message": f"{exc}; the task's rows were not written",
                 "step": "start it again with --dtype float64 and --overwrite"}

@@ -26,8 +26,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import __version__ as VERSION  # noqa: N812
-from . import store
-from .errors import ENDED_STEP, RESTART_STEP, RESUME_STEP, InputError
+from . import lease, store
+from .cluster import (CONNECT_SECONDS, check_cluster_memory, close, connect, local_cluster, performance_report,
+                      probe_scheduler, quiet_dask_logs, security)
+from .dashboard import dashboard_link
+from .errors import ENDED_STEP, RESTART_STEP, RESUME_STEP, InputError, RunEnded, RunFailed
+from .execute import execute
 from .inputs import check_same_dim
 from .fenced import ID_KEY, accepted_ids, new_id
 from .kernels import user_kernel_code
@@ -36,7 +40,9 @@ from .methods import ClientRun
 from .output import OutputGroup
 from .plan import Plan, memory_fraction, usable_cores
 from .problem import Problem, make_problem
+from .progress import progress_display
 from .task import Job
+from .text import count
 
 RunConfig = RunOptions  # the name scripts written for earlier versions import
 __all__ = ["RunOptions", "RunConfig", "load_workflow", "prepare", "run_prepared", "run_workflow"]
@@ -53,7 +59,6 @@ class Prepared:
     action: str  # "create", "overwrite", "resume" or "complete" (kgrad plan: a sentence)
     done: np.ndarray | None
     identity: dict = field(default_factory=dict)  # what the run fingerprint hashes
-    task_digests: tuple = ()  # per task: blake2b of its query rows as read (workers check them)
     problem: Problem | None = field(default=None, repr=False)  # the method, its plan and fixed data
     inputs: "Inputs | None" = field(default=None, repr=False)  # the data as read and checked
     taken_ids: frozenset = frozenset()  # the ids an existing output's arrays carried when this run took its
@@ -247,11 +252,8 @@ def prepare(config: RunOptions, worker_memory: int | None = None, planning: bool
               weights_fingerprint=inputs.fingerprints.get("weights"),
               pin_cores=pin if options.pin_cores is None else options.pin_cores, cache_dir=options.cache_dir,
               method=problem.method.name, data=problem.method.job_data(problem.request, problem.planned))
-    # Tasks that read their rows from the points input check them against the client's digests.
-    digests = (tuple(store.rows_digest(inputs.point_data[t.start:t.stop]) for t in problem.plan.tasks)
-               if problem.method.needs_row_digests() else ())
     return Prepared(options, job, problem.plan, provenance.attributes, action, done, provenance.identity,
-                    digests, problem, inputs)
+                    problem, inputs)
 
 
 # ----------------------------------------------------------------------------------------- output action
@@ -304,7 +306,6 @@ def _kernel_code_changed(identity: dict) -> str:
 def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: tuple, problem: Problem):
     """For ``kgrad plan``: what a run with these flags would do with the output, in words; never refuses
     (an existing output is described, with the flag a run would need)."""
-    from . import lease
 
     owner = lease.read(config.out, opts)
     if lease.is_live(owner):
@@ -345,7 +346,6 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
 
     The run takes the output's lease first (:mod:`pipeline.lease`; another live run there -> InputError),
     decides again under it what to do with the output, and gives the lease back on every way out."""
-    from . import lease
 
     stream = stream or sys.stderr
     config = prepared.config
@@ -377,7 +377,6 @@ def _check_scheduler(config: RunOptions) -> None:
     hanging with the output locked."""
     if config.scheduler == "local":
         return
-    from .cluster import CONNECT_SECONDS, probe_scheduler, quiet_dask_logs, security
 
     quiet_dask_logs()
     probe_scheduler(config.scheduler, security(config.scheduler, config.security),
@@ -398,7 +397,6 @@ def _lost(config: RunOptions, cause: str) -> str:
 def _taken_over(job: "Job") -> bool:
     """Whether this run has lost the output's lease (it was frozen or cut off past it, and another run took
     it over, and may have finished and given it back): only this run deletes its own lease, at its end."""
-    from . import lease
 
     record = lease.read(job.out, job.out_options)
     return record is None or record.get("token") != job.lease_token
@@ -406,14 +404,6 @@ def _taken_over(job: "Job") -> bool:
 
 def _run_owned(prepared: Prepared, stream) -> dict:
     """The run itself, with the lease held: cluster, output, tasks, checks, completion flag."""
-    from . import lease
-    from .dashboard import dashboard_link
-    from .errors import ENDED_STEP, RunEnded, RunFailed
-    from .cluster import (check_cluster_memory, close, connect, local_cluster, performance_report, quiet_dask_logs,
-                          security)
-    from .execute import execute
-    from .progress import progress_display
-    from .text import count
 
     config, plan, job = prepared.config, prepared.plan, prepared.job
     output = OutputGroup(config.out, job.out_options)
@@ -462,7 +452,7 @@ def _run_owned(prepared: Prepared, stream) -> dict:
             per_task = plan.pairs_to_compute / max(plan.n_tasks, 1)
             callbacks = [progress_display(per_task, stream)] if config.progress else []
             run_tasks = functools.partial(
-                execute, plan=plan, client=client, callbacks=callbacks, rows_digests=prepared.task_digests or None,
+                execute, plan=plan, client=client, callbacks=callbacks,
                 scheduler_timeout=config.scheduler_timeout,
                 scheduler="(local)" if cluster is not None else getattr(client.scheduler, "address", config.scheduler))
             run = _client_run(prepared, output)
@@ -526,7 +516,6 @@ def _client_run(prepared: Prepared, output: OutputGroup) -> ClientRun:
 def _check_inputs_unchanged(prepared: Prepared) -> None:
     """Read each input once more before the output is marked complete: a complete output is exactly the
     result for the data its fingerprints name (each task also checked the rows it read)."""
-    from .errors import RunFailed
 
     job = prepared.job
     for role, ref, expected in (("points", job.points, prepared.identity["points"]["fingerprint"]),

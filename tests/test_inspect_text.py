@@ -1,9 +1,9 @@
-"""``kgrad inspect``'s text (pipeline.describe.format_output) for runs with a tolerance: pairs covered per
+"""``kgrad inspect``'s text (pipeline.inspect_output.format_output) for runs with a tolerance: pairs covered per
 second beside pairs computed, and a run that fell back to exact said to be exact (not "|g^ - g| <= 0")."""
 
 from __future__ import annotations
 
-from pipeline.describe import format_output
+from pipeline.inspect_output import format_output
 
 
 def _info(**changes) -> dict:

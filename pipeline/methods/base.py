@@ -87,10 +87,6 @@ class Method(Protocol):
     def job_data(self, request: PlanRequest, planned: Planned) -> MethodData:
         """The method's part of the :class:`Job` (small: it is pickled with every task)."""
 
-    def needs_row_digests(self) -> bool:
-        """Whether tasks read their query rows from the points input (the client then sends each task a
-        digest of the rows it checked)."""
-
     def run_tasks(self, run: ClientRun, execute: RunTasks) -> tuple[dict, int]:
         """The client's steps before the tasks, then the tasks not yet done (``execute``); returns the
         timings and the pairs computed."""
@@ -102,6 +98,6 @@ class Method(Protocol):
     def done_tasks(self, output: OutputGroup, fingerprint: str, plan: Plan) -> np.ndarray:
         """Which tasks of an existing, incomplete output of this run are done."""
 
-    def run_task(self, job: Job, task: Task, rows_digest: str | None = None) -> dict:
+    def run_task(self, job: Job, task: Task) -> dict:
         """On a worker: compute and store one task; return a small dict (index, rows, seconds,
         compute_seconds, pid and what the method adds)."""

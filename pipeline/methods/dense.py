@@ -1,85 +1,84 @@
 """The dense method: every pair (i, j) is computed; the results are exact up to the dtype's rounding.
 
-Each task is one output chunk: query rows ``[start, stop)`` against all M sources, which every worker
-process reads once per run and keeps prepared (:func:`prepared_sources`).  Rows are grouped as the tasks
-group them and cut into compact blocks (:func:`pipeline.blocks.compute_rows`), so the Python API gives the
-same bits as ``kgrad run`` on any number of workers.  No client step is needed around the tasks: each task
-writes its chunk of the output in input order and marks itself done there.
+Query rows are taken in the run's spatial order (:func:`pipeline.spatial.spatial_order`), so each block of
+consecutive rows is compact whatever the input's row order, and the rate does not depend on it.  Each task
+computes a range of that order against all M sources, which every worker process reads once per run and
+keeps prepared (:func:`prepared_sources`); the rows are cut into blocks as the tasks cut them
+(:func:`pipeline.blocks.compute_rows`), so the Python API gives the same bits as ``kgrad run`` on any
+number of workers.  On a cluster the client's steps are those of :mod:`pipeline.methods.in_order`: the
+sorted points into ``OUT/order/`` before the tasks, the results back in input order after them.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from .. import store
 from ..blocks import compute_rows
-from ..errors import InputsChanged
 from ..finite import check_finite_result
-from ..output import OutputGroup
-from ..plan import Plan, Task, make_plan, with_pruning
+from ..plan import Task, make_plan, with_pruning
 from ..sources import prepare_sources
-from ..task import Job, MethodData, check_lease, check_same_data, start_task
-from .base import ClientRun, Planned, PlanRequest, RunTasks
+from ..spatial import in_input_order, spatial_order
+from ..task import Job, check_lease, check_same_data, start_task
+from .base import ClientRun, Planned, PlanRequest
+from .in_order import InOrderData, InSpatialOrder, task_copy
 
 
-class Dense:
+@dataclass(frozen=True)
+class DenseLayout:
+    """A dense run's fixed data: the spatial order of its points."""
+
+    point_order: np.ndarray  # (N,) int64: input row of each position in spatial order
+
+
+class Dense(InSpatialOrder):
     name = "dense"
 
     def plan(self, request: PlanRequest) -> Planned:
         (n, dim), m = request.points.shape, request.sources.shape[0]
-        return Planned(with_pruning(make_plan(n, m, dim, **request.plan_options), request.tolerance, None))
+        plan = with_pruning(make_plan(n, m, dim, **request.plan_options), request.tolerance, None)
+        return Planned(plan, DenseLayout(spatial_order(request.points, request.spec.lengthscale)))
 
     def compute(self, problem, request: PlanRequest, threads: int) -> tuple[np.ndarray, np.ndarray, int]:
         prepared = prepare_sources(request.sources, request.weights, problem.spec, problem.dtype, problem.shape,
                                    center=np.asarray(problem.center))
-        # Rows grouped as a cluster run's tasks group them: the same bits as `kgrad run`.
-        g, v = compute_rows(request.points, prepared, problem.spec, problem.mode, problem.dtype, problem.shape,
-                            chunk=problem.plan.rows_per_task, threads=threads)
-        return g, v, problem.plan.pairs
+        order = problem.layout.point_order
+        # Rows in spatial order, grouped as a cluster run's tasks group them: the same bits as `kgrad run`.
+        g, v = compute_rows(np.asarray(request.points)[order], prepared, problem.spec, problem.mode, problem.dtype,
+                            problem.shape, chunk=problem.plan.rows_per_task, threads=threads)
+        return in_input_order(g, order), in_input_order(v, order), problem.plan.pairs
 
-    def job_data(self, request: PlanRequest, planned: Planned) -> MethodData:
-        return MethodData()
+    def job_data(self, request: PlanRequest, planned: Planned) -> InOrderData:
+        return InOrderData()
 
-    def needs_row_digests(self) -> bool:
-        return True
+    def copy_contents(self, run: ClientRun) -> dict:
+        """The points in spatial order (the tasks read the sources and weights from the inputs)."""
+        order = run.layout.point_order
+        return dict(point_index=order, points=np.asarray(run.points)[order], source_index=None, sources=None,
+                    weights=None, tiles=None)
 
-    def run_tasks(self, run: ClientRun, execute: RunTasks) -> tuple[dict, int]:
-        return execute(run.job, done=run.done), run.plan.pairs
-
-    def finish(self, run: ClientRun, timings: dict) -> None:
-        return None  # each task wrote its own rows in input order
-
-    def done_tasks(self, output: OutputGroup, fingerprint: str, plan: Plan) -> np.ndarray:
-        return output.done_tasks()
-
-    def run_task(self, job: Job, task: Task, rows_digest: str | None = None) -> dict:
-        """Compute and store one output chunk: rows ``[task.start, task.stop)`` against all sources.
-
-        ``rows_digest``: the client's digest of these query rows; the task refuses rows that differ (points
-        rewritten during the run), so a run never mixes two versions of its inputs."""
+    def run_task(self, job: Job, task: Task) -> dict:
+        """Compute and store one task: rows ``[task.start, task.stop)`` of the points in spatial order (read
+        from the run's sorted copy) against all sources."""
         started = time.perf_counter()
         start_task(job)
         prepared = prepared_sources(job)
-        queries = store.read_rows(job.points, task.start, task.stop)
-        if queries.shape != (task.rows, len(job.center)):
-            raise InputsChanged(f"worker read points of shape {queries.shape} for rows {task.start}:{task.stop} "
-                                f"of {job.points.describe()}, expected {(task.rows, len(job.center))}; "
-                                f"is the path shared by all workers?")
-        if rows_digest is not None and store.rows_digest(queries) != rows_digest:
-            raise InputsChanged(f"points rows {task.start}:{task.stop} of {job.points.describe()} changed since "
-                                f"the run checked them, or differ on this worker")
+        copy = task_copy(job)
+        queries = copy.read("points", task.start, task.stop)
         computed = time.perf_counter()
         gradient, value = compute_rows(queries, prepared, job.spec, job.mode, job.dtype, job.shape)
         compute_seconds = time.perf_counter() - computed
         check_finite_result(gradient, value, job.dtype, job.spec.describe(), rows=(task.start, task.stop))
         still_owner = check_lease(job)
-        OutputGroup(job.out, job.out_options).write_task(task.start, task.stop, task.index, gradient, value,
-                                                         job.output_id or None, before_done=still_owner)
+        pairs = task.rows * prepared.count
+        copy.write_task(task.start, task.stop, task.index, gradient, value, pairs, job.output_id,
+                        before_done=still_owner)
         return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
-                "compute_seconds": compute_seconds, "pid": os.getpid()}
+                "compute_seconds": compute_seconds, "pid": os.getpid(), "pairs": pairs}
 
 
 DENSE = Dense()

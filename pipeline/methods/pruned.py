@@ -9,12 +9,9 @@ Plan: the points and sources are put in spatial order and the sources indexed in
 declines (the run computes every pair) where the kernel does not decay, or where more than
 :data:`DENSE_ABOVE` of the pairs would be left.
 
-On a cluster the client writes the run's sorted copy into ``OUT/order/`` (:class:`pipeline.output.
-SpatialCopy`: points, sources, weights, the tile index); each task computes a range of the sorted points,
-reading only the source chunks holding the tiles its blocks keep, and writes its sorted results, its pair
-count and its done mark there.  After the tasks the client puts the results back in input order into the
-output, records the pairs computed and :data:`IN_INPUT_ORDER`, marks every task done and deletes
-``order/``.  Each of the client's writes is made only while the run still owns the output.
+On a cluster the run works in the spatial order (:mod:`pipeline.methods.in_order`): its sorted copy in
+``OUT/order/`` also holds the sorted sources, their weights and the tile index, and each task reads only
+the source chunks holding the tiles its blocks keep.
 """
 
 from __future__ import annotations
@@ -27,44 +24,40 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import RunFailed, RunEnded
 from ..finite import check_finite_result
 from ..kept_tiles import (Layout, SourceTiles, blocks_to_compute, compute_blocks, compute_in_memory,
                           make_layout)
-from ..output import OutputGroup, SpatialCopy
-from ..plan import PRUNED_HELD_SOURCES, PRUNED_SLOWDOWN, Plan, Task, make_plan, with_pruning
+from ..output import SpatialCopy
+from ..plan import PRUNED_HELD_SOURCES, PRUNED_SLOWDOWN, Task, make_plan, with_pruning
 from ..pruning import INDEX_TILE, SUPER_TILES, Budget, TileIndex, kernel_bounds, prunes
 from ..sources import PreparedSources
 from ..spatial import tile_rows
-from ..task import Job, MethodData, check_lease, start_task, still_owned
-from .base import ClientRun, Planned, PlanRequest, RunTasks
+from ..task import Job, check_lease, start_task
+from .base import ClientRun, Planned, PlanRequest
+from .in_order import COPY_CHUNK, InOrderData, InSpatialOrder, check_copy, task_copy
 
 # Above this estimated share of the N x M pairs a pruned run computes everything the dense way instead
 # (its bigger tiles are faster than gathering nearly every tile; the bound then holds trivially).
 DENSE_ABOVE = 1.0 / PRUNED_SLOWDOWN  # where the pruned run's estimated time reaches the dense run's
 
-IN_INPUT_ORDER = "results_in_input_order"  # set (to the run's fingerprint) once the results are unsorted
-
 
 @dataclass(frozen=True)
-class SortedLayout(MethodData):
+class SortedLayout(InOrderData):
     """What the tasks of a pruned run need beyond the :class:`Job`: the budget and the whole sources' facts
-    (count, box, whether weights have both signs) from the plan's :class:`~pipeline.kept_tiles.Layout`, and
-    where the sorted copy is (its arrays in ``OUT/order/``)."""
+    (count, box, whether weights may cancel) from the plan's :class:`~pipeline.kept_tiles.Layout`, and the
+    sorted copy's id (:class:`~pipeline.methods.in_order.InOrderData`)."""
 
-    budget: Budget  # in units of the kernel's profile (pipeline.pruning)
-    sources: PreparedSources  # no data: count, bounding box (input units), may_cancel
-    separate_sources: bool  # OUT/order/sources (else the sorted points are the sources)
-    source_chunk: int  # rows per chunk of the sorted sources
-    copy_id: str = ""  # the sorted copy the tasks read (set when the copy is written or found whole)
+    budget: Budget = None  # in units of the kernel's profile (pipeline.pruning)
+    sources: PreparedSources = None  # no data: count, bounding box (input units), may_cancel
+    separate_sources: bool = False  # OUT/order/sources (else the sorted points are the sources)
 
 
 def source_chunk() -> int:
-    """Rows per chunk of the sorted copy: whole super-tiles of the index, at least 8192 rows."""
-    return INDEX_TILE * SUPER_TILES * max(1, 8192 // (INDEX_TILE * SUPER_TILES))
+    """Rows per chunk of the sorted copy: whole super-tiles of the index, at least COPY_CHUNK rows."""
+    return INDEX_TILE * SUPER_TILES * max(1, COPY_CHUNK // (INDEX_TILE * SUPER_TILES))
 
 
-class Pruned:
+class Pruned(InSpatialOrder):
     name = "pruned"
 
     def plan(self, request: PlanRequest) -> Planned | str:
@@ -97,72 +90,26 @@ class Pruned:
     def job_data(self, request: PlanRequest, planned: Planned) -> SortedLayout:
         layout: Layout = planned.layout
         return SortedLayout(budget=layout.budget, sources=layout.meta,
-                            separate_sources=not request.sources_are_points, source_chunk=source_chunk())
+                            separate_sources=not request.sources_are_points, copy_chunk=source_chunk())
 
-    def needs_row_digests(self) -> bool:
-        return False  # tasks read the run's own sorted copy, written from the data the client checked
+    def copy_contents(self, run: ClientRun) -> dict:
+        """The points in spatial order; the sources (if not the points) and weights in theirs; the tile index."""
+        layout: Layout = run.layout
+        separate = run.sources is not None
+        source_order = layout.source_order if separate else layout.point_order
+        weights = None if run.weights is None else np.asarray(run.weights, np.float64)[source_order]
+        return dict(point_index=layout.point_order, points=np.asarray(run.points)[layout.point_order],
+                    source_index=source_order if separate else None,
+                    sources=np.asarray(run.sources)[source_order] if separate else None, weights=weights,
+                    tiles=layout.index.as_array())
 
-    def run_tasks(self, run: ClientRun, execute: RunTasks) -> tuple[dict, int]:
-        """The sorted copy (unless a resumed run's is whole), then the tasks not yet done.  Returns the
-        timings and the pairs computed (from the copy)."""
-        job, plan, output = run.job, run.plan, run.output
-        if output.attributes().get(IN_INPUT_ORDER) == job.fingerprint:  # resumed after the results went back
-            return ({"tasks_run": 0, "tasks_skipped": plan.n_tasks, "execute_seconds": 0.0, "task_seconds_total": 0.0,
-                     "compute_seconds_total": 0.0, "worker_pids": []}, int(output.attributes().get("pairs_computed", 0)))
-        copy = SpatialCopy(output)
-        started = time.perf_counter()
-        if not copy.ready(job.fingerprint):
-            still_owned(job, output.attributes())
-            copy_id = _write_sorted_copy(run, copy)
-        else:
-            copy_id = copy.attributes()["copy_id"]
-        order_seconds = time.perf_counter() - started
-        # Tasks read only the copy they were given: a copy rewritten meanwhile (another run) is never mixed in.
-        job = job.replace_data(copy_id=copy_id)
-        timings = execute(job, done=copy.done_tasks())
-        timings["order_seconds"] = round(order_seconds, 4)
-        return timings, int(np.sum(copy.read("pairs")))
-
-    def finish(self, run: ClientRun, timings: dict) -> None:
-        """The sorted results into the output in input order, the pairs computed and :data:`IN_INPUT_ORDER`
-        recorded, every output task marked done, and the sorted copy deleted.  Each write is made only while
-        the run still owns the output, and only from a whole copy of this run whose tasks are all done."""
-        job, output = run.job, run.output
-        copy = SpatialCopy(output)
-        if output.attributes().get(IN_INPUT_ORDER) == job.fingerprint:  # killed after the results went back
-            still_owned(job, output.attributes())
-            output.mark_all_done(job.output_id)  # the results in input order are whole: every task's rows
-            copy.remove(job.output_id)
-            return
-        if not copy.ready(job.fingerprint):
-            raise RunFailed("the run's sorted copy (order/) is missing or was replaced")
-        missing = int((~copy.done_tasks()).sum())
-        if missing:
-            raise RunFailed(f"{missing} of {run.plan.n_tasks} pruned tasks are not marked done")
-        started = time.perf_counter()
-        still_owned(job, output.attributes())
-        pairs = copy.unsort_into_output(job.output_id)
-        still_owned(job, output.attributes())
-        output.update({"pairs_computed": pairs, IN_INPUT_ORDER: job.fingerprint}, job.output_id)
-        output.mark_all_done(job.output_id)
-        copy.remove(job.output_id)
-        timings["unsort_seconds"] = round(time.perf_counter() - started, 4)
-
-    def done_tasks(self, output: OutputGroup, fingerprint: str, plan: Plan) -> np.ndarray:
-        """Progress is in the sorted copy until the results go back in input order."""
-        if output.attributes().get(IN_INPUT_ORDER) == fingerprint:  # stopped after the results went back
-            return np.ones(plan.n_tasks, bool)
-        copy = SpatialCopy(output)
-        return copy.done_tasks() if copy.ready(fingerprint) else np.zeros(plan.n_tasks, bool)
-
-    def run_task(self, job: Job, task: Task, rows_digest: str | None = None) -> dict:
+    def run_task(self, job: Job, task: Task) -> dict:
         """Compute and store one task: rows ``[task.start, task.stop)`` of the points in spatial order, each
         block against the source tiles it keeps, read from the run's sorted copy."""
         started = time.perf_counter()
         start_task(job)
         layout: SortedLayout = job.data
-        copy = SpatialCopy(OutputGroup(job.out, job.out_options))
-        _check_copy(job, copy)
+        copy = task_copy(job)
         queries = copy.read("points", task.start, task.stop)
         index = _tile_index(layout, copy)
         bounds = kernel_bounds(job.spec)
@@ -170,7 +117,7 @@ class Pruned:
         selection = blocks_to_compute(queries, job.spec, job.shape.rows, index, bounds, layout.budget)
         needed = np.unique(np.concatenate(selection.kept)) if selection.kept else np.zeros(0, np.int64)
         tiles = _source_tiles(job, copy, index, needed)
-        _check_copy(job, copy)  # still the copy it started reading (its caches are keyed by the copy's id)
+        check_copy(job, copy)  # still the copy it started reading (its caches are keyed by the copy's id)
         gradient, value, pairs = compute_blocks(queries, selection, tiles, index.counts, bounds, layout.budget,
                                                 job.spec, job.mode, job.dtype, job.shape)
         compute_seconds = time.perf_counter() - computed
@@ -184,20 +131,6 @@ class Pruned:
 
 
 PRUNED = Pruned()
-
-
-def _write_sorted_copy(run: ClientRun, copy: SpatialCopy) -> str:
-    """The inputs in the run's spatial order, and the tile index, into ``OUT/order/``; returns the copy's id."""
-    layout: Layout = run.layout
-    separate = run.sources is not None
-    source_order = layout.source_order if separate else layout.point_order
-    weights = None if run.weights is None else np.asarray(run.weights, np.float64)[source_order]
-    return copy.create(run_id=run.job.output_id, run_fingerprint=run.job.fingerprint,
-                       point_index=layout.point_order, points=np.asarray(run.points)[layout.point_order],
-                       source_index=source_order if separate else None,
-                       sources=np.asarray(run.sources)[source_order] if separate else None, weights=weights,
-                       tiles=layout.index.as_array(), dtype=run.plan.dtype, rows_per_task=run.plan.rows_per_task,
-                       n_tasks=run.plan.n_tasks, source_chunk=run.job.data.source_chunk)
 
 
 # ------------------------------------------------------------------------------------ on the workers
@@ -222,7 +155,7 @@ def _source_rows(layout: SortedLayout, copy: SpatialCopy, chunks: np.ndarray) ->
     """The sorted sources' chunks ``chunks`` (rows, weights), from this process's cache or the copy.  The
     cache keeps at most :data:`pipeline.plan.PRUNED_HELD_SOURCES` rows beyond what one task needs."""
     name = "sources" if layout.separate_sources else "points"
-    size = layout.source_chunk
+    size = layout.copy_chunk
     found = {}
     for chunk in (int(c) for c in chunks):
         key = (layout.copy_id, chunk)
@@ -242,19 +175,10 @@ def _source_rows(layout: SortedLayout, copy: SpatialCopy, chunks: np.ndarray) ->
     return found
 
 
-def _check_copy(job: Job, copy: SpatialCopy) -> None:
-    """The run's own sorted copy, whole: else this task's run has ended (its copy was replaced or removed)."""
-    state = copy.attributes()
-    if not (state.get("ready") is True and state.get("run_fingerprint") == job.fingerprint
-            and state.get("copy_id") == job.data.copy_id):
-        raise RunEnded(f"the sorted copy in {copy.location!r} was replaced or removed; this task's results "
-                       f"are dropped")
-
-
 def _source_tiles(job: Job, copy: SpatialCopy, index: TileIndex, tiles: np.ndarray) -> SourceTiles:
     """The prepared source tiles ``tiles`` (global ids, ascending) for this task."""
     layout: SortedLayout = job.data
-    size = layout.source_chunk
+    size = layout.copy_chunk
     rows = tile_rows(tiles, index.counts, INDEX_TILE)  # rows of the sorted sources, ascending
     needed = np.unique(rows // size)
     chunks = _source_rows(layout, copy, needed)
