@@ -236,15 +236,21 @@ def output_created(out) -> bool:
 
 
 def read_task_done(out) -> np.ndarray | None:
-    """The output's ``task_done`` flags as bools, or None while the group or array is not readable yet
+    """The run's ``task_done`` flags as bools: those of its sorted copy (``OUT/order/``, where the tasks mark
+    themselves done) until the output's own are all set at the end; None while neither is readable yet
     (polling races the writer: a missing or half-written file reads as 'not yet')."""
     import zarr
 
     try:
-        group = zarr.open_group(str(out), mode="r")
-        return np.asarray(group["task_done"][:]).astype(bool)
+        own = np.asarray(zarr.open_group(str(out), mode="r")["task_done"][:]).astype(bool)
     except Exception:
         return None
+    if own.all():
+        return own
+    try:
+        return np.asarray(zarr.open_array(os.path.join(str(out), "order", "task_done"), mode="r")[:]).astype(bool)
+    except Exception:
+        return own
 
 
 def count_done(out) -> int:

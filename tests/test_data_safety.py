@@ -25,6 +25,7 @@ import time
 import numpy as np
 import pytest
 
+import run_steps
 from cluster_fixtures import (
     N_TASKS,
     RUN_TIMEOUT,
@@ -491,16 +492,14 @@ def test_workers_check_the_sources_when_they_are_the_points(tmp_path):
     prepared = prepare(RunOptions(points=str(points), out=str(out), workers=1, rows_per_task=200))
     assert prepared.job.sources_fingerprint == prepared.identity["points"]["fingerprint"]
     plan = prepared.plan
-    OutputGroup(str(out)).create(n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
-                                 rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks,
-                                 attributes=prepared.attributes)
+    job = run_steps.start(prepared)
     data = np.load(points)
     data[300:] += 1.0  # rows of task 1 only: task 0's own rows are unchanged
     np.save(points, data)
     _SOURCES.clear()
     with pytest.raises(InputsChanged, match="changed"):
-        DENSE.run_task(prepared.job, plan.tasks[0])
-    assert not OutputGroup(str(out)).done_tasks().any()
+        DENSE.run_task(job, plan.tasks[0])
+    assert not run_steps.method(prepared).done_tasks(OutputGroup(str(out)), job.fingerprint, plan).any()
 
 
 def test_a_taker_never_deletes_a_lease_taken_over_meanwhile(tmp_path):

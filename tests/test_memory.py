@@ -10,6 +10,7 @@ shape, with M = 2e6 sources (D = 3) so that the sources dominate.
 from __future__ import annotations
 
 import json
+import dataclasses
 import pickle
 import subprocess
 
@@ -44,17 +45,14 @@ def memory_inputs(tmp_path_factory):
 
 
 def _prepare(points, sources, out):
-    """Plan a job in this process and create its output as `kgrad run` does (before the workers run)."""
-    from pipeline.output import OutputGroup
+    """Plan a job in this process and create its output and sorted copy as `kgrad run` does (before the
+    workers run); returns the prepared run with the job its tasks get."""
+    import run_steps
     from pipeline.workflow import RunConfig, prepare
 
     prepared = prepare(RunConfig(points=str(points), sources=str(sources), out=str(out), rows_per_task=512,
                                  workers=1))
-    plan = prepared.plan
-    OutputGroup(str(out)).create(n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
-                        rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks,
-                        attributes=prepared.attributes)
-    return prepared
+    return dataclasses.replace(prepared, job=run_steps.start(prepared))
 
 
 @pytest.mark.slow

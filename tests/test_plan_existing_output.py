@@ -3,6 +3,7 @@ flag a run needs), and writes nothing.  ``kgrad run`` still refuses without --ov
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -12,29 +13,37 @@ import zarr
 
 from fileutil import tree_digest
 from pipeline import InputError
-from pipeline.output import OutputGroup
-from pipeline.workflow import RunConfig, prepare
+from pipeline.output import OutputGroup, SpatialCopy
+from pipeline.workflow import RunConfig, _client_run, prepare
 
 pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata")
 
 
 @pytest.fixture
 def made(tmp_path):
-    """An output as a run of ``config`` leaves it, made without a cluster: 3 tasks, ``mark`` sets them done."""
+    """An output as a run of ``config`` leaves it, made without a cluster: 3 tasks, ``mark`` sets them done
+    (an incomplete run's marks are in its sorted copy, ``OUT/order/``, as a run leaves them)."""
     np.save(tmp_path / "points.npy", np.random.default_rng(2).normal(size=(300, 2)))
     config = RunConfig(points=str(tmp_path / "points.npy"), out=str(tmp_path / "out.zarr"), workers=1,
                        rows_per_task=100)
     prepared = prepare(config)
     plan = prepared.plan
     assert plan.n_tasks == 3
-    OutputGroup(config.out).create(n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
-                        rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks, attributes=prepared.attributes)
+    output = OutputGroup(config.out)
+    output_id = output.create(n_points=plan.n_points, dim=plan.dim, dtype=plan.dtype,
+                              rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks, attributes=prepared.attributes)
 
     def mark(tasks: int, complete: bool):
-        group = zarr.open_group(config.out, mode="r+")
-        group["task_done"][:tasks] = 1
         if complete:
-            OutputGroup(config.out).finish({})
+            zarr.open_group(config.out, mode="r+")["task_done"][:tasks] = 1
+            output.finish({})
+            return config
+        job = prepared.job.replace(output_id=output_id)
+        run = _client_run(dataclasses.replace(prepared, job=job), output)
+        SpatialCopy(output).create(run_id=output_id, run_fingerprint=job.fingerprint, dtype=plan.dtype,
+                                   rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks,
+                                   source_chunk=job.data.copy_chunk, **prepared.problem.method.copy_contents(run))
+        zarr.open_array(f"{config.out}/order/task_done", mode="r+")[:tasks] = 1
         return config
 
     return mark
