@@ -33,6 +33,10 @@ ORDER = ["seed_jacfwd", "seed_jacrev", "gemm", "keops", "kgrad", "kgrad_e2e"]
 # benchmarks/pruning.py's section of BENCHMARKS.md lies between these markers; markdown() carries it over.
 PRUNING_BEGIN = "<!-- pruning: python benchmarks/pruning.py -->"
 PRUNING_END = "<!-- end of pruning -->"
+# ... and benchmarks/dense_order.py's section
+DENSE_ORDER_BEGIN = "<!-- dense order: python benchmarks/dense_order.py -->"
+DENSE_ORDER_END = "<!-- end of dense order -->"
+KEPT_SECTIONS = ((PRUNING_BEGIN, PRUNING_END), (DENSE_ORDER_BEGIN, DENSE_ORDER_END))
 
 
 # ----------------------------------------------------------------------------- ratios and fits
@@ -483,23 +487,28 @@ def markdown(results, png_path: str, md_path: str) -> str:
               "compute the gradient only.",
               ""]
     text = "\n".join(lines)
-    kept = None
-    if os.path.exists(md_path):  # benchmarks/pruning.py's section of the file this text replaces
+    if os.path.exists(md_path):  # the other scripts' sections of the file this text replaces
         with open(md_path) as f:
-            kept = marked_block(f.read())
-    return with_marked_block(text, kept) if kept else text
+            old = f.read()
+        for begin, end in KEPT_SECTIONS:
+            kept = marked_block(old, begin, end)
+            if kept:
+                text = with_marked_block(text, kept, begin, end)
+    return text
 
 
-def marked_block(text: str) -> str | None:
-    """The pruning section of a Markdown text (``PRUNING_BEGIN`` to ``PRUNING_END``, both included), or None."""
-    start = text.find(PRUNING_BEGIN)
-    end = text.find(PRUNING_END, start) if start >= 0 else -1
-    return text[start:end + len(PRUNING_END)] if end >= 0 else None
+def marked_block(text: str, begin: str = PRUNING_BEGIN, end: str = PRUNING_END) -> str | None:
+    """The section of a Markdown text from ``begin`` to ``end`` (both included; default: the pruning
+    section), or None."""
+    start = text.find(begin)
+    stop = text.find(end, start) if start >= 0 else -1
+    return text[start:stop + len(end)] if stop >= 0 else None
 
 
-def with_marked_block(text: str, block: str) -> str:
-    """``text`` with its pruning section replaced by ``block``; ``block`` appended when it has none."""
-    old = marked_block(text)
+def with_marked_block(text: str, block: str, begin: str = PRUNING_BEGIN, end: str = PRUNING_END) -> str:
+    """``text`` with its section (``begin`` to ``end``) replaced by ``block``; ``block`` appended when it has
+    none."""
+    old = marked_block(text, begin, end)
     if old is not None:
         return text.replace(old, block, 1)
     return (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"

@@ -17,6 +17,11 @@ def describe_output(location: str, storage_options: tuple = ()) -> dict:
     record = output.record()
     group = output.open()
     done = output.done_tasks()
+    if not record.complete and record.method:  # a run's progress is where its method keeps it (order/)
+        from .methods import METHODS  # JAX: only for an incomplete output
+
+        if record.method in METHODS:
+            done = METHODS[record.method].done_tasks(output, record.run_fingerprint, done.size)
     info = {"location": location, "complete": record.complete,
             "tasks_done": int(done.sum()), "tasks_total": int(done.size),
             "arrays": {name: {"shape": list(group[name].shape), "dtype": str(group[name].dtype),

@@ -75,6 +75,7 @@ class RunRecord:
     kgrad_version: str = ""
     plan: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    method: str = ""  # the computation method (pipeline.methods) that made it
 
     @classmethod
     def from_attributes(cls, attrs: dict) -> "RunRecord":
@@ -83,7 +84,7 @@ class RunRecord:
                    formulation=attrs.get("formulation", "?"), dtype=attrs.get("dtype", "?"),
                    mode=attrs.get("mode", "?"), n_points=attrs.get("N"), n_sources=attrs.get("M"),
                    dim=attrs.get("D"), inputs=attrs.get("inputs") or {}, kgrad_version=attrs.get("kgrad_version", ""),
-                   plan=attrs.get("plan") or {}, timings=attrs.get("timings") or {})
+                   plan=attrs.get("plan") or {}, timings=attrs.get("timings") or {}, method=attrs.get("method", ""))
 
 
 def _is_kgrad_metadata(raw: bytes) -> bool:

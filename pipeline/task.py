@@ -55,9 +55,6 @@ class Job:
     method: str = "dense"  # the name of the run's method in pipeline.methods.METHODS
     data: MethodData = MethodData()  # the method's own part of the job
 
-    def replace(self, **changes) -> "Job":
-        return dataclasses.replace(self, **changes)
-
     def replace_data(self, **changes) -> "Job":
         """The job with fields of its method's data changed (e.g. the sorted copy's id)."""
         return dataclasses.replace(self, data=dataclasses.replace(self.data, **changes))

@@ -334,7 +334,7 @@ def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: 
                 + ("with --resume starts it afresh" if config.resume else "needs --resume or --overwrite "
                    "(either starts it afresh)")), None
     plan = problem.plan
-    done = problem.method.done_tasks(OutputGroup(config.out, opts), fingerprint, plan)  # where the method keeps it
+    done = problem.method.done_tasks(OutputGroup(config.out, opts), fingerprint, plan.n_tasks)  # the method's marks
     n_done = int(done.sum())
     left = f"{plan.n_tasks - n_done} of {plan.n_tasks} tasks left"
     return (f"exists, incomplete: a run with --resume runs the {left}" if config.resume else

@@ -24,7 +24,7 @@ def start(prepared: Prepared) -> Job:
         given["job"] = job
         return {}
 
-    job = prepared.job.replace(output_id=output_id)
+    job = dataclasses.replace(prepared.job, output_id=output_id)
     prepared.problem.method.run_tasks(_client_run(dataclasses.replace(prepared, job=job), output), execute)
     return given["job"]
 

@@ -38,7 +38,7 @@ def made(tmp_path):
             zarr.open_group(config.out, mode="r+")["task_done"][:tasks] = 1
             output.finish({})
             return config
-        job = prepared.job.replace(output_id=output_id)
+        job = dataclasses.replace(prepared.job, output_id=output_id)
         run = _client_run(dataclasses.replace(prepared, job=job), output)
         SpatialCopy(output).create(run_id=output_id, run_fingerprint=job.fingerprint, dtype=plan.dtype,
                                    rows_per_task=plan.rows_per_task, n_tasks=plan.n_tasks,

@@ -95,8 +95,8 @@ class Method(Protocol):
         """The client's steps after every task is done and the inputs were checked once more (before the
         output is marked complete)."""
 
-    def done_tasks(self, output: OutputGroup, fingerprint: str, plan: Plan) -> np.ndarray:
-        """Which tasks of an existing, incomplete output of this run are done."""
+    def done_tasks(self, output: OutputGroup, fingerprint: str, n_tasks: int) -> np.ndarray:
+        """Which of the ``n_tasks`` tasks of an existing output of the run ``fingerprint`` are done."""
 
     def run_task(self, job: Job, task: Task) -> dict:
         """On a worker: compute and store one task; return a small dict (index, rows, seconds,

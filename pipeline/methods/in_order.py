@@ -28,7 +28,6 @@ import numpy as np
 
 from ..errors import RunEnded, RunFailed
 from ..output import OutputGroup, SpatialCopy
-from ..plan import Plan
 from ..task import Job, MethodData, still_owned
 from .base import ClientRun, RunTasks
 
@@ -99,12 +98,12 @@ class InSpatialOrder:
         copy.remove(job.output_id)
         timings["unsort_seconds"] = round(time.perf_counter() - started, 4)
 
-    def done_tasks(self, output: OutputGroup, fingerprint: str, plan: Plan) -> np.ndarray:
-        """Progress is in the sorted copy until the results go back in input order."""
-        if output.attributes().get(IN_INPUT_ORDER) == fingerprint:  # stopped after the results went back
-            return np.ones(plan.n_tasks, bool)
+    def done_tasks(self, output: OutputGroup, fingerprint: str, n_tasks: int) -> np.ndarray:
+        """Progress is in the sorted copy until the results go back in input order (then every task is)."""
+        if output.attributes().get(IN_INPUT_ORDER) == fingerprint or output.done_tasks().all():
+            return np.ones(n_tasks, bool)
         copy = SpatialCopy(output)
-        return copy.done_tasks() if copy.ready(fingerprint) else np.zeros(plan.n_tasks, bool)
+        return copy.done_tasks() if copy.ready(fingerprint) else np.zeros(n_tasks, bool)
 
 
 def task_copy(job: Job) -> SpatialCopy:
