@@ -49,6 +49,12 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _started(pid: int) -> int:
+    """The process's start time (clock ticks after boot); a process gone counts as the newest."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else 2**63
+
+
 def local_worker_pids(kgrad_pid: int) -> list[int]:
     """The worker processes of a `kgrad run`'s own local cluster: its children started by its nannies
     (multiprocessing spawn; not the resource tracker), live ones only."""
@@ -94,12 +100,13 @@ class WorkerKills:
 
 def run_with_worker_kills(args, out, progress: Progress, *, kills: int = 1, cluster=None, first_after: int = 2,
                           rng: random.Random | None = None, timeout: float = RUN_TIMEOUT) -> WorkerKills:
-    """Start `kgrad ARGS` and SIGKILL a worker process ``kills`` times while it runs: the first once
-    ``first_after`` tasks are done (``progress``), each next once one more task is done.
+    """Start `kgrad ARGS` and, once ``first_after`` of its tasks are done (``progress``), SIGKILL ``kills``
+    worker processes one right after the other (2: both workers of a 2-worker cluster, every task in flight
+    lost until the nannies have restarted them).
 
-    ``cluster``: a :class:`cluster_fixtures.DaskCluster` the run uses (``--scheduler FILE``): a busy worker of
-    it is killed (its nanny restarts it), and this returns once the cluster has all its workers back.  Without
-    it the run uses its own local cluster, and one of that cluster's worker processes is killed.
+    ``cluster``: a :class:`cluster_fixtures.DaskCluster` the run uses (``--scheduler FILE``): busy workers of it
+    are killed first, and this returns once the cluster has all its workers back.  Without it the run uses its
+    own local cluster, and its worker processes are killed (the first drawn with ``rng``).
 
     The run must still be running at each kill (else AssertionError: the job is too small to be hit);
     it is waited for to the end (nothing of it may outlive it)."""
@@ -112,22 +119,15 @@ def run_with_worker_kills(args, out, progress: Progress, *, kills: int = 1, clus
     try:
         proc = start_kgrad(args)
         try:
-            goal = first_after
+            poll(lambda: tasks_done(progress, out) >= first_after or proc.poll() is not None, timeout=timeout,
+                 interval=0.01, what=f"{first_after} tasks done")
             for _ in range(kills):
-                poll(lambda: tasks_done(progress, out) >= goal or proc.poll() is not None, timeout=timeout,
-                     interval=0.01, what=f"{goal} tasks done")
                 assert proc.poll() is None, f"the run finished before kill {len(result.victims) + 1}; use a larger job"
-                if client is not None:
-                    address = poll(lambda: busy_cluster_worker(client), timeout=30, what="a busy worker")
-                    victim = cluster_worker_pids(client)[address]
-                else:
-                    victim = rng.choice(poll(lambda: local_worker_pids(proc.pid), timeout=30,
-                                             what="a worker of kgrad's local cluster"))
-                done = tasks_done(progress, out)
+                victim = (_cluster_victim(client, proc, result.victims) if client is not None
+                          else _local_victim(proc, result.victims, rng))
+                result.done_at_kills.append(tasks_done(progress, out))
                 os.kill(victim, signal.SIGKILL)
                 result.victims.append(victim)
-                result.done_at_kills.append(done)
-                goal = done + 1
             proc.wait(timeout=timeout)
         finally:
             if proc.poll() is None:
@@ -141,6 +141,25 @@ def run_with_worker_kills(args, out, progress: Progress, *, kills: int = 1, clus
         if client is not None:
             client.close()
     return result
+
+
+def _local_victim(proc, victims: list[int], rng: random.Random) -> int:
+    """A worker process of the run's local cluster not killed yet (not one a nanny is restarting)."""
+    pids = poll(lambda: [p for p in local_worker_pids(proc.pid) if p not in victims], timeout=30,
+                what="a worker of kgrad's local cluster")
+    return rng.choice(pids) if not victims else min(pids, key=_started)
+
+
+def _cluster_victim(client, proc, victims: list[int]) -> int:
+    """A worker process of the dask cluster not killed yet: the first one busy with a kgrad task; then any."""
+    if not victims:
+        address = poll(lambda: busy_cluster_worker(client) or proc.poll() is not None, timeout=30,
+                       what="a busy worker")
+        assert proc.poll() is None, "the run finished before the kill; use a larger job"
+        return cluster_worker_pids(client)[address]
+    pids = [pid for pid in cluster_worker_pids(client).values() if pid not in victims]
+    assert pids, "no worker left to kill"
+    return pids[0]
 
 
 # ------------------------------------------------------------------------------------------ killing a run at a step

@@ -8,44 +8,42 @@
 
 The guarantees:
 
-1. same bits: every executor, and 1, 2 or 4 local workers, give the bits of the reference run (the case on
-   2 local workers), the in-process API included;
+1. same bits: the reference run (the case on 1 local worker) again, on 2 or 4 local workers, on the dask CLI
+   cluster, and in process: the same bits (the in-process API equals the CLI);
 2. resume: a run killed outright (SIGKILL to its process group; on a dask CLI cluster that is the client alone)
-   before its tasks (during the client's steps there), after some tasks, or once every task is done (during the
-   client's steps after them), finishes with ``--resume`` with the reference's bits and no scratch left;
-3. worker loss: a worker process SIGKILLed in mid-run (once, or twice) costs only reruns: exit 0, complete,
+   during the client's steps before its tasks, after some tasks, once every task is done (during the client's
+   steps after them), or at a random moment, finishes with ``--resume`` (on another worker count) with the
+   reference's bits, no task done before the kill rerun, and no scratch left in the output;
+3. worker loss: a worker process SIGKILLed in mid-run (or both of 2 workers at once) costs only reruns: exit 0, complete,
    the reference's bits;
 4. refusal: ``--resume`` with other points (another file, or the file changed in place) or another tolerance
    exits 2 with one line and leaves the output untouched.
 
-A pair (guarantee, executor) that does not apply is not generated (the API has no resume); a kill moment the
-method has no client step for is not generated either.  The default suite runs one representative per guarantee
-(see DEFAULT); the rest of the matrix is ``slow`` (``--runslow``).  Reference runs, inputs and the interrupted
-outputs the refusals use are built once per session and shared by every parameter.
+A pair (guarantee, executor) that does not apply is not generated (the API has no resume, no workers to lose),
+nor a kill moment the method has no client step for (MethodCase.before_tasks, .after_tasks).  The default
+suite runs one representative per guarantee (DEFAULT); the rest of the matrix is ``slow`` (``--runslow``).
+Inputs, reference runs and the killed runs of kgrad's local cluster are made once per session and shared
+(methods.Runs, also used by the method-specific tests such as test_pruning_cli.py).
+
+Until ``pipeline.methods`` is merged, test_cases_are_the_registered_methods and
+test_a_run_of_each_case_records_its_method fail (no registry, no ``method`` attribute yet).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.register_assert_rewrite("cluster_fixtures", "faults")
-from cluster_fixtures import Killed as KilledRun  # noqa: E402
+pytest.register_assert_rewrite("cluster_fixtures", "faults", "methods")
 from cluster_fixtures import (assert_bit_identical, assert_complete, kgrad, read_attrs, read_result,  # noqa: E402
-                              read_task_done, record, rng_for, run_and_kill, tree_digest)
-from faults import busy_cluster_worker, poll, run_with_worker_kills, tasks_done  # noqa: E402
-from methods import CASES, MethodCase  # noqa: E402
+                              record, rng_for, tree_digest)
+from faults import run_with_worker_kills  # noqa: E402
+from methods import CASES, CLI_EXECUTORS, MethodCase, moments  # noqa: E402
 
-pytest_plugins = ["cluster_fixtures"]
-
-CLI_EXECUTORS = ("local", "dask-cli")  # `kgrad run`: outputs to resume, workers to kill
-EXECUTORS = ("api", *CLI_EXECUTORS)
-REFERENCE_WORKERS = 1  # the cheapest run; 2 and 4 workers are compared with it
+pytest_plugins = ["cluster_fixtures", "methods"]
 
 # The default suite's representatives, one per guarantee (both methods for the cheap ones); all else is slow.
 DEFAULT = {
@@ -62,129 +60,8 @@ def _param(guarantee: str, *values, id: str):
     return pytest.param(*values, marks=marks, id=id)
 
 
-def moments(case: MethodCase) -> list[str]:
-    """The kill moments that apply to a method: after some tasks always; during its client steps before or
-    after the tasks where it has such steps."""
-    return ((["before-tasks"] if case.before_tasks is not None else []) + ["some-tasks"]
-            + (["after-tasks"] if case.after_tasks else []))
-
-
-def moment_reached(case: MethodCase, moment: str, out) -> bool:
-    flags = case.progress(out)
-    done = 0 if flags is None else int(flags.sum())
-    if moment == "before-tasks":
-        return done == 0 and bool(case.before_tasks(out))
-    if moment == "some-tasks":
-        return done >= 2
-    if moment == "after-tasks":
-        return flags is not None and bool(flags.all())
-    raise ValueError(moment)
-
-
 def refusals(case: MethodCase) -> list[str]:
     return ["other-points", "points-in-place"] + [f"tolerance={t}" for t in case.other_tolerances]
-
-
-# ------------------------------------------------------------------------------------------ shared runs
-
-
-class Runs:
-    """Inputs, reference runs and interrupted outputs of the session, each made on first use."""
-
-    def __init__(self, root: Path, request):
-        self.root, self.request = root, request
-        self._cache: dict = {}
-
-    def _once(self, key, make):
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
-
-    def points(self, case: MethodCase) -> Path:
-        def make():
-            path = self.root / f"{case.name}-points.npy"
-            np.save(path, case.points())
-            return path
-        return self._once(("points", case.name), make)
-
-    def other_points(self, case: MethodCase) -> Path:
-        """Same shape and dtype as the case's points; one value changed."""
-        def make():
-            points = case.points().copy()
-            points[len(points) // 2, 0] += np.float32(0.25)
-            path = self.root / f"{case.name}-other-points.npy"
-            np.save(path, points)
-            return path
-        return self._once(("other_points", case.name), make)
-
-    def cluster(self, executor: str):
-        return self.request.getfixturevalue("dask_cli_cluster") if executor == "dask-cli" else None
-
-    def args(self, case: MethodCase, executor: str, points, out, *extra, workers: int = 2,
-             tolerance="same") -> list[str]:
-        """`kgrad run` arguments: the case's flags on ``executor`` (``workers``: of a local cluster)."""
-        assert executor in CLI_EXECUTORS, executor
-        where = (["--scheduler", str(self.cluster(executor).scheduler_file)] if executor == "dask-cli"
-                 else ["--workers", str(workers)])
-        return ["run", "--points", str(points), "--out", str(out), "--no-progress", *case.cli_args(tolerance),
-                *where, *map(str, extra)]
-
-    def reference(self, case: MethodCase) -> Path:
-        """An undisturbed run of the case on REFERENCE_WORKERS local workers."""
-        def make():
-            out = self.root / f"{case.name}-reference.zarr"
-            result = kgrad(self.args(case, "local", self.points(case), out, workers=REFERENCE_WORKERS))
-            assert result.returncode == 0, result.stderr[-3000:]
-            assert_complete(out, tasks_skipped=0)
-            attrs = read_attrs(out)
-            assert {k: attrs.get(k) for k in case.expect} == case.expect, "the case does not select its method"
-            return out
-        return self._once(("reference", case.name), make)
-
-    def n_tasks(self, case: MethodCase) -> int:
-        return len(read_task_done(self.reference(case)))
-
-    def killed(self, case: MethodCase, executor: str, moment: str) -> Killed:
-        """A run of the case on 2 local workers killed at ``moment`` (SIGKILL to its process group: kgrad and
-        its cluster), on a copy of the points of its own (the refusal tests change it in place)."""
-        def make():
-            return self.kill(case, executor, moment, self.root / f"{case.name}-{executor}-{moment}-killed")
-        return self._once(("killed", case.name, executor, moment), make)
-
-    def kill(self, case: MethodCase, executor: str, moment: str, root: Path) -> Killed:
-        root.mkdir()
-        points = root / "points.npy"
-        shutil.copyfile(self.points(case), points)
-        out = root / "out.zarr"
-        run = run_and_kill(self.args(case, executor, points, out), out, lambda t, _: moment_reached(case, moment, out),
-                           interval=0.005)
-        return Killed(points, out, run, case.progress(out))
-
-    def interrupted(self, case: MethodCase, executor: str) -> Killed:
-        """A run killed after some tasks, for the refusals: on the dask CLI cluster, returned once no task of it
-        is left running (nothing writes into it any more)."""
-        def make():
-            killed = self.killed(case, executor, "some-tasks")
-            assert not killed.run.finished_first and killed.run.output_existed, killed.run.stderr[-3000:]
-            if executor == "dask-cli":
-                with self.cluster(executor).client() as client:
-                    poll(lambda: busy_cluster_worker(client) is None, timeout=60, what="the killed run's tasks to end")
-            assert read_attrs(killed.out)["complete"] is False
-            return killed
-        return self._once(("interrupted", case.name, executor), make)
-
-
-@dataclass(frozen=True)
-class Killed:
-    points: Path  # the run's own copy of the case's points
-    out: Path
-    run: KilledRun  # what run_and_kill saw
-    flags: np.ndarray | None  # the method's task flags once the run's processes were gone
-
-
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory, request) -> Runs:
-    return Runs(tmp_path_factory.mktemp("guarantees"), request)
 
 
 def assert_same_as_reference(out, reference) -> int:
@@ -206,8 +83,8 @@ def test_cases_are_the_registered_methods():
 
 
 @pytest.mark.parametrize("method", [_param("records_method", m, id=m) for m in CASES])
-def test_a_run_of_each_case_records_its_method(runs, method):
-    assert read_attrs(runs.reference(CASES[method])).get("method") == method
+def test_a_run_of_each_case_records_its_method(method_runs, method):
+    assert read_attrs(method_runs.reference(CASES[method])).get("method") == method
 
 
 # ------------------------------------------------------------------------------------------ 1. same bits
@@ -218,16 +95,16 @@ SAME_BITS = [_param("same_bits", m, e, w, id=f"{m}-{e}" + (f"-{w}" if w else "")
 
 
 @pytest.mark.parametrize("method,executor,workers", SAME_BITS)
-def test_same_bits_on_every_executor(runs, tmp_path, method, executor, workers):
+def test_same_bits_on_every_executor(method_runs, tmp_path, method, executor, workers):
     """The reference (1 local worker) again: in process, on 1 (a second run), 2 or 4 local workers (4 > 2
     cores: not pinned), on the dask CLI cluster: the same dtype and the same bits (on disk: the same chunk
     bytes)."""
     case = CASES[method]
-    reference = runs.reference(case)
+    reference = method_runs.reference(case)
     if executor == "api":
         from pipeline import kernel_gradients
 
-        g, v = kernel_gradients(np.load(runs.points(case)), return_value=True, **case.api_kwargs())
+        g, v = kernel_gradients(np.load(method_runs.points(case)), return_value=True, **case.api_kwargs())
         g_cli, v_cli = read_result(reference)
         assert g.dtype == g_cli.dtype and v.dtype == v_cli.dtype, (g.dtype, g_cli.dtype)
         assert g.shape == g_cli.shape and v.shape == v_cli.shape
@@ -237,9 +114,9 @@ def test_same_bits_on_every_executor(runs, tmp_path, method, executor, workers):
         record(f"same_bits[{method}-api]", bytes_compared=g.nbytes + v.nbytes)
         return
     out = tmp_path / "out.zarr"
-    result = kgrad(runs.args(case, executor, runs.points(case), out, workers=workers or 2))
+    result = kgrad(method_runs.args(case, executor, method_runs.points(case), out, workers=workers or 2))
     assert result.returncode == 0, result.stderr[-3000:]
-    timings = assert_complete(out, tasks_run=runs.n_tasks(case), tasks_skipped=0)
+    timings = assert_complete(out, tasks_run=method_runs.n_tasks(case), tasks_skipped=0)
     if executor == "local":
         assert len(timings["worker_pids"]) <= workers
     assert read_attrs(out).get("method") == read_attrs(reference).get("method")
@@ -249,42 +126,43 @@ def test_same_bits_on_every_executor(runs, tmp_path, method, executor, workers):
 # ------------------------------------------------------------------------------------------ 2. resume after kill -9
 
 
-RESUME = [_param("resume", m, e, k, id=f"{m}-{e}-{k}") for m in CASES for e in CLI_EXECUTORS for k in moments(CASES[m])]
+RESUME = [_param("resume", m, e, k, id=f"{m}-{e}-{k}") for m in CASES for e in CLI_EXECUTORS
+          for k in (*moments(CASES[m]), "random")]
 
 
 @pytest.mark.parametrize("method,executor,moment", RESUME)
-def test_resume_after_kill_gives_the_same_bits(runs, tmp_path, method, executor, moment):
+def test_resume_after_kill_gives_the_same_bits(method_runs, tmp_path, method, executor, moment):
     """SIGKILL to `kgrad run`'s process group (2 workers) at the moment: on kgrad's local cluster that is the
     client, nannies and workers (the killed output is shared with the refusal tests: this resumes a copy); on the
     dask CLI cluster it is the client alone, and its tasks may still be running when `--resume` starts at once.
     The resume (1 local worker, or the same cluster) exits 0 with every task run or skipped once, the tasks done
     before the kill not rerun, and the reference's bits, nothing of the run's scratch left in the output."""
     case = CASES[method]
-    reference = runs.reference(case)
-    n_tasks = runs.n_tasks(case)
+    reference = method_runs.reference(case)
+    n_tasks = method_runs.n_tasks(case)
     if executor == "local":
-        killed = runs.killed(case, executor, moment)
+        killed = method_runs.killed(case, executor, moment)
         out = tmp_path / "out.zarr"
         if killed.out.exists():
             shutil.copytree(killed.out, out)
     else:
-        killed = runs.kill(case, executor, moment, tmp_path / "killed")
+        killed = method_runs.kill(case, executor, moment, tmp_path / "killed")
         out = killed.out
     run, flags = killed.run, killed.flags
     done = 0 if flags is None else int(flags.sum())
-    if executor == "local":
-        assert run.finished_first or run.processes_killed >= 3, "kgrad and its local cluster's workers"
-    else:
+    if executor == "dask-cli":
         assert run.finished_first or run.processes_killed == 1, "the client alone: the cluster lives on"
+    elif run.output_existed and not run.finished_first:  # the output is created once the cluster is up
+        assert run.processes_killed >= 3, "kgrad and its local cluster's workers"
     complete = run.output_existed and read_attrs(out).get("complete") is True
-    if moment != "after-tasks":  # there the run may beat the kill (its last steps take milliseconds)
+    if moment not in ("after-tasks", "random"):  # there the run may beat the kill (last steps take milliseconds)
         assert not run.finished_first and not complete, "the run finished before the kill; use a larger job"
         assert run.output_existed
     if moment == "some-tasks":
         assert 2 <= done < n_tasks
     if moment == "before-tasks" and executor == "local":
         assert done == 0, "a task finished between the poll and the kill"
-    result = kgrad(runs.args(case, executor, killed.points, out, "--resume", workers=1))
+    result = kgrad(method_runs.args(case, executor, killed.points, out, "--resume", workers=1))
     assert result.returncode == 0, result.stderr[-3000:]
     timings = assert_complete(out)
     if complete:
@@ -309,15 +187,16 @@ WORKER_LOSS = [_param("worker_loss", m, e, k, id=f"{m}-{e}-{k}kill" + ("s" if k 
 
 
 @pytest.mark.parametrize("method,executor,kills", WORKER_LOSS)
-def test_worker_killed_in_mid_run_costs_only_reruns(runs, tmp_path, method, executor, kills):
+def test_worker_killed_in_mid_run_costs_only_reruns(method_runs, tmp_path, method, executor, kills):
     """SIGKILL a worker process (of kgrad's 2-worker local cluster, or a busy one of the dask CLI cluster) once
-    some tasks are done, and again once one more is: the run exits 0, complete, with the reference's bits."""
+    some tasks are done, or both workers one right after the other: the run exits 0, complete, with the
+    reference's bits."""
     case = CASES[method]
-    reference = runs.reference(case)
-    n_tasks = runs.n_tasks(case)
+    reference = method_runs.reference(case)
+    n_tasks = method_runs.n_tasks(case)
     out = tmp_path / "out.zarr"
-    faults = run_with_worker_kills(runs.args(case, executor, runs.points(case), out, workers=2), out, case.progress,
-                                   kills=kills, cluster=runs.cluster(executor),
+    faults = run_with_worker_kills(method_runs.args(case, executor, method_runs.points(case), out, workers=2), out, case.progress,
+                                   kills=kills, cluster=method_runs.cluster(executor),
                                    rng=rng_for(f"worker_loss[{method}-{executor}-{kills}]"))
     assert faults.returncode == 0, faults.stderr[-4000:]
     assert len(faults.victims) == kills and faults.done_at_kills[-1] < n_tasks
@@ -336,23 +215,23 @@ REFUSAL = [_param("refusal", m, e, c, id=f"{m}-{e}-{c}") for m in CASES for e in
 
 
 @pytest.mark.parametrize("method,executor,change", REFUSAL)
-def test_resume_with_changed_inputs_or_tolerance_is_refused(runs, method, executor, change):
+def test_resume_with_changed_inputs_or_tolerance_is_refused(method_runs, method, executor, change):
     """`--resume` of a run killed after some tasks, with other points (another file of the same shape and dtype,
     or the same file changed in place) or another tolerance: exit 2, one line saying why, the output untouched."""
     case = CASES[method]
-    killed = runs.interrupted(case, executor)
+    killed = method_runs.interrupted(case, executor)
     points, out = killed.points, killed.out
     before = tree_digest(out)
     original = points.read_bytes()
     try:
         if change == "other-points":
-            result = kgrad(runs.args(case, executor, runs.other_points(case), out, "--resume"))
+            result = kgrad(method_runs.args(case, executor, method_runs.other_points(case), out, "--resume"))
         elif change == "points-in-place":
-            shutil.copyfile(runs.other_points(case), points)
-            result = kgrad(runs.args(case, executor, points, out, "--resume"))
+            shutil.copyfile(method_runs.other_points(case), points)
+            result = kgrad(method_runs.args(case, executor, points, out, "--resume"))
         else:
             tolerance = change.split("=", 1)[1]
-            result = kgrad(runs.args(case, executor, points, out, "--resume",
+            result = kgrad(method_runs.args(case, executor, points, out, "--resume",
                                      tolerance=None if tolerance == "None" else tolerance))
     finally:
         if points.read_bytes() != original:
