@@ -49,6 +49,11 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
 def _started(pid: int) -> int:
     """The process's start time (clock ticks after boot); a process gone counts as the newest."""
     fields = _stat(pid)
@@ -128,6 +133,7 @@ def run_with_worker_kills(args, out, progress: Progress, *, kills: int = 1, clus
                 result.done_at_kills.append(tasks_done(progress, out))
                 os.kill(victim, signal.SIGKILL)
                 result.victims.append(victim)
+                poll(lambda: not _alive(victim), timeout=10, what=f"worker {victim} to die")  # a fault made
             proc.wait(timeout=timeout)
         finally:
             if proc.poll() is None:
