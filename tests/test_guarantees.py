@@ -46,12 +46,14 @@ from methods import CASES, CLI_EXECUTORS, MethodCase, moments  # noqa: E402
 pytest_plugins = ["cluster_fixtures", "methods"]
 
 # The default suite's representatives, one per guarantee (both methods for the cheap ones); all else is slow.
+# Beyond the reference runs (kgrad's local cluster) they use the dask CLI cluster: its workers are warm (JAX
+# imported, kernels compiled), and the default suite starts it anyway (test_worker_loss, test_dashboard).
 DEFAULT = {
-    "same_bits": {(m, "api", None) for m in CASES},  # the reference runs are shared; the API costs no process
-    "records_method": {(m,) for m in CASES},
-    "resume": {("pruned", "local", "some-tasks")},
-    "worker_loss": {("dense", "local", 1)},
-    "refusal": {("pruned", "local", "other-points"), ("pruned", "local", "tolerance=1e-3")},
+    "same_bits": {(m, "api", None) for m in CASES},  # the in-process API equals the CLI (the reference run)
+    "records_method": {(m,) for m in CASES},  # the reference runs
+    "resume": {("pruned", "dask-cli", "some-tasks")},
+    "worker_loss": {("dense", "dask-cli", 1)},
+    "refusal": {("pruned", "dask-cli", "other-points"), ("pruned", "dask-cli", "tolerance=1e-3")},
 }
 
 
@@ -189,14 +191,14 @@ WORKER_LOSS = [_param("worker_loss", m, e, k, id=f"{m}-{e}-{k}kill" + ("s" if k 
 @pytest.mark.parametrize("method,executor,kills", WORKER_LOSS)
 def test_worker_killed_in_mid_run_costs_only_reruns(method_runs, tmp_path, method, executor, kills):
     """SIGKILL a worker process (of kgrad's 2-worker local cluster, or a busy one of the dask CLI cluster) once
-    some tasks are done, or both workers one right after the other: the run exits 0, complete, with the
+    a task is done, or both workers one right after the other: the run exits 0, complete, with the
     reference's bits."""
     case = CASES[method]
     reference = method_runs.reference(case)
     n_tasks = method_runs.n_tasks(case)
     out = tmp_path / "out.zarr"
     faults = run_with_worker_kills(method_runs.args(case, executor, method_runs.points(case), out, workers=2), out, case.progress,
-                                   kills=kills, cluster=method_runs.cluster(executor),
+                                   kills=kills, cluster=method_runs.cluster(executor), first_after=1,
                                    rng=rng_for(f"worker_loss[{method}-{executor}-{kills}]"))
     assert faults.returncode == 0, faults.stderr[-4000:]
     assert len(faults.victims) == kills and faults.done_at_kills[-1] < n_tasks
