@@ -1,7 +1,11 @@
-"""Worker loss on a real dask cluster (cluster/start-local-cluster.sh: a `dask scheduler` and a
-`dask worker --nworkers 2` whose nannies restart a killed worker process).  A worker process killed with
-SIGKILL in mid-run costs its task a rerun elsewhere; the run still exits 0 with the same bits.  A task
-that runs twice (a rerun after a lost worker, or a duplicate) writes the same bytes.
+"""Worker loss, the situations of one method or one cluster: a task that runs twice (a rerun after a lost
+worker, or a duplicate) writes the same bytes; relative paths with an external scheduler; the dask CLI cluster
+of cluster_fixtures.py (cluster/start-local-cluster.sh: a `dask scheduler` and a `dask worker --nworkers 2`
+whose nannies restart a killed worker process) is what the tests take it for.
+
+A worker process SIGKILLed in mid-run (once or twice; kgrad's own local cluster or the dask CLI cluster), and the
+client killed and resumed at once on the same cluster, for every computation method: test_guarantees.py (the
+kill loop: faults.run_with_worker_kills).
 """
 
 from __future__ import annotations
@@ -18,100 +22,10 @@ import pytest
 from pipeline.cluster import WORKER_ENVIRONMENT
 
 pytest.register_assert_rewrite("cluster_fixtures")
-from cluster_fixtures import (N_TASKS, assert_bit_identical, assert_complete, assert_no_leftovers,  # noqa: E402
-                              count_done, group_members, kgrad, kill_group, poll, read_streams,
-                              record, run_and_kill, run_args, start_kgrad)
+from cluster_fixtures import (assert_bit_identical, group_members, kgrad, record,  # noqa: E402
+                              run_args)
 
 pytest_plugins = ["cluster_fixtures"]
-
-
-def _worker_pids(client) -> dict[str, int]:
-    return client.run(os.getpid)
-
-
-def _restarted(client, killed_pid: int) -> bool:
-    """Two workers again, none of them the killed process (a broadcast may still hit the dead one)."""
-    try:
-        pids = client.run(os.getpid, on_error="ignore")
-    except Exception:
-        return False
-    return len(pids) == 2 and killed_pid not in pids.values()
-
-
-def _busy_worker(client) -> str | None:
-    """Address of a worker that holds a kgrad task (running or queued on it), if any."""
-    for address, keys in client.processing().items():
-        if any("kgrad-" in str(k) for k in keys):
-            return address
-    return None
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kills", [1, 2])
-def test_worker_killed_in_mid_run(dask_cli_cluster, job_inputs, undisturbed, tmp_path, kills):
-    """SIGKILL a busy worker process `kills` times (after the nanny has restarted the previous one) while
-    `kgrad run --scheduler FILE` runs; the run exits 0 and its output is bit-identical."""
-    out = tmp_path / "out.zarr"
-    with dask_cli_cluster.client() as client:
-        client.wait_for_workers(2, timeout=60)
-        pids = _worker_pids(client)
-        assert set(pids.values()) <= set(group_members(dask_cli_cluster.worker_pgid)), "not the CLI's workers"
-        proc = start_kgrad(run_args(job_inputs.points, out, scheduler=dask_cli_cluster.scheduler_file))
-        victims, done_at_kill = [], []
-        try:
-            for k in range(kills):
-                goal = 2 + 4 * k
-                poll(lambda: count_done(out) >= goal or proc.poll() is not None, timeout=180,
-                     what=f"{goal} tasks done")
-                assert proc.poll() is None, "the run finished before the kill; use a larger KGRAD_RELIABILITY_N"
-                address = poll(lambda: _busy_worker(client), timeout=30, what="a busy worker")
-                pid = _worker_pids(client)[address]
-                done_at_kill.append(count_done(out))
-                os.kill(pid, signal.SIGKILL)
-                victims.append(pid)
-                # the nanny notices and starts a fresh worker process
-                poll(lambda: _restarted(client, pid), timeout=60, interval=0.2,
-                     what="the nanny to restart the worker")
-            proc.wait(timeout=240)
-        finally:
-            if proc.poll() is None:
-                kill_group(proc)
-        assert_no_leftovers(proc)
-        stderr = read_streams(proc)[1]
-        assert proc.returncode == 0, stderr[-4000:]
-        assert done_at_kill[-1] < N_TASKS
-        pids_after = _worker_pids(client)
-    assert not set(victims) & set(pids_after.values())
-    timings = assert_complete(out, tasks_run=N_TASKS, tasks_skipped=0)
-    compared = assert_bit_identical(out, undisturbed.out)
-    record(f"worker_killed[{kills}]", faults_injected=kills, runs_survived=1, victims=victims,
-           tasks_done_at_kills=done_at_kill, worker_pids_with_results=timings["worker_pids"],
-           bytes_compared=compared, seconds=timings["total_seconds"],
-           execute_seconds=timings["execute_seconds"], connect_seconds=timings["cluster_start_seconds"],
-           stderr_tail=stderr.strip().splitlines()[-3:] if timings["total_seconds"] > 20 else None)
-
-
-@pytest.mark.slow
-def test_client_killed_then_resumed_on_the_same_cluster(dask_cli_cluster, job_inputs, undisturbed, tmp_path):
-    """SIGKILL the `kgrad run --scheduler FILE` process (the client; the cluster lives on, and tasks that
-    were running on it finish and write after the client is gone), then resume at once on the same
-    cluster: exit 0, every task counted once (skipped or run), the same bits."""
-    out = tmp_path / "out.zarr"
-    killed = run_and_kill(run_args(job_inputs.points, out, scheduler=dask_cli_cluster.scheduler_file), out,
-                          lambda t, done: done is not None and done.sum() >= 3)
-    assert not killed.finished_first and 3 <= killed.done < N_TASKS
-    assert killed.processes_killed == 1, "only the client: the cluster runs in its own process groups"
-    result = kgrad(run_args(job_inputs.points, out, "--resume", scheduler=dask_cli_cluster.scheduler_file))
-    assert result.returncode == 0, result.stderr[-3000:]
-    timings = assert_complete(out)
-    assert timings["tasks_skipped"] >= killed.done
-    assert timings["tasks_skipped"] + timings["tasks_run"] == N_TASKS
-    compared = assert_bit_identical(out, undisturbed.out)
-    with dask_cli_cluster.client() as client:
-        assert len(client.scheduler_info()["workers"]) == 2
-    record("client_killed_resumed_on_cluster", faults_injected=1, runs_survived=1,
-           tasks_done_at_kill=killed.done, tasks_skipped=timings["tasks_skipped"],
-           tasks_rerun=timings["tasks_run"], bytes_compared=compared)
 
 
 @pytest.fixture
