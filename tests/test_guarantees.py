@@ -17,7 +17,10 @@ The guarantees:
 3. worker loss: a worker process SIGKILLed in mid-run (or both of 2 workers at once) costs only reruns: exit 0, complete,
    the reference's bits;
 4. refusal: ``--resume`` with other points (another file, or the file changed in place) or another tolerance
-   exits 2 with one line and leaves the output untouched.
+   exits 2 with one line and leaves the output untouched;
+5. every step of the end: a run killed right before or after each of the client's steps after its tasks
+   (putting the results back in input order, marking the tasks done, removing the sorted copy, marking the
+   output complete) resumes to the reference's bits; `kgrad plan --resume` says what is left.
 
 A pair (guarantee, executor) that does not apply is not generated (the API has no resume, no workers to lose),
 nor a kill moment the method has no client step for (MethodCase.before_tasks, .after_tasks).  The default
@@ -40,7 +43,7 @@ import pytest
 pytest.register_assert_rewrite("cluster_fixtures", "faults", "methods")
 from cluster_fixtures import (assert_bit_identical, assert_complete, kgrad, read_attrs, read_result,  # noqa: E402
                               record, rng_for, tree_digest)
-from faults import run_with_worker_kills  # noqa: E402
+from faults import kill_self_at, run_with_worker_kills  # noqa: E402
 from methods import CASES, CLI_EXECUTORS, MethodCase, moments  # noqa: E402
 
 pytest_plugins = ["cluster_fixtures", "methods"]
@@ -54,6 +57,7 @@ DEFAULT = {
     "resume": {("pruned", "dask-cli", "some-tasks")},
     "worker_loss": {("dense", "dask-cli", 1)},
     "refusal": {("pruned", "dask-cli", "other-points"), ("pruned", "dask-cli", "tolerance=1e-3")},
+    "end_step": {("pruned", "before-mark_all_done"), ("dense", "before-finish")},
 }
 
 
@@ -248,3 +252,40 @@ def test_resume_with_changed_inputs_or_tolerance_is_refused(method_runs, method,
         assert "tolerance" in lines[0], lines[0]
     assert tree_digest(out) == before, "a refused resume touched the output"
     record(f"resume_refused[{method}-{executor}-{change}]", exit_code=2, message=lines[0])
+
+
+# ------------------------------------------------------------------------------------------ every step of the end
+
+# The client's steps after the tasks (pipeline/methods/in_order.py), in order; a kill right before or after each.
+# The kgrad process is started with one of its methods wrapped so that it SIGKILLs its own process group (workers
+# included) there (faults.kill_self_at): a real kill -9 at an exact point, which polling from outside cannot hit.
+END_STEPS = [("SpatialCopy", "unsort_into_output", "before", "before-unsort"),
+             ("SpatialCopy", "unsort_into_output", "after", "after-unsort"),
+             # the results are in input order, not yet marked done: the window that once never resumed
+             ("OutputGroup", "mark_all_done", "before", "before-mark_all_done"),
+             ("OutputGroup", "mark_all_done", "after", "after-mark_all_done"),
+             ("SpatialCopy", "remove", "after", "after-copy-removed"),
+             ("OutputGroup", "finish", "before", "before-finish")]
+
+
+@pytest.mark.parametrize("method,cls,name,when", [
+    pytest.param(method, cls, name, when, id=f"{method}-{step}",
+                 marks=() if (method, step) in DEFAULT["end_step"] else (pytest.mark.slow,))
+    for method in CASES if CASES[method].after_tasks for cls, name, when, step in END_STEPS])
+def test_kill_at_each_step_of_the_end_then_resume(method_runs, tmp_path, method, cls, name, when):
+    """SIGKILL right before or after each step after the tasks: `kgrad plan --resume` says what is left, and
+    `--resume` finishes with the reference's bits (and no scratch left)."""
+    import signal
+
+    case = CASES[method]
+    out = tmp_path / "out.zarr"
+    points = method_runs.points(case)
+    proc = kill_self_at("pipeline.output", cls, name, when, method_runs.args(case, "local", points, out))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert read_attrs(out).get("complete") is False
+    plan = kgrad(["plan", *method_runs.args(case, "local", points, out, "--resume")[1:]])
+    assert plan.returncode == 0, plan.stderr
+    result = kgrad(method_runs.args(case, "local", points, out, "--resume"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_complete(out)
+    assert_same_as_reference(out, method_runs.reference(case))

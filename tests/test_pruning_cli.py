@@ -5,30 +5,28 @@ are computed):
 * its attributes hold the tolerance, the error bound (that of the in-process problem, and the contract's) and the
   pairs computed (those of the in-process computation, fewer than N * M);
 * ``[run] tolerance`` in a workflow file is the flag; a bad ``--tolerance`` exits 2 naming it;
-* a kill that left zarr's ``.partial`` file in the sorted copy, and a kill right before or after each step of
-  putting the results back in input order, finish with ``--resume`` with the same bits;
+* a kill that left zarr's ``.partial`` file in the sorted copy finishes with ``--resume`` with the same bits;
 * an interrupted pruned output (with its sorted copy) is still a kgrad output (``--overwrite`` replaces it).
 
 The guarantees every method keeps (the same bits as the in-process API and on 1, 2 or 4 local workers or the dask
 CLI cluster; resume after kill -9 while the sorted copy is written, after some tasks, while the results go back in
-order; worker loss; a resume with another tolerance refused): test_guarantees.py, with the shared runs of
+order, and right before or after each step of putting them back; worker loss; a resume with another tolerance
+refused): test_guarantees.py, with the shared runs of
 methods.py (the reference run and the interrupted output used here too).
 
-A pruned run's progress is in its scratch group ``OUT/order`` (its own ``task_done``): the output's ``task_done``
-is marked only once the results are back in input order (methods.sorted_copy_task_done).
+A run's progress is in its scratch group ``OUT/order`` (its own ``task_done``): the output's ``task_done`` is
+marked only once the results are back in input order (methods.sorted_copy_task_done).
 """
 
 from __future__ import annotations
 
 import shutil
-import signal
 
 import numpy as np
 import pytest
 
 pytest.register_assert_rewrite("cluster_fixtures", "faults", "methods")
 from cluster_fixtures import assert_bit_identical, assert_complete, kgrad, read_attrs, record  # noqa: E402
-from faults import kill_self_at  # noqa: E402
 from methods import PRUNED  # noqa: E402
 
 pytest_plugins = ["cluster_fixtures", "methods"]
@@ -123,37 +121,3 @@ def test_a_killed_pruned_run_is_still_a_kgrad_output(method_runs, args, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert_complete(out)
     assert read_attrs(out)["tolerance"] == 1e-3 and not (out / "order").exists()
-
-
-# ------------------------------------------------------------------------------------------ every step of the end
-
-# The client's last steps of a pruned run, in order; a kill right before or after each.  The kgrad process is
-# started with one of its methods wrapped so that it SIGKILLs its own process group (workers included) there
-# (faults.kill_self_at): a real kill -9 at an exact point, which polling from outside cannot hit.
-
-_SLOW = pytest.mark.slow
-END_STEPS = [pytest.param("SpatialCopy", "unsort_into_output", "before", marks=_SLOW, id="before-unsort"),
-             pytest.param("SpatialCopy", "unsort_into_output", "after", marks=_SLOW, id="after-unsort"),
-             # the results are in input order, not yet marked done: the window that once never resumed
-             pytest.param("OutputGroup", "mark_all_done", "before", id="before-mark_all_done"),
-             pytest.param("OutputGroup", "mark_all_done", "after", marks=_SLOW, id="after-mark_all_done"),
-             pytest.param("SpatialCopy", "remove", "after", marks=_SLOW, id="after-copy-removed"),
-             pytest.param("OutputGroup", "finish", "before", id="before-finish")]
-
-
-@pytest.mark.parametrize("cls,name,when", END_STEPS)
-def test_kill_at_each_step_of_the_end_then_resume(method_runs, args, tmp_path, cls, name, when):
-    """SIGKILL right before or after each step of putting the results back in input order: `kgrad plan
-    --resume` says what is left, and `--resume` finishes with the clean run's bits (and no order/ left)."""
-    out = tmp_path / "out.zarr"
-    points = method_runs.points(PRUNED)
-    proc = kill_self_at("pipeline.output", cls, name, when, args(points, out))
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert read_attrs(out).get("complete") is False
-    plan = kgrad(["plan", *args(points, out, "--resume")[1:]])
-    assert plan.returncode == 0, plan.stderr
-    result = kgrad(args(points, out, "--resume"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_complete(out)
-    assert not (out / "order").exists(), "the sorted copy was left inside a complete output"
-    assert_bit_identical(out, method_runs.reference(PRUNED))
