@@ -126,7 +126,7 @@ def cmd_plan(args) -> int:
     print(f"method        {prepared.problem.method.name}")
     print(f"pruning       {_pruning_line(prepared)}")
     print(f"rough time    {project(plan)}")
-    print(f"output        {prepared.config.out}: {prepared.action}" if prepared.config.out
+    print(f"output        {prepared.config.out}: {prepared.output_note}" if prepared.config.out
           else "output        (none given)")
     return 0
 

@@ -56,13 +56,14 @@ class Prepared:
     job: Job
     plan: Plan
     attributes: dict
-    action: str  # "create", "overwrite", "resume" or "complete" (kgrad plan: a sentence)
+    action: str  # "create", "overwrite", "resume", "complete"; "none" (no output); "plan" (kgrad plan)
     done: np.ndarray | None
     identity: dict = field(default_factory=dict)  # what the run fingerprint hashes
     problem: Problem | None = field(default=None, repr=False)  # the method, its plan and fixed data
     inputs: "Inputs | None" = field(default=None, repr=False)  # the data as read and checked
     taken_ids: frozenset = frozenset()  # the ids an existing output's arrays carried when this run took its
     # lease: it removes or takes over only those (pipeline/fenced.py)
+    output_note: str = ""  # kgrad plan: what a run with these flags would do with the output, in words
 
 
 # ----------------------------------------------------------------------------------------- stage 1: options
@@ -241,9 +242,12 @@ def prepare(config: RunOptions, worker_memory: int | None = None, planning: bool
     inputs = read_inputs(options, storage)
     problem = plan_problem(options, inputs, worker_memory)
     provenance = describe_run(inputs, problem)
-    output_action = _planned_action if planning else _output_action
-    action, done = (output_action(options, provenance.fingerprint, provenance.identity, storage, problem)
-                    if options.out else ("none", None))
+    action, done, note = "none", None, ""
+    if options.out and planning:
+        action, (note, done) = "plan", _planned_action(options, provenance.fingerprint, provenance.identity, storage,
+                                                       problem)
+    elif options.out:
+        action, done = _output_action(options, provenance.fingerprint, provenance.identity, storage, problem)
     pin = (options.scheduler == "local" and options.workers <= usable_cores() and options.threads_per_worker == 1)
     job = Job(points=inputs.points, sources=inputs.sources, weights=inputs.weights, spec=problem.spec,
               mode=problem.mode, dtype=problem.dtype, shape=problem.shape, center=problem.center,
@@ -253,7 +257,7 @@ def prepare(config: RunOptions, worker_memory: int | None = None, planning: bool
               pin_cores=pin if options.pin_cores is None else options.pin_cores, cache_dir=options.cache_dir,
               method=problem.method.name, data=problem.method.job_data(problem.request, problem.planned))
     return Prepared(options, job, problem.plan, provenance.attributes, action, done, provenance.identity,
-                    problem, inputs)
+                    problem, inputs, output_note=note)
 
 
 # ----------------------------------------------------------------------------------------- output action
@@ -304,9 +308,8 @@ def _kernel_code_changed(identity: dict) -> str:
 
 
 def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: tuple, problem: Problem):
-    """For ``kgrad plan``: what a run with these flags would do with the output, in words; never refuses
-    (an existing output is described, with the flag a run would need)."""
-
+    """For ``kgrad plan``: (what a run with these flags would do with the output, in words; the tasks done or
+    None); never refuses (an existing output is described, with the flag a run would need)."""
     owner = lease.read(config.out, opts)
     if lease.is_live(owner):
         return f"being written by kgrad {lease.describe(owner)}: a run now is refused until it ends", None

@@ -50,7 +50,7 @@ def made(tmp_path):
 
 
 def planned(config, **changes) -> str:
-    return prepare(config.replace(**changes), planning=True).action
+    return prepare(config.replace(**changes), planning=True).output_note
 
 
 def test_complete_output(made):
