@@ -47,7 +47,7 @@ def _replace_lengthscale(args: list[str], value: str) -> list[str]:
     return args
 
 
-def _frozen_take_over(points, tmp_path, extra=(), scheduler=None, cluster_env=None, freeze="value"):
+def _frozen_take_over(points, tmp_path, extra=(), scheduler=None, cluster_env=None, freeze="order/value"):
     """A frozen on its first write of ``freeze``; B takes over and completes; A continued.  Returns (A's exit
     code, A's stderr, B's output, a clean run of B)."""
     out = tmp_path / "out.zarr"
@@ -113,7 +113,7 @@ def test_frozen_local_run_never_writes_into_the_newer_output(job_inputs, tmp_pat
 @pytest.mark.slow
 def test_frozen_pruned_run_never_writes_into_the_newer_output(tmp_path):
     """On clustered points that prune (test_pruning_cli.py's): the tasks write the sorted copy ``order/``."""
-    from test_pruning_cli import clustered
+    from methods import clustered
 
     points = tmp_path / "clustered.npy"
     np.save(points, clustered(40_000, 2))
@@ -127,8 +127,8 @@ def test_frozen_pruned_run_never_writes_into_the_newer_output(tmp_path):
 @pytest.mark.slow
 def test_frozen_run_on_a_dask_cli_cluster_never_writes_into_the_newer_output(job_inputs, tmp_path):
     marker = tmp_path / "frozen"
-    env = _hook_env(marker, "value")
-    cluster = start_cluster(tmp_path / "cluster", 1, PYTHONPATH=env["PYTHONPATH"], KGRAD_TEST_FREEZE_ARRAY="value",
+    env = _hook_env(marker, "order/value")
+    cluster = start_cluster(tmp_path / "cluster", 1, PYTHONPATH=env["PYTHONPATH"], KGRAD_TEST_FREEZE_ARRAY="order/value",
                             KGRAD_TEST_FREEZE_MARKER=str(marker))
     try:
         code, stderr, out, clean = _frozen_take_over(job_inputs.points, tmp_path, scheduler=cluster.scheduler_file,
