@@ -9,6 +9,10 @@ Sizes: ``KGRAD_RELIABILITY_N`` (default 40000) points, also the sources, D = 3, 
 (20 tasks): a run takes several seconds on 2 busy cores, long enough to kill it in mid-run.
 ``KGRAD_RELIABILITY_SEED`` fixes the random kill moments (printed by each test that draws one).
 ``KGRAD_RELIABILITY_LOG``: a file to which each fault-injection test appends one JSON line of figures.
+
+Small outputs (``small_points``, ``small_outputs``): many tests only need *some* complete kgrad output to
+overwrite, resume, inspect or break; each distinct one is made once per session by a real ``kgrad run`` and
+the tests take copies (a copy of an output is an output: test_cli and test_resume copy theirs too).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -428,3 +433,44 @@ def dask_cli_cluster(tmp_path_factory):
         yield cluster
     finally:
         stop_cluster(cluster)
+
+
+@pytest.fixture(scope="session")
+def small_points(tmp_path_factory) -> Path:
+    """300 points in 2-D, float64 (.npy): the input of the small runs that only need an output to exist."""
+    path = tmp_path_factory.mktemp("small") / "points.npy"
+    np.save(path, np.random.default_rng(7).normal(size=(300, 2)))
+    return path
+
+
+class SmallOutputs:
+    """Complete outputs of small ``kgrad run --workers 1 --no-progress`` jobs, each made once per session (by a
+    real run, in a subprocess) and handed out as copies: :meth:`copy`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._made: dict[tuple, tuple[Path, subprocess.CompletedProcess]] = {}
+
+    def run(self, points, *extra) -> tuple[Path, subprocess.CompletedProcess]:
+        """(the output, the finished `kgrad run` process: its stdout and stderr) for these arguments."""
+        key = (str(points), *map(str, extra))
+        if key not in self._made:
+            out = self.root / f"out{len(self._made)}.zarr"
+            result = kgrad(["run", "--points", points, "--out", out, "--workers", "1", "--no-progress", *extra])
+            assert result.returncode == 0, result.stderr
+            assert read_attrs(out)["complete"] is True
+            self._made[key] = (out, result)
+        return self._made[key]
+
+    def made(self, points, *extra) -> Path:
+        return self.run(points, *extra)[0]
+
+    def copy(self, points, dest, *extra) -> Path:
+        """A copy at ``dest`` of the complete output of ``kgrad run --points POINTS EXTRA``."""
+        shutil.copytree(self.made(points, *extra), dest)
+        return Path(dest)
+
+
+@pytest.fixture(scope="session")
+def small_outputs(tmp_path_factory) -> SmallOutputs:
+    return SmallOutputs(tmp_path_factory.mktemp("small_outputs"))

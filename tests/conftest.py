@@ -16,3 +16,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _persistent_compilation_cache():
+    """The test process compiles many tiles in process (pipeline.kernel_gradients): let it use JAX's persistent
+    cache at KGRAD_CACHE_DIR as kgrad's workers do, so that a later session loads them instead of compiling.
+    (Without this the cache was switched on part way through, by the first test that calls run_task.)"""
+    from pipeline.cache import enable_compilation_cache
+
+    enable_compilation_cache()

@@ -151,9 +151,16 @@ def lengthscale_for(kernel, dim):
     return list(np.linspace(0.8, 1.6, dim)) if kernel in USES_LENGTHSCALE else 1.0
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+# Default suite: every kernel in mode auto, and the generic modes (jacfwd, jacrev) for a radial kernel (rbf),
+# matern12 (its own fast path in auto) and a dot-product kernel (polynomial), in both dtypes; the other
+# generic-mode cases (a compile each) are slow.
+GENERIC_FAST = ("rbf", "matern12", "polynomial")
+MIXED_CASES = [pytest.param(k, m, d, marks=[] if m == "auto" or k in GENERIC_FAST else [pytest.mark.slow],
+                            id=f"{k}-{m}-{d}")
+               for k in KERNEL_NAMES for m in MODES for d in ("float32", "float64")]
+
+
+@pytest.mark.parametrize("kernel,mode,dtype", MIXED_CASES)
 def test_every_kernel_and_mode_on_mixed_layout(kernel, mode, dtype):
     dim = 2
     pts, w = mixed(dim)
@@ -164,9 +171,14 @@ def test_every_kernel_and_mode_on_mixed_layout(kernel, mode, dtype):
                                            lengthscale=lengthscale_for(kernel, dim), **PARAMS.get(kernel, {})))
 
 
-@pytest.mark.parametrize("dim", [1, 3])
-@pytest.mark.parametrize("kernel", ["rbf", "matern12", "matern32", "matern52", "rational_quadratic", "imq",
-                                    "periodic"])
+# Default suite: every kernel in one of the two dimensions (rbf and matern12 in both); the other half is slow.
+STATIONARY_1D_3D = [pytest.param(k, dim, marks=[] if k in ("rbf", "matern12") or (i + j) % 2 == 0 else
+                                 [pytest.mark.slow], id=f"{k}-{dim}")
+                    for i, k in enumerate(["rbf", "matern12", "matern32", "matern52", "rational_quadratic", "imq",
+                                           "periodic"]) for j, dim in enumerate((1, 3))]
+
+
+@pytest.mark.parametrize("kernel,dim", STATIONARY_1D_3D)
 def test_stationary_kernels_mixed_layout_1d_3d(kernel, dim):
     pts, w = mixed(dim)
     for dtype in ("float32", "float64"):

@@ -5,11 +5,15 @@ stderr that says what is wrong (the value, and what is allowed), with no traceba
 and an existing output is left byte for byte as it was.  The Python API raises ``pipeline.InputError``
 with the same kind of message.
 
-Every CLI case runs ``python -m pipeline run ...`` (or ``plan``, ``inspect``) as a subprocess in its own
-empty directory, with inputs from a shared data directory; every file of both directories is hashed
-before and after.  Almost all cases fail before a cluster starts, so a case costs about a second of
-imports; the module runs them ``KGRAD_TEST_JOBS`` (default 2) at a time in one fixture.  The cases that
-need an existing output copy one made once per module by a real ``kgrad run --workers 1``.
+Every CLI case runs ``kgrad run ...`` (or ``plan``, ``inspect``) in its own empty directory, with inputs
+from a shared data directory; every file of both directories is hashed before and after.  One case of each
+kind (SUBPROCESS_CASES: the data, a kernel parameter, argparse, each way a store breaks, a workflow file, each
+command, an existing output) runs the real command line, ``python -m pipeline ...``, as a subprocess (about a
+second of imports each; ``KGRAD_TEST_JOBS``, default 2, at a time); the others call the same code,
+``pipeline.cli.main(ARGS)``, in the test process (one after another, from their directory), where a Python
+warning counts as a line on stderr as it would in the subprocess.  ``KGRAD_TEST_ALL_SUBPROCESS=1`` runs every
+case as a subprocess.  The cases that need an existing output copy one made once per module by a real
+``kgrad run --workers 1``.
 """
 
 from __future__ import annotations
@@ -278,6 +282,40 @@ def _fill(text: str, data_dir) -> str:
     return text.replace("{d}", str(data_dir))
 
 
+# One case of each kind runs as a real subprocess (the console script's exit path: exit status, nothing more on
+# stderr at interpreter exit); the rest in process (see the module's docstring).
+SUBPROCESS_CASES = {
+    "nan-in-points", "lengthscale-negative", "unknown-flag", "truncated-npy", "corrupt-chunk",
+    "workflow-invalid-toml", "no-command", "inspect-not-an-output", "plan-nan-in-points", "existing-output",
+    "resume-other-points",
+}
+ALL_SUBPROCESS = bool(os.environ.get("KGRAD_TEST_ALL_SUBPROCESS"))
+
+
+def kgrad_in_process(args, cwd) -> subprocess.CompletedProcess:
+    """``pipeline.cli.main(ARGS)`` run from ``cwd`` in this process: its exit status, stdout and stderr (Python
+    warnings raised meanwhile are appended to stderr, one line each, as an interpreter would print them)."""
+    import contextlib
+    import io
+    import warnings
+
+    from pipeline.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            warnings.simplefilter("always")
+            code = main(list(args))
+    finally:
+        os.chdir(before)
+    stderr = err.getvalue() + "".join(f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}\n"
+                                      for w in caught)
+    return subprocess.CompletedProcess(["kgrad", *args], code, out.getvalue(), stderr)
+
+
 @dataclass
 class CliResult:
     proc: subprocess.CompletedProcess
@@ -286,7 +324,7 @@ class CliResult:
     data_changed: bool
 
 
-def _run_case(case: Case, data_dir, cwd, existing) -> CliResult:
+def _run_case(case: Case, data_dir, cwd, existing, in_process=False) -> CliResult:
     args = [case.command] if case.command else []
     if case.toml is not None:
         (cwd / "wf.toml").write_text(_fill(case.toml, data_dir))
@@ -299,7 +337,7 @@ def _run_case(case: Case, data_dir, cwd, existing) -> CliResult:
     if case.copy_group:
         shutil.copytree(data_dir / "group.zarr", cwd / "group.zarr")
     before_cwd, before_data = tree_digest(cwd), tree_digest(data_dir)
-    proc = kgrad(args, cwd=cwd)
+    proc = kgrad_in_process(args, cwd) if in_process else kgrad(args, cwd=cwd)
     return CliResult(proc, before_cwd, tree_digest(cwd), tree_digest(data_dir) != before_data)
 
 
@@ -311,9 +349,13 @@ def cli_results(request, data_dir, tmp_path_factory) -> dict:
     cases = [c for c in CLI_CASES if c.id in selected]
     existing = request.getfixturevalue("existing_output") if any(c.existing for c in cases) else None
     dirs = {c.id: tmp_path_factory.mktemp(c.id) for c in cases}
+    separate = [c for c in cases if ALL_SUBPROCESS or c.id in SUBPROCESS_CASES]
     with ThreadPoolExecutor(max_workers=JOBS) as pool:
-        futures = {c.id: pool.submit(_run_case, c, data_dir, dirs[c.id], existing) for c in cases}
-        return {name: future.result() for name, future in futures.items()}
+        futures = {c.id: pool.submit(_run_case, c, data_dir, dirs[c.id], existing) for c in separate}
+        results = {c.id: _run_case(c, data_dir, dirs[c.id], existing, in_process=True)  # meanwhile, here
+                   for c in cases if c not in separate}
+        results.update({name: future.result() for name, future in futures.items()})
+    return results
 
 
 @pytest.mark.parametrize("case", [_param(c, c.cli_xfail, c.cli_xfail_strict) for c in CLI_CASES])

@@ -69,10 +69,11 @@ def _first_line(proc) -> str:
     return proc.stderr.splitlines()[0]
 
 
-def test_local_run_with_bokeh_prints_a_working_link(points, tmp_path):
+def test_local_run_with_bokeh_prints_a_working_link(small_points, small_outputs):
+    """`kgrad run --points P --workers 1 --no-progress`: the session's shared small run (cluster_fixtures)."""
     pytest.importorskip("bokeh")
-    line = _first_line(kgrad(["run", "--points", points, "--out", tmp_path / "out.zarr", "--workers", "1",
-                              "--no-progress"]))
+    _, proc = small_outputs.run(small_points)
+    line = _first_line(proc)
     assert LINK.search(line), line
 
 

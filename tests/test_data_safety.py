@@ -69,11 +69,7 @@ def wait_exit(proc, timeout: float = RUN_TIMEOUT) -> int:
 # ------------------------------------------------------------------------------------ --overwrite
 
 
-@pytest.fixture(scope="module")
-def small_points(tmp_path_factory):
-    path = tmp_path_factory.mktemp("small") / "points.npy"
-    np.save(path, np.random.default_rng(7).normal(size=(300, 2)))
-    return path
+# small_points (300 x 2), small_outputs: session fixtures of cluster_fixtures.py
 
 
 def _foreign_directory(root):
@@ -99,29 +95,28 @@ def _foreign_zarr_group(root):
     return path
 
 
-def _kgrad_output_with_a_user_file(root, small_points):
-    path = root / "ours.zarr"
-    result = kgrad(["run", "--points", small_points, "--out", path, "--workers", "1", "--no-progress"])
-    assert result.returncode == 0, result.stderr
+def _kgrad_output_with_a_user_file(root, small_points, small_outputs):
+    path = small_outputs.copy(small_points, root / "ours.zarr")  # a complete `kgrad run` output
     (path / "README.txt").write_text("my notes about this result\n")
     return path
 
 
-def _kgrad_output_with_a_file_in_an_array(root, small_points):
-    path = _kgrad_output_with_a_user_file(root, small_points)
+def _kgrad_output_with_a_file_in_an_array(root, small_points, small_outputs):
+    path = _kgrad_output_with_a_user_file(root, small_points, small_outputs)
     (path / "README.txt").rename(path / "gradient" / "notes.txt")
     return path
 
 
 @pytest.mark.parametrize("make", ["foreign_directory", "regular_file", "foreign_zarr_group",
                                   "kgrad_output_with_a_user_file", "kgrad_output_with_a_file_in_an_array"])
-def test_overwrite_never_deletes_what_kgrad_did_not_write(make, small_points, tmp_path):
+def test_overwrite_never_deletes_what_kgrad_did_not_write(make, small_points, small_outputs, tmp_path):
     target = {"foreign_directory": lambda: _foreign_directory(tmp_path),
               "regular_file": lambda: _regular_file(tmp_path),
               "foreign_zarr_group": lambda: _foreign_zarr_group(tmp_path),
-              "kgrad_output_with_a_user_file": lambda: _kgrad_output_with_a_user_file(tmp_path, small_points),
+              "kgrad_output_with_a_user_file": lambda: _kgrad_output_with_a_user_file(tmp_path, small_points,
+                                                                                      small_outputs),
               "kgrad_output_with_a_file_in_an_array":
-                  lambda: _kgrad_output_with_a_file_in_an_array(tmp_path, small_points)}[make]()
+                  lambda: _kgrad_output_with_a_file_in_an_array(tmp_path, small_points, small_outputs)}[make]()
     before = tree_digest(target) if target.is_dir() else target.read_bytes()
     result = kgrad(["run", "--points", small_points, "--out", target, "--overwrite", "--workers", "1",
                     "--no-progress"])
@@ -133,10 +128,8 @@ def test_overwrite_never_deletes_what_kgrad_did_not_write(make, small_points, tm
     assert after == before, "--overwrite touched what kgrad did not write"
 
 
-def test_overwrite_replaces_a_kgrad_output_and_an_empty_directory(small_points, tmp_path):
-    out = tmp_path / "out.zarr"
-    first = kgrad(["run", "--points", small_points, "--out", out, "--workers", "1", "--no-progress"])
-    assert first.returncode == 0, first.stderr
+def test_overwrite_replaces_a_kgrad_output_and_an_empty_directory(small_points, small_outputs, tmp_path):
+    out = small_outputs.copy(small_points, tmp_path / "out.zarr")  # a complete `kgrad run` output
     stray = out / "gradient" / "c" / "99" / "0"  # a chunk of an earlier, larger run: kgrad's own file
     stray.parent.mkdir(parents=True)
     stray.write_bytes(b"old chunk")
@@ -448,15 +441,13 @@ def test_plan_names_the_run_that_holds_the_output(small_points, tmp_path):
     assert f"pid {os.getpid()}" in result.stdout and "refused" in result.stdout, result.stdout
 
 
-def test_an_interrupted_removal_never_looks_complete(small_points, tmp_path, monkeypatch):
+def test_an_interrupted_removal_never_looks_complete(small_points, small_outputs, tmp_path, monkeypatch):
     """--overwrite stopped halfway through deleting the old output (Ctrl-C, kill) must not leave a group
     that says `complete` over missing data: the run attributes go first, the arrays next, zarr.json last."""
     from pipeline import fenced
     from pipeline.output import OutputGroup
 
-    out = tmp_path / "out.zarr"
-    assert kgrad(["run", "--points", small_points, "--out", out, "--workers", "1", "--no-progress",
-                  "--rows-per-task", "100"]).returncode == 0
+    out = small_outputs.copy(small_points, tmp_path / "out.zarr", "--rows-per-task", "100")
     calls = []
     real_remove_tree = fenced.remove_tree
 
@@ -519,11 +510,10 @@ def test_a_taker_never_deletes_a_lease_taken_over_meanwhile(tmp_path):
     a.release()
 
 
-def test_leftover_lease_files_do_not_lock_an_output(small_points, tmp_path):
+def test_leftover_lease_files_do_not_lock_an_output(small_points, small_outputs, tmp_path):
     from pipeline.output import OutputGroup
 
-    out = tmp_path / "out.zarr"
-    assert kgrad(["run", "--points", small_points, "--out", out, "--workers", "1", "--no-progress"]).returncode == 0
+    out = small_outputs.copy(small_points, tmp_path / "out.zarr")  # a complete `kgrad run` output
     (out / ".kgrad-lease.json.1234abcd.tmp").write_text("{}")  # a taker killed between write and link
     assert OutputGroup(str(out)).kind() == "kgrad"
     again = kgrad(["run", "--points", small_points, "--out", out, "--workers", "1", "--no-progress", "--overwrite"])

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest_plugins = ["cluster_fixtures"]  # small_points, small_outputs
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds for one kgrad subprocess on a shared machine
 
@@ -61,10 +63,9 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def tiny(tmp_path) -> Path:
-    points = tmp_path / "points.npy"
-    np.save(points, np.random.default_rng(3).normal(size=(40, 2)))
-    return points
+def tiny(small_points) -> Path:
+    """A small input (cluster_fixtures' session-wide 300 x 2 points, read only)."""
+    return small_points
 
 
 # ----------------------------------------------------------------------------------------- A: not a scheduler
@@ -201,7 +202,10 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+# SIGTERM (and its --resume, a full 50000-point run on a new cluster) is slow; SIGHUP takes the same handler
+# (pipeline.cli.STOP_SIGNALS) and checks the same line, exit code and lease in the default suite.
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGHUP],
+                         ids=["SIGTERM", "SIGHUP"])
 def test_sigterm_and_sighup_stop_a_run_like_ctrl_c(signum, tmp_path):
     """Before: killed by the signal (exit -15 / -1), no kgrad line, the lease left, a resource_tracker
     warning.  After: exit 128 + signum, one kgrad line after the signal, no traceback or warning, the lease
@@ -264,7 +268,7 @@ def test_sighup_under_nohup_is_still_ignored(tmp_path):
 # ----------------------------------------------------------------------------------------- C: lease names
 
 
-def test_a_users_file_named_like_the_lease_is_not_kgrads(tiny, tmp_path):
+def test_a_users_file_named_like_the_lease_is_not_kgrads(tiny, small_outputs, tmp_path):
     """Before: ``.kgrad-lease.json.notes`` counted as kgrad's and ``--overwrite`` deleted it.  After: only
     the names kgrad writes count (the lease, ``.<8 hex>.tmp``, ``.stale-<8 hex>``); the user's file makes
     the output foreign: exit 2, one line naming it, the file kept byte for byte."""
@@ -276,10 +280,8 @@ def test_a_users_file_named_like_the_lease_is_not_kgrads(tiny, tmp_path):
                     ".kgrad-lease.jsonx", ".kgrad-lease.json.stale-xyz"):
         assert not LEASE_NAMES.match(foreign), foreign
 
-    out = tmp_path / "out.zarr"
+    out = small_outputs.copy(tiny, tmp_path / "out.zarr")  # what `kgrad run --points TINY ...` made
     args = ["run", "--points", tiny, "--out", out, "--workers", 1, "--no-progress"]
-    proc, _ = kgrad(args)
-    assert proc.returncode == 0, proc.stderr
     (out / ".kgrad-lease.json.stale-0123abcd").write_text("{}")  # kgrad's leftovers: still kgrad's output
     assert OutputGroup(str(out)).kind() == "kgrad"
     notes = out / ".kgrad-lease.json.notes"
@@ -321,11 +323,9 @@ def test_a_lengthscale_that_overflows_the_dtype_is_one_line(lengthscale, dtype, 
 
 
 @pytest.fixture
-def complete_output(tiny, tmp_path) -> Path:
-    out = tmp_path / "out.zarr"
-    proc, _ = kgrad(["run", "--points", tiny, "--out", out, "--workers", 1, "--no-progress"])
-    assert proc.returncode == 0, proc.stderr
-    return out
+def complete_output(tiny, small_outputs, tmp_path) -> Path:
+    """A copy of the complete output of `kgrad run --points TINY --workers 1` (made once per session)."""
+    return small_outputs.copy(tiny, tmp_path / "out.zarr")
 
 
 def test_inspect_into_a_closed_pipe_is_quiet(complete_output):

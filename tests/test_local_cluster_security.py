@@ -22,8 +22,8 @@ import numpy as np
 import psutil
 import pytest
 
-from cluster_fixtures import N_TASKS, assert_complete, kill_group, poll, read_streams, run_args, \
-    start_cluster, start_kgrad, stop_cluster, wait_group_gone
+from cluster_fixtures import N_TASKS, assert_complete, kill_group, poll, read_streams, run_args, start_kgrad, \
+    wait_group_gone
 
 pytest_plugins = ["cluster_fixtures"]
 pytestmark = pytest.mark.timeout(240)
@@ -125,31 +125,29 @@ def test_kgrad_local_cluster_refuses_a_client_without_its_credentials(job_inputs
     assert_complete(out, tasks_run=N_TASKS, tasks_skipped=0)
 
 
-def test_start_local_cluster_script_admits_only_its_credentials(tmp_path):
-    """cluster/start-local-cluster.sh: a TLS scheduler; its credentials readable by their owner only;
-    refused without them, admitted with them (what kgrad finds beside the scheduler file)."""
+def test_start_local_cluster_script_admits_only_its_credentials(dask_cli_cluster):
+    """cluster/start-local-cluster.sh (the session's cluster of it): a TLS scheduler; its credentials readable
+    by their owner only; refused without them, admitted with them (what kgrad finds beside the scheduler
+    file)."""
     from distributed import Client
 
     from pipeline.cluster import credentials_beside, security
 
-    cluster = start_cluster(tmp_path / "state", 1)
-    try:
-        import json
+    import json
 
-        address = json.loads(cluster.scheduler_file.read_text())["address"]
-        assert address.startswith("tls://127.0.0.1:"), address
-        tls = cluster.state_dir / "tls"
-        assert stat.S_IMODE(tls.stat().st_mode) == 0o700
-        for path in tls.iterdir():
-            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-        assert _stranger_attempts(address) == []
-        found = credentials_beside(str(cluster.scheduler_file))
-        assert found["tls_client_key"] == str(tls / "client.key")
-        with Client(scheduler_file=str(cluster.scheduler_file), timeout=20,
-                    security=security(str(cluster.scheduler_file), {})) as client:
-            assert client.run(lambda: 1)
-    finally:
-        stop_cluster(cluster)
+    cluster = dask_cli_cluster
+    address = json.loads(cluster.scheduler_file.read_text())["address"]
+    assert address.startswith("tls://127.0.0.1:"), address
+    tls = cluster.state_dir / "tls"
+    assert stat.S_IMODE(tls.stat().st_mode) == 0o700
+    for path in tls.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert _stranger_attempts(address) == []
+    found = credentials_beside(str(cluster.scheduler_file))
+    assert found["tls_client_key"] == str(tls / "client.key")
+    with Client(scheduler_file=str(cluster.scheduler_file), timeout=20,
+                security=security(str(cluster.scheduler_file), {})) as client:
+        assert client.run(lambda: 1)
 
 
 def test_security_object_from_python(tmp_path):

@@ -16,7 +16,9 @@ import textwrap
 import pytest
 
 pytest.register_assert_rewrite("cluster_fixtures")
-from cluster_fixtures import REPO, group_members, kgrad_env, start_cluster, stop_cluster  # noqa: E402
+from cluster_fixtures import REPO, group_members, kgrad_env  # noqa: E402
+
+pytest_plugins = ["cluster_fixtures"]  # dask_cli_cluster
 
 psutil = pytest.importorskip("psutil")
 
@@ -37,17 +39,15 @@ def not_loopback(sockets) -> list[tuple[int, str, int]]:
     return [s for s in sockets if not ipaddress.ip_address(s[1].split("%")[0]).is_loopback]
 
 
-def test_start_local_cluster_script_listens_on_loopback_only(tmp_path):
-    cluster = start_cluster(tmp_path / "state", 2)
-    try:
-        pids = group_members(cluster.scheduler_pid) + group_members(cluster.worker_pgid)
-        sockets = listening(pids)
-        # the scheduler (comm + HTTP), and per worker process: nanny, worker, worker HTTP
-        assert len({pid for pid, _, _ in sockets}) >= 3, sockets
-        assert len(sockets) >= 2 + 2 * 2, sockets
-        assert not_loopback(sockets) == [], f"listening beyond loopback: {not_loopback(sockets)}"
-    finally:
-        stop_cluster(cluster)
+def test_start_local_cluster_script_listens_on_loopback_only(dask_cli_cluster):
+    """The session's cluster from cluster/start-local-cluster.sh (2 workers; only looked at here)."""
+    cluster = dask_cli_cluster
+    pids = group_members(cluster.scheduler_pid) + group_members(cluster.worker_pgid)
+    sockets = listening(pids)
+    # the scheduler (comm + HTTP), and per worker process: nanny, worker, worker HTTP
+    assert len({pid for pid, _, _ in sockets}) >= 3, sockets
+    assert len(sockets) >= 2 + 2 * 2, sockets
+    assert not_loopback(sockets) == [], f"listening beyond loopback: {not_loopback(sockets)}"
 
 
 _LOCAL_CLUSTER = textwrap.dedent("""\

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -187,17 +185,22 @@ def _parse_plan(stdout: str) -> dict:
      3000, 3000, 3, "float64", "dot", {"rows": 64, "rows_per_task": 100}),
     (["--mode", "jacrev", "--sources", "SOURCES"], 3000, 1500, 3, "float32", "generic", {}),
 ], ids=["default", "overrides", "generic-with-sources"])
-def test_kgrad_plan_matches_make_plan(tmp_path, extra, n, m, d, dtype, form, overrides):
+def test_kgrad_plan_matches_make_plan(tmp_path, monkeypatch, capsys, extra, n, m, d, dtype, form, overrides):
+    """`kgrad plan` in process (pipeline.cli.main, the console script's code; test_cli.py and
+    test_workflow_paths.py run the command itself)."""
+    from pipeline.cli import main
+
     rng = np.random.default_rng(3)
     np.save(tmp_path / "points.npy", rng.normal(size=(n, d)))
     np.save(tmp_path / "sources.npy", rng.normal(size=(m, d)))
     extra = [str(tmp_path / "sources.npy") if a == "SOURCES" else a for a in extra]
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--points", "points.npy", "--out", "out.zarr",
-                           "--workers", "2", "--memory-limit", "3GiB", *extra],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.chdir(tmp_path)
+    code = main(["plan", "--points", "points.npy", "--out", "out.zarr", "--workers", "2", "--memory-limit", "3GiB",
+                 *extra])
+    proc = capsys.readouterr()
+    assert code == 0, proc.err
     assert not (tmp_path / "out.zarr").exists()
-    printed = _parse_plan(proc.stdout)
+    printed = _parse_plan(proc.out)
     plan = make_plan(n, m, d, dtype=dtype, formulation=form, workers=2, worker_memory_bytes=3 * 2**30, **overrides)
     assert (printed["n"], printed["m"], printed["d"], printed["dtype"]) == (n, m, d, dtype)
     assert printed["rows"] == plan.rows and printed["cols"] == plan.cols
@@ -205,8 +208,8 @@ def test_kgrad_plan_matches_make_plan(tmp_path, extra, n, m, d, dtype, form, ove
     assert printed["n_tasks"] == plan.n_tasks and printed["rows_per_task"] == plan.rows_per_task
     # printed with one decimal in the largest unit that keeps it under 1024
     assert abs(printed["memory"] - plan.task_memory_bytes) <= 0.05 * printed["memory_unit"] + 1
-    assert f"[{form}," in proc.stdout
-    assert "workers       2" in proc.stdout
+    assert f"[{form}," in proc.out
+    assert "workers       2" in proc.out
 
 
 def test_memory_check_leaves_room_below_dasks_pause():

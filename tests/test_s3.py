@@ -131,6 +131,7 @@ def _env(**extra) -> dict:
     return env
 
 
+@pytest.mark.slow  # the default suite runs the CLI on S3 (below) and the refusal of an existing output
 def test_run_workflow_s3_in_and_out(endpoint, data):
     from pipeline.workflow import RunConfig, run_workflow
 
@@ -149,10 +150,12 @@ def test_run_workflow_s3_in_and_out(endpoint, data):
     _check(endpoint, out, data)
 
 
-def test_cli_workflow_file_storage_options(endpoint, data, tmp_path):
-    """`kgrad run WORKFLOW.toml` with ``[inputs] storage_options`` (the CLI has no flag for them)."""
+@pytest.fixture(scope="module")
+def cli_run(endpoint, data, tmp_path_factory):
+    """`kgrad run WORKFLOW.toml` with ``[inputs] storage_options`` (the CLI has no flag for them): S3 in and out
+    on a local cluster; (the output's URL, the finished process)."""
     out = f"s3://{BUCKET}/out-cli.zarr"
-    workflow = tmp_path / "s3.toml"
+    workflow = tmp_path_factory.mktemp("s3-cli") / "s3.toml"
     workflow.write_text(
         "[inputs]\n"
         f'points = "{data["points"]}"\n'
@@ -166,7 +169,25 @@ def test_cli_workflow_file_storage_options(endpoint, data, tmp_path):
         f"workers = 1\ntile_rows = {TILE_ROWS}\nrows_per_task = {ROWS_PER_TASK}\n")
     result = subprocess.run([sys.executable, "-m", "pipeline", "run", str(workflow), "--no-progress"],
                             capture_output=True, text=True, env=_env(), cwd=REPO, timeout=90)
+    return out, result
+
+
+def test_cli_workflow_file_storage_options(endpoint, data, cli_run):
+    out, result = cli_run
     assert result.returncode == 0, result.stderr
+    _check(endpoint, out, data)
+
+
+def test_an_existing_remote_output_is_refused(endpoint, data, cli_run):
+    """Without --overwrite / --resume an existing output on S3 is refused, and left as it was."""
+    from pipeline.errors import InputError
+    from pipeline.workflow import RunConfig, run_workflow
+
+    out, result = cli_run
+    assert result.returncode == 0, result.stderr
+    with pytest.raises(InputError, match="already exists"):
+        run_workflow(RunConfig(points=data["points"], out=out, storage_options=options(endpoint),
+                               workers=1, dtype="float64", lengthscale=LENGTHSCALE, progress=False))
     _check(endpoint, out, data)
 
 

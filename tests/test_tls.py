@@ -304,6 +304,7 @@ def test_kgrad_run_over_tls_python_api(tls_cluster, certs, job, tmp_path):
     _check_output(out, job)
 
 
+@pytest.mark.slow  # the default suite runs kgrad over TLS with the flags (CLI) and from Python
 def test_kgrad_cli_over_tls_workflow_file_and_scheduler_file(tls_cluster, certs, job, tmp_path):
     """`kgrad run WORKFLOW.toml` with ``[run] security`` and the scheduler file (no new flags needed)."""
     out = tmp_path / "out.zarr"
@@ -327,6 +328,7 @@ def test_kgrad_cli_over_tls_workflow_file_and_scheduler_file(tls_cluster, certs,
     _check_output(out, job)
 
 
+@pytest.mark.slow  # the default suite runs kgrad over TLS with the flags (CLI) and from Python
 def test_kgrad_cli_over_tls_dask_config_environment(tls_cluster, certs, job, tmp_path):
     """`kgrad run --scheduler tls://...` with the client certificates in dask's configuration."""
     out = tmp_path / "out.zarr"

@@ -92,14 +92,19 @@ def test_run_from_another_directory(project):
     assert list(elsewhere.iterdir()) == [], "nothing is written in the current directory"
 
 
-def test_flags_stay_relative_to_the_current_directory(project):
+def test_flags_stay_relative_to_the_current_directory(project, monkeypatch, capsys):
+    """`kgrad plan` in process (pipeline.cli.main, the console script's code; test_run_from_another_directory
+    runs the command itself), from another current directory."""
+    from pipeline.cli import main
+
     root, elsewhere = project
     np.save(elsewhere / "mine.npy", np.zeros((10, 2)))
-    proc = kgrad(["plan", root / "wf.toml", "--out", "mine.zarr"], cwd=elsewhere)
-    assert proc.returncode == 0, proc.stderr
-    assert f"{elsewhere / 'mine.zarr'}: create" in proc.stdout
-    assert "N=120 points" in proc.stdout, "points from the file, relative to the file"
-    proc = kgrad(["plan", root / "wf.toml", "--points", "mine.npy"], cwd=elsewhere)
-    assert proc.returncode == 0, proc.stderr
-    assert "N=10 points" in proc.stdout
-    assert f"{root / 'results' / 'out.zarr'}: create" in proc.stdout
+    monkeypatch.chdir(elsewhere)
+    assert main(["plan", str(root / "wf.toml"), "--out", "mine.zarr"]) == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    assert f"{elsewhere / 'mine.zarr'}: create" in stdout
+    assert "N=120 points" in stdout, "points from the file, relative to the file"
+    assert main(["plan", str(root / "wf.toml"), "--points", "mine.npy"]) == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    assert "N=10 points" in stdout
+    assert f"{root / 'results' / 'out.zarr'}: create" in stdout

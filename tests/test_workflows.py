@@ -88,6 +88,7 @@ def test_tiny_svgd_converges(tmp_path):
     assert_png(tmp_path / "after.png")
 
 
+@pytest.mark.slow  # svgd.py's own behaviour (not kgrad's); test_tiny_svgd_converges runs the script by default
 def test_svgd_off_centre_start_misses_modes():
     """The documented failure mode: started beside the modes, SVGD under-covers the far ones."""
     out = run_script("svgd.py", "--n", 200, "--steps", 40, "--report-every", 40, "--plot-dir", "",
