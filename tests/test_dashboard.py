@@ -77,6 +77,7 @@ def test_local_run_with_bokeh_prints_a_working_link(small_points, small_outputs)
     assert LINK.search(line), line
 
 
+@pytest.mark.slow
 def test_local_run_without_bokeh_prints_no_link(points, tmp_path):
     """The scheduler (in the kgrad process) cannot import bokeh: distributed serves a 'needs bokeh' page."""
     code = "import sys; sys.modules['bokeh'] = None; from pipeline.cli import main; sys.exit(main())"

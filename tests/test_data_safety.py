@@ -128,6 +128,7 @@ def test_overwrite_never_deletes_what_kgrad_did_not_write(make, small_points, sm
     assert after == before, "--overwrite touched what kgrad did not write"
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_kgrad_output_and_an_empty_directory(small_points, small_outputs, tmp_path):
     out = small_outputs.copy(small_points, tmp_path / "out.zarr")  # a complete `kgrad run` output
     stray = out / "gradient" / "c" / "99" / "0"  # a chunk of an earlier, larger run: kgrad's own file
@@ -441,6 +442,7 @@ def test_plan_names_the_run_that_holds_the_output(small_points, tmp_path):
     assert f"pid {os.getpid()}" in result.stdout and "refused" in result.stdout, result.stdout
 
 
+@pytest.mark.slow
 def test_an_interrupted_removal_never_looks_complete(small_points, small_outputs, tmp_path, monkeypatch):
     """--overwrite stopped halfway through deleting the old output (Ctrl-C, kill) must not leave a group
     that says `complete` over missing data: the run attributes go first, the arrays next, zarr.json last."""

@@ -57,7 +57,7 @@ DEFAULT = {
     "resume": {("pruned", "dask-cli", "some-tasks")},
     "worker_loss": {("dense", "dask-cli", 1)},
     "refusal": {("pruned", "dask-cli", "other-points"), ("pruned", "dask-cli", "tolerance=1e-3")},
-    "end_step": {("pruned", "before-mark_all_done"), ("dense", "before-finish")},
+    "end_step": {("pruned", "before-mark_all_done")},
 }
 
 

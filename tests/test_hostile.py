@@ -171,6 +171,7 @@ def _interrupted_user_kernel_run(tmp_path) -> tuple[list, Path, Path]:
     return args, out, module
 
 
+@pytest.mark.slow
 def test_resume_with_an_edited_user_kernel_is_refused(tmp_path):
     """Before: the edited kernel resumed the output (two kernels in one 'complete' output).  After: exit 2,
     one line naming the kernel, the output untouched; the unedited kernel still resumes."""
@@ -242,6 +243,7 @@ def test_sigterm_and_sighup_stop_a_run_like_ctrl_c(signum, tmp_path):
         assert "wrote" in proc.stderr
 
 
+@pytest.mark.slow
 def test_sighup_under_nohup_is_still_ignored(tmp_path):
     """A run started with SIGHUP ignored (``nohup kgrad run ...``) keeps running through a SIGHUP."""
     from cluster_fixtures import PYTHON, kgrad_env, kill_group, read_streams

@@ -103,6 +103,7 @@ def test_plan_over_the_memory_limit_is_refused_before_running(memory_inputs, tmp
     record("memory_limit_refused[local]", exit_code=2, message=lines[0])
 
 
+@pytest.mark.slow
 def test_plan_over_an_external_clusters_memory_is_refused(memory_inputs, tmp_path):
     """The same job against a dask CLI cluster whose worker has 300 MiB: refused, nothing written."""
     cluster = start_cluster(tmp_path / "cluster", 1, MEMORY_LIMIT="300MiB")

@@ -67,6 +67,7 @@ def test_attributes_hold_the_tolerance_the_bound_and_the_pairs(method_runs):
     record("pruning_attributes", pairs_computed=attrs["pairs_computed"], pairs_total=attrs["pairs_total"])
 
 
+@pytest.mark.slow
 def test_workflow_key_tolerance_equals_the_flag(method_runs, tmp_path):
     """``[run] tolerance`` in a workflow file: the same run as ``--tolerance``, the same bits."""
     workflow = tmp_path / "job.toml"
@@ -111,6 +112,7 @@ def test_resume_after_a_kill_that_left_a_partial_chunk_file(method_runs, args, t
     assert_bit_identical(out, method_runs.reference(PRUNED))
 
 
+@pytest.mark.slow
 def test_a_killed_pruned_run_is_still_a_kgrad_output(method_runs, args, tmp_path):
     """The interrupted output (with its sorted copy) is still a kgrad output: --overwrite replaces it."""
     killed = method_runs.interrupted(PRUNED, "local")

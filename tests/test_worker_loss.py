@@ -128,6 +128,7 @@ def test_dask_cli_cluster_fixture_is_real(dask_cli_cluster):
     assert dask_cli_cluster.scheduler_pid in group_members(dask_cli_cluster.scheduler_pid)
 
 
+@pytest.mark.slow
 def test_start_and_stop_scripts(tmp_path):
     """start-local-cluster.sh returns once the workers are connected; stop-local-cluster.sh leaves no
     process of either group behind, also when a worker process was SIGKILLed meanwhile."""

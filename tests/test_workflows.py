@@ -54,6 +54,7 @@ def test_seed_case_agrees_and_times(tmp_path):
     assert 0 < warm <= first and second < first
 
 
+@pytest.mark.slow
 def test_seed_case_end_to_end_on_a_local_cluster(tmp_path):
     out = run_script("seed_case.py", "--scheduler", "local", "--workers", "1", "--work-dir", tmp_path)
     assert "agreement: OK" in out
