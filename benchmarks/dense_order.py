@@ -15,7 +15,8 @@ In process, N standard normal points (D = 3, float32, rbf, g and v), rows in ran
 
 Then end to end (``kgrad run``, a fresh process, 2 workers on a local cluster, N_e2e points, lengthscale
 0.5), and the machine's ceiling: XLA's fused exp + sum over 2^25 float32 elements (one element = one pair).
-Each figure is the median of the warm calls (the first call compiles).  Writes ``results/dense_order.json``,
+Each figure is the median of the warm calls (the first call compiles); the ceiling is the better of its
+measurements at the start and at the end.  Writes ``results/dense_order.json``,
 ``results/dense_order.png`` and the section of ``BENCHMARKS.md`` between the markers below.
 """
 
@@ -68,8 +69,11 @@ def in_process(x: np.ndarray, lengthscale: float, how: str, repeats: int) -> dic
 
 
 def ceiling(elements: int, repeats: int) -> dict:
-    fn, a = F.exp_sum(), F.ceiling_input(elements, "float32")
-    _, warm, _ = M.time_calls(lambda: fn(a), max_repeats=max(repeats, 5), min_repeats=5, budget_s=0.0)
+    """XLA's fused exp + sum over ``elements`` float32 values already on the device: elements per second."""
+    import jax
+
+    fn, a = F.exp_sum(), jax.device_put(F.ceiling_input(elements, "float32"))
+    _, warm, _ = M.time_calls(lambda: fn(a), max_repeats=max(repeats, 7), min_repeats=7, budget_s=0.0)
     return {"elements": elements, "elements_per_s": elements / M.median(warm)}
 
 
@@ -156,7 +160,7 @@ def main(argv=None) -> int:
     info = M.machine_info()
     results = {"N": sizes["n"], "machine": f"{info['cpu_model']}, {info['cpus_usable']} usable cores",
                "machine_info": info, "in_process": []}
-    results["ceiling"] = ceiling(sizes["ceiling"], sizes["repeats"])
+    start = ceiling(sizes["ceiling"], sizes["repeats"])
     for ls in LENGTHSCALES:
         for how in ("global order", "global order, rows pre-sorted", "per-task order"):
             results["in_process"].append(in_process(x, ls, how, sizes["repeats"]))
@@ -164,6 +168,9 @@ def main(argv=None) -> int:
                   flush=True)
     results["end_to_end"] = end_to_end(sizes["e2e"], work)
     print(f"end to end: {results['end_to_end']}", flush=True)
+    end = ceiling(sizes["ceiling"], sizes["repeats"])  # the better of the start and the end: a moment of load
+    results["ceiling"] = {**max(start, end, key=lambda c: c["elements_per_s"]),  # does not lower the bar
+                          "samples": [start["elements_per_s"], end["elements_per_s"]]}
     load.append(round(os.getloadavg()[0], 2))
     results["load"] = " -> ".join(map(str, load))
     results["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
