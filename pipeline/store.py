@@ -169,13 +169,6 @@ def open_array(ref: InputRef):
     return node if ref.array is None else node[ref.array]
 
 
-def read_rows(ref: InputRef, start: int, stop: int) -> np.ndarray:
-    """Rows ``[start, stop)`` of an input as a 2-D array (a 1-D input is one column)."""
-    array = open_array(ref)
-    rows = np.asarray(array[start:stop])
-    return rows[:, None] if rows.ndim == 1 else rows
-
-
 def fingerprint(ref: InputRef) -> str:
     """The fingerprint :func:`load_input` gives, read again block by block without keeping the data (the
     client's last check that the inputs did not change during a run)."""

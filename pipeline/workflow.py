@@ -57,7 +57,6 @@ class Prepared:
     plan: Plan
     attributes: dict
     action: str  # "create", "overwrite", "resume", "complete"; "none" (no output); "plan" (kgrad plan)
-    done: np.ndarray | None
     identity: dict = field(default_factory=dict)  # what the run fingerprint hashes
     problem: Problem | None = field(default=None, repr=False)  # the method, its plan and fixed data
     inputs: "Inputs | None" = field(default=None, repr=False)  # the data as read and checked
@@ -242,12 +241,11 @@ def prepare(config: RunOptions, worker_memory: int | None = None, planning: bool
     inputs = read_inputs(options, storage)
     problem = plan_problem(options, inputs, worker_memory)
     provenance = describe_run(inputs, problem)
-    action, done, note = "none", None, ""
+    action, note = "none", ""
     if options.out and planning:
-        action, (note, done) = "plan", _planned_action(options, provenance.fingerprint, provenance.identity, storage,
-                                                       problem)
+        action, note = "plan", _planned_action(options, provenance.fingerprint, provenance.identity, storage, problem)
     elif options.out:
-        action, done = _output_action(options, provenance.fingerprint, provenance.identity, storage, problem)
+        action = _output_action(options, provenance.fingerprint, provenance.identity, storage, problem)
     pin = (options.scheduler == "local" and options.workers <= usable_cores() and options.threads_per_worker == 1)
     job = Job(points=inputs.points, sources=inputs.sources, weights=inputs.weights, spec=problem.spec,
               mode=problem.mode, dtype=problem.dtype, shape=problem.shape, center=problem.center,
@@ -256,7 +254,7 @@ def prepare(config: RunOptions, worker_memory: int | None = None, planning: bool
               weights_fingerprint=inputs.fingerprints.get("weights"),
               pin_cores=pin if options.pin_cores is None else options.pin_cores, cache_dir=options.cache_dir,
               method=problem.method.name, data=problem.method.job_data(problem.request, problem.planned))
-    return Prepared(options, job, problem.plan, provenance.attributes, action, done, provenance.identity,
+    return Prepared(options, job, problem.plan, provenance.attributes, action, provenance.identity,
                     problem, inputs, output_note=note)
 
 
@@ -268,14 +266,14 @@ def _output_action(config: RunOptions, fingerprint: str, identity: dict, opts: t
     nothing (complete).  Raises InputError for anything kgrad must not touch."""
     output = OutputGroup(config.out, opts)
     if output.kind() in ("absent", "empty"):
-        return "create", None
+        return "create"
     if config.overwrite:
-        return "overwrite", None
+        return "overwrite"
     if not config.resume:
         raise InputError(f"output {config.out!r} already exists; pass --overwrite to start over or "
                          f"--resume to finish an interrupted run of the same inputs and parameters")
     if output.half_created():
-        return "overwrite", None  # killed while being created: no task ever ran, so start it afresh
+        return "overwrite"  # killed while being created: no task ever ran, so start it afresh
     group = output.open()
     attrs = dict(group.attrs)
     if "run_fingerprint" not in attrs or "task_done" not in group.array_keys():
@@ -295,11 +293,11 @@ def _output_action(config: RunOptions, fingerprint: str, identity: dict, opts: t
         raise InputError(f"cannot resume {config.out!r}: it was made with different inputs or parameters "
                          f"({', '.join(differs) or 'unknown run'}); use --overwrite to start over")
     if attrs.get("complete"):
-        return "complete", None
+        return "complete"
     if not attrs.get(ID_KEY):
         raise InputError(f"cannot resume {config.out!r}: an earlier kgrad made it, before outputs carried the id "
                          f"that keeps a stale run's writes out; use --overwrite to start over")
-    return "resume", output.done_tasks()
+    return "resume"
 
 
 def _kernel_code_changed(identity: dict) -> str:
@@ -308,40 +306,39 @@ def _kernel_code_changed(identity: dict) -> str:
 
 
 def _planned_action(config: RunOptions, fingerprint: str, identity: dict, opts: tuple, problem: Problem):
-    """For ``kgrad plan``: (what a run with these flags would do with the output, in words; the tasks done or
-    None); never refuses (an existing output is described, with the flag a run would need)."""
+    """For ``kgrad plan``: what a run with these flags would do with the output, in words; never refuses (an existing output is described, with the flag a run would need)."""
     owner = lease.read(config.out, opts)
     if lease.is_live(owner):
-        return f"being written by kgrad {lease.describe(owner)}: a run now is refused until it ends", None
+        return f"being written by kgrad {lease.describe(owner)}: a run now is refused until it ends"
     try:
         kind = OutputGroup(config.out, opts).kind()
     except InputError as exc:  # a file or a foreign directory: no flag makes a run touch it
-        return f"refused, whatever the flags: {exc}", None
+        return f"refused, whatever the flags: {exc}"
     if kind in ("absent", "empty"):
-        return "create", None
+        return "create"
     if config.overwrite:
-        return "exists: a run with --overwrite replaces it", None
+        return "exists: a run with --overwrite replaces it"
     try:
-        action, done = _output_action(dataclasses.replace(config, resume=True), fingerprint, identity, opts, problem)
+        action = _output_action(dataclasses.replace(config, resume=True), fingerprint, identity, opts, problem)
     except InputError as exc:  # not a kgrad output, or another run's
         prefix = f"cannot resume {config.out!r}: "
         reason = (str(exc)[len(prefix):].split("; use --overwrite")[0] if str(exc).startswith(prefix)
                   else "it is not a kgrad output")
         return (f"exists, {reason}: a run with --resume refuses it; use --overwrite (starts over)" if config.resume
-                else f"exists, {reason}: a run needs --overwrite (starts over)"), None
+                else f"exists, {reason}: a run needs --overwrite (starts over)")
     if action == "complete":
         return ("exists, complete: nothing to do with --resume" if config.resume else
-                "exists, complete: a run needs --overwrite (starts over) or does nothing with --resume"), None
+                "exists, complete: a run needs --overwrite (starts over) or does nothing with --resume")
     if action == "overwrite":  # left half-created by a killed run
         return ("exists, half-created by a run that was stopped: a run "
                 + ("with --resume starts it afresh" if config.resume else "needs --resume or --overwrite "
-                   "(either starts it afresh)")), None
+                   "(either starts it afresh)"))
     plan = problem.plan
     done = problem.method.done_tasks(OutputGroup(config.out, opts), fingerprint, plan.n_tasks)  # the method's marks
     n_done = int(done.sum())
     left = f"{plan.n_tasks - n_done} of {plan.n_tasks} tasks left"
     return (f"exists, incomplete: a run with --resume runs the {left}" if config.resume else
-            f"exists, incomplete ({left}): a run needs --resume (finishes it) or --overwrite (starts over)"), done
+            f"exists, incomplete ({left}): a run needs --resume (finishes it) or --overwrite (starts over)")
 
 
 def run_prepared(prepared: Prepared, stream=None) -> dict:
@@ -360,7 +357,7 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
     held = lease.acquire(config.out, opts)
     try:
         # Under the lease: the output may have changed since prepare() looked (another run finished).
-        action, done = _output_action(config, prepared.job.fingerprint, prepared.identity, opts, prepared.problem)
+        action = _output_action(config, prepared.job.fingerprint, prepared.identity, opts, prepared.problem)
         if action == "complete":
             print(f"kgrad: {config.out} is already complete; nothing to do", file=stream)
             return OutputGroup(config.out, opts).attributes()
@@ -368,7 +365,7 @@ def run_prepared(prepared: Prepared, stream=None) -> dict:
         taken = (accepted_ids(OutputGroup(config.out, opts).attributes()) if action in ("resume", "overwrite")
                  else frozenset())
         owned = dataclasses.replace(prepared, job=dataclasses.replace(prepared.job, lease_token=held.token),
-                                    action=action, done=done, taken_ids=taken)
+                                    action=action, taken_ids=taken)
         return _run_owned(owned, stream)
     finally:
         held.release()
@@ -513,7 +510,7 @@ def _client_run(prepared: Prepared, output: OutputGroup) -> ClientRun:
     inputs = prepared.inputs
     return ClientRun(job=prepared.job, plan=prepared.plan, layout=prepared.problem.layout, output=output,
                      points=inputs.point_data, sources=None if inputs.sources is None else inputs.source_data,
-                     weights=inputs.weight_data, done=prepared.done)
+                     weights=inputs.weight_data)
 
 
 def _check_inputs_unchanged(prepared: Prepared) -> None:

@@ -19,7 +19,7 @@ depend on how they are grouped into tasks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -47,28 +47,30 @@ class PlanRequest:
     plan_options: dict  # for pipeline.plan.make_plan: formulation, workers, memory, tile overrides ...
 
 
+Layout = TypeVar("Layout")  # a method's fixed data: its own type (pipeline.kept_tiles.Layout, DenseLayout ...)
+
+
 @dataclass(frozen=True)
-class Planned:
+class Planned(Generic[Layout]):
     """A method's answer to a problem it can run: the plan, the method's fixed data (None if it needs none)
     and the per-query error bounds it guarantees on top of the dtype's rounding (zeros: exact)."""
 
     plan: Plan
-    layout: object = None  # the method's own type (e.g. pipeline.methods.pruned.Layout)
+    layout: Layout | None = None  # the method's fixed data (its own type)
     error_bounds: dict = field(default_factory=lambda: {"gradient": 0.0, "value": 0.0})
 
 
 @dataclass(frozen=True)
-class ClientRun:
+class ClientRun(Generic[Layout]):
     """What a method's client steps see of a run that holds its output's lease."""
 
     job: Job
     plan: Plan
-    layout: object  # Planned.layout
+    layout: Layout  # Planned.layout
     output: OutputGroup
     points: np.ndarray = field(repr=False)  # the points as read and checked by the client
     sources: np.ndarray | None = field(repr=False)  # None: the points are the sources
     weights: np.ndarray | None = field(repr=False)  # None: unit weights
-    done: np.ndarray | None = None  # the output's tasks already done (a resume), None: none
 
 
 RunTasks = Callable[..., dict]  # execute(job, done=...) -> timings (pipeline.execute.execute, bound to the run)

@@ -21,6 +21,7 @@ by marking the output done and removing the copy.
 
 from __future__ import annotations
 
+import abc
 import time
 from dataclasses import dataclass
 
@@ -43,13 +44,13 @@ class InOrderData(MethodData):
     copy_id: str = ""  # the sorted copy the tasks read (set when the copy is written or found whole)
 
 
-class InSpatialOrder:
+class InSpatialOrder(abc.ABC):
     """The client's steps shared by the methods whose tasks are ranges of the run's spatial order.  A method
     built on it says what its copy holds (:meth:`copy_contents`) and computes its tasks."""
 
+    @abc.abstractmethod
     def copy_contents(self, run: ClientRun) -> dict:
         """The sorted copy's inputs: ``point_index`` and ``points`` at least (:meth:`SpatialCopy.create`)."""
-        raise NotImplementedError
 
     def run_tasks(self, run: ClientRun, execute: RunTasks) -> tuple[dict, int]:
         """The sorted copy (unless a resumed run's is whole), then the tasks not yet done.  Returns the
