@@ -40,16 +40,47 @@ def compute_rows(queries: np.ndarray, prepared: PreparedSources, spec: KernelSpe
     blocks = [start + rows for start in range(0, n, chunk)
               for rows in query_blocks(queries[start:start + chunk], spec, shape.rows)]
     setups = [block_setup(queries[rows], prepared, spec, mode, dtype) for rows in blocks]
+    blocks, setups, shapes = split_wide_blocks(queries, blocks, setups, prepared, spec, mode, dtype, shape)
     g = np.empty((n, dim), dtype=dtype)
     v = np.empty(n, dtype=dtype)
 
     def one_block(index: int) -> None:
         rows = blocks[index]
-        g[rows], v[rows] = block_sums(queries[rows], prepared, spec, mode, dtype, shape, setups[index])
+        g[rows], v[rows] = block_sums(queries[rows], prepared, spec, mode, dtype, shapes[index], setups[index])
 
     run_blocks(one_block, len(blocks), needs_x64(spec, mode, dtype) or any(s.variant.uses_float64 for s in setups),
                threads)
     return g, v
+
+
+SPLIT_WIDE = 4  # a float32 block that needs the "wide" variant is computed as this many smaller blocks
+
+
+def split_wide_blocks(queries: np.ndarray, blocks: list, setups: list, prepared: PreparedSources, spec: KernelSpec,
+                      mode: str, dtype: str, shape: TileShape) -> tuple[list, list, list]:
+    """Blocks, setups and tile shapes after cutting each float32 block that needs the "wide" variant (its
+    radius is above :data:`pipeline.block_precision.FAST_RADIUS_FLOAT32`: sparse regions, short
+    lengthscales) into :data:`SPLIT_WIDE` blocks of consecutive rows, each with its own centre and variant.
+    Smaller blocks are more compact, so most of them take the float32 tiles (about twice as fast per pair);
+    the choice depends only on the block's rows, so the bits do not depend on how rows are spread over
+    tasks or workers."""
+    small = max(1, shape.rows // SPLIT_WIDE)
+    if small == shape.rows or not any(s.variant.distances == "wide" for s in setups):
+        return blocks, setups, [shape] * len(blocks)
+    small_shape = TileShape(small, shape.cols, shape.tiles_per_call)
+    out_blocks, out_setups, out_shapes = [], [], []
+    for rows, setup in zip(blocks, setups):
+        if setup.variant.distances != "wide":
+            out_blocks.append(rows)
+            out_setups.append(setup)
+            out_shapes.append(shape)
+            continue
+        for start in range(0, len(rows), small):
+            part = rows[start:start + small]
+            out_blocks.append(part)
+            out_setups.append(block_setup(queries[part], prepared, spec, mode, dtype))
+            out_shapes.append(small_shape)
+    return out_blocks, out_setups, out_shapes
 
 
 def run_blocks(one_block, count: int, x64: bool, threads: int = 1) -> None:

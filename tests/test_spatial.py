@@ -89,3 +89,41 @@ def test_variant_thresholds(dtype):
     assert choose_variant(per, "auto", dtype, 1.0, False, reach=100.0) == Variant("float64", "gemm")
     assert choose_variant(lin, "auto", dtype, 0.0, False) == fast
     assert choose_variant(lin, "auto", dtype, 0.0, True) == Variant("float64", "gemm")
+
+
+def test_wide_blocks_are_split_into_compact_ones():
+    """A float32 block that would need the "wide" variant (radius above FAST_RADIUS_FLOAT32) is computed as
+    SPLIT_WIDE blocks of its consecutive rows, each with its own centre and variant: on standard normal data
+    at lengthscale 0.25 most rows then take the float32 tiles.  Every row stays in exactly one block, and
+    blocks that were not wide are kept as they were."""
+    from pipeline.blocks import SPLIT_WIDE, query_blocks, split_wide_blocks
+    from pipeline.block_precision import block_setup
+    from pipeline.kernels import make_spec
+    from pipeline.sources import prepare_sources
+    from pipeline.tiles import TileShape
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16384, 3)).astype(np.float32)
+    spec = make_spec("rbf", 3, lengthscale=0.25)
+    shape = TileShape(1024, 512, 4)
+    prepared = prepare_sources(x, None, spec, "float32", shape)
+    blocks = query_blocks(x, spec, shape.rows)
+    setups = [block_setup(x[rows], prepared, spec, "auto", "float32") for rows in blocks]
+    wide = [s.variant.distances == "wide" for s in setups]
+    assert any(wide)
+    out_blocks, out_setups, out_shapes = split_wide_blocks(x, blocks, setups, prepared, spec, "auto", "float32", shape)
+    np.testing.assert_array_equal(np.sort(np.concatenate(out_blocks)), np.arange(len(x)))
+    assert len(out_blocks) == len(blocks) + (SPLIT_WIDE - 1) * sum(wide)
+    assert {s.rows for s in out_shapes} == {shape.rows, shape.rows // SPLIT_WIDE}
+    for rows, setup, tile in zip(out_blocks, out_setups, out_shapes):
+        assert len(rows) <= tile.rows
+        again = block_setup(x[rows], prepared, spec, "auto", "float32")
+        assert setup.variant == again.variant and np.array_equal(setup.center, again.center)
+    wide_rows_before = sum(len(r) for r, w in zip(blocks, wide) if w)
+    wide_rows_after = sum(len(r) for r, s in zip(out_blocks, out_setups) if s.variant.distances == "wide")
+    assert wide_rows_after < wide_rows_before / 2
+    # float64 runs and compact data are left alone
+    same = split_wide_blocks(x, blocks, [block_setup(x[r], prepared, make_spec("rbf", 3, lengthscale=4.0), "auto",
+                                                     "float32") for r in blocks], prepared, spec, "auto", "float32",
+                             shape)
+    assert len(same[0]) == len(blocks)
