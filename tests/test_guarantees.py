@@ -164,8 +164,8 @@ def test_resume_after_kill_gives_the_same_bits(method_runs, tmp_path, method, ex
     if moment not in ("after-tasks", "random"):  # there the run may beat the kill (last steps take milliseconds)
         assert not run.finished_first and not complete, "the run finished before the kill; use a larger job"
         assert run.output_existed
-    if moment == "some-tasks":
-        assert 2 <= done < n_tasks
+    if moment == "some-tasks":  # on the dask CLI cluster the tasks running at the kill may finish them all
+        assert 2 <= done and (done < n_tasks or executor == "dask-cli"), (done, n_tasks)
     if moment == "before-tasks" and executor == "local":
         assert done == 0, "a task finished between the poll and the kill"
     result = kgrad(method_runs.args(case, executor, killed.points, out, "--resume", workers=1))
