@@ -22,6 +22,9 @@ from reference import (FLOAT32_BOUND, FLOAT64_BOUND, KERNEL_NAMES, USES_LENGTHSC
 pipeline = pytest.importorskip("pipeline")
 kernel_gradients = pipeline.kernel_gradients
 
+# The default suite runs a sample of each parametrised test (each parameter value at least once); --runslow all.
+pytestmark = pytest.mark.sampled(3)
+
 BOUND = {"float64": FLOAT64_BOUND, "float32": FLOAT32_BOUND}
 MODES = ("auto", "jacfwd", "jacrev")
 PARAMS = {

@@ -21,6 +21,8 @@ import pipeline
 from pipeline import store
 from fileutil import tree_digest
 
+pytest_plugins = ["cluster_fixtures"]  # dask_cli_cluster: the runs that need no cluster of their own use it
+
 xr = pytest.importorskip("xarray")
 
 N, M, D = 1000, 700, 3
@@ -110,29 +112,34 @@ def workflow_run(workdir):
 
 SPLIT_ARGS = ["run", "--points", "points_7x3.zarr", "--sources", "sources_Mx1.zarr", "--weights",
               "source_weights.npy", "--kernel", "rational_quadratic", "--param", "alpha=2", "--lengthscale", "0.7",
-              "--dtype", "float64", "--out", "split.zarr", "--workers", "1", "--no-progress"]
+              "--dtype", "float64", "--out", "split.zarr", "--no-progress"]
+
+
+def on(cluster) -> list[str]:
+    """The flag of a run on the session's dask CLI cluster."""
+    return ["--scheduler", str(cluster.scheduler_file)]
 
 
 @pytest.fixture(scope="module")
-def split_run(workdir):
+def split_run(workdir, dask_cli_cluster):
     """Points chunked (7, 3), separate sources chunked (M, 1), weights from a .npy file."""
-    proc = kgrad(SPLIT_ARGS, cwd=workdir)
+    proc = kgrad([*SPLIT_ARGS, *on(dask_cli_cluster)], cwd=workdir)
     return workdir / "split.zarr", proc
 
 
 @pytest.fixture(scope="module")
-def one_d_run(workdir):
+def one_d_run(workdir, dask_cli_cluster):
     """A 1-D .npy input: N points in D = 1."""
     kgrad(["run", "--points", "points_1d.npy", "--lengthscale", "0.3", "--dtype", "float64",
-           "--out", "one_d.zarr", "--workers", "1", "--no-progress"], cwd=workdir)
+           "--out", "one_d.zarr", *on(dask_cli_cluster), "--no-progress"], cwd=workdir)
     return workdir / "one_d.zarr"
 
 
 @pytest.fixture(scope="module")
-def float32_run(workdir):
+def float32_run(workdir, dask_cli_cluster):
     """Points chunked (N, 1), float32, the default kernel settings otherwise."""
     kgrad(["run", "--points", "points_Nx1.zarr", "--kernel", "matern32", "--out", "float32.zarr",
-           "--workers", "1", "--no-progress"], cwd=workdir)
+           *on(dask_cli_cluster), "--no-progress"], cwd=workdir)
     return workdir / "float32.zarr"
 
 
@@ -217,7 +224,7 @@ def test_float32_input_chunked_by_column(float32_run):
 # ----------------------------------------------------------------------------------------- overwrite, resume
 
 
-def test_overwrite_replaces(float32_run, tmp_path):
+def test_overwrite_replaces(float32_run, tmp_path, dask_cli_cluster):
     out = tmp_path / "replaced.zarr"
     shutil.copytree(float32_run, out)
     stale = out / "gradient" / "c" / "99" / "0"  # a chunk only an earlier, larger run had: kgrad's own
@@ -225,7 +232,7 @@ def test_overwrite_replaces(float32_run, tmp_path):
     stale.write_bytes(b"left over from the old output")
     before = tree_digest(out)
     proc = kgrad(["run", "--points", str(float32_run.parent / "points.npy"), "--kernel", "rbf", "--lengthscale",
-                  "0.6", "--dtype", "float64", "--out", str(out), "--overwrite", "--workers", "1",
+                  "0.6", "--dtype", "float64", "--out", str(out), "--overwrite", *on(dask_cli_cluster),
                   "--no-progress"], cwd=tmp_path)
     assert tree_digest(out) != before
     assert not stale.exists(), "--overwrite starts over"
@@ -241,7 +248,7 @@ def test_overwrite_replaces(float32_run, tmp_path):
 def test_resume_on_complete_output_does_nothing(split_run, workdir):
     out, _ = split_run
     before = tree_digest(out)
-    proc = kgrad([*SPLIT_ARGS, "--resume"], cwd=workdir)
+    proc = kgrad([*SPLIT_ARGS, "--workers", "1", "--resume"], cwd=workdir)
     assert "already complete" in proc.stderr
     assert "wrote" not in proc.stderr and "workers" not in proc.stderr, "no cluster, no tasks"
     assert tree_digest(out) == before

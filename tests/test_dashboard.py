@@ -69,6 +69,7 @@ def _first_line(proc) -> str:
     return proc.stderr.splitlines()[0]
 
 
+@pytest.mark.slow
 def test_local_run_with_bokeh_prints_a_working_link(small_points, small_outputs):
     """`kgrad run --points P --workers 1 --no-progress`: the session's shared small run (cluster_fixtures)."""
     pytest.importorskip("bokeh")
@@ -88,6 +89,7 @@ def test_local_run_without_bokeh_prints_no_link(points, tmp_path):
     assert "1 task " in line and "dashboard" not in line, line
 
 
+@pytest.mark.slow
 def test_cluster_without_dashboard_prints_no_link(points, tmp_path, dask_cli_cluster):
     """cluster/start-local-cluster.sh starts its scheduler with --no-dashboard."""
     line = _first_line(kgrad(["run", "--points", points, "--out", tmp_path / "out.zarr", "--scheduler",

@@ -107,6 +107,7 @@ def _kgrad_output_with_a_file_in_an_array(root, small_points, small_outputs):
     return path
 
 
+@pytest.mark.sampled(3, cover=())
 @pytest.mark.parametrize("make", ["foreign_directory", "regular_file", "foreign_zarr_group",
                                   "kgrad_output_with_a_user_file", "kgrad_output_with_a_file_in_an_array"])
 def test_overwrite_never_deletes_what_kgrad_did_not_write(make, small_points, small_outputs, tmp_path):

@@ -119,7 +119,7 @@ SCHEDULER_TIMEOUT = 2.0
 STARTUP_ALLOWANCE = 20.0  # interpreter, numpy, dask imports on a busy 2-core machine
 
 
-@pytest.mark.parametrize("server", ["http_server", "silent_server"])
+@pytest.mark.parametrize("server", ["http_server", pytest.param("silent_server", marks=pytest.mark.slow)])
 def test_a_service_that_is_not_a_scheduler_fails_fast(server, tiny, tmp_path, request):
     """Before: no answer for 900 s (HTTP) / exit after 101 s (silent), the lease held.  After: exit 2,
     one line naming the address, within the timeout plus start-up, nothing left in the output."""
@@ -304,6 +304,7 @@ def test_a_users_file_named_like_the_lease_is_not_kgrads(tiny, small_outputs, tm
 # ----------------------------------------------------------------------------------------- C: lengthscale range
 
 
+@pytest.mark.sampled(3, cover=("dtype", "float64_helps"))
 @pytest.mark.parametrize("lengthscale,dtype,float64_helps", [
     ("1e300", "float32", False), ("1e300", "float64", False), ("1e-300", "float32", False),
     ("1e-300", "float64", False), ("1e30", "float32", True), ("1e-30", "float32", True)])

@@ -36,6 +36,7 @@ def test_api_finite_results_pass():
     assert np.isfinite(g).all()
 
 
+@pytest.mark.slow
 def test_cli_overflow_fails_with_one_line_and_leaves_the_output_incomplete(tmp_path):
     # task 0: queries at the origin, (0.x + 1)^9 = 1 is finite; task 1: large queries overflow
     points = np.concatenate([np.zeros((100, 3)), np.full((100, 3), 100.0)])

@@ -22,6 +22,7 @@ def observed_run(tmp_path_factory):
     return work, proc
 
 
+@pytest.mark.slow
 def test_progress_and_dashboard_are_printed(observed_run):
     _, proc = observed_run
     assert proc.returncode == 0, proc.stderr
@@ -31,6 +32,7 @@ def test_progress_and_dashboard_are_printed(observed_run):
     assert "\r" not in proc.stderr, "stderr is not a terminal: progress comes as whole lines"
 
 
+@pytest.mark.slow
 def test_performance_report_is_written(observed_run):
     work, proc = observed_run
     report = work / "report.html"
@@ -40,6 +42,7 @@ def test_performance_report_is_written(observed_run):
     assert "kgrad" in text, "the report's task stream names kgrad's tasks"
 
 
+@pytest.mark.slow
 def test_timings_are_recorded_in_the_output(observed_run):
     work, _ = observed_run
     attrs = dict(zarr.open_group(str(work / "out.zarr"), mode="r").attrs)

@@ -142,6 +142,7 @@ def test_base_callback_does_nothing():
     callback.on_end()
 
 
+@pytest.mark.slow
 def test_failed_run_on_a_terminal_puts_its_error_on_a_line_of_its_own(tmp_path):
     """Finite tasks first (progress shown with '\\r'), then one whose float32 result overflows: the error
     line starts a line of its own instead of trailing the progress line."""

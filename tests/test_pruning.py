@@ -48,6 +48,8 @@ from pipeline.kept_tiles import compute_in_memory
 from pipeline.pruning import (SUPER_TILES, TABLE_MAX, TABLE_MIN, Budget, TileIndex, kernel_bounds, prunes,
                               select_sources, select_tiles, tile_index)
 
+# The default suite runs a sample of each parametrised test (each parameter value at least once); --runslow all.
+pytestmark = pytest.mark.sampled(3)
 
 @pytest.fixture(autouse=True)
 def prune_small_problems(monkeypatch, request):

@@ -81,6 +81,7 @@ def test_workflow_key_tolerance_equals_the_flag(method_runs, tmp_path):
     assert_bit_identical(out, method_runs.reference(PRUNED))
 
 
+@pytest.mark.sampled(2, cover=())
 @pytest.mark.parametrize("flag,shown", [("--tolerance=-1e-3", "-0.001"), ("--tolerance=1", "1.0"),
                                         ("--tolerance=nan", "nan"), ("--tolerance=inf", "inf"),
                                         ("--tolerance=abc", "abc")])
@@ -100,6 +101,7 @@ def test_bad_tolerance_exits_2_naming_it(method_runs, args, tmp_path, flag, show
 # write leaves that file behind (seen in 1 of 4 runs of a kill after some tasks).  It is kgrad's own file: --resume
 # must finish (exit 0) with the uninterrupted run's bits.  (Found by this test: kind() took it for a user's file
 # and refused.)
+@pytest.mark.slow
 def test_resume_after_a_kill_that_left_a_partial_chunk_file(method_runs, args, tmp_path):
     killed = method_runs.interrupted(PRUNED, "local")
     out = tmp_path / "copy.zarr"

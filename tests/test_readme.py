@@ -57,9 +57,10 @@ def test_in_process_snippet_runs_and_matches_the_oracle():
     assert relative_error(scope["phi_repulsive"][rows], phi) < FLOAT32_BOUND, "README's SVGD line has the wrong sign?"
 
 
-def test_xarray_snippet_reads_a_run_as_the_readme_says(tmp_path, monkeypatch):
+def test_xarray_snippet_reads_a_run_as_the_readme_says(tmp_path, monkeypatch, dask_cli_cluster):
     """The README's xarray block, executed as written against a small ``kgrad run`` output at the path it
-    names (out/demo.zarr, from the current directory): gradient, value and the score g / v match the oracle."""
+    names (out/demo.zarr, from the current directory): gradient, value and the score g / v match the oracle. (The
+    run uses the session's dask CLI cluster: it needs no cluster of its own.)"""
     pytest.importorskip("xarray")
     import subprocess
     import sys
@@ -70,7 +71,8 @@ def test_xarray_snippet_reads_a_run_as_the_readme_says(tmp_path, monkeypatch):
     np.save(tmp_path / "p.npy", points)
     np.save(tmp_path / "w.npy", weights)
     proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "--points", "p.npy", "--weights", "w.npy",
-                           "--lengthscale", "0.5", "--out", "out/demo.zarr", "--workers", "1", "--no-progress"],
+                           "--lengthscale", "0.5", "--out", "out/demo.zarr", "--scheduler", str(dask_cli_cluster.scheduler_file),
+                           "--no-progress"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     monkeypatch.chdir(tmp_path)
@@ -143,6 +145,7 @@ def _pattern(line: str) -> str:
                    NUMBER if re.fullmatch(NUMBER, p) else re.escape(p) for p in parts)
 
 
+@pytest.mark.slow  # about 15 s of runs: CI runs it (--runslow)
 @pytest.mark.timeout(900)
 def test_worked_example_shows_what_the_commands_print(tmp_path):
     """Every command of the README's worked example is run (kgrad plan, run, inspect, plot, on the demo data),

@@ -65,6 +65,7 @@ def inputs():
     return q, x, p
 
 
+@pytest.mark.sampled(3, cover=())
 @pytest.mark.parametrize("fn", [periodic_like, many_sums])
 def test_same_value_and_gradients(fn, inputs):
     q, x, p = inputs

@@ -138,6 +138,7 @@ def _refusal(points, out, extra):
     return kgrad(args + list(extra))
 
 
+@pytest.mark.sampled(4, cover=())
 @pytest.mark.parametrize("change", sorted(REFUSED))
 def test_resume_with_other_parameters_is_refused(interrupted, change):
     points, out, killed = interrupted

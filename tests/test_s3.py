@@ -131,7 +131,7 @@ def _env(**extra) -> dict:
     return env
 
 
-@pytest.mark.slow  # the default suite runs the CLI on S3 (below) and the refusal of an existing output
+@pytest.mark.slow  # S3 costs a moto server and a run: the default suite reads a missing input only
 def test_run_workflow_s3_in_and_out(endpoint, data):
     from pipeline.workflow import RunConfig, run_workflow
 
@@ -172,12 +172,14 @@ def cli_run(endpoint, data, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_cli_workflow_file_storage_options(endpoint, data, cli_run):
     out, result = cli_run
     assert result.returncode == 0, result.stderr
     _check(endpoint, out, data)
 
 
+@pytest.mark.slow
 def test_an_existing_remote_output_is_refused(endpoint, data, cli_run):
     """Without --overwrite / --resume an existing output on S3 is refused, and left as it was."""
     from pipeline.errors import InputError
@@ -191,6 +193,7 @@ def test_an_existing_remote_output_is_refused(endpoint, data, cli_run):
     _check(endpoint, out, data)
 
 
+@pytest.mark.slow
 def test_cli_plan_with_aws_environment_only(endpoint, data):
     """No storage options at all: s3fs/botocore take the endpoint and keys from the environment.
 
@@ -210,6 +213,7 @@ def test_cli_plan_with_aws_environment_only(endpoint, data):
     assert not data["fs"].exists(f"{BUCKET}/out-plan.zarr")  # plan writes nothing
 
 
+@pytest.mark.slow
 def test_no_credentials_is_a_one_line_error(endpoint, data):
     """Without credentials the bucket cannot be read: a one-line error and exit 2 (bad input), no traceback."""
     env = {k: v for k, v in _env().items() if not k.startswith("AWS_")}

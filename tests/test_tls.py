@@ -293,6 +293,7 @@ def test_kgrad_without_certificates_fails_and_writes_nothing(tls_cluster, job, t
 # ----------------------------------------------------------------------------------------- accepted
 
 
+@pytest.mark.slow  # the default suite runs kgrad over TLS with the flags (CLI)
 def test_kgrad_run_over_tls_python_api(tls_cluster, certs, job, tmp_path):
     from pipeline.workflow import RunConfig, run_workflow
 
@@ -304,7 +305,7 @@ def test_kgrad_run_over_tls_python_api(tls_cluster, certs, job, tmp_path):
     _check_output(out, job)
 
 
-@pytest.mark.slow  # the default suite runs kgrad over TLS with the flags (CLI) and from Python
+@pytest.mark.slow  # the default suite runs kgrad over TLS with the flags (CLI)
 def test_kgrad_cli_over_tls_workflow_file_and_scheduler_file(tls_cluster, certs, job, tmp_path):
     """`kgrad run WORKFLOW.toml` with ``[run] security`` and the scheduler file (no new flags needed)."""
     out = tmp_path / "out.zarr"
@@ -328,7 +329,7 @@ def test_kgrad_cli_over_tls_workflow_file_and_scheduler_file(tls_cluster, certs,
     _check_output(out, job)
 
 
-@pytest.mark.slow  # the default suite runs kgrad over TLS with the flags (CLI) and from Python
+@pytest.mark.slow  # the default suite runs kgrad over TLS with the flags (CLI)
 def test_kgrad_cli_over_tls_dask_config_environment(tls_cluster, certs, job, tmp_path):
     """`kgrad run --scheduler tls://...` with the client certificates in dask's configuration."""
     out = tmp_path / "out.zarr"

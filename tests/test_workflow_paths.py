@@ -80,6 +80,7 @@ def test_scheduler_addresses_are_not_paths(tmp_path, scheduler):
     assert load_workflow(str(wf)).scheduler == scheduler
 
 
+@pytest.mark.slow
 def test_run_from_another_directory(project):
     root, elsewhere = project
     proc = kgrad(["run", root / "wf.toml"], cwd=elsewhere)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 import xarray as xr
 import zarr
 
@@ -26,6 +27,7 @@ def _open_both(path) -> list[str]:
     return [f"{w.category.__name__}: {w.message}" for w in caught]
 
 
+@pytest.mark.slow
 def test_an_output_opens_without_warnings_during_and_after_a_run(tmp_path):
     path = tmp_path / "out.zarr"
     held = lease.acquire(str(path))  # the run's lease file sits inside the output
