@@ -1,6 +1,6 @@
 """The dense method's rate against the lengthscale and the input's row order, side by side in one run.
 
-    python benchmarks/dense_order.py           # ~6 min on 2 cores -> results/dense_order.{json,png} + BENCHMARKS.md
+    python benchmarks/dense_order.py           # ~8 min on 2 cores -> results/dense_order.{json,png} + BENCHMARKS.md
     python benchmarks/dense_order.py --quick   # a smoke test (~1 min) -> results/quick/
 
 In process, N standard normal points (D = 3, float32, rbf, g and v), rows in random order, at lengthscales
@@ -13,10 +13,10 @@ In process, N standard normal points (D = 3, float32, rbf, g and v), rows in ran
   order within the task only (:func:`pipeline.blocks.compute_rows` on the rows as given: what the dense
   method did before it used the run's spatial order).
 
-Then end to end (``kgrad run``, a fresh process, 2 workers on a local cluster, N_e2e points, lengthscale
-0.5), and the machine's ceiling: XLA's fused exp + sum over 2^25 float32 elements (one element = one pair).
-Each figure is the median of the warm calls (the first call compiles); the ceiling is the better of its
-measurements at the start and at the end.  Writes ``results/dense_order.json``,
+Then end to end (``kgrad run``, a fresh process, 2 workers on a local cluster, N_e2e points, lengthscale 0.5),
+and the machine's ceiling: XLA's fused exp + sum over 2^25 float32 elements (one element = one pair). Each
+figure is the median of 5 warm calls, taken in rounds over all cells (the first call compiles); the ceiling is
+the better of its measurements at the start and at the end. Writes ``results/dense_order.json``,
 ``results/dense_order.png`` and the section of ``BENCHMARKS.md`` between the markers below.
 """
 
@@ -38,11 +38,15 @@ import report  # noqa: E402
 BEGIN = report.DENSE_ORDER_BEGIN
 END = report.DENSE_ORDER_END
 LENGTHSCALES = (1.0, 0.5, 0.25)
-SIZES = {"full": dict(n=131072, e2e=262144, repeats=3, ceiling=1 << 25),
+SIZES = {"full": dict(n=131072, e2e=262144, repeats=5, ceiling=1 << 25),
          "quick": dict(n=16384, e2e=32768, repeats=2, ceiling=1 << 22)}
 
 
-def in_process(x: np.ndarray, lengthscale: float, how: str, repeats: int) -> dict:
+HOWS = ("global order", "global order, rows pre-sorted", "per-task order")
+
+
+def in_process_call(x: np.ndarray, lengthscale: float, how: str):
+    """A call that computes g and v of ``x`` at ``lengthscale`` the way ``how`` says."""
     from pipeline import kernel_gradients
     from pipeline.blocks import compute_rows
     from pipeline.plan import usable_cores
@@ -53,19 +57,32 @@ def in_process(x: np.ndarray, lengthscale: float, how: str, repeats: int) -> dic
     if how == "per-task order":
         problem = make_problem(x, x, lengthscale=lengthscale, sources_are_points=True)
         prepared = prepare_sources(x, None, problem.spec, "float32", problem.shape, center=np.asarray(problem.center))
+        return lambda: compute_rows(x, prepared, problem.spec, "auto", "float32", problem.shape,
+                                    chunk=problem.plan.rows_per_task, threads=usable_cores())
+    rows = x[spatial_order(x, (lengthscale,) * x.shape[1])] if how.endswith("pre-sorted") else x
+    return lambda: kernel_gradients(rows, lengthscale=lengthscale, return_value=True)
 
-        def call():
-            return compute_rows(x, prepared, problem.spec, "auto", "float32", problem.shape,
-                                chunk=problem.plan.rows_per_task, threads=usable_cores())
-    else:
-        rows = x[spatial_order(x, (lengthscale,) * x.shape[1])] if how.endswith("pre-sorted") else x
 
-        def call():
-            return kernel_gradients(rows, lengthscale=lengthscale, return_value=True)
-    first, warm, _ = M.time_calls(call, max_repeats=repeats, min_repeats=repeats, budget_s=0.0)
-    seconds = M.median(warm)
-    return {"how": how, "lengthscale": lengthscale, "N": len(x), "first_s": first, "warm_s": warm,
-            "seconds": seconds, "pairs_per_s": len(x) ** 2 / seconds}
+def in_process(x: np.ndarray, repeats: int) -> list[dict]:
+    """Every (lengthscale, how) of the table: a first call each (compiles), then ``repeats`` rounds that time
+    each once, interleaved, so that a change of the machine's load in the meantime touches every cell alike."""
+    cases = [(ls, how) for ls in LENGTHSCALES for how in HOWS]
+    calls, first = {}, {}
+    for case in cases:
+        calls[case] = in_process_call(x, *case)
+        first[case], _, _ = M.time_calls(calls[case], max_repeats=0, budget_s=0.0)
+    warm = {case: [] for case in cases}
+    for _ in range(repeats):
+        for case in cases:
+            _, seconds, _ = M.time_calls(calls[case], max_repeats=1, min_repeats=1, budget_s=0.0)
+            warm[case].append(seconds[0])
+    results = []
+    for ls, how in cases:
+        seconds = M.median(warm[ls, how])
+        results.append({"how": how, "lengthscale": ls, "N": len(x), "first_s": first[ls, how],
+                        "warm_s": warm[ls, how], "seconds": seconds, "pairs_per_s": len(x) ** 2 / seconds})
+        print(f"lengthscale {ls:g}, {how}: {results[-1]['pairs_per_s'] / 1e9:.2f} G pairs/s", flush=True)
+    return results
 
 
 def ceiling(elements: int, repeats: int) -> dict:
@@ -95,7 +112,7 @@ def end_to_end(n: int, work: str) -> dict:
 def markdown(results: dict) -> str:
     ceil = results["ceiling"]["elements_per_s"]
     rows = {(r["how"], r["lengthscale"]): r for r in results["in_process"]}
-    hows = ["global order", "global order, rows pre-sorted", "per-task order"]
+    hows = HOWS
     lines = [BEGIN, "", "## Dense: rate against lengthscale and row order", "",
              f"`python benchmarks/dense_order.py`, {results['machine']}, load {results['load']}. In process, "
              f"N = {results['N']} standard normal points in random row order, D = 3, float32, rbf, g and v; G pairs/s "
@@ -106,10 +123,12 @@ def markdown(results: dict) -> str:
         cells = [f"{rows[h, ls]['pairs_per_s'] / 1e9:.2f} ({rows[h, ls]['pairs_per_s'] / ceil:.2f})"
                  for h in hows]
         lines.append(f"| {ls:g} | " + " | ".join(cells) + " |")
-    base = rows["global order", 1.0]["pairs_per_s"]
-    worst = min(rows["global order", ls]["pairs_per_s"] for ls in LENGTHSCALES)
-    lines += ["", f"Global order: the slowest lengthscale runs at {worst / base:.2f} of the lengthscale-1 rate "
-              f"(per-task order: {min(rows['per-task order', ls]['pairs_per_s'] for ls in LENGTHSCALES) / rows['per-task order', 1.0]['pairs_per_s']:.2f})."]
+    def slowest(how: str) -> float:
+        """The slowest lengthscale's rate over the lengthscale-1 rate, rows as ``how`` says."""
+        return min(rows[how, ls]["pairs_per_s"] for ls in LENGTHSCALES) / rows[how, 1.0]["pairs_per_s"]
+
+    lines += ["", f"The slowest lengthscale runs at {slowest(hows[0]):.2f} of the lengthscale-1 rate in global order "
+              f"({slowest(hows[1]):.2f} on pre-sorted rows; per-task order: {slowest(hows[2]):.2f})."]
     e2e = results["end_to_end"]
     if "error" in e2e:
         lines += ["", f"End to end failed: {e2e['error'][-300:]}"]
@@ -130,7 +149,7 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    hows = ["global order", "global order, rows pre-sorted", "per-task order"]
+    hows = HOWS
     width = 0.26
     for k, how in enumerate(hows):
         rates = [next(r["pairs_per_s"] for r in results["in_process"] if r["how"] == how and r["lengthscale"] == ls)
@@ -161,11 +180,7 @@ def main(argv=None) -> int:
     results = {"N": sizes["n"], "machine": f"{info['cpu_model']}, {info['cpus_usable']} usable cores",
                "machine_info": info, "in_process": []}
     start = ceiling(sizes["ceiling"], sizes["repeats"])
-    for ls in LENGTHSCALES:
-        for how in ("global order", "global order, rows pre-sorted", "per-task order"):
-            results["in_process"].append(in_process(x, ls, how, sizes["repeats"]))
-            print(f"lengthscale {ls:g}, {how}: {results['in_process'][-1]['pairs_per_s'] / 1e9:.2f} G pairs/s",
-                  flush=True)
+    results["in_process"] = in_process(x, sizes["repeats"])
     results["end_to_end"] = end_to_end(sizes["e2e"], work)
     print(f"end to end: {results['end_to_end']}", flush=True)
     end = ceiling(sizes["ceiling"], sizes["repeats"])  # the better of the start and the end: a moment of load
