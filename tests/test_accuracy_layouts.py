@@ -218,6 +218,7 @@ def test_gp_alpha_weights(kernel, dtype, layouts):
     check(kernel, dtype, errors(q, x, w, kernel=kernel, dtype=dtype))
 
 
+@pytest.mark.sampled(6, cover=("kernel", "dtype"))
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("kernel", ["rbf", "matern12", "matern52", "rational_quadratic", "periodic"])
 @pytest.mark.parametrize("lengthscale", [[1e-3, 1.0, 1e3], [1e3, 1e-3, 1.0], [1e-3, 1e3, 1e3]])

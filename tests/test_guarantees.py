@@ -200,14 +200,17 @@ def test_worker_killed_in_mid_run_costs_only_reruns(method_runs, tmp_path, metho
     case = CASES[method]
     reference = method_runs.reference(case)
     n_tasks = method_runs.n_tasks(case)
-    out = tmp_path / "out.zarr"
-    faults = run_with_worker_kills(method_runs.args(case, executor, method_runs.points(case), out, workers=2), out, case.progress,
-                                   kills=kills, cluster=method_runs.cluster(executor), first_after=1,
-                                   rng=rng_for(f"worker_loss[{method}-{executor}-{kills}]"))
-    assert faults.returncode == 0, faults.stderr[-4000:]
-    assert len(faults.victims) == kills and faults.done_at_kills[-1] < n_tasks
-    timings = assert_complete(out, tasks_run=n_tasks, tasks_skipped=0)
-    compared = assert_same_as_reference(out, reference)
+    for attempt in range(3):  # on a busy machine the last tasks can end between the choice of a busy worker
+        out = tmp_path / f"out{attempt}.zarr"  # and its kill: the fault then missed; run again
+        faults = run_with_worker_kills(method_runs.args(case, executor, method_runs.points(case), out, workers=2),
+                                       out, case.progress, kills=kills, cluster=method_runs.cluster(executor),
+                                       first_after=1, rng=rng_for(f"worker_loss[{method}-{executor}-{kills}]"))
+        assert faults.returncode == 0, faults.stderr[-4000:]
+        timings = assert_complete(out, tasks_run=n_tasks, tasks_skipped=0)
+        compared = assert_same_as_reference(out, reference)
+        if faults.done_at_kills[-1] < n_tasks:
+            break
+    assert len(faults.victims) == kills and faults.done_at_kills[-1] < n_tasks, "no kill landed in mid-run"
     record(f"worker_loss[{method}-{executor}-{kills}]", faults_injected=kills, runs_survived=1,
            victims=faults.victims, tasks_done_at_kills=faults.done_at_kills,
            worker_pids_with_results=timings["worker_pids"], bytes_compared=compared)

@@ -92,6 +92,7 @@ OFFSETS = [
 ]
 
 
+@pytest.mark.sampled(6, cover=("kernel", "dtype", "center", "spread"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("center,spread", OFFSETS, ids=[f"c{c:g}-s{s:g}" for c, s in OFFSETS])
 @pytest.mark.parametrize("kernel", STATIONARY)
@@ -181,6 +182,7 @@ def _clusters(rng, within, n_clusters=10, n=NS):
     return centers[rng.integers(0, n_clusters, n)] + rng.normal(size=(n, D)) * within
 
 
+@pytest.mark.sampled(6, cover=("kernel", "dtype", "within"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("within", [1e-2, 1e-3, 1e-5])
 @pytest.mark.parametrize("kernel", KERNEL_NAMES)
