@@ -1,4 +1,5 @@
 import os
+from collections import Counter
 
 import pytest
 
@@ -22,8 +23,7 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="slow: run with --runslow")
     sampled_out = pytest.mark.skip(reason="sampled out of the default suite: run with --runslow")
     seen: dict[tuple, set] = {}  # per test: the (parameter, value) pairs of the cases kept so far
-    counted: dict[tuple, int] = {}  # per test: its cases so far
-    kept_count: dict[tuple, int] = {}  # per test: its cases kept so far
+    cases, kept_cases = Counter(), Counter()  # per test: its cases so far, and those kept
     for item in items:
         if "slow" in item.keywords:
             if not runslow:
@@ -38,10 +38,10 @@ def pytest_collection_modifyitems(config, items):
         values = {(name, repr(value)) for name, value in item.callspec.params.items()
                   if cover is None or name in cover}
         kept = seen.setdefault(key, set())
-        index = counted[key] = counted.get(key, -1) + 1
-        if values - kept or kept_count.get(key, 0) * every < index + 1:
+        cases[key] += 1
+        if values - kept or kept_cases[key] * every < cases[key]:
             kept.update(values)
-            kept_count[key] = kept_count.get(key, 0) + 1
+            kept_cases[key] += 1
         else:
             item.add_marker(pytest.mark.slow if runslow else sampled_out)
 
