@@ -12,7 +12,7 @@ from .problem import make_problem
 
 
 def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", lengthscale=1.0, variance=1.0,
-                     dtype="float32", mode="auto", return_value=False, tolerance=0.0, **params):
+                     dtype="float32", mode="auto", return_value=False, tolerance=0.0, method="auto", **params):
     """Summed input-gradients of a kernel sum, in this process.
 
     For queries ``q_j`` (rows of ``points``) and sources ``x_i`` with weights ``w_i``:
@@ -36,6 +36,8 @@ def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", length
         matern12/32/52, rational_quadratic, imq) skip far sources, with, per query j,
         ``|g^_j - g_j| <= EPS * sum|w| * gmax`` and ``|v^_j - v_j| <= EPS * sum|w| * kmax`` (``kmax = max k``,
         ``gmax = max |grad_q k|``; see :mod:`pipeline.pruning`), on top of the dtype's own rounding.
+    method : ``"auto"`` (the first of ``far_field``, ``pruned``, ``dense`` that can run the problem and is
+        expected to be faster than the next), or one of those names (an error saying why if it cannot).
     **params : the kernel's own parameters (``alpha``, ``c``, ``beta``, ``period``, ``degree``).
 
     Returns
@@ -49,7 +51,7 @@ def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", length
     w = None if weights is None else as_weights(weights, srcs.shape[0])
     problem = make_problem(queries, srcs, kernel=kernel, lengthscale=lengthscale, variance=variance,
                            params=params, dtype=dtype, mode=mode, tolerance=tolerance, weights=w,
-                           sources_are_points=sources is None)
+                           sources_are_points=sources is None, method=method)
     g, v, _ = problem.compute(threads=usable_cores() if on_cpu() else 1)
     check_finite_result(g, v, dtype, problem.spec.describe(), dtype_option='dtype="float64"')
     if one_d:

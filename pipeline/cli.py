@@ -123,7 +123,9 @@ def cmd_plan(args) -> int:
     limit = "" if plan.worker_memory_bytes is None else f" (worker limit {_format_bytes(plan.worker_memory_bytes)})"
     print(f"memory        {_format_bytes(plan.task_memory_bytes)} per task{limit}")
     print(f"workers       {plan.workers}")
-    print(f"method        {prepared.problem.method.name}")
+    method = prepared.problem.method
+    details = method.describe(prepared.problem.planned)
+    print(f"method        {method.name}" + (f": {details}" if details else ""))
     print(f"pruning       {_pruning_line(prepared)}")
     print(f"rough time    {project(plan)}")
     print(f"output        {prepared.config.out}: {prepared.output_note}" if prepared.config.out
@@ -139,7 +141,8 @@ def _pruning_line(prepared) -> str:
         bound = problem.error_bounds
         return (f"tolerance {plan.tolerance:g}: about {plan.pairs_to_compute / 1e9:.3g} G of the "
                 f"{plan.pairs / 1e9:.3g} G pairs left ({plan.pairs_to_compute / plan.pairs:.1%}); per query "
-                f"|g^ - g| <= {bound['gradient']:.3g}, |v^ - v| <= {bound['value']:.3g}")
+                f"|g^ - g| <= {bound['gradient']:.3g}, |v^ - v| <= {bound['value']:.3g}"
+                + (f" ({plan.exact_reason})" if plan.exact_reason else ""))
     if plan.tolerance > 0:
         return f"tolerance {plan.tolerance:g}: {plan.exact_reason}"
     return f"none (exact: every pair); {_tolerance_hint(prepared)}"

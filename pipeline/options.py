@@ -153,6 +153,9 @@ class RunOptions:
     tolerance: float = option(0.0, section="run", kind=NUMBER, metavar="EPS",
                               help="0: every pair (exact).  EPS > 0: kernels that decay to 0 skip far sources, "
                                    "with |g^ - g| <= EPS sum|w| gmax and |v^ - v| <= EPS sum|w| kmax per query")
+    method: str = option("auto", section="run", kind=TEXT, metavar="NAME",
+                         help="auto (the fastest method that meets the tolerance), or one of far_field, pruned, "
+                              "dense (refused, saying why, where it cannot run the problem)")
     scheduler: str = option("local", section="run", kind=TEXT, metavar="WHERE",
                             help="local (start a local cluster), a scheduler address, or a scheduler file")
     workers: int | None = option(section="run", kind=WHOLE, metavar="N",

@@ -76,7 +76,7 @@ def check_tolerance(tolerance) -> float:
 def make_problem(points: np.ndarray, sources: np.ndarray, *, kernel: str = "rbf", lengthscale=1.0,
                  variance=1.0, params: dict | None = None, dtype: str = "float32", mode: str = "auto",
                  tolerance: float = 0.0, weights: np.ndarray | None = None, sources_are_points: bool = False,
-                 **plan_options) -> Problem:
+                 method: str = "auto", **plan_options) -> Problem:
     """Validate the kernel, dtype, mode and tolerance for points (N, D) and sources (M, D), plan the work
     (``plan_options`` go to :func:`~pipeline.plan.make_plan`: workers, memory, tile overrides ...) and
     check that the data fit the dtype.  Raises :class:`InputError` naming what is wrong.
@@ -85,7 +85,8 @@ def make_problem(points: np.ndarray, sources: np.ndarray, *, kernel: str = "rbf"
     sources' weights, None for ones; ``sources_are_points``: the sources are the points themselves).  With
     ``tolerance > 0`` on a kernel that prunes, that is the pruned method, unless pruning would leave more than
     :data:`pipeline.methods.pruned.DENSE_ABOVE` of the pairs; a run that computes every pair despite a
-    tolerance says why in ``plan.exact_reason``."""
+    tolerance says why in ``plan.exact_reason``.  ``method``: "auto", or the name of the one method to use
+    (an :class:`InputError` saying why if it cannot run this problem)."""
     check_choice("dtype", dtype, DTYPES)
     check_choice("mode", mode, MODES)
     tolerance = check_tolerance(tolerance)
@@ -98,8 +99,9 @@ def make_problem(points: np.ndarray, sources: np.ndarray, *, kernel: str = "rbf"
     check_range(sources, "sources", center, spec.lengthscale, dtype)
     check_range(points, "points", center, spec.lengthscale, dtype)
     request = PlanRequest(points, sources, weights, sources_are_points, spec, mode, dtype, tolerance,
-                          dict(dtype=dtype, formulation=form, distances=spec.kernel.distances, **plan_options))
-    method, planned, why = choose(request)
+                          dict(dtype=dtype, formulation=form, distances=spec.kernel.distances, **plan_options),
+                          method)
+    method, planned, why = choose(request, method)
     plan = dataclasses.replace(planned.plan, exact_reason=why) if why else planned.plan
     return Problem(spec, dtype, mode, form, plan, tuple(float(c) for c in center), method,
                    dataclasses.replace(planned, plan=plan), request, tolerance)

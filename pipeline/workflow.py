@@ -182,7 +182,7 @@ def plan_problem(options: RunOptions, inputs: Inputs, worker_memory: int | None 
         worker_memory = local_worker_memory(options, options.workers)
     return make_problem(inputs.point_data, inputs.source_data, kernel=options.kernel,
                         lengthscale=options.lengthscale, variance=options.variance, params=options.params,
-                        dtype=options.dtype, mode=options.mode, tolerance=options.tolerance,
+                        dtype=options.dtype, mode=options.mode, tolerance=options.tolerance, method=options.method,
                         weights=inputs.weight_data, sources_are_points=inputs.sources is None, workers=options.workers,
                         worker_memory_bytes=worker_memory, rows=options.tile_rows, cols=options.tile_cols,
                         rows_per_task=options.rows_per_task, cores=usable_cores(),
@@ -208,7 +208,8 @@ def describe_run(inputs: Inputs, problem: Problem) -> Provenance:
         "kernel": spec.name, "lengthscale": list(spec.lengthscale), "variance": spec.variance,
         "kernel_params": dict(spec.params), "dtype": problem.dtype, "mode": problem.mode,
         "tile_rows": plan.rows, "tile_cols": plan.cols, "tiles_per_call": plan.tiles_per_call,
-        "rows_per_task": plan.rows_per_task, "tolerance": problem.tolerance, "kgrad_version": VERSION,
+        "rows_per_task": plan.rows_per_task, "tolerance": problem.tolerance, "method": problem.method.name,
+        "kgrad_version": VERSION,
     }
     code = user_kernel_code(spec, plan.dim)
     if code is not None:  # a user kernel: what it computes, not only its name (kgrad's own: the version)

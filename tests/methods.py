@@ -95,7 +95,14 @@ class MethodCase:
         return {"lengthscale": self.lengthscale, "tolerance": self.tolerance or 0.0, **self.api_extra}
 
 
+def plane(n: int, seed: int) -> np.ndarray:
+    """float32 (n, 2) standard normal in 2-D: at lengthscale 0.5 and tolerance 1e-6 the far field's grid
+    (about 2000 proxies) replaces the 16000 sources, and pruning alone would keep most pairs."""
+    return np.random.default_rng(seed).normal(size=(n, 2)).astype(np.float32)
+
+
 _DENSE_POINTS = gaussian(16_000, 20240611)
+_FAR_POINTS = plane(16_000, 7)
 _PRUNED_POINTS = clustered(16_000, 2)
 
 DENSE = MethodCase(
@@ -108,7 +115,12 @@ PRUNED = MethodCase(
     other_tolerances=("1e-3", None), progress=sorted_copy_task_done, before_tasks=sorted_copy_exists,
     after_tasks=True, expect={"pruned": True})
 
-CASES: dict[str, MethodCase] = {case.name: case for case in (DENSE, PRUNED)}
+FAR_FIELD = MethodCase(
+    name="far_field", points=lambda: _FAR_POINTS, lengthscale=0.5, tolerance=1e-6,
+    other_tolerances=("1e-3", None), progress=sorted_copy_task_done, before_tasks=sorted_copy_exists,
+    after_tasks=True, expect={"method": "far_field"})
+
+CASES: dict[str, MethodCase] = {case.name: case for case in (DENSE, PRUNED, FAR_FIELD)}
 
 
 # ------------------------------------------------------------------------------------------ kill moments

@@ -45,6 +45,12 @@ class PlanRequest:
     dtype: str
     tolerance: float
     plan_options: dict  # for pipeline.plan.make_plan: formulation, workers, memory, tile overrides ...
+    method: str = "auto"  # the method asked for: "auto", or a name (that method then runs wherever it can,
+    # even where it expects to be slower than the next)
+
+    def forced(self, name: str) -> bool:
+        """The run asked for the method ``name`` itself: its "not faster here" declines do not apply."""
+        return self.method == name
 
 
 Layout = TypeVar("Layout")  # a method's fixed data: its own type (pipeline.kept_tiles.Layout, DenseLayout ...)
@@ -81,6 +87,9 @@ class Method(Protocol):
 
     def plan(self, request: PlanRequest) -> Planned | str:
         """The plan, or one sentence saying why this method does not run this problem."""
+
+    def describe(self, planned: Planned) -> str:
+        """One line on how the method computes this run, for ``kgrad plan`` ("" if its name says it all)."""
 
     def compute(self, problem: "Problem", request: PlanRequest, threads: int) -> tuple[np.ndarray, np.ndarray, int]:
         """g (N, D), v (N,) in the dtype and in input order, and the pairs computed, in this process

@@ -52,6 +52,9 @@ class InSpatialOrder(abc.ABC):
     def copy_contents(self, run: ClientRun) -> dict:
         """The sorted copy's inputs: ``point_index`` and ``points`` at least (:meth:`SpatialCopy.create`)."""
 
+    def describe(self, planned) -> str:
+        return ""
+
     def run_tasks(self, run: ClientRun, execute: RunTasks) -> tuple[dict, int]:
         """The sorted copy (unless a resumed run's is whole), then the tasks not yet done.  Returns the
         timings and the pairs computed (from the copy)."""

@@ -61,6 +61,17 @@ class Pruned(InSpatialOrder):
     name = "pruned"
 
     def plan(self, request: PlanRequest) -> Planned | str:
+        """The plan (or why not); the last request's answer is kept, as the far-field method asks first."""
+        last = self._last
+        if last is not None and last[0] is request:
+            return last[1]
+        answer = self._plan(request)
+        self._last = (request, answer)
+        return answer
+
+    _last = None  # (request, answer) of the last plan
+
+    def _plan(self, request: PlanRequest) -> Planned | str:
         spec, mode = request.spec, request.mode
         if request.tolerance <= 0:
             return "no tolerance was given: the run is exact"
@@ -76,7 +87,7 @@ class Pruned(InSpatialOrder):
         layout = make_layout(request.points, None if request.sources_are_points else request.sources,
                              request.weights, spec, request.tolerance, bounds, plan.rows)
         share = layout.estimated_pairs / max(plan.pairs, 1)
-        if share > DENSE_ABOVE:
+        if share > DENSE_ABOVE and not request.forced(self.name):
             return (f"pruning would skip only {1 - share:.0%} of the pairs at this tolerance, so every pair is "
                     f"computed (faster with the dense tiles; the bound holds exactly)")
         return Planned(with_pruning(plan, request.tolerance, layout.estimated_pairs), layout, layout.error_bounds)

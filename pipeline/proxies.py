@@ -1,0 +1,171 @@
+"""Proxy sources on a regular grid: the far-field method's interpolation, its error bound and its weights.
+
+Every source ``x_i`` (weight ``w_i``) is replaced by the nodes ``z_n`` of a regular grid near it, with
+weights ``W_n = sum_i w_i L_n(x_i)``, where ``L_n`` is the tensor-product Lagrange basis of degree
+``p - 1`` on the ``p`` grid nodes per dimension around the grid cell holding ``x_i`` (the cell is the
+middle interval of those nodes).  Then, for any query ``q``,
+
+    v^(q) = sum_n W_n k(q, z_n) = sum_i w_i (I k(q, .))(x_i)
+    g^(q) = sum_n W_n grad_q k(q, z_n) = grad_q v^(q) = sum_i w_i (I grad_q k(q, .))(x_i)
+
+where ``I`` interpolates a function of the source position from its values at the grid nodes.  So the
+proxies are just more sources for the tiles that compute every other run, ``g^`` is the exact gradient of
+the approximated sum ``v^``, and the error of both is the interpolation error of ``y -> k(q, y)`` and
+``y -> grad_q k(q, y)``, bounded below for every ``q`` at once.
+
+Bound (``rbf``, coordinates in lengthscales, spacing ``h``; the derivation is in docs/design.md):
+
+* 1-D, a function ``F`` on a line, the ``p`` nodes ``m h`` (``m = 1 - p/2 .. p/2``) around ``t`` in ``[0, h]``:
+  ``|F(t) - I F(t)| <= |omega(t)| max|F^(p)| / p!`` with ``|omega(t)| = prod |t - m h| <= C_p h^p``,
+  ``C_p = prod_{j=1}^{p/2} (j - 1/2)^2`` (at the middle of the cell).
+* rbf slices: ``d^n/dt^n exp(-t^2/2) = (-1)^n He_n(t) exp(-t^2/2)`` and Cramer's inequality
+  ``|He_n(t)| exp(-t^2/4) <= K sqrt(n!)``, ``K = 1.086435``: ``|F^(p)| <= K sqrt(p!)`` for ``k`` (and
+  ``s K sqrt(p!)`` for a gradient component along another dimension, ``s = exp(-1/2)`` the largest
+  ``|f'|``), ``K sqrt((p+1)!)`` for the component along the interpolated dimension.
+* D dimensions: ``I - 1 = sum_d I_1 .. I_{d-1} (I_d - 1)``, so the tensor error is at most
+  ``sum_d Lambda^(d-1) e_d`` with the 1-D Lebesgue constant ``Lambda = max_t sum_m |L_m(t)|``.
+* Per query: ``|v^ - v| <= S E_v kmax`` and ``|g^ - g| <= S E_g gmax`` (``S = sum |w_i|``,
+  ``gmax = s / l_min``), with :func:`interpolation_error` giving ``E_v`` and ``E_g``.
+
+Weights are accumulated in float64 (numpy ``bincount``, sources in input order, a fixed number of rows
+at a time): the same bits wherever they are computed.  Pure numpy.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+CRAMER = 1.086435  # |He_n(t)| exp(-t^2/4) <= CRAMER sqrt(n!) for every n and real t (Cramer's inequality)
+SLOPE_MAX_RBF = math.exp(-0.5)  # max |f'(r)| of f(r) = exp(-r^2/2), at r = 1
+ORDERS = (4, 6, 8, 10, 12, 14, 16)  # nodes per dimension the plan chooses from (even: the cell is central)
+GRID_MAX_NODES = 1 << 25  # nodes of the grid's bounding box (float64 accumulator: 256 MiB)
+SPREAD_ENTRIES = 1 << 22  # (source, node) terms accumulated per bincount call (bounded temporaries)
+LEBESGUE_SAMPLES = 100001  # points of [0, 1] where the Lebesgue function is evaluated
+LEBESGUE_MARGIN = 1e-3  # added to the sampled maximum (its slope times the sampling step is below 1e-4)
+
+
+def offsets(order: int) -> np.ndarray:
+    """Node offsets (in grid steps) of a cell's stencil: ``1 - p/2 .. p/2``; the cell is ``[0, 1]``."""
+    return np.arange(order, dtype=np.float64) - order // 2 + 1
+
+
+def lagrange(order: int, t: np.ndarray) -> np.ndarray:
+    """The ``order`` Lagrange basis polynomials of the stencil at ``t`` (any shape, in grid steps, in
+    ``[0, 1)``): shape ``t.shape + (order,)``, float64; they sum to 1."""
+    m = offsets(order)
+    t = np.asarray(t, np.float64)[..., None]
+    out = np.ones(t.shape[:-1] + (order,))
+    for k in range(order):
+        for j in range(order):
+            if j != k:
+                out[..., k] *= (t[..., 0] - m[j]) / (m[k] - m[j])
+    return out
+
+
+def node_constant(order: int) -> float:
+    """``C_p``: the largest ``|prod_m (t - m)|`` over the cell ``t`` in ``[0, 1]`` (at ``t = 1/2``)."""
+    return float(np.prod([(j - 0.5) ** 2 for j in range(1, order // 2 + 1)]))
+
+
+@functools.lru_cache(maxsize=None)
+def lebesgue_constant(order: int) -> float:
+    """``Lambda``: the largest ``sum_m |L_m(t)|`` over the cell (sampled finely, plus a margin)."""
+    t = np.linspace(0.0, 1.0, LEBESGUE_SAMPLES)
+    return float(np.abs(lagrange(order, t)).sum(axis=-1).max() + LEBESGUE_MARGIN)
+
+
+def interpolation_error(order: int, spacing: float, dim: int) -> tuple[float, float]:
+    """``(E_v, E_g)`` for rbf: the interpolation error of ``k`` in units of ``kmax`` and of ``grad_q k`` in
+    units of ``gmax``, per unit of ``sum |w|``, for ``order`` nodes per dimension at ``spacing``
+    lengthscales, in ``dim`` dimensions (see the module docstring)."""
+    lam = lebesgue_constant(order)
+    base = node_constant(order) * spacing ** order / math.sqrt(math.factorial(order))  # C_p h^p / sqrt(p!)
+    value_1d = CRAMER * base
+    along = CRAMER * base * math.sqrt(order + 1)  # a gradient component, along its own dimension
+    across = SLOPE_MAX_RBF * value_1d  # ... along another dimension
+    value = value_1d * sum(lam ** k for k in range(dim))
+    component = along + across * sum(lam ** k for k in range(1, dim))  # the component's own dimension first
+    gradient = math.sqrt(dim) * component / SLOPE_MAX_RBF  # |vector| <= sqrt(D) max component, / l_min
+    return value, gradient
+
+
+def spacing_for(order: int, dim: int, error: float) -> float:
+    """The largest spacing (lengthscales, to 0.1%) at which :func:`interpolation_error` stays within
+    ``error`` for both ``g`` and ``v``."""
+    low, high = 1e-6, 4.0
+    if max(interpolation_error(order, low, dim)) > error:
+        return low
+    for _ in range(60):
+        mid = math.sqrt(low * high)
+        if max(interpolation_error(order, mid, dim)) <= error:
+            low = mid
+        else:
+            high = mid
+        if high / low < 1.001:
+            break
+    return low
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A regular grid in input units: node ``n`` (a D-tuple of ints) sits at ``origin + n * step``;
+    ``shape`` nodes per dimension cover every stencil of the sources it was made for."""
+
+    origin: np.ndarray  # (D,) float64, input units
+    step: np.ndarray  # (D,) float64: spacing times the lengthscale of each dimension
+    order: int  # nodes per dimension of each source's stencil
+    spacing: float  # lengthscales between nodes (every dimension)
+    shape: tuple  # nodes per dimension
+
+    @property
+    def n_nodes(self) -> int:
+        return int(np.prod(np.asarray(self.shape, np.float64)))
+
+    def summary(self) -> dict:
+        return {"order": self.order, "spacing_lengthscales": self.spacing, "nodes_per_dim": list(self.shape)}
+
+
+def make_grid(lower: np.ndarray, upper: np.ndarray, lengthscale, order: int, spacing: float) -> Grid:
+    """The grid for sources in the box ``[lower, upper]`` (input units)."""
+    lower = np.asarray(lower, np.float64)
+    step = spacing * np.broadcast_to(np.asarray(lengthscale, np.float64), lower.shape)
+    origin = lower - (order // 2 - 1) * step  # the first stencil's first node is node 0
+    cells = np.floor((np.asarray(upper, np.float64) - lower) / step)
+    shape = tuple(int(c) + order for c in cells)
+    return Grid(origin, step, order, float(spacing), shape)
+
+
+def proxy_weights(sources: np.ndarray, weights: np.ndarray | None, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """The proxy sources of ``sources`` (M, D) with ``weights`` (M,) (None: ones) on ``grid``: the nodes
+    with a nonzero weight, ``(positions (K, D) float64, W (K,) float64)``, in the grid's row-major order."""
+    x = np.asarray(sources, np.float64)
+    m, dim = x.shape
+    order = grid.order
+    w = np.ones(m) if weights is None else np.asarray(weights, np.float64)
+    shape = np.asarray(grid.shape, np.int64)
+    strides = np.ones(dim, np.int64)
+    for d in range(dim - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    total = np.zeros(grid.n_nodes)
+    stencil = order ** dim
+    rows = max(1, SPREAD_ENTRIES // stencil)
+    first = grid.origin + (order // 2 - 1) * grid.step  # node (order/2 - 1, ...): the first source cell's left node
+    for start in range(0, m, rows):
+        u = (x[start:start + rows] - first) / grid.step  # (r, D) in grid steps from the first cell
+        cell = np.floor(u)
+        np.clip(cell, 0, shape - order, out=cell)  # the top edge (u = cells exactly) stays in the last cell
+        basis = lagrange(order, u - cell)  # (r, D, p)
+        index = cell.astype(np.int64) @ strides  # (r,): the stencil's first node, as a flat index
+        terms = w[start:start + rows].copy()[:, None]  # (r, 1) -> (r, p^D)
+        flat = index[:, None]
+        for d in range(dim):
+            terms = (terms[:, :, None] * basis[:, d, None, :]).reshape(len(u), -1)
+            flat = (flat[:, :, None] + (np.arange(order) * strides[d])[None, None, :]).reshape(len(u), -1)
+        total += np.bincount(flat.ravel(), weights=terms.ravel(), minlength=len(total))
+    nodes = np.flatnonzero(total)
+    multi = np.stack(np.unravel_index(nodes, grid.shape), axis=1).astype(np.float64)
+    return grid.origin + multi * grid.step, total[nodes]

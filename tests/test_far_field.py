@@ -1,0 +1,223 @@
+"""The far-field method (pipeline/proxies.py, pipeline/methods/far_field.py): its interpolation bound
+against a float64 numpy oracle on layouts built to stress it, the whole run's bound per query, and how the
+plan chooses it or says why not.  Its run guarantees (same bits on every executor, resume, worker loss,
+refusals) are in test_guarantees.py, through its case in tests/methods.py."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.api import kernel_gradients
+from pipeline.errors import InputError
+from pipeline.problem import make_problem
+from pipeline.proxies import (ORDERS, interpolation_error, lagrange, lebesgue_constant, make_grid, node_constant,
+                              offsets, proxy_weights, spacing_for)
+
+SLOPE = math.exp(-0.5)  # rbf: gmax = SLOPE / l_min, kmax = 1
+
+
+def oracle(queries, sources, weights, lengthscale):
+    """rbf sums in float64 with exact differences: g (n, D), v (n,)."""
+    q = np.asarray(queries, np.float64)
+    x = np.asarray(sources, np.float64)
+    w = np.ones(len(x)) if weights is None else np.asarray(weights, np.float64)
+    ls = np.broadcast_to(np.asarray(lengthscale, np.float64), (q.shape[1],))
+    g, v = np.zeros(q.shape), np.zeros(len(q))
+    for s in range(0, len(x), 4096):
+        d = (q[:, None, :] - x[None, s:s + 4096]) / ls
+        k = np.exp(-0.5 * np.einsum("qmd,qmd->qm", d, d)) * w[s:s + 4096]
+        v += k.sum(1)
+        g -= np.einsum("qm,qmd->qd", k, d) / ls
+    return g, v
+
+
+def errors(g, v, g_ref, v_ref, weights, lengthscale, n_sources):
+    """max_j |g^ - g| / (S gmax) and max_j |v^ - v| / (S kmax): the bound's units."""
+    s = n_sources if weights is None else float(np.abs(weights).sum())
+    gmax = SLOPE / float(np.min(lengthscale))
+    return (float(np.linalg.norm(g - g_ref, axis=1).max()) / (s * gmax), float(np.abs(v - v_ref).max()) / s)
+
+
+def proxy_sums(queries, sources, weights, lengthscale, order, spacing):
+    lower, upper = np.min(sources, 0), np.max(sources, 0)
+    grid = make_grid(lower, upper, lengthscale, order, spacing)
+    z, w = proxy_weights(sources, weights, grid)
+    return oracle(queries, z, w, lengthscale)
+
+
+# --------------------------------------------------------------------------------- the 1-D pieces
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_stencil_constants(order):
+    """The basis sums to 1 and reproduces polynomials of degree < p; C_p is the largest |omega| on the cell;
+    the Lebesgue constant is at least the sampled maximum (it is an upper bound)."""
+    t = np.linspace(0.0, 1.0, 2001)
+    basis = lagrange(order, t)
+    m = offsets(order)
+    for degree in range(order):
+        assert np.allclose(basis @ m ** degree, t ** degree, rtol=0, atol=1e-9 * 10 ** (degree / 4))
+    omega = np.abs(np.prod(t[:, None] - m[None], axis=1))
+    assert node_constant(order) == pytest.approx(omega.max(), rel=1e-12)
+    assert int(np.argmax(omega)) == 1000  # the middle of the cell
+    assert lebesgue_constant(order) >= np.abs(basis).sum(1).max()
+
+
+def test_spacing_meets_the_error_and_grows_with_tolerance():
+    for dim in (1, 2, 3):
+        for order in ORDERS:
+            for error in (1e-9, 1e-6, 1e-3):
+                h = spacing_for(order, dim, error)
+                assert max(interpolation_error(order, h, dim)) <= error
+                assert max(interpolation_error(order, h * 1.01, dim)) > error
+        assert spacing_for(8, dim, 1e-3) > spacing_for(8, dim, 1e-9)
+
+
+# ---------------------------------------------------------------- the interpolation bound vs the oracle
+
+
+def _layout(name, dim, rng):
+    """(queries, sources, weights, lengthscale) of a named layout."""
+    ls = np.array([0.7, 1.9, 0.3][:dim])
+    if name == "far-from-origin":
+        x = rng.normal(size=(3000, dim)) * 3 * ls + 1e6
+        return x[rng.choice(3000, 100)] + 0.3 * ls, x, None, ls
+    if name == "one-point":
+        x = np.full((1, dim), -12345.678)
+        return x + rng.normal(size=(50, dim)) * 2 * ls, x, np.array([2.5]), ls
+    if name == "duplicates":  # a million copies of two points: the weights are sums of many equal terms
+        x = np.repeat(rng.normal(size=(2, dim)), 500_000, axis=0)
+        return x[[0, -1]] + rng.normal(size=(2, dim)) * ls, x, None, ls
+    if name == "mixed-sign":
+        x = rng.uniform(-10, 10, size=(2000, dim)) * ls
+        return rng.uniform(-12, 12, size=(100, dim)) * ls, x, rng.normal(size=2000), ls
+    if name == "ard-1e-3-to-1e3":
+        ls = np.array([1e-3, 1e3, 1.0][:dim])
+        x = rng.normal(size=(2000, dim)) * 4 * ls
+        return x[:100] + 0.1 * ls, x, rng.uniform(0.1, 2, 2000), ls
+    if name == "query-inside-box":
+        x = rng.uniform(0, 6, size=(2000, dim)) * ls
+        return rng.uniform(2, 4, size=(100, dim)) * ls, x, None, ls
+    raise ValueError(name)
+
+
+LAYOUTS = ("far-from-origin", "one-point", "duplicates", "mixed-sign", "ard-1e-3-to-1e3", "query-inside-box")
+
+
+@pytest.mark.sampled(every=3)
+@pytest.mark.parametrize("order", (4, 8, 12))
+@pytest.mark.parametrize("dim", (1, 2, 3))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_interpolation_error_within_the_bound(layout, dim, order):
+    """At the spacing the plan would take for an error of 1e-6, the proxies' sums differ from the true ones by
+    at most the bound, per query, for k and grad k."""
+    rng = np.random.default_rng([dim, order, LAYOUTS.index(layout)])
+    q, x, w, ls = _layout(layout, dim, rng)
+    h = spacing_for(order, dim, 1e-6)
+    e_v, e_g = interpolation_error(order, h, dim)
+    g, v = proxy_sums(q, x, w, ls, order, h)
+    g_ref, v_ref = oracle(q, x, w, ls)
+    err_g, err_v = errors(g, v, g_ref, v_ref, w, ls, len(x))
+    assert err_v <= e_v and err_g <= e_g, (err_v, e_v, err_g, e_g)
+
+
+def test_a_layout_built_to_spend_the_bound():
+    """1-D, one source in the middle of its cell (where |omega| peaks), queries scanning the distances where
+    the p-th derivative of the Gaussian peaks: the measured error is a good share of the bound (it is not
+    vacuous) and within it.  (Many sources spread evenly cancel each other's errors: one is the worst case
+    per unit of S.)"""
+    for order in (4, 8, 12):
+        h = spacing_for(order, 1, 1e-4)
+        x = np.array([[0.5 * h]])
+        grid = make_grid(np.zeros(1), np.full(1, h), 1.0, order, h)  # the source's cell is [0, h]
+        z, wz = proxy_weights(x, None, grid)
+        q = np.linspace(-8, 8, 4001)[:, None]
+        g, v = oracle(q, z, wz, 1.0)
+        g_ref, v_ref = oracle(q, x, None, 1.0)
+        err_g, err_v = errors(g, v, g_ref, v_ref, None, [1.0], 1)
+        e_v, e_g = interpolation_error(order, h, 1)
+        assert err_v <= e_v and err_g <= e_g
+        assert err_v / e_v > 0.1 and err_g / e_g > 0.02, (order, err_v / e_v, err_g / e_g)
+
+
+# ------------------------------------------------------------------------------------ whole runs
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), dim=st.integers(1, 3), log_eps=st.floats(-9, -2),
+       spread=st.floats(0.5, 30.0), signed=st.booleans())
+def test_property_far_field_run_keeps_the_per_query_bound(seed, dim, log_eps, spread, signed):
+    """Random layouts and tolerances, the far field forced: every query within EPS S kmax and EPS S gmax of
+    the float64 oracle (float64 runs: nothing but the approximation)."""
+    rng = np.random.default_rng(seed)
+    n = 1500
+    ls = rng.uniform(0.5, 2.0, dim)
+    x = rng.normal(size=(n, dim)) * spread * ls + rng.uniform(-1e4, 1e4, dim)
+    w = rng.normal(size=n) if signed else rng.uniform(0.1, 3.0, n)
+    eps = 10.0 ** log_eps
+    try:
+        g, v = kernel_gradients(x, weights=w, lengthscale=ls, tolerance=eps, dtype="float64", return_value=True,
+                                method="far_field")
+    except InputError as exc:  # only a grid too large for the data's extent may refuse
+        assert "nodes over the sources' box" in str(exc)
+        return
+    g_ref, v_ref = oracle(x, x, w, ls)
+    err_g, err_v = errors(g, v, g_ref, v_ref, w, ls, n)
+    assert err_v <= eps and err_g <= eps, (err_v, err_g, eps)
+
+
+@pytest.mark.parametrize("dtype", ("float32", "float64"))
+def test_auto_picks_the_far_field_where_it_pays_and_keeps_the_bound(dtype):
+    """A 2-D standard-normal cloud at lengthscale 0.5: pruning would keep most pairs, the far field is
+    chosen, and in float32 the error stays within the bound plus float32 rounding."""
+    x = np.random.default_rng(3).normal(size=(40000, 2))
+    problem = make_problem(x, x, lengthscale=0.5, tolerance=1e-6, sources_are_points=True, dtype=dtype)
+    assert problem.method.name == "far_field"
+    assert problem.plan.pairs_to_compute < 0.2 * problem.plan.pairs
+    g, v = kernel_gradients(x, lengthscale=0.5, tolerance=1e-6, dtype=dtype, return_value=True)
+    sample = np.random.default_rng(4).choice(len(x), 300, replace=False)
+    g_ref, v_ref = oracle(x[sample], x, None, 0.5)
+    err_g, err_v = errors(g[sample].astype(np.float64), v[sample].astype(np.float64), g_ref, v_ref, None, [0.5],
+                          len(x))
+    rounding = 0.0 if dtype == "float64" else 1e-6  # float32 rounding of sums of ~S kmax, relative to S kmax
+    assert err_v <= 1e-6 + rounding and err_g <= 1e-6 + rounding, (err_v, err_g)
+
+
+def test_plan_says_why_not():
+    """Kernels without a derived bound, D > 3 and sparse data fall back, each with its reason; a forced
+    far field is refused with the same reason."""
+    rng = np.random.default_rng(5)
+    x2 = rng.normal(size=(3000, 2))
+    cases = [
+        (dict(kernel="matern32"), x2, "rigorous interpolation bound is derived for rbf only"),
+        (dict(kernel="rational_quadratic", params={"alpha": 2.0}), x2, "rbf only"),
+        ({}, rng.normal(size=(3000, 4)), "pays in D <= 3 only"),
+        ({}, rng.uniform(0, 1e5, size=(3000, 3)), "nodes over the sources' box"),
+    ]
+    for options, x, reason in cases:
+        problem = make_problem(x, x, lengthscale=0.5, tolerance=1e-6, sources_are_points=True, **options)
+        assert problem.method.name != "far_field"
+        assert reason in problem.plan.exact_reason, problem.plan.exact_reason
+        with pytest.raises(InputError, match="cannot run this problem"):
+            make_problem(x, x, lengthscale=0.5, tolerance=1e-6, sources_are_points=True, method="far_field",
+                         **options)
+    # Where it does not pay (few sources, short lengthscale), auto says so and prunes.
+    x = rng.uniform(0, 100, size=(5000, 3))
+    problem = make_problem(x, x, lengthscale=0.5, tolerance=1e-6, sources_are_points=True)
+    assert problem.method.name == "pruned"
+    assert "is not used" in problem.plan.exact_reason or "nodes over" in problem.plan.exact_reason
+
+
+def test_forced_methods_agree_within_the_bound():
+    """method="pruned" and "far_field" on the same problem: each within its bound of the other's."""
+    x = np.random.default_rng(6).normal(size=(4000, 2))
+    a = kernel_gradients(x, lengthscale=0.5, tolerance=1e-5, dtype="float64", method="pruned")
+    b = kernel_gradients(x, lengthscale=0.5, tolerance=1e-5, dtype="float64", method="far_field")
+    assert np.linalg.norm(a - b, axis=1).max() <= 2e-5 * len(x) * SLOPE / 0.5
+    with pytest.raises(InputError, match="not a method"):
+        kernel_gradients(x, lengthscale=0.5, tolerance=1e-5, method="fmm")
