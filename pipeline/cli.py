@@ -137,8 +137,12 @@ def _pruning_line(prepared) -> str:
     """What a tolerance does for this run: the pairs left and the bounds, why every pair is computed, or (an
     exact run) what a tolerance of 1e-9 would do, including that it would not help and why."""
     plan, problem = prepared.plan, prepared.problem
+    bound = problem.error_bounds
+    if plan.method_cost is not None:  # a method that works on a grid, not on pairs
+        return (f"tolerance {plan.tolerance:g}: the grid above instead of the {plan.pairs / 1e9:.3g} G pairs; per "
+                f"query |g^ - g| <= {bound['gradient']:.3g}, |v^ - v| <= {bound['value']:.3g}"
+                + (f" ({plan.exact_reason})" if plan.exact_reason else ""))
     if plan.estimated_pairs is not None:  # a method that computes only some of the pairs
-        bound = problem.error_bounds
         return (f"tolerance {plan.tolerance:g}: about {plan.pairs_to_compute / 1e9:.3g} G of the "
                 f"{plan.pairs / 1e9:.3g} G pairs left ({plan.pairs_to_compute / plan.pairs:.1%}); per query "
                 f"|g^ - g| <= {bound['gradient']:.3g}, |v^ - v| <= {bound['value']:.3g}"

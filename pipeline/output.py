@@ -40,9 +40,10 @@ FORMAT_VERSION = 1
 # there is somebody else's, and kgrad never deletes it.
 ARRAYS = ("gradient", "value", "task_done")
 LEASE_FILE = ".kgrad-lease.json"
+GRID_CHUNK = 1 << 16  # nodes per chunk of the far field's node sums in OUT/order/grid
 ORDER = "order"  # a run's scratch group while it runs (pipeline.methods.in_order)
-ORDER_ARRAYS = ("index", "source_index", "points", "sources", "weights", "tiles", "gradient", "value", "pairs",
-                "task_done")
+ORDER_ARRAYS = ("index", "source_index", "points", "sources", "weights", "tiles", "grid", "gradient", "value",
+                "pairs", "task_done")
 # zarr writes each file as "<name>.<32 hex>.partial" first and renames it: a killed writer can leave one.
 _META = r"zarr(\.json|\.[0-9a-f]{32}\.partial)"
 _CHUNK = r"c(/\d+)+(\.[0-9a-f]{32}\.partial)?"
@@ -299,8 +300,8 @@ class SpatialCopy:
 
     Arrays: ``index`` (N,) int64, the input row of each point in spatial order; ``points`` (N, D) float64 in
     that order; with separate sources ``source_index`` (M,) and ``sources`` (M, D); ``weights`` (M,) float64
-    in the sources' order (absent: unit weights, or the tasks read the inputs' own); ``tiles`` (T, 2 D + 2), the
-    pruned method's tile index
+    in the sources' order (absent: unit weights, or the tasks read the inputs' own); ``grid``, the far-field
+    method's node sums (flat, float64); ``tiles`` (T, 2 D + 2), the pruned method's tile index
     (:meth:`pipeline.pruning.TileIndex.as_array`); ``gradient``, ``value`` (sorted results), ``pairs`` (per
     task, pairs computed) and ``task_done``.  ``ready`` and the run fingerprint are set once the copy is whole."""
 
@@ -332,7 +333,8 @@ class SpatialCopy:
 
     def create(self, *, run_id: str, run_fingerprint: str, point_index: np.ndarray, points: np.ndarray,
                source_index: np.ndarray | None, sources: np.ndarray | None, weights: np.ndarray | None,
-               tiles: np.ndarray | None, dtype: str, rows_per_task: int, n_tasks: int, source_chunk: int) -> str:
+               tiles: np.ndarray | None, dtype: str, rows_per_task: int, n_tasks: int, source_chunk: int,
+               grid: np.ndarray | None = None) -> str:
         """Write the sorted copy, for the run ``run_id`` (its arrays carry it: every write into them, the
         client's and the tasks', is fenced by it); return the new ``copy_id`` (the workers' caches key).
         Any earlier copy is removed first, only if it is this run's (or carries no id); ``ready`` goes last."""
@@ -366,6 +368,8 @@ class SpatialCopy:
             put("weights", np.asarray(weights, np.float64), (source_chunk,))
         if tiles is not None:
             put("tiles", np.asarray(tiles, np.float64), (max(1, len(tiles)), tiles.shape[1]))
+        if grid is not None:  # the far field's node sums (flat): tasks read the ranges their stencils need
+            put("grid", np.asarray(grid, np.float64), (GRID_CHUNK,))
         add("gradient", (n, dim), (rows_per_task, dim), dtype, fill_value=np.nan)
         add("value", (n,), (rows_per_task,), dtype, fill_value=np.nan)
         add("pairs", (n_tasks,), (1,), "int64", fill_value=0)

@@ -114,6 +114,7 @@ class Plan:
     estimated_pairs: int | None = None  # pairs left after pruning (None: all N x M)
     exact_reason: str = ""  # why a run with a tolerance computes every pair
     parallel: int = 1  # tasks that run at once (workers, at most the cores): what the compute time divides by
+    method_cost: tuple | None = None  # (compute seconds, the sum in words): a method whose cost is not per pair
 
     @property
     def pairs_to_compute(self) -> int:
@@ -286,6 +287,10 @@ def project(plan: Plan) -> Projection:
     pairs it computes at the measured per-pair cost (:func:`pair_seconds`) over the workers at once.  It
     is rough: the costs were measured on one machine (2 cores, AVX-512), and the data's layout changes a
     pruned run's cost."""
+    if plan.method_cost is not None:
+        compute, terms = plan.method_cost
+        return Projection(STARTUP_SECONDS + compute, STARTUP_SECONDS, compute, f"{STARTUP_SECONDS:.0f} s start-up + {terms}",
+                          f"{STARTUP_SECONDS:.0f} s start-up + {terms}; costs measured on a 2-core machine")
     compute = compute_seconds(plan.pairs_to_compute, plan.formulation, plan.dim, plan.dtype, plan.pruned,
                               plan.parallel)
     per_pair = pair_seconds(plan.formulation, plan.dim, plan.dtype, plan.pruned) * 1e9

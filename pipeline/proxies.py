@@ -139,33 +139,73 @@ def make_grid(lower: np.ndarray, upper: np.ndarray, lengthscale, order: int, spa
     return Grid(origin, step, order, float(spacing), shape)
 
 
+def _strides(shape) -> np.ndarray:
+    strides = np.ones(len(shape), np.int64)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    return strides
+
+
+def stencils(points: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """For points (r, D) inside the grid's box: the flat index of each stencil's first node (r,) and the
+    position in its cell, in grid steps (r, D), in ``[0, 1]``."""
+    shape = np.asarray(grid.shape, np.int64)
+    first = grid.origin + (grid.order // 2 - 1) * grid.step  # the lower node of the first cell
+    u = (np.asarray(points, np.float64) - first) / grid.step
+    cell = np.floor(u)
+    np.clip(cell, 0, shape - grid.order, out=cell)  # the top edge stays in the last cell (t = 1)
+    return cell.astype(np.int64) @ _strides(grid.shape), u - cell
+
+
+def stencil_offsets(grid: Grid) -> np.ndarray:
+    """Flat offsets of a stencil's p^D nodes from its first node, in row-major order of the D node axes."""
+    strides = _strides(grid.shape)
+    flat = np.zeros(1, np.int64)
+    for d in range(len(grid.shape)):
+        flat = (flat[:, None] + (np.arange(grid.order) * strides[d])[None, :]).ravel()
+    return flat
+
+
+def tensor_weights(factors: list) -> np.ndarray:
+    """Row-wise outer products of per-dimension factors (each (r, p)): (r, p^D), row-major like
+    :func:`stencil_offsets`."""
+    out = factors[0]
+    for f in factors[1:]:
+        out = (out[:, :, None] * f[:, None, :]).reshape(len(out), -1)
+    return out
+
+
+def spread(sources: np.ndarray, weights: np.ndarray | None, grid: Grid) -> np.ndarray:
+    """The proxies' weights ``W_n = sum_i w_i L_n(x_i)`` on every node of the grid (flat, float64).
+
+    Sources are taken in the order of their stencils' first node (ties by coordinates, then weight: the
+    input's row order does not change a bit), a block at a time, each block's terms summed with
+    ``bincount`` over the node range it touches only."""
+    x = np.asarray(sources, np.float64)
+    m, dim = x.shape
+    w = np.ones(m) if weights is None else np.asarray(weights, np.float64)
+    total = np.zeros(grid.n_nodes)
+    if m == 0:
+        return total
+    index, t = stencils(x, grid)
+    order = np.lexsort((w,) + tuple(x[:, d] for d in range(dim - 1, -1, -1)) + (index,))
+    offsets_flat = stencil_offsets(grid)
+    rows = max(1, SPREAD_ENTRIES // len(offsets_flat))
+    for start in range(0, m, rows):
+        block = order[start:start + rows]
+        basis = lagrange(grid.order, t[block])  # (r, D, p)
+        terms = tensor_weights([basis[:, d] for d in range(dim)]) * w[block, None]
+        first = int(index[block[0]])  # the smallest in the block (sorted)
+        flat = (index[block] - first)[:, None] + offsets_flat[None, :]
+        part = np.bincount(flat.ravel(), weights=terms.ravel())
+        total[first:first + len(part)] += part
+    return total
+
+
 def proxy_weights(sources: np.ndarray, weights: np.ndarray | None, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     """The proxy sources of ``sources`` (M, D) with ``weights`` (M,) (None: ones) on ``grid``: the nodes
     with a nonzero weight, ``(positions (K, D) float64, W (K,) float64)``, in the grid's row-major order."""
-    x = np.asarray(sources, np.float64)
-    m, dim = x.shape
-    order = grid.order
-    w = np.ones(m) if weights is None else np.asarray(weights, np.float64)
-    shape = np.asarray(grid.shape, np.int64)
-    strides = np.ones(dim, np.int64)
-    for d in range(dim - 2, -1, -1):
-        strides[d] = strides[d + 1] * shape[d + 1]
-    total = np.zeros(grid.n_nodes)
-    stencil = order ** dim
-    rows = max(1, SPREAD_ENTRIES // stencil)
-    first = grid.origin + (order // 2 - 1) * grid.step  # node (order/2 - 1, ...): the first source cell's left node
-    for start in range(0, m, rows):
-        u = (x[start:start + rows] - first) / grid.step  # (r, D) in grid steps from the first cell
-        cell = np.floor(u)
-        np.clip(cell, 0, shape - order, out=cell)  # the top edge (u = cells exactly) stays in the last cell
-        basis = lagrange(order, u - cell)  # (r, D, p)
-        index = cell.astype(np.int64) @ strides  # (r,): the stencil's first node, as a flat index
-        terms = w[start:start + rows].copy()[:, None]  # (r, 1) -> (r, p^D)
-        flat = index[:, None]
-        for d in range(dim):
-            terms = (terms[:, :, None] * basis[:, d, None, :]).reshape(len(u), -1)
-            flat = (flat[:, :, None] + (np.arange(order) * strides[d])[None, None, :]).reshape(len(u), -1)
-        total += np.bincount(flat.ravel(), weights=terms.ravel(), minlength=len(total))
+    total = spread(sources, weights, grid)
     nodes = np.flatnonzero(total)
     multi = np.stack(np.unravel_index(nodes, grid.shape), axis=1).astype(np.float64)
     return grid.origin + multi * grid.step, total[nodes]

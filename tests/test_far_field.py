@@ -1,6 +1,6 @@
-"""The far-field method (pipeline/proxies.py, pipeline/methods/far_field.py): its interpolation bound
-against a float64 numpy oracle on layouts built to stress it, the whole run's bound per query, and how the
-plan chooses it or says why not.  Its run guarantees (same bits on every executor, resume, worker loss,
+"""The far-field method (pipeline/proxies.py, pipeline/grid_sums.py, pipeline/methods/far_field.py): its
+bounds (source side, query side, the whole chain) against a float64 numpy oracle on layouts built to stress
+them, the whole run's bound per query, and how the plan chooses it or says why not.  Its run guarantees (same bits on every executor, resume, worker loss,
 refusals) are in test_guarantees.py, through its case in tests/methods.py."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline import grid_sums
 from pipeline.api import kernel_gradients
 from pipeline.errors import InputError
 from pipeline.problem import make_problem
@@ -126,6 +127,53 @@ def test_interpolation_error_within_the_bound(layout, dim, order):
     assert err_v <= e_v and err_g <= e_g, (err_v, e_v, err_g, e_g)
 
 
+@pytest.mark.sampled(every=3)
+@pytest.mark.parametrize("order", (4, 8, 12))
+@pytest.mark.parametrize("dim", (1, 2, 3))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_whole_chain_within_its_bound(layout, dim, order):
+    """Spread, node sums, interpolation at the queries (pipeline.grid_sums) at the spacing the plan would
+    take for 1e-4 (1e-3 for p = 4, whose grids are fine): within S E + S' Q of the oracle, per query."""
+    rng = np.random.default_rng([dim, order, LAYOUTS.index(layout), 1])
+    q, x, w, ls = _layout(layout, dim, rng)
+    target = 1e-3 if order == 4 else 1e-4
+    h = grid_sums.spacing_for(order, dim, target)
+    both = np.vstack([q, x])
+    grid = make_grid(both.min(0), both.max(0), ls, order, h)
+    if grid.n_nodes > 4e6:
+        pytest.skip(f"{grid.n_nodes:.3g} nodes: too fine a grid for this layout's extent")
+    from pipeline.proxies import spread
+
+    weights = spread(x, w, grid)
+    s_prime = float(np.abs(weights).sum())
+    g, v = grid_sums.interpolate(q, grid_sums.node_sums(weights, grid, 1.0), grid)
+    g_ref, v_ref = oracle(q, x, w, ls)
+    err_g, err_v = errors(g, v, g_ref, v_ref, w, ls, len(x))
+    s = len(x) if w is None else float(np.abs(w).sum())
+    e_v, e_g = interpolation_error(order, h, dim)
+    q_v, q_g = grid_sums.query_error(order, h, dim)
+    assert err_v <= e_v + s_prime / s * q_v and err_g <= e_g + s_prime / s * q_g, (err_v, err_g)
+    assert s_prime <= lebesgue_constant(order) ** dim * s * (1 + 1e-12)
+    assert max(e_v + s_prime / s * q_v, e_g + s_prime / s * q_g) <= target * (1 + 1e-9)
+
+
+def test_query_side_derivative_constants():
+    """C'_p and Lambda' bound |omega'| and sum |L'| on the cell; the basis derivative matches finite
+    differences."""
+    t = np.linspace(0.0, 1.0, 3001)
+    for order in ORDERS:
+        m = offsets(order)
+        c_prime, lam_prime = grid_sums.derivative_constants(order)
+        step = 1e-6
+        omega = lambda s: np.prod(s[:, None] - m[None], axis=1)  # noqa: E731
+        numeric = (omega(t + step) - omega(t - step)) / (2 * step)
+        assert np.abs(numeric).max() <= c_prime
+        slope = grid_sums.lagrange_derivative(order, t)
+        numeric = (lagrange(order, t + step) - lagrange(order, t - step)) / (2 * step)
+        assert np.allclose(slope, numeric, atol=1e-5 * np.abs(slope).max())
+        assert np.abs(slope).sum(1).max() <= lam_prime
+
+
 def test_a_layout_built_to_spend_the_bound():
     """1-D, one source in the middle of its cell (where |omega| peaks), queries scanning the distances where
     the p-th derivative of the Gaussian peaks: the measured error is a good share of the bound (it is not
@@ -164,7 +212,7 @@ def test_property_far_field_run_keeps_the_per_query_bound(seed, dim, log_eps, sp
         g, v = kernel_gradients(x, weights=w, lengthscale=ls, tolerance=eps, dtype="float64", return_value=True,
                                 method="far_field")
     except InputError as exc:  # only a grid too large for the data's extent may refuse
-        assert "nodes over the sources' box" in str(exc)
+        assert "too many lengthscales" in str(exc)
         return
     g_ref, v_ref = oracle(x, x, w, ls)
     err_g, err_v = errors(g, v, g_ref, v_ref, w, ls, n)
@@ -178,7 +226,7 @@ def test_auto_picks_the_far_field_where_it_pays_and_keeps_the_bound(dtype):
     x = np.random.default_rng(3).normal(size=(40000, 2))
     problem = make_problem(x, x, lengthscale=0.5, tolerance=1e-6, sources_are_points=True, dtype=dtype)
     assert problem.method.name == "far_field"
-    assert problem.plan.pairs_to_compute < 0.2 * problem.plan.pairs
+    assert problem.plan.pairs_to_compute < 0.01 * problem.plan.pairs  # N p^D stencil terms
     g, v = kernel_gradients(x, lengthscale=0.5, tolerance=1e-6, dtype=dtype, return_value=True)
     sample = np.random.default_rng(4).choice(len(x), 300, replace=False)
     g_ref, v_ref = oracle(x[sample], x, None, 0.5)
@@ -197,7 +245,7 @@ def test_plan_says_why_not():
         (dict(kernel="matern32"), x2, "rigorous interpolation bound is derived for rbf only"),
         (dict(kernel="rational_quadratic", params={"alpha": 2.0}), x2, "rbf only"),
         ({}, rng.normal(size=(3000, 4)), "pays in D <= 3 only"),
-        ({}, rng.uniform(0, 1e5, size=(3000, 3)), "nodes over the sources' box"),
+        ({}, rng.uniform(0, 1e5, size=(3000, 3)), "too many lengthscales"),
     ]
     for options, x, reason in cases:
         problem = make_problem(x, x, lengthscale=0.5, tolerance=1e-6, sources_are_points=True, **options)
@@ -206,11 +254,11 @@ def test_plan_says_why_not():
         with pytest.raises(InputError, match="cannot run this problem"):
             make_problem(x, x, lengthscale=0.5, tolerance=1e-6, sources_are_points=True, method="far_field",
                          **options)
-    # Where it does not pay (few sources, short lengthscale), auto says so and prunes.
-    x = rng.uniform(0, 100, size=(5000, 3))
+    # Where it does not pay (few points over a grid of many nodes), auto says so and prunes or computes all.
+    x = rng.uniform(0, 10, size=(5000, 3))
     problem = make_problem(x, x, lengthscale=0.5, tolerance=1e-6, sources_are_points=True)
-    assert problem.method.name == "pruned"
-    assert "is not used" in problem.plan.exact_reason or "nodes over" in problem.plan.exact_reason
+    assert problem.method.name != "far_field"
+    assert "is not used" in problem.plan.exact_reason, problem.plan.exact_reason
 
 
 def test_forced_methods_agree_within_the_bound():
@@ -221,3 +269,23 @@ def test_forced_methods_agree_within_the_bound():
     assert np.linalg.norm(a - b, axis=1).max() <= 2e-5 * len(x) * SLOPE / 0.5
     with pytest.raises(InputError, match="not a method"):
         kernel_gradients(x, lengthscale=0.5, tolerance=1e-5, method="fmm")
+
+
+def test_cli_plan_names_the_far_field_and_method_flag(tmp_path):
+    """`kgrad plan` names the far field with its grid and bound; `--method pruned` plans pruning instead;
+    `--method far_field` on a kernel without a bound exits 2 with the reason."""
+    from cluster_fixtures import kgrad
+
+    points = tmp_path / "points.npy"
+    np.save(points, np.random.default_rng(8).normal(size=(30000, 2)).astype(np.float32))
+    base = ["plan", "--points", str(points), "--lengthscale", "0.5", "--tolerance", "1e-6"]
+    auto = kgrad(base)
+    assert auto.returncode == 0, auto.stderr
+    assert "method        far_field: sources spread on a grid of" in auto.stdout
+    assert "the grid above instead of the" in auto.stdout
+    pruned = kgrad(base + ["--method", "pruned"])
+    assert pruned.returncode == 0 and "method        pruned" in pruned.stdout, pruned.stderr
+    refused = kgrad(base + ["--kernel", "matern52", "--method", "far_field"])
+    assert refused.returncode == 2
+    assert "method='far_field' cannot run this problem" in refused.stderr
+    assert "rbf only" in refused.stderr

@@ -1,92 +1,99 @@
-"""The far-field method (``tolerance > 0``, rbf, D <= 3): the sources replaced by proxy sources on a regular
-grid (:mod:`pipeline.proxies`), then pruned as any other sources, under the same per-query bound.
+"""The far-field method (``tolerance > 0``, rbf, D <= 3): sources spread onto a regular grid, summed node to
+node exactly, interpolated back at each query (:mod:`pipeline.proxies`, :mod:`pipeline.grid_sums`).
 
-Guarantee, per query j (on top of the dtype's rounding), as for the pruned method:
-``|g^_j - g_j| <= EPS * S * gmax`` and ``|v^_j - v_j| <= EPS * S * kmax`` with ``S = sum_i |w_i|``.  The
-budget is split: the grid's interpolation error spends at most :data:`INTERPOLATION_SHARE` of it (the
-spacing is chosen so that the rigorous bound of :func:`pipeline.proxies.interpolation_error` stays
-within it), and pruning the proxies spends the rest (the pruned method's budget, with the proxies' own
-``S' = sum_n |W_n|``).  ``g^`` is the exact gradient of the approximated ``v^``.
+Guarantee, per query j (on top of the dtype's rounding), the pruned method's:
+``|g^_j - g_j| <= EPS * S * gmax`` and ``|v^_j - v_j| <= EPS * S * kmax`` with ``S = sum_i |w_i|``; ``g^``
+is the exact gradient of ``v^``.  The cost is near-linear whatever the lengthscale: ``M p^D`` terms to
+spread the sources, one small matrix product per dimension over the grid, ``N p^D (D + 1)`` terms to
+interpolate, so it pays most where the pruned method pays least (lengthscales of a few percent of the
+data's range and more).
 
-Plan: for each grid order (nodes per dimension of a source's stencil) the largest spacing within the
-bound, then the order of least projected cost (the proxies' weights, ``M p^D`` terms, plus the pairs of
-queries and proxies within reach); the proxies are computed (float64, once, by the client) and put in
-spatial order and tiles like any sources.  The method declines, saying why, where the kernel has no
-interpolation bound here (every kernel but rbf), where D > 3, where the grid would be too large, or where
-it would not be faster than pruning the sources themselves (:data:`GAIN_NEEDED`).
+Plan: for each grid order ``p`` (nodes per dimension of a stencil) the largest spacing whose rigorous bound
+(:func:`pipeline.grid_sums.total_error`) is within EPS, then the order of least projected time over a grid
+of at most :data:`GRID_MAX_NODES` nodes covering the points and sources.  It declines, saying why, for
+kernels other than rbf (no bound derived), D > 3, data spanning too many lengthscales for such a grid,
+and where it would not be faster than the pruned (or dense) method.
 
-On a cluster the run is the pruned method's, on the proxies: the sorted copy ``OUT/order/`` holds them as
-its sources, with their weights and tile index, and each task reads the proxy chunks its blocks keep.
+On a cluster the client spreads the sources and sums the grid (numpy, float64, once; a resumed run whose
+sorted copy is whole does not redo it) and writes the node sums into the sorted copy ``OUT/order/grid``;
+each task reads its rows of the sorted points and the range of nodes their stencils touch.  Each query's
+result depends on its own stencil only, so the bits do not depend on how rows are grouped into tasks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..kept_tiles import Layout, compute_in_memory, make_layout
-from ..plan import PRUNED_SLOWDOWN, make_plan, with_pruning
-from ..proxies import (GRID_MAX_NODES, ORDERS, Grid, interpolation_error, lebesgue_constant, make_grid,
-                       proxy_weights, spacing_for)
+from ..finite import check_finite_result
+from ..grid_sums import interpolate, node_sums, slab_range, spacing_for, total_error
+from ..plan import Task, make_plan, project, with_pruning
+from ..proxies import GRID_MAX_NODES, ORDERS, Grid, make_grid, spread
 from ..pruning import kernel_bounds
+from ..spatial import in_input_order, spatial_order
+from ..task import Job, check_lease, start_task
 from .base import ClientRun, Planned, PlanRequest
-from .pruned import PRUNED, Pruned, SortedLayout, source_chunk
+from .in_order import InOrderData, InSpatialOrder, task_copy
+from .pruned import PRUNED
 
-INTERPOLATION_SHARE = 0.5  # of the per-query budget, for the grid's interpolation error (the rest: pruning)
-MAX_DIM = 3  # the grid's nodes within a query's reach grow as (reach / spacing)^D
-# The proxies' weights cost about this many pair evaluations per (source, node) term (numpy bincount
-# against the pruned tiles' pair rate; measured on the 2-core machine).
-TERM_COST_PAIRS = 2.5
-# Accept the far field only if its projected cost (pairs of queries and proxies, plus the weights' terms)
-# is below this fraction of the pruned method's pairs (or of the dense run's, at the pruned per-pair cost).
-GAIN_NEEDED = 0.8
+MAX_DIM = 3  # the grid's nodes grow as (extent / spacing)^D
+# Measured costs on the 2-core machine (numpy, float64, one core; N = 10^5, D = 3, p = 10): seconds per
+# (source, node) term of the spreading, per (query, node) term of the interpolation (the value and the D
+# gradient components together), and per multiply-add of the grid's matrix products.
+SPREAD_SECONDS = 14e-9
+INTERPOLATE_SECONDS = 8e-9
+NODE_SUM_SECONDS = 6e-11
+GAIN_NEEDED = 0.8  # used only where its projected time is below this fraction of the next method's
 
 
 @dataclass(frozen=True)
-class FarFieldLayout(Layout):
-    """The pruned method's layout built on the proxies (their spatial order is ``source_order``), with the
-    proxies, the grid and the true sources' weight sum ``S`` that the guarantee is stated in."""
+class FarFieldLayout:
+    """A far-field run's fixed data: the points' spatial order, the grid and what the plan projected."""
 
-    proxies: np.ndarray = dataclasses.field(repr=False, default=None)  # (K, D) float64, input units
-    proxy_weights: np.ndarray = dataclasses.field(repr=False, default=None)  # (K,) float64
+    point_order: np.ndarray  # (N,) int64
+    grid: Grid
+    bound: tuple  # (value, gradient): the chain's rigorous bound per unit of S (kmax, gmax units)
+
+
+@dataclass(frozen=True)
+class FarFieldData(InOrderData):
+    """What the tasks need beyond the :class:`Job`: the grid (origin, step, order, shape)."""
+
     grid: Grid = None
-    source_weight_sum: float = 0.0  # S of the true sources
-    run_tolerance: float = 0.0  # the run's EPS (``tolerance`` is the proxies' pruning tolerance)
-    interpolation: tuple = (0.0, 0.0)  # (E_v, E_g): the grid's bound, per unit of S
-
-    @property
-    def error_bounds(self) -> dict:
-        return self.bounds.error_bounds(self.run_tolerance, self.source_weight_sum)
 
 
-def reach(tolerance: float, dim: int, order: int) -> float:
-    """Distance (lengthscales) beyond which pruning skips a query's proxies (rbf, roughly: the value tail
-    ``exp(-r^2 / 2)`` of the proxies' weight ``<= Lambda^D S`` within the pruning's share of the budget)."""
-    share = (1.0 - INTERPOLATION_SHARE) * tolerance / lebesgue_constant(order) ** dim
-    return math.sqrt(2.0 * math.log(1.0 / share))
+def projected_seconds(n: int, m: int, dim: int, grid: Grid, parallel: int) -> tuple[float, float]:
+    """(client seconds: spreading and node sums, task seconds: interpolation over ``parallel`` workers)."""
+    stencil = grid.order ** dim
+    client = m * stencil * SPREAD_SECONDS + grid.n_nodes * sum(grid.shape) * NODE_SUM_SECONDS
+    return client, n * stencil * INTERPOLATE_SECONDS / max(1, parallel)
 
 
-def choose_order(n: int, m: int, dim: int, extent: np.ndarray, tolerance: float) -> tuple[int, float, float]:
-    """The grid order and spacing of least projected cost: ``(order, spacing, projected pairs)``.
-
-    ``extent``: the sources' bounding box (lengthscales per dimension).  Cost: ``TERM_COST_PAIRS M p^D``
-    for the weights, plus per query the proxies within :func:`reach` (a ball, at most the grid's nodes)."""
-    best = None
+def choose_grid(lower: np.ndarray, upper: np.ndarray, lengthscale: np.ndarray, n: int, m: int, tolerance: float,
+                parallel: int) -> Grid | str:
+    """The grid of least projected time whose bound is within ``tolerance``, or why there is none."""
+    dim = len(lower)
+    best, smallest = None, None
     for order in ORDERS:
-        spacing = spacing_for(order, dim, INTERPOLATION_SHARE * tolerance)
-        nodes = float(np.prod(np.floor(extent / spacing) + order))
-        radius = reach(tolerance, dim, order) + 0.5  # a query block's own size, roughly
-        ball = math.pi ** (dim / 2) / math.gamma(dim / 2 + 1) * (radius / spacing) ** dim
-        cost = TERM_COST_PAIRS * m * order ** dim + n * min(ball, nodes, m * order ** dim)
-        if best is None or cost < best[2]:
-            best = (order, spacing, cost)
-    return best
+        spacing = spacing_for(order, dim, tolerance)
+        grid = make_grid(lower, upper, lengthscale, order, spacing)
+        smallest = grid.n_nodes if smallest is None else min(smallest, grid.n_nodes)
+        if grid.n_nodes > GRID_MAX_NODES:
+            continue
+        seconds = sum(projected_seconds(n, m, dim, grid, parallel))
+        if best is None or seconds < best[0]:
+            best = (seconds, grid)
+    if best is None:
+        return (f"no far field: its grid would need at least {smallest:.3g} nodes over the data's box (more than "
+                f"{GRID_MAX_NODES:.3g}): the data span too many lengthscales")
+    return best[1]
 
 
-class FarField(Pruned):
+class FarField(InSpatialOrder):
     name = "far_field"
 
     def plan(self, request: PlanRequest) -> Planned | str:
@@ -99,72 +106,94 @@ class FarField(Pruned):
                     f"rbf only")
         if dim > MAX_DIM:
             return f"no far field in D={dim}: its grid pays in D <= {MAX_DIM} only"
-        bounds = kernel_bounds(spec)
-        baseline = None if request.forced(self.name) else PRUNED.plan(request)
-        base_pairs = (baseline.plan.pairs_to_compute if isinstance(baseline, Planned)
-                      else n * m / PRUNED_SLOWDOWN)  # dense pairs, at the pruned per-pair cost
-        sources = np.asarray(request.sources, np.float64)
-        lengthscale = np.asarray(spec.lengthscale, np.float64)
-        lower, upper = sources.min(axis=0), sources.max(axis=0)
-        order, spacing, _ = choose_order(n, m, dim, (upper - lower) / lengthscale, tolerance)
-        grid = make_grid(lower, upper, lengthscale, order, spacing)
-        terms = m * order ** dim
-        if grid.n_nodes > GRID_MAX_NODES:
-            return (f"no far field: its grid ({order} nodes per dimension at {spacing:.3g} lengthscales) would "
-                    f"have {grid.n_nodes:.3g} nodes over the sources' box, more than {GRID_MAX_NODES:.3g}")
-        forced = request.forced(self.name)
-        if TERM_COST_PAIRS * terms >= GAIN_NEEDED * base_pairs and not forced:
-            return self._slower(TERM_COST_PAIRS * terms, base_pairs, baseline)
-        proxies, weights = proxy_weights(sources, request.weights, grid)
-        source_sum = float(m if request.weights is None else np.abs(np.asarray(request.weights, np.float64)).sum())
-        proxy_sum = float(np.abs(weights).sum())
-        if len(weights) == 0 or proxy_sum == 0.0:
-            return "no far field: the sources' weights are all zero"
-        interpolation = interpolation_error(order, spacing, dim)
-        pruning_tolerance = (1.0 - INTERPOLATION_SHARE) * tolerance * source_sum / proxy_sum
         plan = make_plan(n, m, dim, pruned=True, **request.plan_options)
-        layout = make_layout(request.points, proxies, weights, spec, pruning_tolerance, bounds, plan.rows)
-        cost = layout.estimated_pairs + TERM_COST_PAIRS * terms
-        if cost >= GAIN_NEEDED * base_pairs and not forced:
-            return self._slower(cost, base_pairs, baseline)
-        signed = bool(request.weights is not None and len(request.weights)
-                      and np.min(request.weights) < 0 < np.max(request.weights))
-        meta = dataclasses.replace(layout.meta, may_cancel=signed)  # the proxies' signs come from I, not w
-        layout = FarFieldLayout(**{f.name: getattr(layout, f.name) for f in dataclasses.fields(Layout)} | {"meta": meta},
-                                proxies=proxies, proxy_weights=weights, grid=grid, source_weight_sum=source_sum,
-                                run_tolerance=tolerance, interpolation=interpolation)
-        return Planned(with_pruning(plan, tolerance, layout.estimated_pairs), layout, layout.error_bounds)
-
-    @staticmethod
-    def _slower(cost: float, base_pairs: float, baseline) -> str:
-        other = "pruning" if isinstance(baseline, Planned) else "computing every pair"
-        return (f"the far field would cost about {cost / 1e9:.3g} G pair evaluations against {base_pairs / 1e9:.3g} G "
-                f"for {other}, so it is not used")
+        lengthscale = np.asarray(spec.lengthscale, np.float64)
+        points = np.asarray(request.points, np.float64)
+        sources = points if request.sources_are_points else np.asarray(request.sources, np.float64)
+        lower = np.minimum(points.min(axis=0), sources.min(axis=0))
+        upper = np.maximum(points.max(axis=0), sources.max(axis=0))
+        grid = choose_grid(lower, upper, lengthscale, n, m, tolerance, plan.parallel)
+        if isinstance(grid, str):
+            return grid
+        client, tasks = projected_seconds(n, m, dim, grid, plan.parallel)
+        if not request.forced(self.name):
+            baseline = PRUNED.plan(request)
+            other = baseline.plan if isinstance(baseline, Planned) else None
+            name = "pruning"
+            if other is None:  # the dense method's projection
+                other = with_pruning(make_plan(n, m, dim, **request.plan_options), tolerance, None)
+                name = "computing every pair"
+            other_seconds = project(other).compute_seconds
+            if client + tasks >= GAIN_NEEDED * other_seconds:
+                return (f"the far field would take about {client + tasks:.3g} s against {other_seconds:.3g} s for "
+                        f"{name}, so it is not used")
+        stencil = grid.order ** dim
+        terms = (f"{m * stencil / 1e9:.3g} G spreading terms and {grid.n_nodes:.3g} grid nodes on the client "
+                 f"({client:.3g} s) + {n * stencil / 1e9:.3g} G interpolation terms / {plan.parallel} "
+                 f"worker{'s' if plan.parallel != 1 else ''} ({tasks:.3g} s)")
+        plan = dataclasses.replace(plan, tolerance=tolerance, estimated_pairs=n * stencil,
+                                   estimated_seconds=client + tasks, method_cost=(client + tasks, terms))
+        layout = FarFieldLayout(spatial_order(request.points, spec.lengthscale), grid,
+                                total_error(grid.order, grid.spacing, dim))
+        weight_sum = float(m if request.weights is None else np.abs(np.asarray(request.weights, np.float64)).sum())
+        return Planned(plan, layout, kernel_bounds(spec).error_bounds(tolerance, weight_sum))
 
     def describe(self, planned: Planned) -> str:
         layout: FarFieldLayout = planned.layout
-        e_v, e_g = layout.interpolation
-        return (f"{len(layout.proxy_weights)} proxy sources on a grid of {layout.grid.order} nodes per dimension "
-                f"per source, {layout.grid.spacing:.3g} lengthscales apart; interpolation bound {e_v:.2g} (v), "
-                f"{e_g:.2g} (g) of the tolerance's {layout.run_tolerance:g}, the rest for pruning the proxies")
+        grid = layout.grid
+        e_v, e_g = layout.bound
+        return (f"sources spread on a grid of {' x '.join(map(str, grid.shape))} nodes, {grid.spacing:.3g} "
+                f"lengthscales apart, {grid.order} per dimension per point; bound {e_v:.2g} S kmax (v), "
+                f"{e_g:.2g} S gmax (g)")
 
     def compute(self, problem, request: PlanRequest, threads: int) -> tuple[np.ndarray, np.ndarray, int]:
         layout: FarFieldLayout = problem.layout
-        return compute_in_memory(request.points, layout.proxies, layout.proxy_weights, layout, problem.spec,
-                                 problem.mode, problem.dtype, problem.shape, np.asarray(problem.center), threads)
+        sums = _node_sums(request, layout.grid, problem.spec.variance)
+        order = layout.point_order
+        g, v = interpolate(np.asarray(request.points)[order], sums, layout.grid)
+        g, v = g.astype(problem.dtype), v.astype(problem.dtype)
+        return in_input_order(g, order), in_input_order(v, order), int(problem.plan.estimated_pairs)
 
-    def job_data(self, request: PlanRequest, planned: Planned) -> SortedLayout:
-        layout: FarFieldLayout = planned.layout
-        return SortedLayout(budget=layout.budget, sources=layout.meta, separate_sources=True,
-                            copy_chunk=source_chunk())
+    def job_data(self, request: PlanRequest, planned: Planned) -> FarFieldData:
+        return FarFieldData(grid=planned.layout.grid)
 
     def copy_contents(self, run: ClientRun) -> dict:
-        """The points in spatial order; the proxies and their weights in theirs; the proxies' tile index."""
+        """The points in spatial order and the grid's node sums (spread and summed here, once)."""
         layout: FarFieldLayout = run.layout
-        order = layout.source_order
-        return dict(point_index=layout.point_order, points=np.asarray(run.points)[layout.point_order],
-                    source_index=order, sources=layout.proxies[order], weights=layout.proxy_weights[order],
-                    tiles=layout.index.as_array())
+        order = layout.point_order
+        sources = run.points if run.sources is None else run.sources
+        sums = node_sums(spread(sources, run.weights, layout.grid), layout.grid, run.job.spec.variance)
+        return dict(point_index=order, points=np.asarray(run.points)[order], source_index=None, sources=None,
+                    weights=None, tiles=None, grid=sums)
+
+    def run_task(self, job: Job, task: Task) -> dict:
+        """Rows ``[task.start, task.stop)`` of the sorted points, interpolated from the node sums their
+        stencils touch (read from the run's sorted copy)."""
+        started = time.perf_counter()
+        start_task(job)
+        grid = job.data.grid
+        copy = task_copy(job)
+        queries = copy.read("points", task.start, task.stop)
+        first, stop = slab_range(queries, grid)
+        slab = int(np.prod(grid.shape[1:], dtype=np.int64))
+        sums = copy.read("grid", first * slab, stop * slab)
+        computed = time.perf_counter()
+        g, v = interpolate(queries, sums, grid, first)
+        gradient, value = g.astype(job.dtype), v.astype(job.dtype)
+        compute_seconds = time.perf_counter() - computed
+        check_finite_result(gradient, value, job.dtype, job.spec.describe(), rows=(task.start, task.stop))
+        still_owner = check_lease(job)
+        pairs = task.rows * grid.order ** len(grid.shape)
+        copy.write_task(task.start, task.stop, task.index, gradient, value, pairs, job.output_id,
+                        before_done=still_owner)
+        return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
+                "compute_seconds": compute_seconds, "pid": os.getpid(), "pairs": pairs,
+                "nodes_read": (stop - first) * slab}
+
+
+def _node_sums(request: PlanRequest, grid: Grid, variance: float) -> np.ndarray:
+    sources = request.points if request.sources_are_points else request.sources
+    return node_sums(spread(sources, request.weights, grid), grid, variance)
 
 
 FAR_FIELD = FarField()

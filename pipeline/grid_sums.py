@@ -1,0 +1,171 @@
+"""Grid sums for the far-field method: the proxies' kernel sums at every grid node, and their interpolation
+at the queries, with the error bound of the whole chain (rbf; pure numpy, float64).
+
+With the proxies' weights ``W`` on a regular grid (:func:`pipeline.proxies.spread`), the sums
+
+    U_m = sum_n W_n k(y_m, z_n)                          (every node m, every node n)
+
+are exact products with one small matrix per dimension, because rbf is a product over dimensions:
+``k = s2 prod_d exp(-(y_d - z_d)^2 / (2 l_d^2))``, so ``U = W x_1 T_1 x_2 T_2 ...`` with
+``T_d[a, b] = exp(-((a - b) h)^2 / 2)`` (h: the spacing in lengthscales).  No pair is skipped.
+
+Each query then interpolates ``U`` from its own stencil of ``p^D`` nodes:
+
+    v^(q) = sum_m L_m(q) U_m            g^(q) = grad v^(q) = sum_m grad L_m(q) U_m
+
+so ``g^`` is the exact gradient of ``v^`` (inside each grid cell; at a cell face, of either side's
+polynomial).  With ``v~(y) = sum_n W_n k(y, z_n)`` (the proxies' sum, a smooth function of y whose
+derivatives along any line are bounded by ``S' = sum |W_n|`` times the kernel's), the error is
+
+    |v^ - v| <= |v~ - v| + |I v~ - v~| <= S E_v + S' Q_v
+    |g^ - g| <= |grad v~ - grad v| + |grad (I v~ - v~)| <= S E_g + S' Q_g
+
+with ``E_v, E_g`` the source side (:func:`pipeline.proxies.interpolation_error`) and ``Q_v, Q_g`` the
+query side (:func:`query_error`).  The derivation is in docs/design.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .proxies import (CRAMER, LEBESGUE_MARGIN, LEBESGUE_SAMPLES, SLOPE_MAX_RBF, Grid, interpolation_error,
+                      lagrange, lebesgue_constant, node_constant, offsets, stencils)
+
+GATHER_ROWS = 1 << 12  # queries interpolated at a time (bounded temporaries: rows x p^D)
+
+
+def lagrange_derivative(order: int, t: np.ndarray) -> np.ndarray:
+    """d/dt of the stencil's Lagrange basis at ``t`` (grid steps): shape ``t.shape + (order,)``."""
+    m = offsets(order)
+    t = np.asarray(t, np.float64)[..., None]
+    out = np.zeros(t.shape[:-1] + (order,))
+    for k in range(order):
+        for skip in range(order):  # product rule: drop one factor at a time
+            if skip == k:
+                continue
+            term = np.full(t.shape[:-1], 1.0 / (m[k] - m[skip]))
+            for j in range(order):
+                if j != k and j != skip:
+                    term = term * (t[..., 0] - m[j]) / (m[k] - m[j])
+            out[..., k] += term
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def derivative_constants(order: int) -> tuple[float, float]:
+    """``(C'_p, Lambda')``: the largest ``|omega'(t)|`` and ``sum_m |L_m'(t)|`` over the cell (grid steps;
+    sampled finely, plus a margin)."""
+    t = np.linspace(0.0, 1.0, LEBESGUE_SAMPLES)
+    m = offsets(order)
+    factors = t[:, None] - m[None, :]
+    omega_prime = sum(np.prod(np.delete(factors, k, axis=1), axis=1) for k in range(order))
+    c_prime = float(np.abs(omega_prime).max()) * (1 + LEBESGUE_MARGIN) + LEBESGUE_MARGIN
+    lam_prime = float(np.abs(lagrange_derivative(order, t)).sum(axis=-1).max() + LEBESGUE_MARGIN)
+    return c_prime, lam_prime
+
+
+def query_error(order: int, spacing: float, dim: int) -> tuple[float, float]:
+    """``(Q_v, Q_g)``: the error of interpolating ``v~`` (and of the gradient of the interpolant) per unit
+    of ``S'``, in units of kmax and gmax (rbf, ``spacing`` in lengthscales)."""
+    lam = lebesgue_constant(order)
+    c_prime, lam_prime = derivative_constants(order)
+    c_p = node_constant(order)
+    h = spacing
+    value_1d = CRAMER * c_p * h ** order / math.sqrt(math.factorial(order))
+    value = value_1d * sum(lam ** k for k in range(dim))
+    # One component e: d_e (I - 1) = d_e (I_e - 1) + (d_e I_e)(I_rest - 1).
+    own = CRAMER * (c_prime * h ** (order - 1) / math.sqrt(math.factorial(order))
+                    + c_p * h ** order / math.sqrt(math.factorial(order + 1)))
+    rest = (lam_prime / h) * value_1d * sum(lam ** k for k in range(dim - 1))
+    gradient = math.sqrt(dim) * (own + rest) / SLOPE_MAX_RBF
+    return value, gradient
+
+
+def total_error(order: int, spacing: float, dim: int) -> tuple[float, float]:
+    """The whole chain's bound per unit of ``S``, using ``S' <= Lambda^D S``: ``(E_v + Lambda^D Q_v,
+    E_g + Lambda^D Q_g)``."""
+    e_v, e_g = interpolation_error(order, spacing, dim)
+    q_v, q_g = query_error(order, spacing, dim)
+    growth = lebesgue_constant(order) ** dim
+    return e_v + growth * q_v, e_g + growth * q_g
+
+
+def spacing_for(order: int, dim: int, error: float) -> float:
+    """The largest spacing (lengthscales, to 0.1%) at which :func:`total_error` stays within ``error``."""
+    low, high = 1e-6, 4.0
+    if max(total_error(order, low, dim)) > error:
+        return low
+    while high / low > 1.001:
+        mid = math.sqrt(low * high)
+        if max(total_error(order, mid, dim)) <= error:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def node_sums(weights: np.ndarray, grid: Grid, variance: float) -> np.ndarray:
+    """``U`` (flat, float64): the rbf sums of the proxies' weights (flat, :func:`pipeline.proxies.spread`)
+    at every node, one matrix product per dimension."""
+    field = np.asarray(weights, np.float64).reshape(grid.shape)
+    for d, n in enumerate(grid.shape):
+        offset = np.arange(n, dtype=np.float64) * grid.spacing
+        matrix = np.exp(-0.5 * (offset[:, None] - offset[None, :]) ** 2)
+        field = np.moveaxis(np.tensordot(matrix, field, axes=([1], [d])), 0, d)
+    return (variance * field).ravel()
+
+
+def interpolate(queries: np.ndarray, sums: np.ndarray, grid: Grid, first_slab: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``g^`` (r, D) and ``v^`` (r,) at queries (r, D) inside the grid's box, float64, from the node sums
+    ``sums`` (flat, row-major; whole slabs of the first axis from ``first_slab`` on, when only the slabs
+    :func:`slab_range` names are given).  Each query's sums run over its own stencil in a fixed order: the
+    bits do not depend on which queries are computed together."""
+    q = np.asarray(queries, np.float64)
+    r, dim = q.shape
+    g, v = np.empty((r, dim)), np.empty(r)
+    p = grid.order
+    shape = grid.shape
+    slabs = len(sums) // int(np.prod(shape[1:], dtype=np.int64))
+    # Windows of p consecutive nodes along the last axis: a stencil is p^(D-1) such runs.
+    runs = sliding_window_view(np.asarray(sums).reshape((slabs,) + tuple(shape[1:])), p, axis=dim - 1)
+    letters = "abc"[:dim]
+    step = np.arange(p)
+    for start in range(0, r, GATHER_ROWS):
+        rows = slice(start, min(start + GATHER_ROWS, r))
+        index, t = stencils(q[rows], grid)
+        cell = np.stack(np.unravel_index(index, shape), axis=1)
+        cell[:, 0] -= first_slab
+        picks = []
+        for d in range(dim - 1):  # (r, p, ..., p) indices of the runs, broadcast
+            where = [None] * (dim - 1)
+            where[d] = slice(None)
+            picks.append(cell[(slice(None), d) + (None,) * (dim - 1)] + step[tuple(where)][None])
+        picks.append(cell[(slice(None), dim - 1) + (None,) * (dim - 1)])
+        values = runs[tuple(picks)]  # (r, p, ..., p)
+        basis = lagrange(p, t)  # (r, D, p)
+        slope = lagrange_derivative(p, t)
+        # Contract the node axes from the last one in (numpy's own loops, no BLAS: each row's sums run in the
+        # same order whatever the rows around it), with the basis or its slope: the partial sums with at most
+        # one slope are kept, so the value and the D components cost about 2 r p^D in all.
+        partial = {(): values}
+        for d in range(dim - 1, -1, -1):
+            spec = "r" + letters[:d + 1] + ",r" + letters[d] + "->r" + letters[:d]
+            partial = {(kind,) + key: np.einsum(spec, array, (slope if kind else basis)[:, d])
+                       for key, array in partial.items() for kind in ((False, True) if True not in key else (False,))}
+        v[rows] = partial[(False,) * dim]
+        for e in range(dim):
+            g[rows, e] = partial[tuple(d == e for d in range(dim))] / grid.step[e]
+    return g, v
+
+
+def slab_range(queries: np.ndarray, grid: Grid) -> tuple[int, int]:
+    """The slabs (first axis) ``[first, stop)`` that the stencils of ``queries`` read."""
+    if len(queries) == 0:
+        return 0, 0
+    index, _ = stencils(queries, grid)
+    first_axis = index // int(np.prod(grid.shape[1:], dtype=np.int64))
+    return int(first_axis.min()), int(first_axis.max()) + grid.order
