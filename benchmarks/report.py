@@ -36,7 +36,10 @@ PRUNING_END = "<!-- end of pruning -->"
 # ... and benchmarks/dense_order.py's section
 DENSE_ORDER_BEGIN = "<!-- dense order: python benchmarks/dense_order.py -->"
 DENSE_ORDER_END = "<!-- end of dense order -->"
-KEPT_SECTIONS = ((PRUNING_BEGIN, PRUNING_END), (DENSE_ORDER_BEGIN, DENSE_ORDER_END))
+# ... and benchmarks/far_field.py's section
+FAR_FIELD_BEGIN = "<!-- far field: python benchmarks/far_field.py -->"
+FAR_FIELD_END = "<!-- end of far field -->"
+KEPT_SECTIONS = ((PRUNING_BEGIN, PRUNING_END), (DENSE_ORDER_BEGIN, DENSE_ORDER_END), (FAR_FIELD_BEGIN, FAR_FIELD_END))
 
 
 # ----------------------------------------------------------------------------- ratios and fits

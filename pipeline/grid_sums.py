@@ -32,37 +32,29 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .proxies import (CRAMER, LEBESGUE_MARGIN, LEBESGUE_SAMPLES, SLOPE_MAX_RBF, Grid, interpolation_error,
-                      lagrange, lebesgue_constant, node_constant, offsets, stencils)
+from .proxies import (CRAMER, LEBESGUE_MARGIN, SLOPE_MAX_RBF, Grid, basis_coefficients, cell_samples, evaluate,
+                      interpolation_error, lagrange, lebesgue_constant, node_constant, offsets, stencils)
 
 GATHER_ROWS = 1 << 12  # queries interpolated at a time (bounded temporaries: rows x p^D)
 
 
+@functools.lru_cache(maxsize=None)
+def _slope_coefficients(order: int) -> np.ndarray:
+    return np.array([np.polynomial.polynomial.polyder(c) for c in basis_coefficients(order)])
+
+
 def lagrange_derivative(order: int, t: np.ndarray) -> np.ndarray:
     """d/dt of the stencil's Lagrange basis at ``t`` (grid steps): shape ``t.shape + (order,)``."""
-    m = offsets(order)
-    t = np.asarray(t, np.float64)[..., None]
-    out = np.zeros(t.shape[:-1] + (order,))
-    for k in range(order):
-        for skip in range(order):  # product rule: drop one factor at a time
-            if skip == k:
-                continue
-            term = np.full(t.shape[:-1], 1.0 / (m[k] - m[skip]))
-            for j in range(order):
-                if j != k and j != skip:
-                    term = term * (t[..., 0] - m[j]) / (m[k] - m[j])
-            out[..., k] += term
-    return out
+    return evaluate(_slope_coefficients(order), t)
 
 
 @functools.lru_cache(maxsize=None)
 def derivative_constants(order: int) -> tuple[float, float]:
     """``(C'_p, Lambda')``: the largest ``|omega'(t)|`` and ``sum_m |L_m'(t)|`` over the cell (grid steps;
     sampled finely, plus a margin)."""
-    t = np.linspace(0.0, 1.0, LEBESGUE_SAMPLES)
-    m = offsets(order)
-    factors = t[:, None] - m[None, :]
-    omega_prime = sum(np.prod(np.delete(factors, k, axis=1), axis=1) for k in range(order))
+    t = cell_samples()
+    omega = np.polynomial.polynomial.polyfromroots(offsets(order))
+    omega_prime = evaluate(np.polynomial.polynomial.polyder(omega)[None, :], t)[..., 0]
     c_prime = float(np.abs(omega_prime).max()) * (1 + LEBESGUE_MARGIN) + LEBESGUE_MARGIN
     lam_prime = float(np.abs(lagrange_derivative(order, t)).sum(axis=-1).max() + LEBESGUE_MARGIN)
     return c_prime, lam_prime

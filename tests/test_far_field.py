@@ -66,7 +66,12 @@ def test_stencil_constants(order):
     omega = np.abs(np.prod(t[:, None] - m[None], axis=1))
     assert node_constant(order) == pytest.approx(omega.max(), rel=1e-12)
     assert int(np.argmax(omega)) == 1000  # the middle of the cell
-    assert lebesgue_constant(order) >= np.abs(basis).sum(1).max()
+    fine = np.linspace(0.0, 1.0, 200_001)
+    assert lebesgue_constant(order) >= np.abs(lagrange(order, fine)).sum(1).max()
+    c_prime, lam_prime = grid_sums.derivative_constants(order)
+    assert lam_prime >= np.abs(grid_sums.lagrange_derivative(order, fine)).sum(1).max()
+    omega_prime = sum(np.prod(np.delete(fine[:, None] - m[None], k, axis=1), axis=1) for k in range(order))
+    assert c_prime >= np.abs(omega_prime).max()
 
 
 def test_spacing_meets_the_error_and_grows_with_tolerance():
@@ -289,3 +294,16 @@ def test_cli_plan_names_the_far_field_and_method_flag(tmp_path):
     assert refused.returncode == 2
     assert "method='far_field' cannot run this problem" in refused.stderr
     assert "rbf only" in refused.stderr
+
+
+def test_variance_and_ard_scale_the_sums_and_the_bound():
+    """variance s2 and one lengthscale per dimension: the far field's sums are s2 times the rbf's, within EPS S
+    s2 (kmax = s2, gmax = s2 exp(-1/2) / l_min) of the exact dense run."""
+    x = np.random.default_rng(9).normal(size=(20000, 2))
+    ls, s2, eps = [0.5, 0.8], 3.0, 1e-6
+    g, v = kernel_gradients(x, lengthscale=ls, variance=s2, tolerance=eps, dtype="float64", method="far_field",
+                            return_value=True)
+    g_ref, v_ref = kernel_gradients(x, lengthscale=ls, variance=s2, dtype="float64", return_value=True)
+    assert np.abs(v - v_ref).max() <= eps * len(x) * s2
+    assert np.linalg.norm(g - g_ref, axis=1).max() <= eps * len(x) * s2 * SLOPE / 0.5
+    assert np.abs(v - v_ref).max() > 0  # an approximation, not the dense run under another name

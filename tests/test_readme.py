@@ -12,6 +12,8 @@ import pytest
 
 from reference import FLOAT32_BOUND, reference_gradients, relative_error
 
+pytest_plugins = ["cluster_fixtures"]  # dask_cli_cluster (the xarray run)
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 
