@@ -32,8 +32,8 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .proxies import (CRAMER, LEBESGUE_MARGIN, SLOPE_MAX_RBF, Grid, basis_coefficients, cell_samples, evaluate,
-                      interpolation_error, lagrange, lebesgue_constant, node_constant, offsets, stencils)
+from .proxies import (CRAMER, SLOPE_MAX_RBF, Grid, basis_coefficients, evaluate, interpolation_error, lagrange,
+                      lebesgue_constant, node_constant, offsets, sampled_max, stencils)
 
 GATHER_ROWS = 1 << 12  # queries interpolated at a time (bounded temporaries: rows x p^D)
 
@@ -50,14 +50,11 @@ def lagrange_derivative(order: int, t: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def derivative_constants(order: int) -> tuple[float, float]:
-    """``(C'_p, Lambda')``: the largest ``|omega'(t)|`` and ``sum_m |L_m'(t)|`` over the cell (grid steps;
-    sampled finely, plus a margin)."""
-    t = cell_samples()
+    """``(C'_p, Lambda')``: upper bounds on ``|omega'(t)|`` and ``sum_m |L_m'(t)|`` over the cell (grid steps;
+    :func:`pipeline.proxies.sampled_max`)."""
     omega = np.polynomial.polynomial.polyfromroots(offsets(order))
-    omega_prime = evaluate(np.polynomial.polynomial.polyder(omega)[None, :], t)[..., 0]
-    c_prime = float(np.abs(omega_prime).max()) * (1 + LEBESGUE_MARGIN) + LEBESGUE_MARGIN
-    lam_prime = float(np.abs(lagrange_derivative(order, t)).sum(axis=-1).max() + LEBESGUE_MARGIN)
-    return c_prime, lam_prime
+    c_prime = sampled_max(np.polynomial.polynomial.polyder(omega)[None, :])
+    return c_prime, sampled_max(_slope_coefficients(order))
 
 
 def query_error(order: int, spacing: float, dim: int) -> tuple[float, float]:
@@ -77,19 +74,40 @@ def query_error(order: int, spacing: float, dim: int) -> tuple[float, float]:
     return value, gradient
 
 
+# float64 rounding of the chain, counted with the bound: the node sums U hold relative rounding of a few
+# units of 2^-52 per product (sums of positive-weighted terms of at most S' kmax), which the interpolation
+# amplifies by at most Lambda^D for v and Lambda^(D-1) Lambda' / h (times sqrt(D) / s) for g; this allowance
+# is 2^-52 times ROUNDING_UNITS of those.  Below MIN_TOLERANCE the far field is not used.
+ROUNDING_UNITS = 1024.0
+MIN_TOLERANCE = 1e-10
+
+
 def total_error(order: int, spacing: float, dim: int) -> tuple[float, float]:
-    """The whole chain's bound per unit of ``S``, using ``S' <= Lambda^D S``: ``(E_v + Lambda^D Q_v,
-    E_g + Lambda^D Q_g)``."""
+    """The whole chain's bound per unit of ``S``, using ``S' <= Lambda^D S``: ``(E_v + Lambda^D (Q_v + r_v),
+    E_g + Lambda^D (Q_g + r_g))`` with the rounding allowances ``r`` (:data:`ROUNDING_UNITS`)."""
     e_v, e_g = interpolation_error(order, spacing, dim)
     q_v, q_g = query_error(order, spacing, dim)
-    growth = lebesgue_constant(order) ** dim
-    return e_v + growth * q_v, e_g + growth * q_g
+    lam = lebesgue_constant(order)
+    _, lam_prime = derivative_constants(order)
+    unit = ROUNDING_UNITS * 2.0 ** -52
+    r_v = unit * lam ** dim
+    r_g = unit * math.sqrt(dim) * lam ** (dim - 1) * lam_prime / spacing / SLOPE_MAX_RBF
+    growth = lam ** dim
+    return e_v + growth * (q_v + r_v), e_g + growth * (q_g + r_g)
 
 
-def spacing_for(order: int, dim: int, error: float) -> float:
-    """The largest spacing (lengthscales, to 0.1%) at which :func:`total_error` stays within ``error``."""
-    low, high = 1e-6, 4.0
-    if max(total_error(order, low, dim)) > error:
+def spacing_for(order: int, dim: int, error: float) -> float | None:
+    """The largest spacing (lengthscales, to 0.1%) at which :func:`total_error` stays within ``error``
+    (None: none from 1e-6 to 4 lengthscales).  The bound is not monotone in h (interpolation grows with h,
+    the rounding allowance as 1/h), so a geometric scan from the top finds the largest good spacing first,
+    then bisection refines it against the next, failing, one."""
+    scan = np.geomspace(4.0, 1e-6, 400)
+    good = [h for h in scan if max(total_error(order, float(h), dim)) <= error]
+    if not good:
+        return None
+    low = float(good[0])
+    high = float(scan[max(0, int(np.flatnonzero(scan == good[0])[0]) - 1)])
+    if high == low:
         return low
     while high / low > 1.001:
         mid = math.sqrt(low * high)

@@ -27,8 +27,9 @@ Bound (``rbf``, coordinates in lengthscales, spacing ``h``; the derivation is in
 * Per query: ``|v^ - v| <= S E_v kmax`` and ``|g^ - g| <= S E_g gmax`` (``S = sum |w_i|``,
   ``gmax = s / l_min``), with :func:`interpolation_error` giving ``E_v`` and ``E_g``.
 
-Weights are accumulated in float64 (numpy ``bincount``, sources in input order, a fixed number of rows
-at a time): the same bits wherever they are computed.  Pure numpy.
+Weights are accumulated in float64 (numpy ``bincount``, sources in the order of their stencils, ties by
+coordinates and weight, a fixed number of rows at a time): the same bits wherever they are computed and
+whatever the input's row order.  Pure numpy.
 """
 
 from __future__ import annotations
@@ -45,11 +46,10 @@ ORDERS = (4, 6, 8, 10, 12, 14, 16)  # nodes per dimension the plan chooses from 
 GRID_MAX_NODES = 1 << 25  # nodes of the grid's bounding box (float64 accumulator: 256 MiB)
 SPREAD_ENTRIES = 1 << 22  # (source, node) terms accumulated per bincount call (bounded temporaries)
 # The stencil's constants (Lebesgue constants of the basis and of its derivative, max |omega'|) are maxima of
-# smooth functions over the cell, sampled at this many points and given this margin (absolute, and relative
-# for max |omega'|): each function's slope times half the sampling step (2.5e-5) is below it for p <= 16
-# (checked against 2 10^5 samples in tests/test_far_field.py).
+# polynomials over the cell, sampled at this many points; the sampled maximum is raised by half the sampling
+# step times a bound on the function's slope (the sum of its derivative's absolute coefficients), so the
+# constants are upper bounds (:func:`sampled_max`).
 LEBESGUE_SAMPLES = 20001
-LEBESGUE_MARGIN = 1e-3
 
 
 def offsets(order: int) -> np.ndarray:
@@ -94,15 +94,20 @@ def node_constant(order: int) -> float:
     return float(np.prod([(j - 0.5) ** 2 for j in range(1, order // 2 + 1)]))
 
 
-def cell_samples() -> np.ndarray:
-    """Where the constants below are sampled: LEBESGUE_SAMPLES points of the cell ``[0, 1]``."""
-    return np.linspace(0.0, 1.0, LEBESGUE_SAMPLES)
+def sampled_max(polynomials: np.ndarray) -> float:
+    """An upper bound on ``max_t sum_k |P_k(t)|`` over the cell ``[0, 1]`` (rows of ``polynomials``: their
+    coefficients, constant term first): the maximum over LEBESGUE_SAMPLES points plus half the step times
+    ``sum_k sum_j |coefficients of P_k'|``, which bounds the slope of ``sum_k |P_k|`` on ``[0, 1]``."""
+    t = np.linspace(0.0, 1.0, LEBESGUE_SAMPLES)
+    sampled = float(np.abs(evaluate(polynomials, t)).sum(axis=-1).max())
+    slope = sum(float(np.abs(np.polynomial.polynomial.polyder(row)).sum()) for row in polynomials)
+    return sampled + 0.5 * slope / (LEBESGUE_SAMPLES - 1)
 
 
 @functools.lru_cache(maxsize=None)
 def lebesgue_constant(order: int) -> float:
-    """``Lambda``: the largest ``sum_m |L_m(t)|`` over the cell (sampled finely, plus a margin)."""
-    return float(np.abs(lagrange(order, cell_samples())).sum(axis=-1).max() + LEBESGUE_MARGIN)
+    """``Lambda``: an upper bound on ``sum_m |L_m(t)|`` over the cell (:func:`sampled_max`)."""
+    return sampled_max(basis_coefficients(order))
 
 
 def interpolation_error(order: int, spacing: float, dim: int) -> tuple[float, float]:
@@ -120,20 +125,18 @@ def interpolation_error(order: int, spacing: float, dim: int) -> tuple[float, fl
     return value, gradient
 
 
-def spacing_for(order: int, dim: int, error: float) -> float:
-    """The largest spacing (lengthscales, to 0.1%) at which :func:`interpolation_error` stays within
-    ``error`` for both ``g`` and ``v``."""
+def spacing_for(order: int, dim: int, error: float) -> float | None:
+    """The largest spacing (lengthscales, to 0.1%) at which :func:`interpolation_error` (the source side
+    alone) stays within ``error`` for both ``g`` and ``v`` (None: not even at 1e-6)."""
     low, high = 1e-6, 4.0
     if max(interpolation_error(order, low, dim)) > error:
-        return low
-    for _ in range(60):
+        return None
+    while high / low > 1.001:
         mid = math.sqrt(low * high)
         if max(interpolation_error(order, mid, dim)) <= error:
             low = mid
         else:
             high = mid
-        if high / low < 1.001:
-            break
     return low
 
 

@@ -84,6 +84,21 @@ def test_spacing_meets_the_error_and_grows_with_tolerance():
         assert spacing_for(8, dim, 1e-3) > spacing_for(8, dim, 1e-9)
 
 
+def test_whole_chain_spacing_meets_its_bound_or_says_none():
+    """grid_sums.spacing_for (what the plan uses): within the whole chain's bound, rounding allowance
+    included; None where no spacing down to 1e-6 lengthscales meets it (a low order at a tiny tolerance)."""
+    for dim in (1, 2, 3):
+        for order in ORDERS:
+            for error in (1e-9, 1e-6, 1e-3):
+                h = grid_sums.spacing_for(order, dim, error)
+                if h is None:
+                    assert max(grid_sums.total_error(order, 1e-6, dim)) > error
+                    continue
+                assert max(grid_sums.total_error(order, h, dim)) <= error
+                assert max(grid_sums.total_error(order, h * 1.01, dim)) > error
+    assert grid_sums.spacing_for(4, 1, 1e-20) is None
+
+
 # ---------------------------------------------------------------- the interpolation bound vs the oracle
 
 
@@ -307,3 +322,19 @@ def test_variance_and_ard_scale_the_sums_and_the_bound():
     assert np.abs(v - v_ref).max() <= eps * len(x) * s2
     assert np.linalg.norm(g - g_ref, axis=1).max() <= eps * len(x) * s2 * SLOPE / 0.5
     assert np.abs(v - v_ref).max() > 0  # an approximation, not the dense run under another name
+
+
+def test_grid_does_not_depend_on_the_workers_and_tiny_tolerances_decline():
+    """The plan's grid (and so the bits) is the same for 1 and 8 workers; below 1e-10 the far field
+    declines; a 1-D series too long for one grid axis declines with the reason."""
+    x = np.random.default_rng(10).normal(size=(30000, 2))
+    grids = {w: make_problem(x, x, lengthscale=0.5, tolerance=1e-6, sources_are_points=True, workers=w).layout.grid
+             for w in (1, 8)}
+    one, eight = grids[1], grids[8]
+    assert (one.shape, one.order, one.spacing) == (eight.shape, eight.order, eight.spacing)
+    assert np.array_equal(one.origin, eight.origin) and np.array_equal(one.step, eight.step)
+    tiny = make_problem(x, x, lengthscale=0.5, tolerance=1e-11, sources_are_points=True)
+    assert "below tolerance 1e-10" in tiny.plan.exact_reason
+    line = np.linspace(0, 1e5, 20000)[:, None]
+    long = make_problem(line, line, lengthscale=1.0, tolerance=1e-6, sources_are_points=True)
+    assert "along a dimension" in long.plan.exact_reason, long.plan.exact_reason

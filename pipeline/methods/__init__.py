@@ -32,6 +32,7 @@ def choose(request: PlanRequest, name: str = "auto") -> tuple[Method, Planned, s
         if name not in METHODS:
             raise InputError(f"method={name!r} is not a method; use auto or one of {', '.join(METHODS)}")
         answer = METHODS[name].plan(request)
+        PRUNED.forget()
         if not isinstance(answer, Planned):
             raise InputError(f"method={name!r} cannot run this problem: {answer}; use --method auto")
         return METHODS[name], answer, ""
@@ -40,6 +41,7 @@ def choose(request: PlanRequest, name: str = "auto") -> tuple[Method, Planned, s
         answer = method.plan(request)
         if isinstance(answer, Planned):
             why = "; ".join(reasons) if request.tolerance > 0 else ""
+            PRUNED.forget()
             return method, answer, why
         reasons.append(answer)
     raise AssertionError("the dense method accepts every problem")  # pragma: no cover

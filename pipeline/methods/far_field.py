@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..finite import check_finite_result
-from ..grid_sums import interpolate, node_sums, slab_range, spacing_for, total_error
+from ..grid_sums import MIN_TOLERANCE, interpolate, node_sums, slab_range, spacing_for, total_error
 from ..plan import Task, make_plan, project, with_pruning
 from ..proxies import GRID_MAX_NODES, ORDERS, Grid, make_grid, spread
 from ..pruning import kernel_bounds
@@ -48,6 +48,8 @@ SPREAD_SECONDS = 14e-9
 INTERPOLATE_SECONDS = 8e-9
 NODE_SUM_SECONDS = 6e-11
 GAIN_NEEDED = 0.8  # used only where its projected time is below this fraction of the next method's
+# Nodes along one dimension at most: the node sums hold one (n x n) matrix per dimension.
+MAX_NODES_PER_DIM = 4096
 
 
 @dataclass(frozen=True)
@@ -73,23 +75,28 @@ def projected_seconds(n: int, m: int, dim: int, grid: Grid, parallel: int) -> tu
     return client, n * stencil * INTERPOLATE_SECONDS / max(1, parallel)
 
 
-def choose_grid(lower: np.ndarray, upper: np.ndarray, lengthscale: np.ndarray, n: int, m: int, tolerance: float,
-                parallel: int) -> Grid | str:
-    """The grid of least projected time whose bound is within ``tolerance``, or why there is none."""
+def choose_grid(lower: np.ndarray, upper: np.ndarray, lengthscale: np.ndarray, n: int, m: int,
+                tolerance: float) -> Grid | str:
+    """The grid of least projected work (one worker: the choice, and so the bits, do not depend on the
+    cluster) whose bound is within ``tolerance``, or why there is none."""
     dim = len(lower)
     best, smallest = None, None
     for order in ORDERS:
         spacing = spacing_for(order, dim, tolerance)
-        grid = make_grid(lower, upper, lengthscale, order, spacing)
-        smallest = grid.n_nodes if smallest is None else min(smallest, grid.n_nodes)
-        if grid.n_nodes > GRID_MAX_NODES:
+        if spacing is None:
             continue
-        seconds = sum(projected_seconds(n, m, dim, grid, parallel))
+        grid = make_grid(lower, upper, lengthscale, order, spacing)
+        smallest = grid if smallest is None or grid.n_nodes < smallest.n_nodes else smallest
+        if grid.n_nodes > GRID_MAX_NODES or max(grid.shape) > MAX_NODES_PER_DIM:
+            continue
+        seconds = sum(projected_seconds(n, m, dim, grid, 1))
         if best is None or seconds < best[0]:
             best = (seconds, grid)
     if best is None:
-        return (f"no far field: its grid would need at least {smallest:.3g} nodes over the data's box (more than "
-                f"{GRID_MAX_NODES:.3g}): the data span too many lengthscales")
+        size = "no grid meets the bound" if smallest is None else (
+            f"its grid would need at least {smallest.n_nodes:.3g} nodes ({' x '.join(map(str, smallest.shape))}) over "
+            f"the data's box (at most {GRID_MAX_NODES:.3g}, and {MAX_NODES_PER_DIM} along a dimension)")
+        return f"no far field: {size}: the data span too many lengthscales"
     return best[1]
 
 
@@ -106,13 +113,16 @@ class FarField(InSpatialOrder):
                     f"rbf only")
         if dim > MAX_DIM:
             return f"no far field in D={dim}: its grid pays in D <= {MAX_DIM} only"
+        if tolerance < MIN_TOLERANCE:
+            return (f"no far field below tolerance {MIN_TOLERANCE:g}: the float64 rounding of its grid sums is "
+                    f"bounded only above that")
         plan = make_plan(n, m, dim, pruned=True, **request.plan_options)
         lengthscale = np.asarray(spec.lengthscale, np.float64)
         points = np.asarray(request.points, np.float64)
         sources = points if request.sources_are_points else np.asarray(request.sources, np.float64)
         lower = np.minimum(points.min(axis=0), sources.min(axis=0))
         upper = np.maximum(points.max(axis=0), sources.max(axis=0))
-        grid = choose_grid(lower, upper, lengthscale, n, m, tolerance, plan.parallel)
+        grid = choose_grid(lower, upper, lengthscale, n, m, tolerance)
         if isinstance(grid, str):
             return grid
         client, tasks = projected_seconds(n, m, dim, grid, plan.parallel)
@@ -123,9 +133,12 @@ class FarField(InSpatialOrder):
             if other is None:  # the dense method's projection
                 other = with_pruning(make_plan(n, m, dim, **request.plan_options), tolerance, None)
                 name = "computing every pair"
-            other_seconds = project(other).compute_seconds
-            if client + tasks >= GAIN_NEEDED * other_seconds:
-                return (f"the far field would take about {client + tasks:.3g} s against {other_seconds:.3g} s for "
+            # Compared as one worker's work, so that the choice does not depend on the cluster (the API and
+            # `kgrad run` on any number of workers choose alike).
+            other_seconds = project(other).compute_seconds * other.parallel
+            work = sum(projected_seconds(n, m, dim, grid, 1))
+            if work >= GAIN_NEEDED * other_seconds:
+                return (f"the far field would take about {work:.3g} s of one core against {other_seconds:.3g} s for "
                         f"{name}, so it is not used")
         stencil = grid.order ** dim
         terms = (f"{m * stencil / 1e9:.3g} G spreading terms and {grid.n_nodes:.3g} grid nodes on the client "

@@ -71,6 +71,10 @@ class Pruned(InSpatialOrder):
 
     _last = None  # (request, answer) of the last plan
 
+    def forget(self) -> None:
+        """Drop the kept answer (and the request's arrays it holds): called once a method is chosen."""
+        self._last = None
+
     def _plan(self, request: PlanRequest) -> Planned | str:
         spec, mode = request.spec, request.mode
         if request.tolerance <= 0:
