@@ -131,7 +131,7 @@ LAYOUTS = ("far-from-origin", "one-point", "duplicates", "mixed-sign", "ard-1e-3
 
 
 @pytest.mark.sampled(every=3)
-@pytest.mark.parametrize("order", (4, 8, 12))
+@pytest.mark.parametrize("order", (6, 8, 12))
 @pytest.mark.parametrize("dim", (1, 2, 3))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_interpolation_error_within_the_bound(layout, dim, order):
@@ -141,6 +141,9 @@ def test_interpolation_error_within_the_bound(layout, dim, order):
     q, x, w, ls = _layout(layout, dim, rng)
     h = spacing_for(order, dim, 1e-6)
     e_v, e_g = interpolation_error(order, h, dim)
+    grid = make_grid(np.min(x, 0), np.max(x, 0), ls, order, h)
+    if grid.n_nodes > 2e6:
+        pytest.skip(f"{grid.n_nodes:.3g} nodes: too fine a grid for this layout's extent")
     g, v = proxy_sums(q, x, w, ls, order, h)
     g_ref, v_ref = oracle(q, x, w, ls)
     err_g, err_v = errors(g, v, g_ref, v_ref, w, ls, len(x))
