@@ -103,6 +103,11 @@ class WorkerKills:
     stderr: str = ""
 
 
+class KillMissed(AssertionError):
+    """The run ended before a kill could land (a busy machine can finish a small job between polls): the
+    fault was not injected, so the caller may run it again."""
+
+
 def run_with_worker_kills(args, out, progress: Progress, *, kills: int = 1, cluster=None, first_after: int = 2,
                           rng: random.Random | None = None, timeout: float = RUN_TIMEOUT) -> WorkerKills:
     """Start `kgrad ARGS` and, once ``first_after`` of its tasks are done (``progress``), SIGKILL ``kills``
@@ -113,7 +118,7 @@ def run_with_worker_kills(args, out, progress: Progress, *, kills: int = 1, clus
     are killed first, and this returns once the cluster has all its workers back.  Without it the run uses its
     own local cluster, and its worker processes are killed (the first drawn with ``rng``).
 
-    The run must still be running at each kill (else AssertionError: the job is too small to be hit);
+    The run must still be running at each kill (else :class:`KillMissed`: the job is too small to be hit);
     it is waited for to the end (nothing of it may outlive it)."""
     rng = rng or random.Random(0)
     result = WorkerKills()
@@ -127,7 +132,8 @@ def run_with_worker_kills(args, out, progress: Progress, *, kills: int = 1, clus
             poll(lambda: tasks_done(progress, out) >= first_after or proc.poll() is not None, timeout=timeout,
                  interval=0.01, what=f"{first_after} tasks done")
             for _ in range(kills):
-                assert proc.poll() is None, f"the run finished before kill {len(result.victims) + 1}; use a larger job"
+                if proc.poll() is not None:
+                    raise KillMissed(f"the run finished before kill {len(result.victims) + 1}; use a larger job")
                 victim = (_cluster_victim(client, proc, result.victims) if client is not None
                           else _local_victim(proc, result.victims, rng))
                 result.done_at_kills.append(tasks_done(progress, out))
@@ -161,7 +167,8 @@ def _cluster_victim(client, proc, victims: list[int]) -> int:
     if not victims:
         address = poll(lambda: busy_cluster_worker(client) or proc.poll() is not None, timeout=30,
                        what="a busy worker")
-        assert proc.poll() is None, "the run finished before the kill; use a larger job"
+        if proc.poll() is not None:
+            raise KillMissed("the run finished before the kill; use a larger job")
         return cluster_worker_pids(client)[address]
     pids = [pid for pid in cluster_worker_pids(client).values() if pid not in victims]
     assert pids, "no worker left to kill"
