@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -114,34 +115,43 @@ def run_with_worker_kills(args, out, progress: Progress, *, kills: int = 1, clus
     worker processes one right after the other (2: both workers of a 2-worker cluster, every task in flight
     lost until the nannies have restarted them).
 
-    ``cluster``: a :class:`cluster_fixtures.DaskCluster` the run uses (``--scheduler FILE``): busy workers of it
-    are killed first, and this returns once the cluster has all its workers back.  Without it the run uses its
-    own local cluster, and its worker processes are killed (the first drawn with ``rng``).
+    ``cluster``: a :class:`cluster_fixtures.DaskCluster` the run uses (``--scheduler FILE``): a worker busy
+    with a kgrad task is killed first, and this returns once the cluster has all its workers back.  Without it
+    the run uses its own local cluster, and its worker processes are killed (the first drawn with ``rng``).
 
-    The run must still be running at each kill (else :class:`KillMissed`: the job is too small to be hit);
-    it is waited for to the end (nothing of it may outlive it)."""
+    The workers are frozen (SIGSTOP) from the moment ``first_after`` tasks are seen done until the kills have
+    landed, so a job whose tasks take milliseconds is still hit in mid-run; the survivors are thawed
+    (SIGCONT) after.  The run must still be running at each kill (else :class:`KillMissed`: the whole job
+    ended between two polls); it is waited for to the end (nothing of it may outlive it)."""
     rng = rng or random.Random(0)
     result = WorkerKills()
     client = None
     if cluster is not None:
         client = cluster.client()
         client.wait_for_workers(cluster.nworkers, timeout=60)
+    frozen: list[int] = []
     try:
+        cluster_pids = cluster_worker_pids(client) if client is not None else {}  # asked while they answer
         proc = start_kgrad(args)
         try:
             poll(lambda: tasks_done(progress, out) >= first_after or proc.poll() is not None, timeout=timeout,
                  interval=0.01, what=f"{first_after} tasks done")
+            frozen = _freeze_workers(proc, client, cluster_pids)
             for _ in range(kills):
                 if proc.poll() is not None:
                     raise KillMissed(f"the run finished before kill {len(result.victims) + 1}; use a larger job")
-                victim = (_cluster_victim(client, proc, result.victims) if client is not None
-                          else _local_victim(proc, result.victims, rng))
+                if client is None:
+                    victim = _local_victim(proc, result.victims, rng)
+                else:
+                    victim, frozen = _cluster_victim(client, proc, cluster_pids, result.victims, frozen)
                 result.done_at_kills.append(tasks_done(progress, out))
                 os.kill(victim, signal.SIGKILL)
                 result.victims.append(victim)
                 poll(lambda: not _alive(victim), timeout=10, what=f"worker {victim} to die")  # a fault made
+            _thaw(frozen)
             proc.wait(timeout=timeout)
         finally:
+            _thaw(frozen)
             if proc.poll() is None:
                 kill_group(proc)
         assert_no_leftovers(proc)
@@ -155,6 +165,29 @@ def run_with_worker_kills(args, out, progress: Progress, *, kills: int = 1, clus
     return result
 
 
+def _freeze_workers(proc, client, cluster_pids: dict[str, int]) -> list[int]:
+    """SIGSTOP every worker process of the run (its local cluster's, or the dask cluster's): no task can end
+    while victims are chosen.  Returns the pids stopped."""
+    pids = list(cluster_pids.values()) if client is not None else local_worker_pids(proc.pid)
+    stopped = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            continue
+        stopped.append(pid)
+    return stopped
+
+
+def _thaw(pids: list[int]) -> None:
+    """SIGCONT the frozen workers that are still there."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 def _local_victim(proc, victims: list[int], rng: random.Random) -> int:
     """A worker process of the run's local cluster not killed yet (not one a nanny is restarting)."""
     pids = poll(lambda: [p for p in local_worker_pids(proc.pid) if p not in victims], timeout=30,
@@ -162,17 +195,22 @@ def _local_victim(proc, victims: list[int], rng: random.Random) -> int:
     return rng.choice(pids) if not victims else min(pids, key=_started)
 
 
-def _cluster_victim(client, proc, victims: list[int]) -> int:
-    """A worker process of the dask cluster not killed yet: the first one busy with a kgrad task; then any."""
-    if not victims:
-        address = poll(lambda: busy_cluster_worker(client) or proc.poll() is not None, timeout=30,
-                       what="a busy worker")
+def _cluster_victim(client, proc, cluster_pids: dict[str, int], victims: list[int],
+                    frozen: list[int]) -> tuple[int, list[int]]:
+    """A worker process of the dask cluster not killed yet: first one the scheduler says holds a kgrad task;
+    then any.  Where none holds one at the freeze (between two tasks), the workers are thawed a moment and
+    frozen again until one does.  Returns the victim and the pids now frozen."""
+    if victims:
+        pids = [pid for pid in cluster_pids.values() if pid not in victims]
+        assert pids, "no worker left to kill"
+        return pids[0], frozen
+    while (address := busy_cluster_worker(client)) is None:
         if proc.poll() is not None:
             raise KillMissed("the run finished before the kill; use a larger job")
-        return cluster_worker_pids(client)[address]
-    pids = [pid for pid in cluster_worker_pids(client).values() if pid not in victims]
-    assert pids, "no worker left to kill"
-    return pids[0]
+        _thaw(frozen)
+        time.sleep(0.005)
+        frozen = _freeze_workers(proc, client, cluster_pids)
+    return cluster_pids[address], frozen
 
 
 # ------------------------------------------------------------------------------------------ killing a run at a step
