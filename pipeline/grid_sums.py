@@ -32,8 +32,9 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .proxies import (CRAMER, SLOPE_MAX_RBF, Grid, basis_coefficients, evaluate, interpolation_error, lagrange,
+from .proxies import (CRAMER, Grid, basis_coefficients, evaluate, interpolation_error, lagrange,
                       lebesgue_constant, node_constant, offsets, sampled_max, stencils)
+from .scale_mixtures import RBF, GaussianMixture
 
 GATHER_ROWS = 1 << 12  # queries interpolated at a time (bounded temporaries: rows x p^D)
 
@@ -57,52 +58,78 @@ def derivative_constants(order: int) -> tuple[float, float]:
     return c_prime, sampled_max(_slope_coefficients(order))
 
 
-def query_error(order: int, spacing: float, dim: int) -> tuple[float, float]:
+def query_error(order: int, spacing: float, dim: int, kernel: GaussianMixture = RBF) -> tuple[float, float]:
     """``(Q_v, Q_g)``: the error of interpolating ``v~`` (and of the gradient of the interpolant) per unit
-    of ``S'``, in units of kmax and gmax (rbf, ``spacing`` in lengthscales)."""
+    of ``S'``, in units of kmax and gmax (``spacing`` in lengthscales; derivative bounds of order n times
+    the kernel's moment ``E[tau^(n/2)]``, :mod:`pipeline.scale_mixtures`)."""
     lam = lebesgue_constant(order)
     c_prime, lam_prime = derivative_constants(order)
     c_p = node_constant(order)
     h = spacing
-    value_1d = CRAMER * c_p * h ** order / math.sqrt(math.factorial(order))
+    m_p, m_next = kernel.moment(order / 2), kernel.moment((order + 1) / 2)
+    value_1d = CRAMER * c_p * h ** order / math.sqrt(math.factorial(order)) * m_p
     value = value_1d * sum(lam ** k for k in range(dim))
     # One component e: d_e (I - 1) = d_e (I_e - 1) + (d_e I_e)(I_rest - 1).
-    own = CRAMER * (c_prime * h ** (order - 1) / math.sqrt(math.factorial(order))
-                    + c_p * h ** order / math.sqrt(math.factorial(order + 1)))
+    own = CRAMER * (c_prime * h ** (order - 1) / math.sqrt(math.factorial(order)) * m_p
+                    + c_p * h ** order / math.sqrt(math.factorial(order + 1)) * m_next)
     rest = (lam_prime / h) * value_1d * sum(lam ** k for k in range(dim - 1))
-    gradient = math.sqrt(dim) * (own + rest) / SLOPE_MAX_RBF
+    gradient = math.sqrt(dim) * (own + rest) / kernel.slope
     return value, gradient
 
 
 # float64 rounding of the chain, counted with the bound: the node sums U hold relative rounding of a few
 # units of 2^-52 per product (sums of positive-weighted terms of at most S' kmax), which the interpolation
-# amplifies by at most Lambda^D for v and Lambda^(D-1) Lambda' / h (times sqrt(D) / s) for g; this allowance
-# is 2^-52 times ROUNDING_UNITS of those.  Below MIN_TOLERANCE the far field is not used.
+# amplifies by at most Lambda^D for v and Lambda^(D-1) Lambda' / h (times sqrt(D) / slope) for g; this
+# allowance is 2^-52 times ROUNDING_UNITS of those.  Below MIN_TOLERANCE the far field is not used.
 ROUNDING_UNITS = 1024.0
 MIN_TOLERANCE = 1e-10
+# Node sums by FFT (kernels that are not products over dimensions) run in extended precision (numpy's
+# longdouble: 64-bit significand on x86-64, unit roundoff 2^-64); a transform of P entries has a normwise
+# relative error of at most FFT_UNITS unit roundoffs per level, log2(P) levels (an allowance: the classic
+# analysis of radix-2 Cooley-Tukey gives about 6 per level); see fft_rounding.
+FFT_UNITS = 16.0
+FFT_DTYPE = np.longdouble
 
 
-def total_error(order: int, spacing: float, dim: int) -> tuple[float, float]:
+def fft_rounding(grid: Grid, kernel: GaussianMixture) -> float:
+    """The rounding of :func:`fft_node_sums` per unit of ``S'`` (kmax units), at every node: with ``A = F W``,
+    ``B = F K`` (``P`` entries) computed with normwise relative error ``e = FFT_UNITS u log2 P`` and the
+    inverse likewise, ``|U^ - U|_inf <= |U^ - U|_2 <= (3 e + 8 u) |W|_1 |K|_1`` (Young's inequality on each
+    term; ``|K|_1``: :meth:`pipeline.scale_mixtures.GaussianMixture.offset_sum_bound`; ``u``: the unit
+    roundoff of :data:`FFT_DTYPE`).  The float64 parts (the kernel's values, the result's last rounding)
+    are relative roundings of terms at most ``S' kmax``, counted in :data:`ROUNDING_UNITS`."""
+    if kernel.separable:
+        return 0.0
+    unit = float(np.finfo(FFT_DTYPE).epsneg)
+    padded = float(np.prod(fft_shape(grid.shape), dtype=np.float64))
+    levels = FFT_UNITS * unit * math.log2(padded)
+    return (3.0 * levels + 8.0 * unit) * kernel.offset_sum_bound(grid.shape, grid.spacing)
+
+
+def total_error(order: int, spacing: float, dim: int, kernel: GaussianMixture = RBF,
+                node_rounding: float = 0.0) -> tuple[float, float]:
     """The whole chain's bound per unit of ``S``, using ``S' <= Lambda^D S``: ``(E_v + Lambda^D (Q_v + r_v),
-    E_g + Lambda^D (Q_g + r_g))`` with the rounding allowances ``r`` (:data:`ROUNDING_UNITS`)."""
-    e_v, e_g = interpolation_error(order, spacing, dim)
-    q_v, q_g = query_error(order, spacing, dim)
+    E_g + Lambda^D (Q_g + r_g))`` with the rounding allowances ``r`` (:data:`ROUNDING_UNITS`, plus
+    ``node_rounding`` per unit of S', kmax units: the FFT's, :func:`fft_rounding`)."""
+    e_v, e_g = interpolation_error(order, spacing, dim, kernel)
+    q_v, q_g = query_error(order, spacing, dim, kernel)
     lam = lebesgue_constant(order)
     _, lam_prime = derivative_constants(order)
-    unit = ROUNDING_UNITS * 2.0 ** -52
+    unit = ROUNDING_UNITS * 2.0 ** -52 + node_rounding
     r_v = unit * lam ** dim
-    r_g = unit * math.sqrt(dim) * lam ** (dim - 1) * lam_prime / spacing / SLOPE_MAX_RBF
+    r_g = unit * math.sqrt(dim) * lam ** (dim - 1) * lam_prime / spacing / kernel.slope
     growth = lam ** dim
     return e_v + growth * (q_v + r_v), e_g + growth * (q_g + r_g)
 
 
-def spacing_for(order: int, dim: int, error: float) -> float | None:
+def spacing_for(order: int, dim: int, error: float, kernel: GaussianMixture = RBF,
+                node_rounding: float = 0.0) -> float | None:
     """The largest spacing (lengthscales, to 0.1%) at which :func:`total_error` stays within ``error``
     (None: none from 1e-6 to 4 lengthscales).  The bound is not monotone in h (interpolation grows with h,
     the rounding allowance as 1/h), so a geometric scan from the top finds the largest good spacing first,
     then bisection refines it against the next, failing, one."""
     scan = np.geomspace(4.0, 1e-6, 400)
-    good = [h for h in scan if max(total_error(order, float(h), dim)) <= error]
+    good = [h for h in scan if max(total_error(order, float(h), dim, kernel, node_rounding)) <= error]
     if not good:
         return None
     low = float(good[0])
@@ -111,22 +138,73 @@ def spacing_for(order: int, dim: int, error: float) -> float | None:
         return low
     while high / low > 1.001:
         mid = math.sqrt(low * high)
-        if max(total_error(order, mid, dim)) <= error:
+        if max(total_error(order, mid, dim, kernel, node_rounding)) <= error:
             low = mid
         else:
             high = mid
     return low
 
 
-def node_sums(weights: np.ndarray, grid: Grid, variance: float) -> np.ndarray:
-    """``U`` (flat, float64): the rbf sums of the proxies' weights (flat, :func:`pipeline.proxies.spread`)
-    at every node, one matrix product per dimension."""
+def node_sums(weights: np.ndarray, grid: Grid, kernel: GaussianMixture) -> np.ndarray:
+    """``U`` (flat, float64): the kernel sums of the proxies' weights (flat, :func:`pipeline.proxies.spread`)
+    at every node: for rbf one matrix product per dimension, for the other mixtures :func:`fft_node_sums`."""
+    if not kernel.separable:
+        return fft_node_sums(weights, grid, kernel)
     field = np.asarray(weights, np.float64).reshape(grid.shape)
     for d, n in enumerate(grid.shape):
         offset = np.arange(n, dtype=np.float64) * grid.spacing
         matrix = np.exp(-0.5 * (offset[:, None] - offset[None, :]) ** 2)
         field = np.moveaxis(np.tensordot(matrix, field, axes=([1], [d])), 0, d)
-    return (variance * field).ravel()
+    return (kernel.kmax * field).ravel()
+
+
+def _fast_length(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n (lengths numpy's FFT handles fastest)."""
+    best = 1 << max(0, (n - 1).bit_length())
+    fives = 1
+    while fives < best:
+        odd = fives
+        while odd < best:
+            length = odd
+            while length < n:
+                length *= 2
+            best = min(best, length)
+            odd *= 3
+        fives *= 5
+    return best
+
+
+def fft_shape(shape: tuple) -> tuple:
+    """The transforms' shape for a linear convolution over a grid of ``shape`` nodes: at least 2 n - 1
+    per dimension (no wrap-around), rounded up to a fast length."""
+    return tuple(_fast_length(2 * n - 1) for n in shape)
+
+
+def fft_node_sums(weights: np.ndarray, grid: Grid, kernel: GaussianMixture) -> np.ndarray:
+    """``U_m = sum_n W_n k(z_m - z_n)`` at every node by a real FFT convolution (:data:`FFT_DTYPE`): the kernel at
+    every offset ``|m_d| < n_d`` (``(m h)^2`` summed over dimensions, in lengthscales), zero elsewhere, so
+    the circular convolution over the padded shape is the linear one.  Rounding: :func:`fft_rounding`."""
+    shape = grid.shape
+    padded = fft_shape(shape)
+    r2 = np.zeros(padded)
+    gap = np.zeros(padded, bool)
+    for d, (n, size) in enumerate(zip(shape, padded)):
+        m = np.arange(size, dtype=np.float64)
+        m = np.where(m < n, m, m - size)  # offsets 0..n-1, then -(size-1)..-1 (wrapped)
+        where = [None] * len(shape)
+        where[d] = slice(None)
+        r2 += ((m * grid.spacing) ** 2)[tuple(where)]
+        gap |= (np.abs(m) >= n)[tuple(where)]
+    kernel_grid = kernel.profile(r2).astype(FFT_DTYPE)
+    kernel_grid[gap] = 0.0
+    del r2, gap
+    axes = tuple(range(len(shape)))
+    spectrum = np.fft.rfftn(kernel_grid, s=padded, axes=axes)
+    del kernel_grid
+    spectrum *= np.fft.rfftn(np.asarray(weights, FFT_DTYPE).reshape(shape), s=padded, axes=axes)
+    field = np.fft.irfftn(spectrum, s=padded, axes=axes)
+    del spectrum
+    return (kernel.kmax * field[tuple(slice(0, n) for n in shape)].astype(np.float64)).ravel()
 
 
 def interpolate(queries: np.ndarray, sums: np.ndarray, grid: Grid, first_slab: int = 0) -> tuple[np.ndarray, np.ndarray]:

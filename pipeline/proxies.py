@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .scale_mixtures import RBF, GaussianMixture
+
 CRAMER = 1.086435  # |He_n(t)| exp(-t^2/4) <= CRAMER sqrt(n!) for every n and real t (Cramer's inequality)
 SLOPE_MAX_RBF = math.exp(-0.5)  # max |f'(r)| of f(r) = exp(-r^2/2), at r = 1
 ORDERS = (4, 6, 8, 10, 12, 14, 16)  # nodes per dimension the plan chooses from (even: the cell is central)
@@ -110,18 +112,20 @@ def lebesgue_constant(order: int) -> float:
     return sampled_max(basis_coefficients(order))
 
 
-def interpolation_error(order: int, spacing: float, dim: int) -> tuple[float, float]:
-    """``(E_v, E_g)`` for rbf: the interpolation error of ``k`` in units of ``kmax`` and of ``grad_q k`` in
-    units of ``gmax``, per unit of ``sum |w|``, for ``order`` nodes per dimension at ``spacing``
-    lengthscales, in ``dim`` dimensions (see the module docstring)."""
+def interpolation_error(order: int, spacing: float, dim: int, kernel: GaussianMixture = RBF) -> tuple[float, float]:
+    """``(E_v, E_g)``: the interpolation error of ``k`` in units of ``kmax`` and of ``grad_q k`` in units of
+    ``gmax``, per unit of ``sum |w|``, for ``order`` nodes per dimension at ``spacing`` lengthscales, in
+    ``dim`` dimensions (see the module docstring), for rbf or another Gaussian scale mixture ``kernel``
+    (:mod:`pipeline.scale_mixtures`: the bound on a derivative of order n is multiplied by ``E[tau^(n/2)]``)."""
     lam = lebesgue_constant(order)
     base = node_constant(order) * spacing ** order / math.sqrt(math.factorial(order))  # C_p h^p / sqrt(p!)
-    value_1d = CRAMER * base
-    along = CRAMER * base * math.sqrt(order + 1)  # a gradient component, along its own dimension
-    across = SLOPE_MAX_RBF * value_1d  # ... along another dimension
+    value_1d = CRAMER * base * kernel.moment(order / 2)
+    derivative = CRAMER * base * kernel.moment((order + 1) / 2)  # one more derivative: one more sqrt(tau)
+    along = derivative * math.sqrt(order + 1)  # a gradient component, along its own dimension
+    across = SLOPE_MAX_RBF * derivative  # ... along another dimension
     value = value_1d * sum(lam ** k for k in range(dim))
     component = along + across * sum(lam ** k for k in range(1, dim))  # the component's own dimension first
-    gradient = math.sqrt(dim) * component / SLOPE_MAX_RBF  # |vector| <= sqrt(D) max component, / l_min
+    gradient = math.sqrt(dim) * component / kernel.slope  # |vector| <= sqrt(D) max component, / l_min
     return value, gradient
 
 

@@ -17,13 +17,26 @@ from pipeline.api import kernel_gradients
 from pipeline.errors import InputError
 from pipeline.problem import make_problem
 from pipeline.proxies import (ORDERS, interpolation_error, lagrange, lebesgue_constant, make_grid, node_constant,
-                              offsets, proxy_weights, spacing_for)
+                              offsets, proxy_weights, spacing_for, spread)
+from pipeline.scale_mixtures import RBF, GaussianMixture, mixture_for
 
 SLOPE = math.exp(-0.5)  # rbf: gmax = SLOPE / l_min, kmax = 1
+RQ = GaussianMixture("rational_quadratic", 1.0, 1.0, 1.0)  # alpha = 1
+IMQ = GaussianMixture("imq", 1.0, 0.5, 0.5)  # c = 1, beta = 1/2: (1 + r^2)^(-1/2)
+MIXTURES = {"rbf": RBF, "rational_quadratic": RQ, "imq": IMQ}
 
 
-def oracle(queries, sources, weights, lengthscale):
-    """rbf sums in float64 with exact differences: g (n, D), v (n,)."""
+def _profile_and_slope(kernel, r2):
+    """f(r2) / kmax and d f / d r2 / kmax, float64."""
+    if kernel.shape is None:
+        f = np.exp(-0.5 * r2)
+        return f, -0.5 * f
+    base = 1.0 + r2 / (2.0 * kernel.rate)
+    return base ** -kernel.shape, -(kernel.shape / (2.0 * kernel.rate)) * base ** (-kernel.shape - 1.0)
+
+
+def oracle(queries, sources, weights, lengthscale, kernel=RBF):
+    """The kernel's sums (kmax = 1) in float64 with exact differences: g (n, D), v (n,)."""
     q = np.asarray(queries, np.float64)
     x = np.asarray(sources, np.float64)
     w = np.ones(len(x)) if weights is None else np.asarray(weights, np.float64)
@@ -31,16 +44,16 @@ def oracle(queries, sources, weights, lengthscale):
     g, v = np.zeros(q.shape), np.zeros(len(q))
     for s in range(0, len(x), 4096):
         d = (q[:, None, :] - x[None, s:s + 4096]) / ls
-        k = np.exp(-0.5 * np.einsum("qmd,qmd->qm", d, d)) * w[s:s + 4096]
-        v += k.sum(1)
-        g -= np.einsum("qm,qmd->qd", k, d) / ls
+        f, df = _profile_and_slope(kernel, np.einsum("qmd,qmd->qm", d, d))
+        v += (f * w[s:s + 4096]).sum(1)
+        g += np.einsum("qm,qmd->qd", 2.0 * df * w[s:s + 4096], d) / ls
     return g, v
 
 
-def errors(g, v, g_ref, v_ref, weights, lengthscale, n_sources):
-    """max_j |g^ - g| / (S gmax) and max_j |v^ - v| / (S kmax): the bound's units."""
+def errors(g, v, g_ref, v_ref, weights, lengthscale, n_sources, kernel=RBF):
+    """max_j |g^ - g| / (S gmax) and max_j |v^ - v| / (S kmax): the bound's units (kmax = 1)."""
     s = n_sources if weights is None else float(np.abs(weights).sum())
-    gmax = SLOPE / float(np.min(lengthscale))
+    gmax = kernel.slope / float(np.min(lengthscale))
     return (float(np.linalg.norm(g - g_ref, axis=1).max()) / (s * gmax), float(np.abs(v - v_ref).max()) / s)
 
 
@@ -157,26 +170,41 @@ def test_interpolation_error_within_the_bound(layout, dim, order):
 def test_whole_chain_within_its_bound(layout, dim, order):
     """Spread, node sums, interpolation at the queries (pipeline.grid_sums) at the spacing the plan would
     take for 1e-4 (1e-3 for p = 4, whose grids are fine): within S E + S' Q of the oracle, per query."""
+    _check_whole_chain(layout, dim, order, RBF, 1e-3 if order == 4 else 1e-4)
+
+
+@pytest.mark.sampled(every=3)
+@pytest.mark.parametrize("kernel", ("rational_quadratic", "imq"))
+@pytest.mark.parametrize("dim", (1, 2, 3))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_whole_chain_within_its_bound_for_scale_mixtures(layout, dim, kernel):
+    """The same for rational_quadratic and imq (moments of the mixture in the bound, node sums by FFT with
+    their rounding counted), p = 8 at the spacing for 1e-4."""
+    _check_whole_chain(layout, dim, 8, MIXTURES[kernel], 1e-4)
+
+
+def _check_whole_chain(layout, dim, order, kernel, target):
     rng = np.random.default_rng([dim, order, LAYOUTS.index(layout), 1])
     q, x, w, ls = _layout(layout, dim, rng)
-    target = 1e-3 if order == 4 else 1e-4
-    h = grid_sums.spacing_for(order, dim, target)
+    h = grid_sums.spacing_for(order, dim, target, kernel)
     both = np.vstack([q, x])
     grid = make_grid(both.min(0), both.max(0), ls, order, h)
     if grid.n_nodes > 4e6:
         pytest.skip(f"{grid.n_nodes:.3g} nodes: too fine a grid for this layout's extent")
-    from pipeline.proxies import spread
-
     weights = spread(x, w, grid)
     s_prime = float(np.abs(weights).sum())
-    g, v = grid_sums.interpolate(q, grid_sums.node_sums(weights, grid, 1.0), grid)
-    g_ref, v_ref = oracle(q, x, w, ls)
-    err_g, err_v = errors(g, v, g_ref, v_ref, w, ls, len(x))
+    g, v = grid_sums.interpolate(q, grid_sums.node_sums(weights, grid, kernel), grid)
+    g_ref, v_ref = oracle(q, x, w, ls, kernel)
+    err_g, err_v = errors(g, v, g_ref, v_ref, w, ls, len(x), kernel)
     s = len(x) if w is None else float(np.abs(w).sum())
-    e_v, e_g = interpolation_error(order, h, dim)
-    q_v, q_g = grid_sums.query_error(order, h, dim)
-    assert err_v <= e_v + s_prime / s * q_v and err_g <= e_g + s_prime / s * q_g, (err_v, err_g)
-    assert s_prime <= lebesgue_constant(order) ** dim * s * (1 + 1e-12)
+    e_v, e_g = interpolation_error(order, h, dim, kernel)
+    q_v, q_g = grid_sums.query_error(order, h, dim, kernel)
+    rounding = grid_sums.fft_rounding(grid, kernel)  # 0 for rbf
+    lam = lebesgue_constant(order)
+    r_v = rounding * lam ** dim
+    r_g = rounding * math.sqrt(dim) * lam ** (dim - 1) * grid_sums.derivative_constants(order)[1] / h / kernel.slope
+    assert err_v <= e_v + s_prime / s * (q_v + r_v) and err_g <= e_g + s_prime / s * (q_g + r_g), (err_v, err_g)
+    assert s_prime <= lam ** dim * s * (1 + 1e-12)
     assert max(e_v + s_prime / s * q_v, e_g + s_prime / s * q_g) <= target * (1 + 1e-9)
 
 
@@ -221,10 +249,11 @@ def test_a_layout_built_to_spend_the_bound():
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31), dim=st.integers(1, 3), log_eps=st.floats(-9, -2),
-       spread=st.floats(0.5, 30.0), signed=st.booleans())
-def test_property_far_field_run_keeps_the_per_query_bound(seed, dim, log_eps, spread, signed):
-    """Random layouts and tolerances, the far field forced: every query within EPS S kmax and EPS S gmax of
-    the float64 oracle (float64 runs: nothing but the approximation)."""
+       spread=st.floats(0.5, 30.0), signed=st.booleans(), kernel=st.sampled_from(sorted(MIXTURES)))
+def test_property_far_field_run_keeps_the_per_query_bound(seed, dim, log_eps, spread, signed, kernel):
+    """Random layouts, tolerances and kernels (rbf, rational_quadratic with alpha = 1, imq with c = 1, beta =
+    1/2), the far field forced: every query within EPS S kmax and EPS S gmax of the float64 oracle (float64
+    runs: nothing but the approximation)."""
     rng = np.random.default_rng(seed)
     n = 1500
     ls = rng.uniform(0.5, 2.0, dim)
@@ -233,12 +262,12 @@ def test_property_far_field_run_keeps_the_per_query_bound(seed, dim, log_eps, sp
     eps = 10.0 ** log_eps
     try:
         g, v = kernel_gradients(x, weights=w, lengthscale=ls, tolerance=eps, dtype="float64", return_value=True,
-                                method="far_field")
+                                method="far_field", kernel=kernel)
     except InputError as exc:  # only a grid too large for the data's extent may refuse
         assert "too many lengthscales" in str(exc)
         return
-    g_ref, v_ref = oracle(x, x, w, ls)
-    err_g, err_v = errors(g, v, g_ref, v_ref, w, ls, n)
+    g_ref, v_ref = oracle(x, x, w, ls, MIXTURES[kernel])
+    err_g, err_v = errors(g, v, g_ref, v_ref, w, ls, n, MIXTURES[kernel])
     assert err_v <= eps and err_g <= eps, (err_v, err_g, eps)
 
 
@@ -265,8 +294,9 @@ def test_plan_says_why_not():
     rng = np.random.default_rng(5)
     x2 = rng.normal(size=(3000, 2))
     cases = [
-        (dict(kernel="matern32"), x2, "rigorous interpolation bound is derived for rbf only"),
-        (dict(kernel="rational_quadratic", params={"alpha": 2.0}), x2, "rbf only"),
+        (dict(kernel="matern32"), x2, "derived for the Gaussian scale mixtures rbf, rational_quadratic and imq only"),
+        (dict(kernel="imq", mode="jacfwd"), x2, "that mode asks for the tiles' autodiff"),
+        (dict(kernel="imq"), rng.normal(size=(3000, 3)) * 3, "the FFT's rounding over a grid"),
         ({}, rng.normal(size=(3000, 4)), "pays in D <= 3 only"),
         ({}, rng.uniform(0, 1e5, size=(3000, 3)), "too many lengthscales"),
     ]
@@ -311,7 +341,7 @@ def test_cli_plan_names_the_far_field_and_method_flag(tmp_path):
     refused = kgrad(base + ["--kernel", "matern52", "--method", "far_field"])
     assert refused.returncode == 2
     assert "method='far_field' cannot run this problem" in refused.stderr
-    assert "rbf only" in refused.stderr
+    assert "Gaussian scale mixtures" in refused.stderr
 
 
 def test_variance_and_ard_scale_the_sums_and_the_bound():
@@ -341,3 +371,95 @@ def test_grid_does_not_depend_on_the_workers_and_tiny_tolerances_decline():
     line = np.linspace(0, 1e5, 20000)[:, None]
     long = make_problem(line, line, lengthscale=1.0, tolerance=1e-6, sources_are_points=True)
     assert "along a dimension" in long.plan.exact_reason, long.plan.exact_reason
+
+
+# ------------------------------------------------------------------------- rational_quadratic and imq
+
+
+@pytest.mark.parametrize("name,params", [("rbf", {}), ("rational_quadratic", {"alpha": 0.3}),
+                                         ("rational_quadratic", {"alpha": 4.0}), ("imq", {}),
+                                         ("imq", {"c": 2.5, "beta": 1.5})])
+def test_scale_mixture_constants(name, params):
+    """Each kernel's mixture: kmax and its profile are the kernel's own (pipeline.kernels), slope is sup |f'|
+    (the pruning tables' measure), the moments are the Gamma law's (numeric integral over tau), and the
+    mixture of Gaussians gives back the profile."""
+    from pipeline.kernels import make_spec
+    from pipeline.pruning import kernel_bounds
+
+    spec = make_spec(name, 1, lengthscale=1.0, variance=2.0, **params)
+    kernel = mixture_for(spec)
+    bounds = kernel_bounds(spec)
+    assert kernel.kmax == pytest.approx(bounds.kmax, rel=1e-12)
+    assert kernel.slope * kernel.kmax == pytest.approx(bounds.slope_max, rel=1e-3)
+    r = np.linspace(0, 30, 3001)
+    assert kernel.slope * kernel.kmax >= np.abs(np.gradient(kernel.kmax * kernel.profile(r * r), r)).max() * (1 - 1e-4)
+    if kernel.shape is None:
+        return
+    a, b = kernel.shape, kernel.rate
+    s = np.linspace(-90, 8, 400_001)  # tau = e^s
+    tau = np.exp(s)
+    density = np.exp(a * math.log(b) + a * s - b * tau - math.lgamma(a))  # Gamma(a, b) density times tau
+    step = s[1] - s[0]
+    for n in (0.0, 0.5, 2.0, 4.5, 8.0):
+        assert kernel.moment(n) == pytest.approx(float((density * tau ** n).sum() * step), rel=1e-6)
+    for r2 in (0.0, 0.3, 4.0, 50.0):
+        mixed = float((density * np.exp(-0.5 * tau * r2)).sum() * step)
+        assert mixed == pytest.approx(float(kernel.profile(r2)), rel=1e-6)
+
+
+@pytest.mark.parametrize("dim", (1, 2, 3))
+def test_fft_node_sums_equal_the_direct_sums_within_their_rounding(dim):
+    """fft_node_sums against the node-to-node sums in float64 (every pair), weights of mixed sign; the
+    difference stays within fft_rounding (plus float64's own)."""
+    from pipeline.proxies import make_grid
+
+    rng = np.random.default_rng(dim)
+    for kernel in (RQ, IMQ):
+        grid = make_grid(np.zeros(dim), np.full(dim, 2.0), np.full(dim, 0.5), 6, 0.37)
+        weights = rng.normal(size=grid.n_nodes)
+        sums = grid_sums.node_sums(weights, grid, kernel)
+        nodes = np.stack(np.unravel_index(np.arange(grid.n_nodes), grid.shape), axis=1) * grid.spacing
+        r2 = ((nodes[:, None, :] - nodes[None, :, :]) ** 2).sum(-1)
+        direct = kernel.profile(r2) @ weights
+        bound = (grid_sums.fft_rounding(grid, kernel) + 1e-13) * np.abs(weights).sum()
+        assert np.abs(sums - direct).max() <= bound
+        assert grid_sums.fft_rounding(grid, kernel) > 0 and grid_sums.fft_rounding(grid, RBF) == 0
+
+
+@pytest.mark.parametrize("kernel,params", [("rational_quadratic", {"alpha": 1.0}), ("imq", {"c": 1.0, "beta": 0.5})])
+def test_auto_picks_the_far_field_for_scale_mixtures_in_2d(kernel, params):
+    """A 2-D cloud at lengthscale 0.5 with rational_quadratic or imq: the far field is chosen (node sums by
+    FFT), and its bound holds against the oracle."""
+    x = np.random.default_rng(11).normal(size=(20000, 2))
+    problem = make_problem(x, x, lengthscale=0.5, tolerance=1e-6, sources_are_points=True, kernel=kernel,
+                           params=params)
+    assert problem.method.name == "far_field", problem.plan.exact_reason
+    assert not problem.layout.kernel.separable
+    g, v = kernel_gradients(x, lengthscale=0.5, tolerance=1e-6, dtype="float64", return_value=True, kernel=kernel,
+                            **params)
+    sample = np.random.default_rng(12).choice(len(x), 300, replace=False)
+    mixture = MIXTURES[kernel]
+    g_ref, v_ref = oracle(x[sample], x, None, 0.5, mixture)
+    err_g, err_v = errors(g[sample], v[sample], g_ref, v_ref, None, [0.5], len(x), mixture)
+    assert err_v <= 1e-6 and err_g <= 1e-6, (err_v, err_g)
+    assert err_v > 0
+
+
+@pytest.mark.slow
+def test_kgrad_run_with_a_scale_mixture_writes_the_apis_bits(tmp_path):
+    """`kgrad run --kernel imq --param c=2 --tolerance 1e-6` (2 local workers, node sums by FFT on the
+    client, interpolation in the tasks) writes what kernel_gradients returns, bit for bit."""
+    from cluster_fixtures import kgrad
+    from test_cli import read_output
+
+    x = np.random.default_rng(13).normal(size=(12000, 2))
+    np.save(tmp_path / "points.npy", x)
+    out = tmp_path / "out.zarr"
+    run = kgrad(["run", "--points", str(tmp_path / "points.npy"), "--kernel", "imq", "--param", "c=2",
+                 "--lengthscale", "0.4", "--tolerance", "1e-6", "--dtype", "float64", "--workers", "2",
+                 "--method", "far_field", "--out", str(out)])
+    assert run.returncode == 0, run.stderr
+    ds, attrs = read_output(out)
+    g, v = kernel_gradients(x, lengthscale=0.4, tolerance=1e-6, dtype="float64", return_value=True, kernel="imq",
+                            c=2.0, method="far_field")
+    assert np.array_equal(ds["gradient"].values, g) and np.array_equal(ds["value"].values, v)

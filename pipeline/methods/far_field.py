@@ -1,18 +1,21 @@
-"""The far-field method (``tolerance > 0``, rbf, D <= 3): sources spread onto a regular grid, summed node to
-node exactly, interpolated back at each query (:mod:`pipeline.proxies`, :mod:`pipeline.grid_sums`).
+"""The far-field method (``tolerance > 0``; rbf, rational_quadratic, imq; D <= 3): sources spread onto a regular
+grid, summed node to node, interpolated back at each query (:mod:`pipeline.proxies`, :mod:`pipeline.grid_sums`,
+:mod:`pipeline.scale_mixtures`).
 
 Guarantee, per query j (on top of the dtype's rounding), the pruned method's:
 ``|g^_j - g_j| <= EPS * S * gmax`` and ``|v^_j - v_j| <= EPS * S * kmax`` with ``S = sum_i |w_i|``; ``g^``
 is the exact gradient of ``v^``.  The cost is near-linear whatever the lengthscale: ``M p^D`` terms to
-spread the sources, one small matrix product per dimension over the grid, ``N p^D (D + 1)`` terms to
+spread the sources, one small matrix product per dimension over the grid (rbf; an FFT convolution for the
+two other kernels), ``N p^D (D + 1)`` terms to
 interpolate, so it pays most where the pruned method pays least (lengthscales of a few percent of the
 data's range and more).
 
 Plan: for each grid order ``p`` (nodes per dimension of a stencil) the largest spacing whose rigorous bound
 (:func:`pipeline.grid_sums.total_error`) is within EPS, then the order of least projected time over a grid
-of at most :data:`GRID_MAX_NODES` nodes covering the points and sources.  It declines, saying why, for
-kernels other than rbf (no bound derived), D > 3, data spanning too many lengthscales for such a grid,
-and where it would not be faster than the pruned (or dense) method.
+of at most :data:`GRID_MAX_NODES` nodes covering the points and sources (:data:`FFT_MAX_PADDED` FFT entries
+for the kernels summed by FFT).  It declines, saying why, for kernels that are not Gaussian scale mixtures
+(no bound derived), D > 3, data spanning too many lengthscales for such a grid (or an FFT whose rounding
+bound leaves no room), and where it would not be faster than the pruned (or dense) method.
 
 On a cluster the client spreads the sources and sums the grid (numpy, float64, once; a resumed run whose
 sorted copy is whole does not redo it) and writes the node sums into the sorted copy ``OUT/order/grid``;
@@ -30,10 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..finite import check_finite_result
-from ..grid_sums import MIN_TOLERANCE, interpolate, node_sums, slab_range, spacing_for, total_error
+from ..grid_sums import (MIN_TOLERANCE, fft_rounding, fft_shape, interpolate, node_sums, slab_range, spacing_for,
+                         total_error)
 from ..plan import Task, make_plan, project, with_pruning
 from ..proxies import GRID_MAX_NODES, ORDERS, Grid, make_grid, spread
 from ..pruning import kernel_bounds
+from ..scale_mixtures import GaussianMixture, mixture_for
 from ..spatial import in_input_order, spatial_order
 from ..task import Job, check_lease, start_task
 from .base import ClientRun, Planned, PlanRequest
@@ -50,6 +55,11 @@ NODE_SUM_SECONDS = 6e-11
 GAIN_NEEDED = 0.8  # used only where its projected time is below this fraction of the next method's
 # Nodes along one dimension at most: the node sums hold one (n x n) matrix per dimension.
 MAX_NODES_PER_DIM = 4096
+# Kernels summed by FFT (not products over dimensions): seconds per padded entry and level (log2 of the
+# padded size) of the three real transforms, and at most this many padded entries (a few float64 arrays of
+# that size are held at once).
+FFT_SECONDS = 1.5e-8
+FFT_MAX_PADDED = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,7 @@ class FarFieldLayout:
 
     point_order: np.ndarray  # (N,) int64
     grid: Grid
+    kernel: GaussianMixture
     bound: tuple  # (value, gradient): the chain's rigorous bound per unit of S (kmax, gmax units)
 
 
@@ -66,37 +77,79 @@ class FarFieldData(InOrderData):
     """What the tasks need beyond the :class:`Job`: the grid (origin, step, order, shape)."""
 
     grid: Grid = None
+    kernel: GaussianMixture = None
 
 
-def projected_seconds(n: int, m: int, dim: int, grid: Grid, parallel: int) -> tuple[float, float]:
+def node_sum_seconds(grid: Grid, kernel: GaussianMixture) -> float:
+    """Projected seconds of :func:`pipeline.grid_sums.node_sums` on one core."""
+    if kernel.separable:
+        return grid.n_nodes * sum(grid.shape) * NODE_SUM_SECONDS
+    padded = float(np.prod(fft_shape(grid.shape), dtype=np.float64))
+    return padded * np.log2(padded) * FFT_SECONDS
+
+
+def projected_seconds(n: int, m: int, dim: int, grid: Grid, kernel: GaussianMixture,
+                      parallel: int) -> tuple[float, float]:
     """(client seconds: spreading and node sums, task seconds: interpolation over ``parallel`` workers)."""
     stencil = grid.order ** dim
-    client = m * stencil * SPREAD_SECONDS + grid.n_nodes * sum(grid.shape) * NODE_SUM_SECONDS
+    client = m * stencil * SPREAD_SECONDS + node_sum_seconds(grid, kernel)
     return client, n * stencil * INTERPOLATE_SECONDS / max(1, parallel)
 
 
-def choose_grid(lower: np.ndarray, upper: np.ndarray, lengthscale: np.ndarray, n: int, m: int,
-                tolerance: float) -> Grid | str:
-    """The grid of least projected work (one worker: the choice, and so the bits, do not depend on the
-    cluster) whose bound is within ``tolerance``, or why there is none."""
+def grid_for(order: int, lower: np.ndarray, upper: np.ndarray, lengthscale: np.ndarray, kernel: GaussianMixture,
+             tolerance: float) -> tuple[Grid, float] | str:
+    """The grid of ``order`` with the largest spacing whose whole-chain bound is within ``tolerance`` and its
+    node sums' extra rounding (FFT kernels: the spacing is found again with twice the first grid's FFT
+    rounding counted, and kept if the finer grid's own rounding is within that), or why there is none."""
     dim = len(lower)
-    best, smallest = None, None
-    for order in ORDERS:
-        spacing = spacing_for(order, dim, tolerance)
-        if spacing is None:
-            continue
+    spacing = spacing_for(order, dim, tolerance, kernel)
+    if spacing is None:
+        return "no spacing meets the bound"
+    grid = make_grid(lower, upper, lengthscale, order, spacing)
+    if kernel.separable:
+        return grid, 0.0
+    allowance = 2.0 * fft_rounding(grid, kernel)
+    spacing = spacing_for(order, dim, tolerance, kernel, allowance)
+    if spacing is not None:
         grid = make_grid(lower, upper, lengthscale, order, spacing)
-        smallest = grid if smallest is None or grid.n_nodes < smallest.n_nodes else smallest
-        if grid.n_nodes > GRID_MAX_NODES or max(grid.shape) > MAX_NODES_PER_DIM:
+        rounding = fft_rounding(grid, kernel)
+        if rounding <= allowance:
+            return grid, rounding
+    return (f"the FFT's rounding over a grid of {grid.n_nodes:.3g} nodes ({allowance / 2:.2g} S' kmax at each node, "
+            f"amplified by the interpolation's derivative) leaves no room for the interpolation within the bound")
+
+
+def too_large(grid: Grid, kernel: GaussianMixture) -> bool:
+    if grid.n_nodes > GRID_MAX_NODES or max(grid.shape) > MAX_NODES_PER_DIM:
+        return True
+    return not kernel.separable and float(np.prod(fft_shape(grid.shape), dtype=np.float64)) > FFT_MAX_PADDED
+
+
+def choose_grid(lower: np.ndarray, upper: np.ndarray, lengthscale: np.ndarray, n: int, m: int,
+                tolerance: float, kernel: GaussianMixture) -> tuple[Grid, float] | str:
+    """The grid of least projected work (one worker: the choice, and so the bits, do not depend on the
+    cluster) whose bound is within ``tolerance``, with its node sums' extra rounding, or why there is none."""
+    dim = len(lower)
+    best, smallest, why = None, None, "no grid meets the bound"
+    for order in ORDERS:
+        found = grid_for(order, lower, upper, lengthscale, kernel, tolerance)
+        if isinstance(found, str):
+            why = found if "FFT" in found else why
             continue
-        seconds = sum(projected_seconds(n, m, dim, grid, 1))
+        grid = found[0]
+        smallest = grid if smallest is None or grid.n_nodes < smallest.n_nodes else smallest
+        if too_large(grid, kernel):
+            continue
+        seconds = sum(projected_seconds(n, m, dim, grid, kernel, 1))
         if best is None or seconds < best[0]:
-            best = (seconds, grid)
+            best = (seconds, found)
     if best is None:
-        size = "no grid meets the bound" if smallest is None else (
+        limits = (f"at most {GRID_MAX_NODES:.3g}, and {MAX_NODES_PER_DIM} along a dimension" if kernel.separable else
+                  f"at most {FFT_MAX_PADDED:.3g} entries in its FFT for {kernel.name}")
+        size = why if smallest is None else (
             f"its grid would need at least {smallest.n_nodes:.3g} nodes ({' x '.join(map(str, smallest.shape))}) over "
-            f"the data's box (at most {GRID_MAX_NODES:.3g}, and {MAX_NODES_PER_DIM} along a dimension)")
-        return f"no far field: {size}: the data span too many lengthscales"
+            f"the data's box ({limits})")
+        return f"no far field: {size}: the data span too many lengthscales at tolerance {tolerance:g}"
     return best[1]
 
 
@@ -108,9 +161,11 @@ class FarField(InSpatialOrder):
         if tolerance <= 0:
             return "no tolerance was given: the run is exact"
         (n, dim), m = request.points.shape, request.sources.shape[0]
-        if spec.name != "rbf" or request.mode != "auto" or spec.kernel.user:
-            return (f"no far field for kernel {spec.describe()}: a rigorous interpolation bound is derived for "
-                    f"rbf only")
+        kernel = mixture_for(spec)
+        if isinstance(kernel, str):
+            return kernel
+        if request.mode != "auto":
+            return f"no far field in mode {request.mode!r}: that mode asks for the tiles' autodiff"
         if dim > MAX_DIM:
             return f"no far field in D={dim}: its grid pays in D <= {MAX_DIM} only"
         if tolerance < MIN_TOLERANCE:
@@ -122,10 +177,11 @@ class FarField(InSpatialOrder):
         sources = points if request.sources_are_points else np.asarray(request.sources, np.float64)
         lower = np.minimum(points.min(axis=0), sources.min(axis=0))
         upper = np.maximum(points.max(axis=0), sources.max(axis=0))
-        grid = choose_grid(lower, upper, lengthscale, n, m, tolerance)
-        if isinstance(grid, str):
-            return grid
-        client, tasks = projected_seconds(n, m, dim, grid, plan.parallel)
+        found = choose_grid(lower, upper, lengthscale, n, m, tolerance, kernel)
+        if isinstance(found, str):
+            return found
+        grid, rounding = found
+        client, tasks = projected_seconds(n, m, dim, grid, kernel, plan.parallel)
         if not request.forced(self.name):
             baseline = PRUNED.plan(request)
             other = baseline.plan if isinstance(baseline, Planned) else None
@@ -136,7 +192,7 @@ class FarField(InSpatialOrder):
             # Compared as one worker's work, so that the choice does not depend on the cluster (the API and
             # `kgrad run` on any number of workers choose alike).
             other_seconds = project(other).compute_seconds * other.parallel
-            work = sum(projected_seconds(n, m, dim, grid, 1))
+            work = sum(projected_seconds(n, m, dim, grid, kernel, 1))
             if work >= GAIN_NEEDED * other_seconds:
                 return (f"the far field would take about {work:.3g} s of one core against {other_seconds:.3g} s for "
                         f"{name}, so it is not used")
@@ -146,8 +202,8 @@ class FarField(InSpatialOrder):
                  f"worker{'s' if plan.parallel != 1 else ''} ({tasks:.3g} s)")
         plan = dataclasses.replace(plan, tolerance=tolerance, estimated_pairs=n * stencil,
                                    estimated_seconds=client + tasks, method_cost=(client + tasks, terms))
-        layout = FarFieldLayout(spatial_order(request.points, spec.lengthscale), grid,
-                                total_error(grid.order, grid.spacing, dim))
+        layout = FarFieldLayout(spatial_order(request.points, spec.lengthscale), grid, kernel,
+                                total_error(grid.order, grid.spacing, dim, kernel, rounding))
         weight_sum = float(m if request.weights is None else np.abs(np.asarray(request.weights, np.float64)).sum())
         return Planned(plan, layout, kernel_bounds(spec).error_bounds(tolerance, weight_sum))
 
@@ -155,27 +211,28 @@ class FarField(InSpatialOrder):
         layout: FarFieldLayout = planned.layout
         grid = layout.grid
         e_v, e_g = layout.bound
+        sums = "matrix products" if layout.kernel.separable else "an FFT convolution"
         return (f"sources spread on a grid of {' x '.join(map(str, grid.shape))} nodes, {grid.spacing:.3g} "
-                f"lengthscales apart, {grid.order} per dimension per point; bound {e_v:.2g} S kmax (v), "
-                f"{e_g:.2g} S gmax (g)")
+                f"lengthscales apart, {grid.order} per dimension per point, summed by {sums}; bound {e_v:.2g} "
+                f"S kmax (v), {e_g:.2g} S gmax (g)")
 
     def compute(self, problem, request: PlanRequest, threads: int) -> tuple[np.ndarray, np.ndarray, int]:
         layout: FarFieldLayout = problem.layout
-        sums = _node_sums(request, layout.grid, problem.spec.variance)
+        sums = _node_sums(request, layout.grid, layout.kernel)
         order = layout.point_order
         g, v = interpolate(np.asarray(request.points)[order], sums, layout.grid)
         g, v = g.astype(problem.dtype), v.astype(problem.dtype)
         return in_input_order(g, order), in_input_order(v, order), int(problem.plan.estimated_pairs)
 
     def job_data(self, request: PlanRequest, planned: Planned) -> FarFieldData:
-        return FarFieldData(grid=planned.layout.grid)
+        return FarFieldData(grid=planned.layout.grid, kernel=planned.layout.kernel)
 
     def copy_contents(self, run: ClientRun) -> dict:
         """The points in spatial order and the grid's node sums (spread and summed here, once)."""
         layout: FarFieldLayout = run.layout
         order = layout.point_order
         sources = run.points if run.sources is None else run.sources
-        sums = node_sums(spread(sources, run.weights, layout.grid), layout.grid, run.job.spec.variance)
+        sums = node_sums(spread(sources, run.weights, layout.grid), layout.grid, layout.kernel)
         return dict(point_index=order, points=np.asarray(run.points)[order], source_index=None, sources=None,
                     weights=None, tiles=None, grid=sums)
 
@@ -204,9 +261,9 @@ class FarField(InSpatialOrder):
                 "nodes_read": (stop - first) * slab}
 
 
-def _node_sums(request: PlanRequest, grid: Grid, variance: float) -> np.ndarray:
+def _node_sums(request: PlanRequest, grid: Grid, kernel: GaussianMixture) -> np.ndarray:
     sources = request.points if request.sources_are_points else request.sources
-    return node_sums(spread(sources, request.weights, grid), grid, variance)
+    return node_sums(spread(sources, request.weights, grid), grid, kernel)
 
 
 FAR_FIELD = FarField()
