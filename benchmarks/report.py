@@ -39,7 +39,11 @@ DENSE_ORDER_END = "<!-- end of dense order -->"
 # ... and benchmarks/far_field.py's section
 FAR_FIELD_BEGIN = "<!-- far field: python benchmarks/far_field.py -->"
 FAR_FIELD_END = "<!-- end of far field -->"
-KEPT_SECTIONS = ((PRUNING_BEGIN, PRUNING_END), (DENSE_ORDER_BEGIN, DENSE_ORDER_END), (FAR_FIELD_BEGIN, FAR_FIELD_END))
+# ... and benchmarks/far_field_kernels.py's section
+KERNELS_BEGIN = "<!-- far field kernels: python benchmarks/far_field_kernels.py -->"
+KERNELS_END = "<!-- end of far field kernels -->"
+KEPT_SECTIONS = ((PRUNING_BEGIN, PRUNING_END), (DENSE_ORDER_BEGIN, DENSE_ORDER_END), (FAR_FIELD_BEGIN, FAR_FIELD_END),
+                 (KERNELS_BEGIN, KERNELS_END))
 
 
 # ----------------------------------------------------------------------------- ratios and fits

@@ -33,7 +33,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .proxies import (CRAMER, Grid, basis_coefficients, evaluate, interpolation_error, lagrange,
-                      lebesgue_constant, node_constant, offsets, sampled_max, stencils)
+                      largest_spacing, lebesgue_constant, node_constant, offsets, sampled_max, stencils)
 from .scale_mixtures import RBF, GaussianMixture
 
 GATHER_ROWS = 1 << 12  # queries interpolated at a time (bounded temporaries: rows x p^D)
@@ -124,25 +124,9 @@ def total_error(order: int, spacing: float, dim: int, kernel: GaussianMixture = 
 
 def spacing_for(order: int, dim: int, error: float, kernel: GaussianMixture = RBF,
                 node_rounding: float = 0.0) -> float | None:
-    """The largest spacing (lengthscales, to 0.1%) at which :func:`total_error` stays within ``error``
-    (None: none from 1e-6 to 4 lengthscales).  The bound is not monotone in h (interpolation grows with h,
-    the rounding allowance as 1/h), so a geometric scan from the top finds the largest good spacing first,
-    then bisection refines it against the next, failing, one."""
-    scan = np.geomspace(4.0, 1e-6, 400)
-    good = [h for h in scan if max(total_error(order, float(h), dim, kernel, node_rounding)) <= error]
-    if not good:
-        return None
-    low = float(good[0])
-    high = float(scan[max(0, int(np.flatnonzero(scan == good[0])[0]) - 1)])
-    if high == low:
-        return low
-    while high / low > 1.001:
-        mid = math.sqrt(low * high)
-        if max(total_error(order, mid, dim, kernel, node_rounding)) <= error:
-            low = mid
-        else:
-            high = mid
-    return low
+    """The largest spacing at which :func:`total_error` stays within ``error`` (None: none from 1e-6 to 4
+    lengthscales; :func:`pipeline.proxies.largest_spacing`)."""
+    return largest_spacing(lambda h: max(total_error(order, h, dim, kernel, node_rounding)), error)
 
 
 def node_sums(weights: np.ndarray, grid: Grid, kernel: GaussianMixture) -> np.ndarray:

@@ -129,19 +129,31 @@ def interpolation_error(order: int, spacing: float, dim: int, kernel: GaussianMi
     return value, gradient
 
 
-def spacing_for(order: int, dim: int, error: float) -> float | None:
-    """The largest spacing (lengthscales, to 0.1%) at which :func:`interpolation_error` (the source side
-    alone) stays within ``error`` for both ``g`` and ``v`` (None: not even at 1e-6)."""
-    low, high = 1e-6, 4.0
-    if max(interpolation_error(order, low, dim)) > error:
+def largest_spacing(bound, error: float) -> float | None:
+    """The largest spacing h (lengthscales, to 0.1%) in [1e-6, 4] with ``bound(h) <= error`` (None: none).
+    A bound need not be monotone in h (interpolation grows with h, a rounding allowance as 1/h), so a
+    geometric scan from the top finds the largest good spacing first, then bisection refines it against
+    the next, failing, one."""
+    scan = np.geomspace(4.0, 1e-6, 400)
+    first = next((i for i, h in enumerate(scan) if bound(float(h)) <= error), None)
+    if first is None:
         return None
+    low, high = float(scan[first]), float(scan[max(0, first - 1)])
+    if high == low:
+        return low
     while high / low > 1.001:
         mid = math.sqrt(low * high)
-        if max(interpolation_error(order, mid, dim)) <= error:
+        if bound(mid) <= error:
             low = mid
         else:
             high = mid
     return low
+
+
+def spacing_for(order: int, dim: int, error: float) -> float | None:
+    """The largest spacing at which :func:`interpolation_error` (the source side alone) stays within
+    ``error`` for both ``g`` and ``v``."""
+    return largest_spacing(lambda h: max(interpolation_error(order, h, dim)), error)
 
 
 @dataclass(frozen=True)

@@ -218,7 +218,8 @@ class FarField(InSpatialOrder):
 
     def compute(self, problem, request: PlanRequest, threads: int) -> tuple[np.ndarray, np.ndarray, int]:
         layout: FarFieldLayout = problem.layout
-        sums = _node_sums(request, layout.grid, layout.kernel)
+        sources = request.points if request.sources_are_points else request.sources
+        sums = grid_node_sums(sources, request.weights, layout)
         order = layout.point_order
         g, v = interpolate(np.asarray(request.points)[order], sums, layout.grid)
         g, v = g.astype(problem.dtype), v.astype(problem.dtype)
@@ -232,7 +233,7 @@ class FarField(InSpatialOrder):
         layout: FarFieldLayout = run.layout
         order = layout.point_order
         sources = run.points if run.sources is None else run.sources
-        sums = node_sums(spread(sources, run.weights, layout.grid), layout.grid, layout.kernel)
+        sums = grid_node_sums(sources, run.weights, layout)
         return dict(point_index=order, points=np.asarray(run.points)[order], source_index=None, sources=None,
                     weights=None, tiles=None, grid=sums)
 
@@ -261,9 +262,10 @@ class FarField(InSpatialOrder):
                 "nodes_read": (stop - first) * slab}
 
 
-def _node_sums(request: PlanRequest, grid: Grid, kernel: GaussianMixture) -> np.ndarray:
-    sources = request.points if request.sources_are_points else request.sources
-    return node_sums(spread(sources, request.weights, grid), grid, kernel)
+def grid_node_sums(sources: np.ndarray, weights: np.ndarray | None, layout: FarFieldLayout) -> np.ndarray:
+    """The node sums ``U`` of a run (flat, float64): its sources spread on the layout's grid, summed node to
+    node with its kernel.  The one place both the in-process run and the cluster's client compute them."""
+    return node_sums(spread(sources, weights, layout.grid), layout.grid, layout.kernel)
 
 
 FAR_FIELD = FarField()
