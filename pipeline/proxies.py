@@ -45,7 +45,7 @@ from .scale_mixtures import RBF, GaussianMixture
 CRAMER = 1.086435  # |He_n(t)| exp(-t^2/4) <= CRAMER sqrt(n!) for every n and real t (Cramer's inequality)
 SLOPE_MAX_RBF = math.exp(-0.5)  # max |f'(r)| of f(r) = exp(-r^2/2), at r = 1
 ORDERS = (4, 6, 8, 10, 12, 14, 16)  # nodes per dimension the plan chooses from (even: the cell is central)
-GRID_MAX_NODES = 1 << 25  # nodes of the grid's bounding box (float64 accumulator: 256 MiB)
+GRID_MAX_NODES = 1 << 26  # nodes of the grid's bounding box (float64 accumulator: 512 MiB)
 SPREAD_ENTRIES = 1 << 22  # (source, node) terms accumulated per bincount call (bounded temporaries)
 # The stencil's constants (Lebesgue constants of the basis and of its derivative, max |omega'|) are maxima of
 # polynomials over the cell, sampled at this many points; the sampled maximum is raised by half the sampling
