@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import uuid
@@ -156,9 +157,11 @@ def _encode(meta: bytes, start: int, data: np.ndarray) -> dict[str, bytes | None
     array[start:stop] = data
     stored = memory._store_dict
     keys = {}
+    across = [range(-(-size // chunk)) for size, chunk in zip(array.shape[1:], array.chunks[1:])]
     for index in range(start // rows, -(-stop // rows)):
-        key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
-        keys[key] = stored[key].to_bytes() if key in stored else None
+        for rest in itertools.product(*across):  # every chunk of those rows (arrays chunked along other axes too)
+            key = array.metadata.encode_chunk_key((index, *rest))
+            keys[key] = stored[key].to_bytes() if key in stored else None
     return keys
 
 

@@ -191,26 +191,26 @@ def fft_node_sums(weights: np.ndarray, grid: Grid, kernel: GaussianMixture) -> n
     return (kernel.kmax * field[tuple(slice(0, n) for n in shape)].astype(np.float64)).ravel()
 
 
-def interpolate(queries: np.ndarray, sums: np.ndarray, grid: Grid, first_slab: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def interpolate(queries: np.ndarray, sums: np.ndarray, grid: Grid, corner=None) -> tuple[np.ndarray, np.ndarray]:
     """``g^`` (r, D) and ``v^`` (r,) at queries (r, D) inside the grid's box, float64, from the node sums
-    ``sums`` (flat, row-major; whole slabs of the first axis from ``first_slab`` on, when only the slabs
-    :func:`slab_range` names are given).  Each query's sums run over its own stencil in a fixed order: the
-    bits do not depend on which queries are computed together."""
+    ``sums``: the whole grid (flat, row-major), or the box of nodes from ``corner`` (D node indices) on that
+    :func:`box_range` names, as a D-dimensional array.  Each query's sums run over its own stencil in a fixed
+    order: the bits do not depend on which queries are computed together, nor on the box read."""
     q = np.asarray(queries, np.float64)
     r, dim = q.shape
     g, v = np.empty((r, dim)), np.empty(r)
     p = grid.order
     shape = grid.shape
-    slabs = len(sums) // int(np.prod(shape[1:], dtype=np.int64))
+    box = np.asarray(sums).reshape(shape) if np.ndim(sums) == 1 else np.asarray(sums)
+    corner = np.zeros(dim, np.int64) if corner is None else np.asarray(corner, np.int64)
     # Windows of p consecutive nodes along the last axis: a stencil is p^(D-1) such runs.
-    runs = sliding_window_view(np.asarray(sums).reshape((slabs,) + tuple(shape[1:])), p, axis=dim - 1)
+    runs = sliding_window_view(box, p, axis=dim - 1)
     letters = "abc"[:dim]
     step = np.arange(p)
     for start in range(0, r, GATHER_ROWS):
         rows = slice(start, min(start + GATHER_ROWS, r))
         index, t = stencils(q[rows], grid)
-        cell = np.stack(np.unravel_index(index, shape), axis=1)
-        cell[:, 0] -= first_slab
+        cell = np.stack(np.unravel_index(index, shape), axis=1) - corner
         picks = []
         for d in range(dim - 1):  # (r, p, ..., p) indices of the runs, broadcast
             where = [None] * (dim - 1)
@@ -234,10 +234,11 @@ def interpolate(queries: np.ndarray, sums: np.ndarray, grid: Grid, first_slab: i
     return g, v
 
 
-def slab_range(queries: np.ndarray, grid: Grid) -> tuple[int, int]:
-    """The slabs (first axis) ``[first, stop)`` that the stencils of ``queries`` read."""
+def box_range(queries: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """The box of nodes ``[lower_d, upper_d)`` (per axis) that the stencils of ``queries`` read."""
+    dim = len(grid.shape)
     if len(queries) == 0:
-        return 0, 0
+        return np.zeros(dim, np.int64), np.zeros(dim, np.int64)
     index, _ = stencils(queries, grid)
-    first_axis = index // int(np.prod(grid.shape[1:], dtype=np.int64))
-    return int(first_axis.min()), int(first_axis.max()) + grid.order
+    cell = np.stack(np.unravel_index(index, grid.shape), axis=1)
+    return cell.min(axis=0).astype(np.int64), cell.max(axis=0).astype(np.int64) + grid.order

@@ -40,7 +40,7 @@ FORMAT_VERSION = 1
 # there is somebody else's, and kgrad never deletes it.
 ARRAYS = ("gradient", "value", "task_done")
 LEASE_FILE = ".kgrad-lease.json"
-GRID_CHUNK = 1 << 16  # nodes per chunk of the far field's node sums in OUT/order/grid
+GRID_CHUNK = {1: (1 << 16,), 2: (256, 256), 3: (16, 64, 64)}  # chunks of the far field's node sums (OUT/order/grid)
 ORDER = "order"  # a run's scratch group while it runs (pipeline.methods.in_order)
 ORDER_ARRAYS = ("index", "source_index", "points", "sources", "weights", "tiles", "grid", "gradient", "value",
                 "pairs", "task_done")
@@ -368,8 +368,8 @@ class SpatialCopy:
             put("weights", np.asarray(weights, np.float64), (source_chunk,))
         if tiles is not None:
             put("tiles", np.asarray(tiles, np.float64), (max(1, len(tiles)), tiles.shape[1]))
-        if grid is not None:  # the far field's node sums (flat): tasks read the ranges their stencils need
-            put("grid", np.asarray(grid, np.float64), (GRID_CHUNK,))
+        if grid is not None:  # the far field's node sums (D-dimensional): tasks read the box their stencils need
+            put("grid", np.asarray(grid, np.float64), GRID_CHUNK[grid.ndim])
         add("gradient", (n, dim), (rows_per_task, dim), dtype, fill_value=np.nan)
         add("value", (n,), (rows_per_task,), dtype, fill_value=np.nan)
         add("pairs", (n_tasks,), (1,), "int64", fill_value=0)
@@ -386,6 +386,10 @@ class SpatialCopy:
         if name not in group.array_keys():
             return None
         return np.asarray(group[name][start:stop])
+
+    def read_box(self, name: str, lower, upper) -> np.ndarray:
+        """The box ``[lower_d, upper_d)`` along every axis of one array."""
+        return np.asarray(self._open()[name][tuple(slice(int(a), int(b)) for a, b in zip(lower, upper))])
 
     def write_task(self, start: int, stop: int, index: int, gradient: np.ndarray, value: np.ndarray, pairs: int,
                    run_id: str, before_done: Callable[[], None] | None = None) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..finite import check_finite_result
-from ..grid_sums import (MIN_TOLERANCE, fft_rounding, fft_shape, interpolate, node_sums, slab_range, spacing_for,
+from ..grid_sums import (MIN_TOLERANCE, fft_rounding, fft_shape, box_range, interpolate, node_sums, spacing_for,
                          total_error)
 from ..plan import Task, make_plan, project, with_pruning
 from ..proxies import GRID_MAX_NODES, ORDERS, Grid, make_grid, spread
@@ -235,7 +235,7 @@ class FarField(InSpatialOrder):
         sources = run.points if run.sources is None else run.sources
         sums = grid_node_sums(sources, run.weights, layout)
         return dict(point_index=order, points=np.asarray(run.points)[order], source_index=None, sources=None,
-                    weights=None, tiles=None, grid=sums)
+                    weights=None, tiles=None, grid=sums.reshape(layout.grid.shape))
 
     def run_task(self, job: Job, task: Task) -> dict:
         """Rows ``[task.start, task.stop)`` of the sorted points, interpolated from the node sums their
@@ -245,11 +245,10 @@ class FarField(InSpatialOrder):
         grid = job.data.grid
         copy = task_copy(job)
         queries = copy.read("points", task.start, task.stop)
-        first, stop = slab_range(queries, grid)
-        slab = int(np.prod(grid.shape[1:], dtype=np.int64))
-        sums = copy.read("grid", first * slab, stop * slab)
+        lower, upper = box_range(queries, grid)
+        sums = copy.read_box("grid", lower, upper)
         computed = time.perf_counter()
-        g, v = interpolate(queries, sums, grid, first)
+        g, v = interpolate(queries, sums, grid, lower)
         gradient, value = g.astype(job.dtype), v.astype(job.dtype)
         compute_seconds = time.perf_counter() - computed
         check_finite_result(gradient, value, job.dtype, job.spec.describe(), rows=(task.start, task.stop))
@@ -259,7 +258,7 @@ class FarField(InSpatialOrder):
                         before_done=still_owner)
         return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
                 "compute_seconds": compute_seconds, "pid": os.getpid(), "pairs": pairs,
-                "nodes_read": (stop - first) * slab}
+                "nodes_read": int(np.prod(upper - lower))}
 
 
 def grid_node_sums(sources: np.ndarray, weights: np.ndarray | None, layout: FarFieldLayout) -> np.ndarray:
