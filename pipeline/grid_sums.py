@@ -1,13 +1,15 @@
 """Grid sums for the far-field method: the proxies' kernel sums at every grid node, and their interpolation
-at the queries, with the error bound of the whole chain (rbf; pure numpy, float64).
+at the queries, with the error bound of the whole chain (rbf, rational_quadratic, imq; pure numpy, float64
+but for the FFT, in longdouble).
 
 With the proxies' weights ``W`` on a regular grid (:func:`pipeline.proxies.spread`), the sums
 
     U_m = sum_n W_n k(y_m, z_n)                          (every node m, every node n)
 
-are exact products with one small matrix per dimension, because rbf is a product over dimensions:
+are, for rbf, products with one small matrix per dimension, because rbf is a product over dimensions:
 ``k = s2 prod_d exp(-(y_d - z_d)^2 / (2 l_d^2))``, so ``U = W x_1 T_1 x_2 T_2 ...`` with
-``T_d[a, b] = exp(-((a - b) h)^2 / 2)`` (h: the spacing in lengthscales).  No pair is skipped.
+``T_d[a, b] = exp(-((a - b) h)^2 / 2)`` (h: the spacing in lengthscales); for rational_quadratic and imq
+(not products) a convolution by FFT (:func:`fft_node_sums`).  No pair is skipped.
 
 Each query then interpolates ``U`` from its own stencil of ``p^D`` nodes:
 
@@ -91,16 +93,23 @@ FFT_UNITS = 16.0
 FFT_DTYPE = np.longdouble
 
 
+@functools.lru_cache(maxsize=None)
+def fft_unit_roundoff() -> float:
+    """The unit roundoff of the FFT as numpy runs it on :data:`FFT_DTYPE` (numpy before 2.0 computes
+    longdouble transforms in float64; x86-64's longdouble has 2^-64, elsewhere it may be float64's 2^-53)."""
+    return float(np.finfo(np.fft.rfft(np.zeros(4, FFT_DTYPE)).real.dtype).epsneg)
+
+
 def fft_rounding(grid: Grid, kernel: GaussianMixture) -> float:
     """The rounding of :func:`fft_node_sums` per unit of ``S'`` (kmax units), at every node: with ``A = F W``,
     ``B = F K`` (``P`` entries) computed with normwise relative error ``e = FFT_UNITS u log2 P`` and the
     inverse likewise, ``|U^ - U|_inf <= |U^ - U|_2 <= (3 e + 8 u) |W|_1 |K|_1`` (Young's inequality on each
     term; ``|K|_1``: :meth:`pipeline.scale_mixtures.GaussianMixture.offset_sum_bound`; ``u``: the unit
-    roundoff of :data:`FFT_DTYPE`).  The float64 parts (the kernel's values, the result's last rounding)
+    roundoff of the transforms, :func:`fft_unit_roundoff`).  The float64 parts (the kernel's values, the result's last rounding)
     are relative roundings of terms at most ``S' kmax``, counted in :data:`ROUNDING_UNITS`."""
     if kernel.separable:
         return 0.0
-    unit = float(np.finfo(FFT_DTYPE).epsneg)
+    unit = fft_unit_roundoff()
     padded = float(np.prod(fft_shape(grid.shape), dtype=np.float64))
     levels = FFT_UNITS * unit * math.log2(padded)
     return (3.0 * levels + 8.0 * unit) * kernel.offset_sum_bound(grid.shape, grid.spacing)
@@ -201,8 +210,10 @@ def interpolate(queries: np.ndarray, sums: np.ndarray, grid: Grid, corner=None) 
     g, v = np.empty((r, dim)), np.empty(r)
     p = grid.order
     shape = grid.shape
-    box = np.asarray(sums).reshape(shape) if np.ndim(sums) == 1 else np.asarray(sums)
-    corner = np.zeros(dim, np.int64) if corner is None else np.asarray(corner, np.int64)
+    if corner is None:  # the whole grid, flat
+        box, corner = np.asarray(sums).reshape(shape), np.zeros(dim, np.int64)
+    else:
+        box, corner = np.asarray(sums), np.asarray(corner, np.int64)
     # Windows of p consecutive nodes along the last axis: a stencil is p^(D-1) such runs.
     runs = sliding_window_view(box, p, axis=dim - 1)
     letters = "abc"[:dim]

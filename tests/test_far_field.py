@@ -420,9 +420,11 @@ def test_fft_node_sums_equal_the_direct_sums_within_their_rounding(dim):
         sums = grid_sums.node_sums(weights, grid, kernel)
         nodes = np.stack(np.unravel_index(np.arange(grid.n_nodes), grid.shape), axis=1) * grid.spacing
         r2 = ((nodes[:, None, :] - nodes[None, :, :]) ** 2).sum(-1)
-        direct = kernel.profile(r2) @ weights
-        bound = (grid_sums.fft_rounding(grid, kernel) + 1e-13) * np.abs(weights).sum()
-        assert np.abs(sums - direct).max() <= bound
+        # the same float64 kernel values, summed in longdouble: what is left is the FFT's rounding and the
+        # result's last rounding to float64 (2^-53 of at most S' kmax; 2^-52 covers the direct sums' own)
+        direct = kernel.profile(r2).astype(np.longdouble) @ weights.astype(np.longdouble)
+        bound = (grid_sums.fft_rounding(grid, kernel) + 2.0 ** -52) * np.abs(weights).sum()
+        assert float(np.abs(sums - direct).max()) <= bound
         assert grid_sums.fft_rounding(grid, kernel) > 0 and grid_sums.fft_rounding(grid, RBF) == 0
 
 
@@ -446,13 +448,15 @@ def test_auto_picks_the_far_field_for_scale_mixtures_in_2d(kernel, params):
 
 
 @pytest.mark.slow
-def test_kgrad_run_with_a_scale_mixture_writes_the_apis_bits(tmp_path):
+@pytest.mark.parametrize("dim", (1, 2))
+def test_kgrad_run_with_a_scale_mixture_writes_the_apis_bits(tmp_path, dim):
     """`kgrad run --kernel imq --param c=2 --tolerance 1e-6` (2 local workers, node sums by FFT on the
-    client, interpolation in the tasks) writes what kernel_gradients returns, bit for bit."""
+    client, interpolation in the tasks from the boxes of nodes they read) writes what kernel_gradients
+    returns, bit for bit, in 1 and 2 dimensions."""
     from cluster_fixtures import kgrad
     from test_cli import read_output
 
-    x = np.random.default_rng(13).normal(size=(12000, 2))
+    x = np.random.default_rng(13).normal(size=(12000, dim))
     np.save(tmp_path / "points.npy", x)
     out = tmp_path / "out.zarr"
     run = kgrad(["run", "--points", str(tmp_path / "points.npy"), "--kernel", "imq", "--param", "c=2",
@@ -463,3 +467,21 @@ def test_kgrad_run_with_a_scale_mixture_writes_the_apis_bits(tmp_path):
     g, v = kernel_gradients(x, lengthscale=0.4, tolerance=1e-6, dtype="float64", return_value=True, kernel="imq",
                             c=2.0, method="far_field")
     assert np.array_equal(ds["gradient"].values, g) and np.array_equal(ds["value"].values, v)
+
+
+@pytest.mark.parametrize("dim", (1, 2, 3))
+def test_a_task_reading_only_its_box_gets_the_whole_grids_bits(dim):
+    """interpolate() from the box of nodes box_range() names for a group of neighbouring queries (what a task
+    reads from OUT/order/grid) gives the bits of the whole grid, in 1, 2 and 3 dimensions."""
+    rng = np.random.default_rng(dim)
+    x = rng.uniform(0, 10, size=(3000, dim))
+    grid = make_grid(x.min(0), x.max(0), np.ones(dim), 6, 0.3)
+    sums = grid_sums.node_sums(spread(x, None, grid), grid, RBF)
+    queries = x[np.all(np.abs(x - 5) < 1.5, axis=1)]
+    lower, upper = grid_sums.box_range(queries, grid)
+    assert np.all(upper - lower < np.asarray(grid.shape))  # a proper part of the grid
+    box = sums.reshape(grid.shape)[tuple(slice(a, b) for a, b in zip(lower, upper))]
+    g_box, v_box = grid_sums.interpolate(queries, box, grid, lower)
+    g, v = grid_sums.interpolate(queries, sums, grid)
+    assert np.array_equal(g_box, g) and np.array_equal(v_box, v)
+    assert grid_sums.fft_unit_roundoff() in (2.0 ** -64, 2.0 ** -53)

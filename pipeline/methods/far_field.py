@@ -17,9 +17,9 @@ for the kernels summed by FFT).  It declines, saying why, for kernels that are n
 (no bound derived), D > 3, data spanning too many lengthscales for such a grid (or an FFT whose rounding
 bound leaves no room), and where it would not be faster than the pruned (or dense) method.
 
-On a cluster the client spreads the sources and sums the grid (numpy, float64, once; a resumed run whose
-sorted copy is whole does not redo it) and writes the node sums into the sorted copy ``OUT/order/grid``;
-each task reads its rows of the sorted points and the range of nodes their stencils touch.  Each query's
+On a cluster the client spreads the sources and sums the grid (numpy, float64, the FFT in longdouble; once;
+a resumed run whose sorted copy is whole does not redo it) and writes the node sums into the sorted copy
+``OUT/order/grid``; each task reads its rows of the sorted points and the box of nodes their stencils touch.  Each query's
 result depends on its own stencil only, so the bits do not depend on how rows are grouped into tasks.
 """
 
@@ -109,13 +109,14 @@ def grid_for(order: int, lower: np.ndarray, upper: np.ndarray, lengthscale: np.n
     if kernel.separable:
         return grid, 0.0
     allowance = 2.0 * fft_rounding(grid, kernel)
+    first = grid
     spacing = spacing_for(order, dim, tolerance, kernel, allowance)
     if spacing is not None:
         grid = make_grid(lower, upper, lengthscale, order, spacing)
         rounding = fft_rounding(grid, kernel)
         if rounding <= allowance:
             return grid, rounding
-    return (f"the FFT's rounding over a grid of {grid.n_nodes:.3g} nodes ({allowance / 2:.2g} S' kmax at each node, "
+    return (f"the FFT's rounding over a grid of {first.n_nodes:.3g} nodes ({allowance / 2:.2g} S' kmax at each node, "
             f"amplified by the interpolation's derivative) leaves no room for the interpolation within the bound")
 
 
