@@ -106,7 +106,7 @@ def grid_for(order: int, lower: np.ndarray, upper: np.ndarray, lengthscale: np.n
     if spacing is None:
         return "no spacing meets the bound"
     grid = make_grid(lower, upper, lengthscale, order, spacing)
-    if kernel.separable:
+    if kernel.separable or too_large(grid, kernel):  # (too large: choose_grid skips it, naming its size)
         return grid, 0.0
     allowance = 2.0 * fft_rounding(grid, kernel)
     first = grid
