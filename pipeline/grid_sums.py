@@ -110,7 +110,7 @@ def fft_rounding(grid: Grid, kernel: GaussianMixture) -> float:
     if kernel.separable:
         return 0.0
     unit = fft_unit_roundoff()
-    padded = float(np.prod(fft_shape(grid.shape), dtype=np.float64))
+    padded = fft_entries(grid.shape)
     levels = FFT_UNITS * unit * math.log2(padded)
     return (3.0 * levels + 8.0 * unit) * kernel.offset_sum_bound(grid.shape, grid.spacing)
 
@@ -171,6 +171,12 @@ def fft_shape(shape: tuple) -> tuple:
     """The transforms' shape for a linear convolution over a grid of ``shape`` nodes: at least 2 n - 1
     per dimension (no wrap-around), rounded up to a fast length."""
     return tuple(_fast_length(2 * n - 1) for n in shape)
+
+
+def fft_entries(shape: tuple) -> float:
+    """The number of entries of the transforms over a grid of ``shape`` nodes (:func:`fft_shape`), as a float
+    (a grid far too large to transform must not overflow an integer product)."""
+    return float(np.prod(fft_shape(shape), dtype=np.float64))
 
 
 def fft_node_sums(weights: np.ndarray, grid: Grid, kernel: GaussianMixture) -> np.ndarray:

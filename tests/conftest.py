@@ -44,6 +44,36 @@ def pytest_collection_modifyitems(config, items):
             kept_cases[key] += 1
         else:
             item.add_marker(pytest.mark.slow if runslow else sampled_out)
+    _check_cluster_modules(items)
+
+
+# The test modules that use the session's dask CLI cluster (cluster_fixtures.dask_cli_cluster; the method x
+# executor tests of methods.py ask for it by name): under pytest-xdist they all run in one test process, so that
+# the cluster is started once, not once per process (pytest_xdist_make_scheduler).
+DASK_CLI_CLUSTER_MODULES = {"test_cli.py", "test_dashboard.py", "test_guarantees.py", "test_local_cluster_security.py",
+                            "test_loopback.py", "test_pruning_cli.py", "test_readme.py", "test_worker_loss.py"}
+
+
+def _check_cluster_modules(items) -> None:
+    """Keep DASK_CLI_CLUSTER_MODULES true: a module that uses the cluster and is not listed is an error."""
+    uses = {item.path.name for item in items if "dask_cli_cluster" in getattr(item, "fixturenames", ())
+            or "methods" in getattr(getattr(item, "module", None), "pytest_plugins", ())}
+    if uses - DASK_CLI_CLUSTER_MODULES:
+        raise pytest.UsageError(f"tests/conftest.py: add {sorted(uses - DASK_CLI_CLUSTER_MODULES)} to "
+                                f"DASK_CLI_CLUSTER_MODULES (they use the dask CLI cluster)")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Each test module in one test process (its module fixtures made once, as ``--dist loadfile``), the modules
+    of DASK_CLI_CLUSTER_MODULES all in the same one."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "dask-cli-cluster" if os.path.basename(path) in DASK_CLI_CLUSTER_MODULES else path
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -23,7 +23,7 @@ pipeline = pytest.importorskip("pipeline")
 kernel_gradients = pipeline.kernel_gradients
 
 # The default suite runs a sample of each parametrised test (each parameter value at least once); --runslow all.
-pytestmark = pytest.mark.sampled(3)
+pytestmark = pytest.mark.sampled(6)
 
 BOUND = {"float64": FLOAT64_BOUND, "float32": FLOAT32_BOUND}
 MODES = ("auto", "jacfwd", "jacrev")
@@ -174,9 +174,11 @@ def test_every_kernel_and_mode_on_mixed_layout(kernel, mode, dtype):
                                            lengthscale=lengthscale_for(kernel, dim), **PARAMS.get(kernel, {})))
 
 
-# Default suite: every kernel in one of the two dimensions (rbf and matern12 in both); the other half is slow.
-STATIONARY_1D_3D = [pytest.param(k, dim, marks=[] if k in ("rbf", "matern12") or (i + j) % 2 == 0 else
-                                 [pytest.mark.slow], id=f"{k}-{dim}")
+# Default suite: four kernels, each in one of the two dimensions (test_every_kernel_and_mode_on_mixed_layout runs
+# every kernel in 2-D); the rest is slow.
+STATIONARY_1D_3D = [pytest.param(k, dim, marks=[] if (i + j) % 2 == 0 and k in ("rbf", "matern12", "rational_quadratic",
+                                                                                    "imq") else [pytest.mark.slow],
+                                 id=f"{k}-{dim}")
                     for i, k in enumerate(["rbf", "matern12", "matern32", "matern52", "rational_quadratic", "imq",
                                            "periodic"]) for j, dim in enumerate((1, 3))]
 

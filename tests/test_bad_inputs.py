@@ -345,7 +345,8 @@ def _run_case(case: Case, data_dir, cwd, existing, in_process=False) -> CliResul
 def cli_results(request, data_dir, tmp_path_factory) -> dict:
     """Run every selected CLI case, JOBS at a time (each costs ~1 s of imports), each in its own directory."""
     selected = {item.callspec.params["case"].id for item in request.session.items
-                if getattr(item, "originalname", None) == "test_cli_rejects" and hasattr(item, "callspec")}
+                if getattr(item, "originalname", None) == "test_cli_rejects" and hasattr(item, "callspec")
+                and item.get_closest_marker("skip") is None}  # not sampled out
     cases = [c for c in CLI_CASES if c.id in selected]
     existing = request.getfixturevalue("existing_output") if any(c.existing for c in cases) else None
     dirs = {c.id: tmp_path_factory.mktemp(c.id) for c in cases}
@@ -358,6 +359,7 @@ def cli_results(request, data_dir, tmp_path_factory) -> dict:
     return results
 
 
+@pytest.mark.sampled(2, cover=())  # half the catalogue by default (each is a process); --runslow: all
 @pytest.mark.parametrize("case", [_param(c, c.cli_xfail, c.cli_xfail_strict) for c in CLI_CASES])
 def test_cli_rejects(case, cli_results):
     result = cli_results[case.id]

@@ -6,6 +6,7 @@ refusals) are in test_guarantees.py, through its case in tests/methods.py."""
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -247,13 +248,15 @@ def test_a_layout_built_to_spend_the_bound():
 # ------------------------------------------------------------------------------------ whole runs
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**31), dim=st.integers(1, 3), log_eps=st.floats(-9, -2),
-       spread=st.floats(0.5, 30.0), signed=st.booleans(), kernel=st.sampled_from(sorted(MIXTURES)))
+@pytest.mark.sampled(every=3)  # the default suite: each kernel and dimension once (9 examples); --runslow: 27
+@pytest.mark.parametrize("kernel", sorted(MIXTURES))
+@pytest.mark.parametrize("dim", (1, 2, 3))
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), log_eps=st.floats(-9, -2), spread=st.floats(0.5, 30.0), signed=st.booleans())
 def test_property_far_field_run_keeps_the_per_query_bound(seed, dim, log_eps, spread, signed, kernel):
-    """Random layouts, tolerances and kernels (rbf, rational_quadratic with alpha = 1, imq with c = 1, beta =
-    1/2), the far field forced: every query within EPS S kmax and EPS S gmax of the float64 oracle (float64
-    runs: nothing but the approximation)."""
+    """Random layouts and tolerances, for each kernel (rbf, rational_quadratic with alpha = 1, imq with c = 1,
+    beta = 1/2) and dimension, the far field forced: every query within EPS S kmax and EPS S gmax of the float64
+    oracle (float64 runs: nothing but the approximation)."""
     rng = np.random.default_rng(seed)
     n = 1500
     ls = rng.uniform(0.5, 2.0, dim)
@@ -334,13 +337,13 @@ def test_cli_plan_names_the_far_field_and_method_flag(tmp_path):
     points = tmp_path / "points.npy"
     np.save(points, np.random.default_rng(8).normal(size=(30000, 2)).astype(np.float32))
     base = ["plan", "--points", str(points), "--lengthscale", "0.5", "--tolerance", "1e-6"]
-    auto = kgrad(base)
+    with ThreadPoolExecutor(3) as pool:  # three processes at once: each is mostly imports
+        auto, pruned, refused = pool.map(kgrad, (base, base + ["--method", "pruned"],
+                                                 base + ["--kernel", "matern52", "--method", "far_field"]))
     assert auto.returncode == 0, auto.stderr
     assert "method        far_field: sources spread on a grid of" in auto.stdout
     assert "the grid above instead of the" in auto.stdout
-    pruned = kgrad(base + ["--method", "pruned"])
     assert pruned.returncode == 0 and "method        pruned" in pruned.stdout, pruned.stderr
-    refused = kgrad(base + ["--kernel", "matern52", "--method", "far_field"])
     assert refused.returncode == 2
     assert "method='far_field' cannot run this problem" in refused.stderr
     assert "Gaussian scale mixtures" in refused.stderr

@@ -203,10 +203,10 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-# SIGTERM (and its --resume, a full 50000-point run on a new cluster) is slow; SIGHUP takes the same handler
-# (pipeline.cli.STOP_SIGNALS) and checks the same line, exit code and lease in the default suite.
-@pytest.mark.parametrize("signum", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGHUP],
-                         ids=["SIGTERM", "SIGHUP"])
+# Both slow: SIGTERM (and its --resume, a full 50000-point run on a new cluster), and SIGHUP (the same handler,
+# pipeline.cli.STOP_SIGNALS, checking the same line, exit code and lease) on a new local cluster.
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_sigterm_and_sighup_stop_a_run_like_ctrl_c(signum, tmp_path):
     """Before: killed by the signal (exit -15 / -1), no kgrad line, the lease left, a resource_tracker
     warning.  After: exit 128 + signum, one kgrad line after the signal, no traceback or warning, the lease
@@ -270,17 +270,23 @@ def test_sighup_under_nohup_is_still_ignored(tmp_path):
 # ----------------------------------------------------------------------------------------- C: lease names
 
 
-def test_a_users_file_named_like_the_lease_is_not_kgrads(tiny, small_outputs, tmp_path):
-    """Before: ``.kgrad-lease.json.notes`` counted as kgrad's and ``--overwrite`` deleted it.  After: only
-    the names kgrad writes count (the lease, ``.<8 hex>.tmp``, ``.stale-<8 hex>``); the user's file makes
-    the output foreign: exit 2, one line naming it, the file kept byte for byte."""
-    from pipeline.output import LEASE_NAMES, OutputGroup
+def test_only_the_names_kgrad_writes_count_as_its_lease():
+    """Before: ``.kgrad-lease.json.notes`` counted as kgrad's.  After: only the names kgrad writes (the lease,
+    ``.<8 hex>.tmp``, ``.stale-<8 hex>``)."""
+    from pipeline.output import LEASE_NAMES
 
     for own in (".kgrad-lease.json", ".kgrad-lease.json.0123abcd.tmp", ".kgrad-lease.json.stale-89abcdef"):
         assert LEASE_NAMES.match(own), own
     for foreign in (".kgrad-lease.json.notes", ".kgrad-lease.json.bak", ".kgrad-lease.json.0123abcd.tmp.x",
                     ".kgrad-lease.jsonx", ".kgrad-lease.json.stale-xyz"):
         assert not LEASE_NAMES.match(foreign), foreign
+
+
+@pytest.mark.slow  # two refused runs on new local clusters
+def test_a_users_file_named_like_the_lease_is_not_kgrads(tiny, small_outputs, tmp_path):
+    """Before: ``.kgrad-lease.json.notes`` counted as kgrad's and ``--overwrite`` deleted it.  After: the
+    user's file makes the output foreign: exit 2, one line naming it, the file kept byte for byte."""
+    from pipeline.output import OutputGroup
 
     out = small_outputs.copy(tiny, tmp_path / "out.zarr")  # what `kgrad run --points TINY ...` made
     args = ["run", "--points", tiny, "--out", out, "--workers", 1, "--no-progress"]
@@ -347,6 +353,7 @@ def test_inspect_into_a_closed_pipe_is_quiet(complete_output):
     assert reader.wait(timeout=TIMEOUT) == 141 and stderr == "", (reader.returncode, stderr)
 
 
+@pytest.mark.slow  # test_data_safety.py's test_plan_names_the_run_that_holds_the_output is the default suite's
 def test_inspect_names_the_run_that_is_writing_the_output(complete_output):
     """Before: an output a live run holds was reported INCOMPLETE, 'finish it with --resume' (which the
     lease would refuse).  After: BEING WRITTEN by the run (pid, host), no --resume; in --json too."""

@@ -59,6 +59,7 @@ def test_in_process_snippet_runs_and_matches_the_oracle():
     assert relative_error(scope["phi_repulsive"][rows], phi) < FLOAT32_BOUND, "README's SVGD line has the wrong sign?"
 
 
+@pytest.mark.slow  # a run on the dask CLI cluster (started for it alone in its test process)
 def test_xarray_snippet_reads_a_run_as_the_readme_says(tmp_path, monkeypatch, dask_cli_cluster):
     """The README's xarray block, executed as written against a small ``kgrad run`` output at the path it
     names (out/demo.zarr, from the current directory): gradient, value and the score g / v match the oracle. (The

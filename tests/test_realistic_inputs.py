@@ -29,7 +29,7 @@ from reference import (
 import pipeline  # noqa: E402  (an import error must fail, never skip)
 
 # The default suite runs a sample of each parametrised test (each parameter value at least once); --runslow all.
-pytestmark = pytest.mark.sampled(3)
+pytestmark = pytest.mark.sampled(4)
 
 kernel_gradients = pipeline.kernel_gradients
 

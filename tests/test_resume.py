@@ -138,7 +138,7 @@ def _refusal(points, out, extra):
     return kgrad(args + list(extra))
 
 
-@pytest.mark.sampled(4, cover=())
+@pytest.mark.slow  # the default suite's refusals: test_guarantees.py
 @pytest.mark.parametrize("change", sorted(REFUSED))
 def test_resume_with_other_parameters_is_refused(interrupted, change):
     points, out, killed = interrupted
@@ -152,6 +152,7 @@ def test_resume_with_other_parameters_is_refused(interrupted, change):
     record(f"resume_refused[{change}]", exit_code=2, files_unchanged=len(before), message=lines[0])
 
 
+@pytest.mark.slow  # the default suite's refusals: test_guarantees.py
 def test_resume_with_weights_added_is_refused(job_inputs, interrupted, tmp_path):
     points, out, killed = interrupted
     weights = tmp_path / "weights.npy"
@@ -163,6 +164,7 @@ def test_resume_with_weights_added_is_refused(job_inputs, interrupted, tmp_path)
     assert tree_digest(out) == before
 
 
+@pytest.mark.slow  # the default suite's refusals: test_guarantees.py
 def test_rerun_without_resume_or_overwrite_is_refused(interrupted):
     points, out, killed = interrupted
     before = tree_digest(out)
@@ -171,6 +173,7 @@ def test_rerun_without_resume_or_overwrite_is_refused(interrupted):
     assert tree_digest(out) == before
 
 
+@pytest.mark.slow  # its fixture is a whole run; test_cli.py's test_resume_on_complete_output_does_nothing is fast
 def test_resume_of_a_complete_output_changes_nothing(undisturbed, job_inputs, tmp_path):
     out = tmp_path / "done.zarr"
     shutil.copytree(undisturbed.out, out)

@@ -49,6 +49,7 @@ def _task_files(out, index: int) -> dict[str, bytes]:
     return {name: (out / name).read_bytes() for name in names if (out / name).is_file()}
 
 
+@pytest.mark.slow  # its fixture is a whole 50000-point run; the default suite kills a worker in test_guarantees.py
 def test_task_run_twice_writes_same_bytes(prepared_output, undisturbed):
     """run_task twice (a rerun after a lost worker): the chunk files are rewritten (new inodes) with the
     same bytes; with every other task run and the results put back in input order, the output is the
@@ -81,6 +82,7 @@ def test_task_run_twice_writes_same_bytes(prepared_output, undisturbed):
     record("task_run_twice", tasks=[t.index for t in tasks], bytes_compared=compared)
 
 
+@pytest.mark.slow  # as above
 def test_task_run_concurrently_twice_writes_same_bytes(prepared_output, undisturbed):
     """Two copies of one task writing at the same time (a duplicate while the first still runs) leave
     one whole, correct chunk: each chunk file is replaced atomically."""

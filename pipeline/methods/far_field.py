@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..finite import check_finite_result
-from ..grid_sums import (MIN_TOLERANCE, fft_rounding, fft_shape, box_range, interpolate, node_sums, spacing_for,
+from ..grid_sums import (MIN_TOLERANCE, fft_entries, fft_rounding, box_range, interpolate, node_sums, spacing_for,
                          total_error)
 from ..plan import Task, make_plan, project, with_pruning
 from ..proxies import GRID_MAX_NODES, ORDERS, Grid, make_grid, spread
@@ -84,7 +84,7 @@ def node_sum_seconds(grid: Grid, kernel: GaussianMixture) -> float:
     """Projected seconds of :func:`pipeline.grid_sums.node_sums` on one core."""
     if kernel.separable:
         return grid.n_nodes * sum(grid.shape) * NODE_SUM_SECONDS
-    padded = float(np.prod(fft_shape(grid.shape), dtype=np.float64))
+    padded = fft_entries(grid.shape)
     return padded * np.log2(padded) * FFT_SECONDS
 
 
@@ -123,7 +123,7 @@ def grid_for(order: int, lower: np.ndarray, upper: np.ndarray, lengthscale: np.n
 def too_large(grid: Grid, kernel: GaussianMixture) -> bool:
     if grid.n_nodes > GRID_MAX_NODES or max(grid.shape) > MAX_NODES_PER_DIM:
         return True
-    return not kernel.separable and float(np.prod(fft_shape(grid.shape), dtype=np.float64)) > FFT_MAX_PADDED
+    return not kernel.separable and fft_entries(grid.shape) > FFT_MAX_PADDED
 
 
 def choose_grid(lower: np.ndarray, upper: np.ndarray, lengthscale: np.ndarray, n: int, m: int,
