@@ -97,7 +97,11 @@ def local_cluster(workers: int, memory_limit: int | str = "auto", threads_per_wo
     them from the cluster (``cluster.security``); pass that to :class:`~pipeline.workflow.RunOptions`'s
     ``security`` to run kgrad on it from Python.  Key generation costs about 0.1 s at start-up.
 
-    Its nannies start each worker process with :data:`WORKER_ENVIRONMENT` (their pre-spawn-environ).
+    Its nannies start each worker process with :data:`WORKER_ENVIRONMENT` (their pre-spawn-environ).  A
+    nanny lets this process's own environment override its pre-spawn-environ, and every nanny leaves its
+    values in this process's environment (an earlier plain ``LocalCluster`` leaves distributed's
+    MALLOC_TRIM_THRESHOLD_=65536 there), so the values are also put in this process's environment while the
+    cluster starts.
     """
     import dask
     from distributed import LocalCluster
@@ -105,10 +109,25 @@ def local_cluster(workers: int, memory_limit: int | str = "auto", threads_per_wo
 
     with dask.config.set({"distributed.nanny.pre-spawn-environ": dict(WORKER_ENVIRONMENT),
                           "distributed.scheduler.allowed-failures": 5,
-                          "distributed.worker.daemon": False}), _workers_ignore_ctrl_c():
+                          "distributed.worker.daemon": False}), _workers_ignore_ctrl_c(), _environment(WORKER_ENVIRONMENT):
         return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
                             host="127.0.0.1", dashboard_address="127.0.0.1:0", memory_limit=memory_limit,
                             silence_logs=worker_log_level(), security=Security.temporary())
+
+
+@contextlib.contextmanager
+def _environment(values: dict):
+    """This process's environment holds ``values`` inside the block; the previous values are put back after."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _client(*args, **kwargs):

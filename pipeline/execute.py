@@ -134,6 +134,32 @@ def execute(job: Job, plan: Plan, client, *, done: np.ndarray | None = None, ret
             "worker_pids": sorted({r["pid"] for r in results})}
 
 
+def map_on_workers(client, function, items: Sequence, *, name: str = "part", retries: int = 2,
+                   scheduler_timeout: float = 60.0, scheduler: str = "the scheduler") -> list:
+    """``[function(*item) for item in items]`` computed on the cluster's workers, one task per item, the
+    results in the items' order (a client step's own work spread over the workers: the far field's
+    spreading).  A failure is a :class:`RunFailed` line, as a task's; on every way out the futures are
+    cancelled."""
+    token = uuid.uuid4().hex[:8]
+    futures = [client.submit(function, *item, key=f"kgrad-{name}-{token}-{i}", retries=retries, pure=False)
+               for i, item in enumerate(items)]
+    watch = SchedulerWatch(client, scheduler, scheduler_timeout)
+    try:
+        while not all(future.done() for future in futures):
+            watch.check()
+            time.sleep(0.05)
+        for future in futures:
+            if future.status == "error":
+                error = future.exception()
+                raise task_failure(error) from error
+        return client.gather(futures)
+    finally:
+        watch.stop()
+        cancel(client, futures)
+        for future in futures:
+            future.release()
+
+
 def _end(callbacks: list, raise_errors: bool) -> None:
     """Every callback's ``on_end``, even if one of them raises.  The first such error goes up after all
     ran, unless the run is already ending with an error of its own (``raise_errors`` False)."""

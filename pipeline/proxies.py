@@ -47,6 +47,7 @@ SLOPE_MAX_RBF = math.exp(-0.5)  # max |f'(r)| of f(r) = exp(-r^2/2), at r = 1
 ORDERS = (4, 6, 8, 10, 12, 14, 16)  # nodes per dimension the plan chooses from (even: the cell is central)
 GRID_MAX_NODES = 1 << 26  # nodes of the grid's bounding box (float64 accumulator: 512 MiB)
 SPREAD_ENTRIES = 1 << 22  # (source, node) terms accumulated per bincount call (bounded temporaries)
+SPREAD_PART_SOURCES = 1 << 18  # sources per part of the spreading (a task on a run's workers)
 # The stencil's constants (Lebesgue constants of the basis and of its derivative, max |omega'|) are maxima of
 # polynomials over the cell, sampled at this many points; the sampled maximum is raised by half the sampling
 # step times a bound on the function's slope (the sum of its derivative's absolute coefficients), so the
@@ -221,31 +222,67 @@ def tensor_weights(factors: list) -> np.ndarray:
     return out
 
 
-def spread(sources: np.ndarray, weights: np.ndarray | None, grid: Grid) -> np.ndarray:
+def spread(sources: np.ndarray, weights: np.ndarray | None, grid: Grid, map_parts=None) -> np.ndarray:
     """The proxies' weights ``W_n = sum_i w_i L_n(x_i)`` on every node of the grid (flat, float64).
 
     Sources are taken in the order of their stencils' first node (ties by coordinates, then weight: the
-    input's row order does not change a bit), a block at a time, each block's terms summed with
-    ``bincount`` over the node range it touches only."""
+    input's row order does not change a bit) and cut into parts of about :data:`SPREAD_PART_SOURCES`
+    (:func:`spread_parts`); each part is spread by :func:`spread_part` (``map_parts(function, parts)``: on a
+    run's workers, or here when None), its sums starting from zero, and the parts' sums are added in order.
+    The cut depends only on the sources and the grid, so the bits do not depend on where the parts are
+    computed."""
+    x = np.asarray(sources, np.float64)
+    total = np.zeros(grid.n_nodes)
+    parts = spread_parts(x, weights, grid)
+    function = functools.partial(spread_part, grid=grid)
+    for first, sums in (map_parts or _map_here)(function, parts):
+        total[first:first + len(sums)] += sums
+    return total
+
+
+def _map_here(function, items) -> list:
+    return [function(*item) for item in items]
+
+
+def spread_parts(sources: np.ndarray, weights: np.ndarray | None, grid: Grid) -> list:
+    """``[(sources (r, D) float64, weights (r,) float64)]``: the sources in the spreading order (their stencils'
+    first node, then coordinates, then weight), cut into parts of whole :func:`spread_part` blocks, about
+    :data:`SPREAD_PART_SOURCES` each.  The cut depends only on the sources and the grid."""
     x = np.asarray(sources, np.float64)
     m, dim = x.shape
     w = np.ones(m) if weights is None else np.asarray(weights, np.float64)
-    total = np.zeros(grid.n_nodes)
     if m == 0:
-        return total
-    index, t = stencils(x, grid)
+        return []
+    index, _ = stencils(x, grid)
     order = np.lexsort((w,) + tuple(x[:, d] for d in range(dim - 1, -1, -1)) + (index,))
+    rows = _spread_block_rows(grid)
+    size = rows * max(1, SPREAD_PART_SOURCES // rows)
+    return [(x[order[start:start + size]], w[order[start:start + size]]) for start in range(0, m, size)]
+
+
+def _spread_block_rows(grid: Grid) -> int:
+    return max(1, SPREAD_ENTRIES // grid.order ** len(grid.shape))
+
+
+def spread_part(sources: np.ndarray, weights: np.ndarray, grid: Grid) -> tuple[int, np.ndarray]:
+    """One part of :func:`spread` (sources in the spreading order, float64): ``(first, sums)``, the sums of
+    its terms on the nodes ``first, first + 1, ...`` (flat) that its stencils reach.  A block of rows at a
+    time, each block's terms summed with ``bincount`` over the node range it touches only."""
+    dim = sources.shape[1]
+    index, t = stencils(sources, grid)
     offsets_flat = stencil_offsets(grid)
-    rows = max(1, SPREAD_ENTRIES // len(offsets_flat))
-    for start in range(0, m, rows):
-        block = order[start:start + rows]
+    first = int(index[0])  # the smallest (sorted)
+    sums = np.zeros(int(index[-1]) - first + int(offsets_flat[-1]) + 1)
+    rows = _spread_block_rows(grid)
+    for start in range(0, len(sources), rows):
+        block = slice(start, start + rows)
         basis = lagrange(grid.order, t[block])  # (r, D, p)
-        terms = tensor_weights([basis[:, d] for d in range(dim)]) * w[block, None]
-        first = int(index[block[0]])  # the smallest in the block (sorted)
-        flat = (index[block] - first)[:, None] + offsets_flat[None, :]
+        terms = tensor_weights([basis[:, d] for d in range(dim)]) * weights[block, None]
+        low = int(index[start]) - first
+        flat = (index[block] - first - low)[:, None] + offsets_flat[None, :]
         part = np.bincount(flat.ravel(), weights=terms.ravel())
-        total[first:first + len(part)] += part
-    return total
+        sums[low:low + len(part)] += part
+    return first, sums
 
 
 def proxy_weights(sources: np.ndarray, weights: np.ndarray | None, grid: Grid) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ from .cluster import (CONNECT_SECONDS, check_cluster_memory, close, connect, loc
                       probe_scheduler, quiet_dask_logs, security)
 from .dashboard import dashboard_link
 from .errors import ENDED_STEP, RESTART_STEP, RESUME_STEP, InputError, RunEnded, RunFailed
-from .execute import execute
+from .execute import execute, map_on_workers
 from .inputs import check_same_dim
 from .fenced import ID_KEY, accepted_ids, new_id
 from .kernels import user_kernel_code
@@ -456,7 +456,9 @@ def _run_owned(prepared: Prepared, stream) -> dict:
                 execute, plan=plan, client=client, callbacks=callbacks,
                 scheduler_timeout=config.scheduler_timeout,
                 scheduler="(local)" if cluster is not None else getattr(client.scheduler, "address", config.scheduler))
-            run = _client_run(prepared, output)
+            on_workers = functools.partial(map_on_workers, client, scheduler_timeout=config.scheduler_timeout,
+                                           scheduler=run_tasks.keywords["scheduler"])
+            run = _client_run(prepared, output, on_workers)
             timings, pairs = prepared.problem.method.run_tasks(run, run_tasks)
         _check_inputs_unchanged(prepared)
         prepared.problem.method.finish(run, timings)
@@ -506,12 +508,12 @@ def _run_owned(prepared: Prepared, stream) -> dict:
     return {**prepared.attributes, "timings": timings}
 
 
-def _client_run(prepared: Prepared, output: OutputGroup) -> ClientRun:
-    """What the method's client steps see of this run."""
+def _client_run(prepared: Prepared, output: OutputGroup, on_workers=None) -> ClientRun:
+    """What the method's client steps see of this run (``on_workers``: its map over the cluster's workers)."""
     inputs = prepared.inputs
     return ClientRun(job=prepared.job, plan=prepared.plan, layout=prepared.problem.layout, output=output,
                      points=inputs.point_data, sources=None if inputs.sources is None else inputs.source_data,
-                     weights=inputs.weight_data)
+                     weights=inputs.weight_data, map_on_workers=on_workers)
 
 
 def _check_inputs_unchanged(prepared: Prepared) -> None:

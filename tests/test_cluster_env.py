@@ -99,11 +99,18 @@ def test_kubernetes_manifests_repeat_it(manifest):
         assert {k: env.get(k) for k in WORKER_ENVIRONMENT} == WORKER_ENVIRONMENT
 
 
-def test_local_cluster_workers_start_with_it():
+@pytest.mark.parametrize("before", ["clean", "after_a_plain_local_cluster"])
+def test_local_cluster_workers_start_with_it(before, monkeypatch):
+    """Also after a plain LocalCluster in the same process, which leaves distributed's
+    MALLOC_TRIM_THRESHOLD_=65536 in this process's environment (a nanny lets that override its config)."""
     from distributed import Client
 
     from pipeline.cluster import local_cluster
 
+    if before != "clean":
+        monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     with local_cluster(1, memory_limit="1GiB") as cluster, Client(cluster) as client:
         env = client.run(lambda: {k: os.environ.get(k) for k in WORKER_ENVIRONMENT})
     assert env and all(e == WORKER_ENVIRONMENT for e in env.values()), env
+    if before != "clean":
+        assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536", "this process's environment is put back"

@@ -412,6 +412,51 @@ def test_scale_mixture_constants(name, params):
         assert mixed == pytest.approx(float(kernel.profile(r2)), rel=1e-6)
 
 
+@pytest.mark.parametrize("dim,order,part", [(1, 8, 1), (2, 6, 3), (3, 4, 4096)])
+def test_spreading_in_parts_is_the_one_pass_sum(monkeypatch, dim, order, part):
+    """Sources cut into parts of any size (whole blocks: down to one block each) give the sum in one part, up
+    to the rounding of adding the parts (a few units of 2^-52 of the sum of |w| per node): far from the
+    origin, duplicated, mixed-sign weights."""
+    import pipeline.proxies as proxies
+
+    rng = np.random.default_rng(dim)
+    x = rng.normal(size=(30000, dim)) * 4 + 1e5
+    x[:5000] = x[5000:10000]  # duplicates
+    w = rng.normal(size=len(x))
+    grid = make_grid(x.min(0), x.max(0), np.full(dim, 0.6), order, 0.4)
+    monkeypatch.setattr(proxies, "SPREAD_ENTRIES", 4096)  # blocks of a few rows, so that there are many
+    whole = spread(x, w, grid)
+    monkeypatch.setattr(proxies, "SPREAD_PART_SOURCES", part)
+    parts = proxies.spread_parts(x, w, grid)
+    assert len(parts) > 3
+    parted = spread(x, w, grid)
+    assert np.abs(parted - whole).max() <= 1e-14 * np.abs(w).sum()
+    assert math.isclose(whole.sum(), w.sum(), rel_tol=1e-9, abs_tol=1e-9)  # the basis sums to one
+
+
+def test_spreading_on_a_clusters_workers_has_the_bits_of_one_pass(monkeypatch):
+    """The far field's spreading as tasks on real worker processes (pipeline.execute.map_on_workers), in many
+    parts: the bits of the in-process sum in the same parts."""
+    import functools
+
+    from distributed import Client, LocalCluster
+
+    import pipeline.proxies as proxies
+    from pipeline.execute import map_on_workers
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(20000, 3)) * 3 - 7e3
+    w = rng.normal(size=len(x))
+    grid = make_grid(x.min(0), x.max(0), np.full(3, 0.8), 10, 0.5)
+    monkeypatch.setattr(proxies, "SPREAD_PART_SOURCES", 1)  # parts of one block (the workers' block size)
+    here = spread(x, w, grid)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        on_workers = functools.partial(map_on_workers, client)
+        assert len(proxies.spread_parts(x, w, grid)) >= 4
+        assert spread(x, w, grid, on_workers).tobytes() == here.tobytes()
+
+
 @pytest.mark.parametrize("dim", (1, 2, 3))
 def test_fft_node_sums_equal_the_direct_sums_within_their_rounding(dim):
     """fft_node_sums against the node-to-node sums in float64 (every pair), weights of mixed sign; the

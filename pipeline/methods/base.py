@@ -77,6 +77,9 @@ class ClientRun(Generic[Layout]):
     points: np.ndarray = field(repr=False)  # the points as read and checked by the client
     sources: np.ndarray | None = field(repr=False)  # None: the points are the sources
     weights: np.ndarray | None = field(repr=False)  # None: unit weights
+    # map_on_workers(function, items): [function(*item) for item in items] on the run's workers, in order
+    # (pipeline.execute.map_on_workers); None: in this process
+    map_on_workers: Callable[[Callable, list], list] | None = field(default=None, repr=False)
 
 
 RunTasks = Callable[..., dict]  # execute(job, done=...) -> timings (pipeline.execute.execute, bound to the run)

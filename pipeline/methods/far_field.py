@@ -17,9 +17,11 @@ for the kernels summed by FFT).  It declines, saying why, for kernels that are n
 (no bound derived), D > 3, data spanning too many lengthscales for such a grid (or an FFT whose rounding
 bound leaves no room), and where it would not be faster than the pruned (or dense) method.
 
-On a cluster the client spreads the sources and sums the grid (numpy, float64, the FFT in longdouble; once;
-a resumed run whose sorted copy is whole does not redo it) and writes the node sums into the sorted copy
-``OUT/order/grid``; each task reads its rows of the sorted points and the box of nodes their stencils touch.  Each query's
+On a cluster the sources are spread by tasks on the workers, one per part of about
+:data:`pipeline.proxies.SPREAD_PART_SOURCES` sources in the spreading order, and the client adds the parts in
+order (the bits of the in-process sum, however many workers), sums the grid (numpy, float64, the FFT in
+longdouble; once; a resumed run whose sorted copy is whole does not redo either) and writes the node sums into
+the sorted copy ``OUT/order/grid``; each task reads its rows of the sorted points and the box of nodes their stencils touch.  Each query's
 result depends on its own stencil only, so the bits do not depend on how rows are grouped into tasks.
 """
 
@@ -90,7 +92,8 @@ def node_sum_seconds(grid: Grid, kernel: GaussianMixture) -> float:
 
 def projected_seconds(n: int, m: int, dim: int, grid: Grid, kernel: GaussianMixture,
                       parallel: int) -> tuple[float, float]:
-    """(client seconds: spreading and node sums, task seconds: interpolation over ``parallel`` workers)."""
+    """(seconds before the tasks: spreading and node sums on one core (on a cluster the spreading is shared by
+    the workers: an upper bound), task seconds: interpolation over ``parallel`` workers)."""
     stencil = grid.order ** dim
     client = m * stencil * SPREAD_SECONDS + node_sum_seconds(grid, kernel)
     return client, n * stencil * INTERPOLATE_SECONDS / max(1, parallel)
@@ -198,8 +201,8 @@ class FarField(InSpatialOrder):
                 return (f"the far field would take about {work:.3g} s of one core against {other_seconds:.3g} s for "
                         f"{name}, so it is not used")
         stencil = grid.order ** dim
-        terms = (f"{m * stencil / 1e9:.3g} G spreading terms and {grid.n_nodes:.3g} grid nodes on the client "
-                 f"({client:.3g} s) + {n * stencil / 1e9:.3g} G interpolation terms / {plan.parallel} "
+        terms = (f"{m * stencil / 1e9:.3g} G spreading terms and {grid.n_nodes:.3g} grid nodes before the tasks "
+                 f"({client:.3g} s on one core) + {n * stencil / 1e9:.3g} G interpolation terms / {plan.parallel} "
                  f"worker{'s' if plan.parallel != 1 else ''} ({tasks:.3g} s)")
         plan = dataclasses.replace(plan, tolerance=tolerance, estimated_pairs=n * stencil,
                                    estimated_seconds=client + tasks, method_cost=(client + tasks, terms))
@@ -234,7 +237,7 @@ class FarField(InSpatialOrder):
         layout: FarFieldLayout = run.layout
         order = layout.point_order
         sources = run.points if run.sources is None else run.sources
-        sums = grid_node_sums(sources, run.weights, layout)
+        sums = grid_node_sums(sources, run.weights, layout, run.map_on_workers)
         return dict(point_index=order, points=np.asarray(run.points)[order], source_index=None, sources=None,
                     weights=None, tiles=None, grid=sums.reshape(layout.grid.shape))
 
@@ -262,10 +265,12 @@ class FarField(InSpatialOrder):
                 "nodes_read": int(np.prod(upper - lower))}
 
 
-def grid_node_sums(sources: np.ndarray, weights: np.ndarray | None, layout: FarFieldLayout) -> np.ndarray:
-    """The node sums ``U`` of a run (flat, float64): its sources spread on the layout's grid, summed node to
-    node with its kernel.  The one place both the in-process run and the cluster's client compute them."""
-    return node_sums(spread(sources, weights, layout.grid), layout.grid, layout.kernel)
+def grid_node_sums(sources: np.ndarray, weights: np.ndarray | None, layout: FarFieldLayout,
+                   map_parts=None) -> np.ndarray:
+    """The node sums ``U`` of a run (flat, float64): its sources spread on the layout's grid (in parts on the
+    run's workers with ``map_parts``, :func:`pipeline.proxies.spread`: the same bits), summed node to node
+    with its kernel.  The one place both the in-process run and the cluster's client compute them."""
+    return node_sums(spread(sources, weights, layout.grid, map_parts), layout.grid, layout.kernel)
 
 
 FAR_FIELD = FarField()
