@@ -457,6 +457,37 @@ def test_spreading_on_a_clusters_workers_has_the_bits_of_one_pass(monkeypatch):
         assert spread(x, w, grid, on_workers).tobytes() == here.tobytes()
 
 
+@pytest.mark.slow  # a local cluster and a run (CI runs it)
+def test_a_run_that_spreads_on_its_workers_has_the_apis_bits(monkeypatch, tmp_path):
+    """run_workflow on a local cluster with the spreading done by tasks on its workers, in many parts
+    (thresholds lowered in this process, the client's): the output has the bits of the in-process API."""
+    import zarr
+
+    import pipeline.methods.far_field as far_field
+    import pipeline.proxies as proxies
+    from pipeline.cluster import local_cluster
+    from pipeline.workflow import RunOptions, run_workflow
+
+    monkeypatch.setattr(far_field, "SPREAD_ON_WORKERS_TERMS", 0)
+    monkeypatch.setattr(proxies, "SPREAD_PART_SOURCES", 1)  # parts of one block
+    x = np.random.default_rng(12).normal(size=(40000, 3)) * 2 + 5e3
+    np.save(tmp_path / "p.npy", x)
+    grid = make_problem(x, x, lengthscale=0.5, tolerance=1e-6, sources_are_points=True, dtype="float64",
+                        method="far_field").layout.grid
+    assert len(proxies.spread_parts(x, None, grid)) >= 4
+    g, v = kernel_gradients(x, lengthscale=0.5, tolerance=1e-6, dtype="float64", method="far_field",
+                            return_value=True)
+    with local_cluster(2) as cluster:
+        attrs = run_workflow(RunOptions(points=str(tmp_path / "p.npy"), out=str(tmp_path / "o.zarr"),
+                                        lengthscale=0.5, tolerance=1e-6, dtype="float64", method="far_field",
+                                        scheduler=cluster.scheduler_address, security=cluster.security,
+                                        progress=False))
+    assert attrs["method"] == "far_field"
+    out = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")
+    assert np.asarray(out["gradient"][:]).tobytes() == g.tobytes()
+    assert np.asarray(out["value"][:]).tobytes() == v.tobytes()
+
+
 @pytest.mark.parametrize("dim", (1, 2, 3))
 def test_fft_node_sums_equal_the_direct_sums_within_their_rounding(dim):
     """fft_node_sums against the node-to-node sums in float64 (every pair), weights of mixed sign; the

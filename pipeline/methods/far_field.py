@@ -53,6 +53,10 @@ MAX_DIM = 3  # the grid's nodes grow as (extent / spacing)^D
 # gradient components together), and per multiply-add of the grid's matrix products.
 SPREAD_SECONDS = 14e-9
 INTERPOLATE_SECONDS = 8e-9
+# Spreading of at least this many (source, node) terms (about 3 s of one core) is done by tasks on the run's
+# workers; below, shipping the parts costs more than it saves (the GP field at 10^6, 6e7 terms: 0.3-0.7 s
+# slower on the workers).  The bits are the same either way (pipeline.proxies.spread).
+SPREAD_ON_WORKERS_TERMS = 2e8
 NODE_SUM_SECONDS = 6e-11
 GAIN_NEEDED = 0.8  # used only where its projected time is below this fraction of the next method's
 # Nodes along one dimension at most: the node sums hold one (n x n) matrix per dimension.
@@ -237,7 +241,9 @@ class FarField(InSpatialOrder):
         layout: FarFieldLayout = run.layout
         order = layout.point_order
         sources = run.points if run.sources is None else run.sources
-        sums = grid_node_sums(sources, run.weights, layout, run.map_on_workers)
+        terms = len(sources) * layout.grid.order ** len(layout.grid.shape)
+        on_workers = run.map_on_workers if terms >= SPREAD_ON_WORKERS_TERMS else None  # the same bits either way
+        sums = grid_node_sums(sources, run.weights, layout, on_workers)
         return dict(point_index=order, points=np.asarray(run.points)[order], source_index=None, sources=None,
                     weights=None, tiles=None, grid=sums.reshape(layout.grid.shape))
 
