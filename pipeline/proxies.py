@@ -172,6 +172,11 @@ class Grid:
     def n_nodes(self) -> int:
         return int(np.prod(np.asarray(self.shape, np.float64)))
 
+    @property
+    def stencil_size(self) -> int:
+        """Nodes each source or query touches: ``order ** D``."""
+        return self.order ** len(self.shape)
+
     def summary(self) -> dict:
         return {"order": self.order, "spacing_lengthscales": self.spacing, "nodes_per_dim": list(self.shape)}
 
@@ -261,7 +266,7 @@ def spread_parts(sources: np.ndarray, weights: np.ndarray | None, grid: Grid) ->
 
 
 def _spread_block_rows(grid: Grid) -> int:
-    return max(1, SPREAD_ENTRIES // grid.order ** len(grid.shape))
+    return max(1, SPREAD_ENTRIES // grid.stencil_size)
 
 
 def spread_part(sources: np.ndarray, weights: np.ndarray, grid: Grid) -> tuple[int, np.ndarray]:

@@ -452,12 +452,11 @@ def _run_owned(prepared: Prepared, stream) -> dict:
         with performance_report(config.performance_report):
             per_task = plan.pairs_to_compute / max(plan.n_tasks, 1)
             callbacks = [progress_display(per_task, stream)] if config.progress else []
-            run_tasks = functools.partial(
-                execute, plan=plan, client=client, callbacks=callbacks,
-                scheduler_timeout=config.scheduler_timeout,
-                scheduler="(local)" if cluster is not None else getattr(client.scheduler, "address", config.scheduler))
+            scheduler = "(local)" if cluster is not None else getattr(client.scheduler, "address", config.scheduler)
+            run_tasks = functools.partial(execute, plan=plan, client=client, callbacks=callbacks,
+                                          scheduler_timeout=config.scheduler_timeout, scheduler=scheduler)
             on_workers = functools.partial(map_on_workers, client, scheduler_timeout=config.scheduler_timeout,
-                                           scheduler=run_tasks.keywords["scheduler"])
+                                           scheduler=scheduler)
             run = _client_run(prepared, output, on_workers)
             timings, pairs = prepared.problem.method.run_tasks(run, run_tasks)
         _check_inputs_unchanged(prepared)

@@ -98,7 +98,7 @@ def projected_seconds(n: int, m: int, dim: int, grid: Grid, kernel: GaussianMixt
                       parallel: int) -> tuple[float, float]:
     """(seconds before the tasks: spreading and node sums on one core (on a cluster the spreading is shared by
     the workers: an upper bound), task seconds: interpolation over ``parallel`` workers)."""
-    stencil = grid.order ** dim
+    stencil = grid.stencil_size
     client = m * stencil * SPREAD_SECONDS + node_sum_seconds(grid, kernel)
     return client, n * stencil * INTERPOLATE_SECONDS / max(1, parallel)
 
@@ -204,7 +204,7 @@ class FarField(InSpatialOrder):
             if work >= GAIN_NEEDED * other_seconds:
                 return (f"the far field would take about {work:.3g} s of one core against {other_seconds:.3g} s for "
                         f"{name}, so it is not used")
-        stencil = grid.order ** dim
+        stencil = grid.stencil_size
         terms = (f"{m * stencil / 1e9:.3g} G spreading terms and {grid.n_nodes:.3g} grid nodes before the tasks "
                  f"({client:.3g} s on one core) + {n * stencil / 1e9:.3g} G interpolation terms / {plan.parallel} "
                  f"worker{'s' if plan.parallel != 1 else ''} ({tasks:.3g} s)")
@@ -241,7 +241,7 @@ class FarField(InSpatialOrder):
         layout: FarFieldLayout = run.layout
         order = layout.point_order
         sources = run.points if run.sources is None else run.sources
-        terms = len(sources) * layout.grid.order ** len(layout.grid.shape)
+        terms = len(sources) * layout.grid.stencil_size
         on_workers = run.map_on_workers if terms >= SPREAD_ON_WORKERS_TERMS else None  # the same bits either way
         sums = grid_node_sums(sources, run.weights, layout, on_workers)
         return dict(point_index=order, points=np.asarray(run.points)[order], source_index=None, sources=None,
@@ -263,7 +263,7 @@ class FarField(InSpatialOrder):
         compute_seconds = time.perf_counter() - computed
         check_finite_result(gradient, value, job.dtype, job.spec.describe(), rows=(task.start, task.stop))
         still_owner = check_lease(job)
-        pairs = task.rows * grid.order ** len(grid.shape)
+        pairs = task.rows * grid.stencil_size
         copy.write_task(task.start, task.stop, task.index, gradient, value, pairs, job.output_id,
                         before_done=still_owner)
         return {"index": task.index, "rows": task.rows, "seconds": time.perf_counter() - started,
