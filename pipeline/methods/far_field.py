@@ -94,7 +94,7 @@ def node_sum_seconds(grid: Grid, kernel: GaussianMixture) -> float:
     return padded * np.log2(padded) * FFT_SECONDS
 
 
-def projected_seconds(n: int, m: int, dim: int, grid: Grid, kernel: GaussianMixture,
+def projected_seconds(n: int, m: int, grid: Grid, kernel: GaussianMixture,
                       parallel: int) -> tuple[float, float]:
     """(seconds before the tasks: spreading and node sums on one core (on a cluster the spreading is shared by
     the workers: an upper bound), task seconds: interpolation over ``parallel`` workers)."""
@@ -137,7 +137,6 @@ def choose_grid(lower: np.ndarray, upper: np.ndarray, lengthscale: np.ndarray, n
                 tolerance: float, kernel: GaussianMixture) -> tuple[Grid, float] | str:
     """The grid of least projected work (one worker: the choice, and so the bits, do not depend on the
     cluster) whose bound is within ``tolerance``, with its node sums' extra rounding, or why there is none."""
-    dim = len(lower)
     best, smallest, why = None, None, "no grid meets the bound"
     for order in ORDERS:
         found = grid_for(order, lower, upper, lengthscale, kernel, tolerance)
@@ -148,7 +147,7 @@ def choose_grid(lower: np.ndarray, upper: np.ndarray, lengthscale: np.ndarray, n
         smallest = grid if smallest is None or grid.n_nodes < smallest.n_nodes else smallest
         if too_large(grid, kernel):
             continue
-        seconds = sum(projected_seconds(n, m, dim, grid, kernel, 1))
+        seconds = sum(projected_seconds(n, m, grid, kernel, 1))
         if best is None or seconds < best[0]:
             best = (seconds, found)
     if best is None:
@@ -189,7 +188,7 @@ class FarField(InSpatialOrder):
         if isinstance(found, str):
             return found
         grid, rounding = found
-        client, tasks = projected_seconds(n, m, dim, grid, kernel, plan.parallel)
+        client, tasks = projected_seconds(n, m, grid, kernel, plan.parallel)
         if not request.forced(self.name):
             baseline = PRUNED.plan(request)
             other = baseline.plan if isinstance(baseline, Planned) else None
@@ -200,7 +199,7 @@ class FarField(InSpatialOrder):
             # Compared as one worker's work, so that the choice does not depend on the cluster (the API and
             # `kgrad run` on any number of workers choose alike).
             other_seconds = project(other).compute_seconds * other.parallel
-            work = sum(projected_seconds(n, m, dim, grid, kernel, 1))
+            work = sum(projected_seconds(n, m, grid, kernel, 1))
             if work >= GAIN_NEEDED * other_seconds:
                 return (f"the far field would take about {work:.3g} s of one core against {other_seconds:.3g} s for "
                         f"{name}, so it is not used")
