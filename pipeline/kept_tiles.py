@@ -23,8 +23,8 @@ import numpy as np
 from .block_precision import block_setup, needs_x64
 from .blocks import block_sums, run_blocks
 from .kernels import KernelSpec
-from .pruning import (INDEX_TILE, Budget, KernelBounds, Selection, TileIndex, select_sources, select_tiles,
-                      tile_index)
+from .pruning import (INDEX_TILE, Budget, KernelBounds, Selection, TileIndex, select_sources,
+                      select_sources_of_blocks, select_tiles, tile_index)
 from .sources import PreparedSources, prepare_sources
 from .spatial import in_input_order, spatial_order, tile_rows
 from .tiles import TileShape
@@ -84,7 +84,8 @@ class SourceTiles:
         return cls(np.asarray(ids, np.int64), prepared, scaled, np.abs(w))
 
     def positions(self, tiles: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """Flat positions of the real sources of the tiles ``tiles`` (global ids, all held), ascending."""
+        """Flat positions of the real sources of the tiles ``tiles`` (global ids, all held), tile by tile in the
+        order given (ascending for ascending ids)."""
         where = np.searchsorted(self.ids, tiles)
         if len(tiles) and (where.max() >= len(self.ids) or np.any(self.ids[where] != tiles)):
             raise ValueError("a block needs a source tile that was not loaded")
@@ -129,37 +130,48 @@ def call_pieces(positions: np.ndarray, shape: TileShape) -> list[tuple[np.ndarra
     return pieces
 
 
+SOURCE_GROUP = 32  # query blocks whose single sources are selected at once (select_sources_of_blocks)
+
+
 def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles, counts: np.ndarray,
                    bounds: KernelBounds, budget: Budget, spec: KernelSpec, mode: str, dtype: str, shape: TileShape,
                    threads: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
     """g (n, D), v (n,) in ``dtype`` and the pairs computed, for query rows (n, D) in spatial order cut into
     blocks of ``shape.rows`` rows: block ``b`` against the sources of its tiles ``selection.kept[b]`` that
-    the rest of its budget cannot skip (:func:`~pipeline.pruning.select_sources`), packed into whole calls
-    (``counts``: sources per tile, global)."""
+    the rest of its budget cannot skip (:func:`~pipeline.pruning.select_sources_of_blocks`, for
+    :data:`SOURCE_GROUP` blocks at a time), packed into whole calls (``counts``: sources per tile, global)."""
     queries = np.asarray(queries)
     n, dim = queries.shape
     g = np.empty((n, dim), dtype=dtype)
     v = np.empty(n, dtype=dtype)
     starts = list(range(0, n, shape.rows))
-    lower, upper = selection.lower, selection.upper
     setups = [block_setup(queries[s:s + shape.rows], tiles.prepared, spec, mode, dtype) for s in starts]
     computed = np.zeros(len(starts), np.int64)
+    value_left = budget.value - selection.spent_value
+    slope_left = budget.slope - selection.spent_slope
+    x64 = needs_x64(spec, mode, dtype) or any(s.variant.uses_float64 for s in setups)
+    for first in range(0, len(starts), SOURCE_GROUP):
+        group = np.arange(first, min(first + SOURCE_GROUP, len(starts)))
+        kept_tiles = [np.asarray(selection.kept[b], np.int64) for b in group]
+        candidates = tiles.positions(np.concatenate(kept_tiles), counts)
+        bounds_of = np.concatenate([[0], np.cumsum([int(counts[t].sum()) for t in kept_tiles])])
+        keep = select_sources_of_blocks(selection.lower[group], selection.upper[group], tiles.scaled[candidates],
+                                        tiles.abs_weight[candidates], bounds_of, bounds, value_left[group],
+                                        slope_left[group])
+        kept = [candidates[a:z][keep[a:z]] for a, z in zip(bounds_of[:-1], bounds_of[1:])]
 
-    def one_block(b: int) -> None:
-        rows = slice(starts[b], min(starts[b] + shape.rows, n))
-        candidates = tiles.positions(selection.kept[b], counts)
-        keep = select_sources(lower[b], upper[b], tiles.scaled[candidates], tiles.abs_weight[candidates], bounds,
-                              budget.value - selection.spent_value[b], budget.slope - selection.spent_slope[b])
-        computed[b] = (rows.stop - rows.start) * len(keep)
-        g_sum, v_sum = 0.0, 0.0
-        for piece, piece_shape in call_pieces(candidates[keep], shape):
-            sources = tiles.gather(piece, piece_shape)
-            g_part, v_part = block_sums(queries[rows], sources, spec, mode, dtype, piece_shape, setups[b])
-            g_sum, v_sum = g_sum + g_part, v_sum + v_part
-        g[rows], v[rows] = g_sum, v_sum
+        def one_block(k: int, first: int = first, kept: list = kept) -> None:
+            b = first + k
+            rows = slice(starts[b], min(starts[b] + shape.rows, n))
+            computed[b] = (rows.stop - rows.start) * len(kept[k])
+            g_sum, v_sum = 0.0, 0.0
+            for piece, piece_shape in call_pieces(kept[k], shape):
+                sources = tiles.gather(piece, piece_shape)
+                g_part, v_part = block_sums(queries[rows], sources, spec, mode, dtype, piece_shape, setups[b])
+                g_sum, v_sum = g_sum + g_part, v_sum + v_part
+            g[rows], v[rows] = g_sum, v_sum
 
-    run_blocks(one_block, len(setups), needs_x64(spec, mode, dtype) or any(s.variant.uses_float64 for s in setups),
-               threads)
+        run_blocks(one_block, len(group), x64, threads)
     return g, v, int(computed.sum())
 
 

@@ -43,6 +43,7 @@ SUPER_TILES = 32  # tiles per super-tile: the first, coarse level of the search
 LEVEL_ONE_SHARE = 0.25  # share of the budget the super-tile level may spend
 LEVEL_TWO_SHARE = 0.5  # ... and with the tile level; single sources get the rest
 LEVEL_ONE_GROUP = 8  # query blocks whose super-tile distances are computed at once
+LEVEL_TWO_ENTRIES = 1 << 16  # (block, tile) entries of the tile level worked on at once
 SHRINK = 1.0 - 1e-9  # distances are shrunk by this factor against rounding in the box arithmetic
 
 
@@ -216,9 +217,10 @@ def _skippable(d: np.ndarray, weight: np.ndarray, bounds: KernelBounds, value_le
     d_sorted = np.take_along_axis(d, order, axis=-1)
     w_sorted = np.take_along_axis(np.broadcast_to(weight, d.shape), order, axis=-1)
     has = w_sorted > 0
+    bins = bounds.bins(d_sorted)  # the tails of both tables are read at the same radius
     with np.errstate(invalid="ignore"):  # 0 * inf where a tile of zero weight is close: costs nothing
-        cost_v = np.cumsum(np.where(has, w_sorted * bounds.value_tail(d_sorted), 0.0), axis=-1)
-        cost_g = np.cumsum(np.where(has, w_sorted * bounds.slope_tail(d_sorted), 0.0), axis=-1)
+        cost_v = np.cumsum(np.where(has, w_sorted * bounds.values[bins], 0.0), axis=-1)
+        cost_g = np.cumsum(np.where(has, w_sorted * bounds.slopes[bins], 0.0), axis=-1)
     fits = (cost_v <= np.expand_dims(value_left, -1)) & (cost_g <= np.expand_dims(slope_left, -1))
     fits = np.cumprod(fits, axis=-1).astype(bool)  # a prefix: stop at the first that does not fit
     spent_v = np.where(fits, cost_v, 0.0).max(axis=-1, initial=0.0)
@@ -245,7 +247,9 @@ def select_tiles(block_lower: np.ndarray, block_upper: np.ndarray, index: TileIn
     """For each query block (boxes (B, D), scaled), the tiles it must look at.
 
     Super-tiles far enough away are skipped whole with at most :data:`LEVEL_ONE_SHARE` of the budget, then
-    tiles of the remaining super-tiles with up to :data:`LEVEL_TWO_SHARE` of it in all."""
+    tiles of the remaining super-tiles with up to :data:`LEVEL_TWO_SHARE` of it in all.  Both levels work on
+    groups of blocks at once (rows padded with tiles of zero weight at distance 0, which cost nothing and sort
+    after every real tile), with the numbers of one block at a time."""
     s_lo, s_hi, s_w = index.supers
     b = len(block_lower)
     skip_super = np.zeros((b, len(s_w)), bool)
@@ -256,48 +260,111 @@ def select_tiles(block_lower: np.ndarray, block_upper: np.ndarray, index: TileIn
         n = len(d_super)
         skip_super[rows], spent_v[rows], spent_g[rows] = _skippable(
             d_super, s_w, bounds, np.full(n, budget.value * LEVEL_ONE_SHARE), np.full(n, budget.slope * LEVEL_ONE_SHARE))
-    kept = []
     n_tiles = index.n_tiles
+    within = np.arange(SUPER_TILES)
+    candidates = []  # per block: the tiles of its kept super-tiles, ascending
     for j in range(b):
-        supers = np.flatnonzero(~skip_super[j])
-        if len(supers) == 0:
-            kept.append(np.zeros(0, np.int64))
+        tiles = (np.flatnonzero(~skip_super[j])[:, None] * SUPER_TILES + within[None]).ravel()
+        candidates.append(tiles[tiles < n_tiles])
+    kept = []
+    for group in _groups([len(t) for t in candidates], LEVEL_TWO_ENTRIES):
+        width = max(len(candidates[j]) for j in group)
+        if width == 0:
+            kept.extend(np.zeros(0, np.int64) for _ in group)
             continue
-        tiles = (supers[:, None] * SUPER_TILES + np.arange(SUPER_TILES)[None]).ravel()
-        tiles = tiles[tiles < n_tiles]
-        d = box_distance(block_lower[j], block_upper[j], index.lower[tiles], index.upper[tiles])
-        skip, more_v, more_g = _skippable(d, index.weight[tiles], bounds,
-                                          budget.value * LEVEL_TWO_SHARE - spent_v[j],
-                                          budget.slope * LEVEL_TWO_SHARE - spent_g[j])
-        spent_v[j] += more_v
-        spent_g[j] += more_g
-        kept.append(tiles[~skip])
+        ids = np.zeros((len(group), width), np.int64)
+        real = np.zeros((len(group), width), bool)
+        for row, j in enumerate(group):
+            ids[row, :len(candidates[j])] = candidates[j]
+            real[row, :len(candidates[j])] = True
+        rows = np.asarray(group)
+        d = box_distance(block_lower[rows, None, :], block_upper[rows, None, :], index.lower[ids], index.upper[ids])
+        d[~real] = 0.0
+        skip, more_v, more_g = _skippable(d, np.where(real, index.weight[ids], 0.0), bounds,
+                                          budget.value * LEVEL_TWO_SHARE - spent_v[rows],
+                                          budget.slope * LEVEL_TWO_SHARE - spent_g[rows])
+        spent_v[rows] += more_v
+        spent_g[rows] += more_g
+        keep = real & ~skip
+        kept.extend(ids[row][keep[row]] for row in range(len(group)))
     return Selection(kept, spent_v, spent_g, block_lower, block_upper)
+
+
+def _groups(sizes: list, entries: int) -> list:
+    """Consecutive runs of indices into ``sizes`` whose (count x largest size) stays within ``entries`` (at
+    least one index each): the groups of blocks whose padded rows are worked on at once."""
+    groups, current, widest = [], [], 0
+    for j, size in enumerate(sizes):
+        if current and (len(current) + 1) * max(widest, size) > entries:
+            groups.append(current)
+            current, widest = [], 0
+        current.append(j)
+        widest = max(widest, size)
+    if current:
+        groups.append(current)
+    return groups
 
 
 def select_sources(block_lower: np.ndarray, block_upper: np.ndarray, points: np.ndarray, weight: np.ndarray,
                    bounds: KernelBounds, value_left: float, slope_left: float) -> np.ndarray:
     """The last level, for one block: of candidate sources (scaled points (K, D), ``|w|`` (K,)), the
-    positions it must compute (ascending).
+    positions it must compute (ascending).  :func:`select_sources_of_blocks` for a single block."""
+    points = np.asarray(points, np.float64)
+    keep = select_sources_of_blocks(np.asarray(block_lower)[None], np.asarray(block_upper)[None], points,
+                                    np.asarray(weight, np.float64), np.array([0, len(points)]), bounds,
+                                    np.array([value_left], np.float64), np.array([slope_left], np.float64))
+    return np.flatnonzero(keep)
 
-    The farthest are skipped while the budget left allows, whole table bins at a time: each source's cost
-    is read at its bin's lower radius (as :meth:`KernelBounds.value_tail` does), costs are summed per bin
-    with ``bincount`` and the bins are skipped from the farthest in (no sort of the K distances)."""
-    if len(points) == 0:
-        return np.zeros(0, np.int64)
-    d = point_box_distance(block_lower, block_upper, points)
-    bins = bounds.bins(d)
+
+def select_sources_of_blocks(block_lower: np.ndarray, block_upper: np.ndarray, points: np.ndarray,
+                             weight: np.ndarray, starts: np.ndarray, bounds: KernelBounds, value_left: np.ndarray,
+                             slope_left: np.ndarray) -> np.ndarray:
+    """The last level, for blocks ``b`` (boxes (B, D), scaled) at once: block ``b``'s candidate sources are
+    rows ``[starts[b], starts[b + 1])`` of ``points`` (scaled (K, D)) and ``weight`` (``|w|``, (K,)), with
+    ``value_left[b]`` and ``slope_left[b]`` of its budget left.  Returns (K,) bool: the sources to compute.
+
+    Each block skips its farthest sources while its budget allows, whole table bins at a time: each source's
+    cost is read at its bin's lower radius (as :meth:`KernelBounds.value_tail` does), costs are summed per
+    (block, bin) with one ``bincount`` and accumulated from the farthest bin in (no sort of the distances).
+    Bins too near to be skipped even by a source of the smallest positive weight (``w_min f(r) >`` the budget
+    left) are merged into one, which cannot fit either, so each block's row of bins spans only the radii
+    where skipping can happen.  The sums of a block are those of the block alone, in the same order, so the
+    kept sets do not depend on how blocks are grouped."""
+    points = np.asarray(points, np.float64)
     weight = np.asarray(weight, np.float64)
-    first = int(bins.min())
-    mass = np.bincount(bins - first, weights=weight)  # sum |w| per bin, from the nearest bin on
-    used = np.flatnonzero(mass)[::-1]  # bins holding weight, farthest first (relative to ``first``)
-    with np.errstate(invalid="ignore"):
-        cost_v = np.cumsum(mass[used] * bounds.values[used + first])
-        cost_g = np.cumsum(mass[used] * bounds.slopes[used + first])
-    fits = (cost_v <= value_left) & (cost_g <= slope_left)
-    skipped = int(np.argmin(fits)) if not fits.all() else len(fits)  # a prefix of the farthest bins
+    starts = np.asarray(starts, np.int64)
+    n_blocks = len(starts) - 1
+    if len(points) == 0:
+        return np.zeros(0, bool)
+    block = np.repeat(np.arange(n_blocks), np.diff(starts))
+    nearest = np.clip(points, block_lower[block], block_upper[block])
+    nearest -= points
+    bins = bounds.bins(np.sqrt(np.einsum("kd,kd->k", nearest, nearest)))
     positive = weight > 0
-    if skipped == 0:
-        return np.flatnonzero(positive)
-    cut = used[skipped - 1] + first  # bins >= cut are skipped
-    return np.flatnonzero((bins < cut) & positive)
+    if not positive.any():
+        return positive
+    # Bins below ``never`` cannot be skipped: w_min * f(radius) or w_min * |f'| is over the budget left.
+    w_min = float(weight[positive].min())
+    with np.errstate(invalid="ignore"):
+        never = np.maximum(np.searchsorted(-(bounds.values * w_min), -np.asarray(value_left, np.float64)),
+                           np.searchsorted(-(bounds.slopes * w_min), -np.asarray(slope_left, np.float64)))
+    counts = np.diff(starts)
+    lowest = np.full(n_blocks, TABLE_SIZE, np.int64)
+    highest = np.full(n_blocks, -1, np.int64)
+    filled = counts > 0
+    lowest[filled] = np.minimum.reduceat(bins, starts[:-1][filled])
+    highest[filled] = np.maximum.reduceat(bins, starts[:-1][filled])
+    base = np.maximum(np.maximum(never - 1, 0), np.minimum(lowest, TABLE_SIZE - 1))  # each block's first bin
+    width = int(max(1, (highest - base).max() + 1))
+    relative = np.maximum(bins, base[block]) - base[block]
+    mass = np.bincount(block * width + relative, weights=weight, minlength=n_blocks * width).reshape(n_blocks, width)
+    mass = mass[:, ::-1]  # farthest bin first
+    table = np.minimum(base[:, None] + np.arange(width - 1, -1, -1)[None, :], TABLE_SIZE - 1)
+    held = mass > 0
+    with np.errstate(invalid="ignore"):
+        cost_v = np.cumsum(np.where(held, mass * bounds.values[table], 0.0), axis=1)
+        cost_g = np.cumsum(np.where(held, mass * bounds.slopes[table], 0.0), axis=1)
+    fits = (cost_v <= np.asarray(value_left, np.float64)[:, None]) & (cost_g <= np.asarray(slope_left, np.float64)[:, None])
+    skipped = np.where(fits.all(axis=1), width, np.argmin(fits, axis=1))  # a prefix of the farthest bins
+    cut = base + width - skipped  # bins >= cut are skipped
+    return (bins < cut[block]) & positive

@@ -45,8 +45,9 @@ from pipeline.plan import PRUNED_TILES
 from pipeline.problem import make_problem
 import pipeline.methods.pruned  # noqa: E402
 from pipeline.kept_tiles import compute_in_memory
-from pipeline.pruning import (SUPER_TILES, TABLE_MAX, TABLE_MIN, Budget, TileIndex, kernel_bounds, prunes,
-                              select_sources, select_tiles, tile_index)
+from pipeline.pruning import (LEVEL_ONE_SHARE, LEVEL_TWO_SHARE, SUPER_TILES, TABLE_MAX, TABLE_MIN, Budget,
+                              TileIndex, box_distance, kernel_bounds, point_box_distance, prunes, select_sources,
+                              select_sources_of_blocks, select_tiles, tile_index)
 
 # The default suite runs a sample of each parametrised test (each parameter value at least once); --runslow all.
 pytestmark = pytest.mark.sampled(4)
@@ -611,6 +612,109 @@ def test_tiles_then_sources_never_skip_more_than_the_budget(kernel):
             computed_any += len(computed)
             skipped_any += skipped
     assert computed_any and skipped_any
+
+
+def _one_block_skippable(d, weight, bounds, value_left, slope_left):
+    """The selection's rule for one block, written out plainly: entries sorted farthest first (stable), the
+    running cost of skipping them (zero weight costs nothing), and the longest prefix within the budget."""
+    order = np.argsort(-d, kind="stable")
+    cost_v = cost_g = 0.0
+    spent_v = spent_g = 0.0
+    skip = np.zeros(len(d), bool)
+    value_tail, slope_tail = bounds.value_tail(d), bounds.slope_tail(d)
+    for i in order:
+        if weight[i] > 0:
+            cost_v += weight[i] * value_tail[i]
+            cost_g += weight[i] * slope_tail[i]
+        if not (cost_v <= value_left and cost_g <= slope_left):
+            break
+        skip[i] = True
+        spent_v, spent_g = cost_v, cost_g
+    return skip, spent_v, spent_g
+
+
+def _one_block_sources(lower, upper, points, weight, bounds, value_left, slope_left):
+    """The per-source level for one block, written out plainly: costs summed per table bin, bins skipped from
+    the farthest while the budget allows; the sources of positive weight in the other bins are computed."""
+    bins = bounds.bins(point_box_distance(lower, upper, points))
+    cost_v = cost_g = 0.0
+    cut = None
+    for k in sorted(set(bins[weight > 0].tolist()), reverse=True):
+        mass = float(np.sum(weight[bins == k]))
+        cost_v += mass * bounds.values[k]
+        cost_g += mass * bounds.slopes[k]
+        if not (cost_v <= value_left and cost_g <= slope_left):
+            break
+        cut = k
+    return np.flatnonzero((weight > 0) & ((bins < cut) if cut is not None else True))
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "matern32"])
+def test_grouped_selection_equals_one_block_at_a_time(kernel):
+    """select_tiles and select_sources_of_blocks work on groups of blocks at once; what each block keeps, and
+    the budget it spent, must be what the rule gives for that block alone (written out plainly above), for
+    any grouping: random layouts with zero and huge weights, unit weights, duplicated points, blocks that
+    hold sources and blocks far from all, tolerances from 1e-12 to 0.5."""
+    bounds = kernel_bounds(make_spec(kernel, 1, 1.0, 1.0))
+    rng = np.random.default_rng(27)
+    cols = 16
+    kept_any = skipped_any = 0
+    for trial in range(24):
+        dim = int(rng.choice([1, 2, 3]))
+        n_tiles = int(rng.choice([3, SUPER_TILES + 2, 90]))
+        scale = 10.0 ** rng.uniform(0.0, 3.0)
+        centres, half = _random_tiles(rng, scale, n_tiles, dim, walk=trial % 3 != 0)
+        points = (centres[:, None, :] + half[:, None, :] * rng.uniform(-1.0, 1.0, (n_tiles, cols, dim)))
+        points = points.reshape(-1, dim)[: n_tiles * cols - int(rng.integers(0, cols))]
+        if trial % 4 == 1:
+            points[1::2] = points[::2][: len(points[1::2])]  # exact duplicates
+        weight = np.ones(len(points)) if trial % 4 == 2 else _random_weights(rng, len(points))
+        index = tile_index(points, weight, cols)
+        lower, upper = _random_blocks(rng, centres, scale, b=int(rng.integers(1, 40)))
+        if trial % 5 == 0:
+            lower[0], upper[0] = lower[0] + 1e6 * scale, upper[0] + 1e6 * scale  # far from every source
+        tolerance = 10.0 ** rng.uniform(-12.0, math.log10(0.5))
+        budget = Budget.of(bounds, tolerance, float(weight.sum()))
+        selection = select_tiles(lower, upper, index, bounds, budget)
+        s_lo, s_hi, s_w = index.supers
+        candidates, value_left, slope_left = [], [], []
+        for j in range(len(lower)):
+            skip_super, v1, g1 = _one_block_skippable(box_distance(lower[j], upper[j], s_lo, s_hi), s_w, bounds,
+                                                      budget.value * LEVEL_ONE_SHARE, budget.slope * LEVEL_ONE_SHARE)
+            tiles = (np.flatnonzero(~skip_super)[:, None] * SUPER_TILES + np.arange(SUPER_TILES)).ravel()
+            tiles = tiles[tiles < index.n_tiles]
+            skip, v2, g2 = _one_block_skippable(box_distance(lower[j], upper[j], index.lower[tiles],
+                                                             index.upper[tiles]), index.weight[tiles], bounds,
+                                                budget.value * LEVEL_TWO_SHARE - v1,
+                                                budget.slope * LEVEL_TWO_SHARE - g1)
+            assert np.array_equal(selection.kept[j], tiles[~skip]), (trial, j)
+            assert np.isclose(selection.spent_value[j], v1 + v2, rtol=1e-12, atol=0.0), (trial, j)
+            assert np.isclose(selection.spent_slope[j], g1 + g2, rtol=1e-12, atol=0.0), (trial, j)
+            candidates.append(np.concatenate([np.arange(t * cols, t * cols + index.counts[t])
+                                              for t in tiles[~skip]] or [np.zeros(0, np.int64)]).astype(np.int64))
+            value_left.append(budget.value - selection.spent_value[j])
+            slope_left.append(budget.slope - selection.spent_slope[j])
+        starts = np.concatenate([[0], np.cumsum([len(c) for c in candidates])])
+        flat = np.concatenate(candidates)
+        for cut in sorted({0, int(rng.integers(0, len(lower) + 1)), len(lower)}):  # two groups, any split
+            for rows in (np.arange(0, cut), np.arange(cut, len(lower))):
+                if len(rows) == 0:
+                    continue
+                a, z = starts[rows[0]], starts[rows[-1] + 1]
+                keep = select_sources_of_blocks(lower[rows], upper[rows], points[flat[a:z]], weight[flat[a:z]],
+                                                starts[rows[0]:rows[-1] + 2] - a, bounds,
+                                                np.asarray(value_left)[rows], np.asarray(slope_left)[rows])
+                for j in rows:
+                    mine = keep[starts[j] - a:starts[j + 1] - a]
+                    expected = _one_block_sources(lower[j], upper[j], points[candidates[j]], weight[candidates[j]],
+                                                  bounds, value_left[j], slope_left[j])
+                    assert np.array_equal(np.flatnonzero(mine), expected), (trial, j, cut)
+                    assert np.array_equal(select_sources(lower[j], upper[j], points[candidates[j]],
+                                                         weight[candidates[j]], bounds, value_left[j],
+                                                         slope_left[j]), expected)
+                    kept_any += len(expected)
+                    skipped_any += int(np.sum(weight[candidates[j]] > 0)) - len(expected)
+    assert kept_any and skipped_any  # the trials were not vacuous
 
 
 @pytest.mark.parametrize("kernel", ["rbf", "periodic"])
