@@ -196,9 +196,12 @@ class Killed:
     stderr: str
 
 
-def run_and_kill(args, out, should_kill, *, timeout: float = RUN_TIMEOUT, interval: float = 0.02) -> Killed:
+def run_and_kill(args, out, should_kill, *, timeout: float = RUN_TIMEOUT, interval: float = 0.02,
+                 progress=None) -> Killed:
     """Start `kgrad ARGS` in its own process group; poll ``should_kill(elapsed_seconds, task_done or
-    None)``; when it holds, SIGKILL the whole group (`os.killpg`) and wait until every member is gone."""
+    None)`` (the flags from ``progress(out)``, default :func:`read_task_done`); when it holds, SIGKILL the
+    whole group (`os.killpg`) and wait until every member is gone."""
+    progress = progress or read_task_done
     proc = start_kgrad(args)
     started = time.monotonic()
     killed = 0
@@ -209,7 +212,7 @@ def run_and_kill(args, out, should_kill, *, timeout: float = RUN_TIMEOUT, interv
             if proc.poll() is not None:
                 finished_first = True
                 break
-            if should_kill(elapsed, read_task_done(out)):
+            if should_kill(elapsed, progress(out)):
                 killed = kill_group(proc)
                 break
             if elapsed > timeout:

@@ -52,8 +52,8 @@ def sorted_copy_task_done(out) -> np.ndarray | None:
     absent, half written or deleted."""
     import zarr
 
-    try:
-        return np.asarray(zarr.open_group(str(Path(out) / "order"), mode="r")["task_done"][:]).astype(bool)
+    try:  # one open per read: the kill tests poll this every few milliseconds while the run races on
+        return np.asarray(zarr.open_array(str(Path(out) / "order" / "task_done"), mode="r")[:]).astype(bool)
     except Exception:  # noqa: BLE001 - absent, being created, or already deleted
         return None
 
@@ -133,9 +133,9 @@ def moments(case: MethodCase) -> list[str]:
             + (["after-tasks"] if case.after_tasks else []))
 
 
-def moment_reached(case: MethodCase, moment: str, out) -> bool:
-    """Whether a run of ``case`` writing ``out`` is at ``moment`` (one of :func:`moments`)."""
-    flags = case.progress(out)
+def moment_reached(case: MethodCase, moment: str, out, flags: "np.ndarray | None") -> bool:
+    """Whether a run of ``case`` writing ``out``, with its task flags ``flags`` (``case.progress(out)``), is at
+    ``moment`` (one of :func:`moments`)."""
     done = 0 if flags is None else int(flags.sum())
     if moment == "before-tasks":
         return done == 0 and bool(case.before_tasks(out))
@@ -228,12 +228,13 @@ class Runs:
             print(f"[reliability] kill at {at:.2f} s")
             should_kill = lambda t, _: t >= at  # noqa: E731
         else:
-            should_kill = lambda t, _: moment_reached(case, moment, out)  # noqa: E731
+            should_kill = lambda t, flags: moment_reached(case, moment, out, flags)  # noqa: E731
         root.mkdir()
         points = root / "points.npy"
         shutil.copyfile(self.points(case), points)
         out = root / "out.zarr"
-        run = run_and_kill(self.args(case, executor, points, out), out, should_kill, interval=0.005)
+        run = run_and_kill(self.args(case, executor, points, out), out, should_kill, interval=0.005,
+                           progress=case.progress)
         return Killed(points, out, run, case.progress(out))
 
     def interrupted(self, case: MethodCase, executor: str) -> Killed:
