@@ -189,9 +189,12 @@ class FarField(InSpatialOrder):
             return found
         grid, rounding = found
         client, tasks = projected_seconds(n, m, grid, kernel, plan.parallel)
+        point_order = None
         if not request.forced(self.name):
             baseline = PRUNED.plan(request)
             other = baseline.plan if isinstance(baseline, Planned) else None
+            if other is not None:  # its spatial order of the points is this method's too (the same call)
+                point_order = baseline.layout.point_order
             name = "pruning"
             if other is None:  # the dense method's projection
                 other = with_pruning(make_plan(n, m, dim, **request.plan_options), tolerance, None)
@@ -209,7 +212,10 @@ class FarField(InSpatialOrder):
                  f"worker{'s' if plan.parallel != 1 else ''} ({tasks:.3g} s)")
         plan = dataclasses.replace(plan, tolerance=tolerance, estimated_pairs=n * stencil,
                                    estimated_seconds=client + tasks, method_cost=(client + tasks, terms))
-        layout = FarFieldLayout(spatial_order(request.points, spec.lengthscale), grid, kernel,
+        if point_order is None:  # as the pruned method orders the points (ties by weight where they are the sources)
+            point_order = spatial_order(request.points, spec.lengthscale,
+                                        request.weights if request.sources_are_points else None)
+        layout = FarFieldLayout(point_order, grid, kernel,
                                 total_error(grid.order, grid.spacing, dim, kernel, rounding))
         weight_sum = float(m if request.weights is None else np.abs(np.asarray(request.weights, np.float64)).sum())
         return Planned(plan, layout, kernel_bounds(spec).error_bounds(tolerance, weight_sum))
