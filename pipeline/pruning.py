@@ -192,7 +192,8 @@ def box_distance(lo_a, hi_a, lo_b, hi_b) -> np.ndarray:
 
 
 def point_box_distance(lower, upper, points: np.ndarray) -> np.ndarray:
-    """Distance from each point (K, D) to one box: the same numbers as :func:`box_distance`, fewer passes."""
+    """Distance from each point (K, D) to one box ((D,) bounds) or to its own box ((K, D) bounds): the same
+    numbers as :func:`box_distance`, fewer passes."""
     nearest = np.clip(points, lower, upper)
     nearest -= points
     return np.sqrt(np.einsum("kd,kd->k", nearest, nearest))
@@ -332,23 +333,23 @@ def select_sources_of_blocks(block_lower: np.ndarray, block_upper: np.ndarray, p
     kept sets do not depend on how blocks are grouped."""
     points = np.asarray(points, np.float64)
     weight = np.asarray(weight, np.float64)
+    value_left = np.asarray(value_left, np.float64)
+    slope_left = np.asarray(slope_left, np.float64)
     starts = np.asarray(starts, np.int64)
     n_blocks = len(starts) - 1
     if len(points) == 0:
         return np.zeros(0, bool)
-    block = np.repeat(np.arange(n_blocks), np.diff(starts))
-    nearest = np.clip(points, block_lower[block], block_upper[block])
-    nearest -= points
-    bins = bounds.bins(np.sqrt(np.einsum("kd,kd->k", nearest, nearest)))
+    counts = np.diff(starts)
+    block = np.repeat(np.arange(n_blocks), counts)
+    bins = bounds.bins(point_box_distance(block_lower[block], block_upper[block], points))
     positive = weight > 0
     if not positive.any():
         return positive
     # Bins below ``never`` cannot be skipped: w_min * f(radius) or w_min * |f'| is over the budget left.
     w_min = float(weight[positive].min())
     with np.errstate(invalid="ignore"):
-        never = np.maximum(np.searchsorted(-(bounds.values * w_min), -np.asarray(value_left, np.float64)),
-                           np.searchsorted(-(bounds.slopes * w_min), -np.asarray(slope_left, np.float64)))
-    counts = np.diff(starts)
+        never = np.maximum(np.searchsorted(-(bounds.values * w_min), -value_left),
+                           np.searchsorted(-(bounds.slopes * w_min), -slope_left))
     lowest = np.full(n_blocks, TABLE_SIZE, np.int64)
     highest = np.full(n_blocks, -1, np.int64)
     filled = counts > 0
@@ -364,7 +365,7 @@ def select_sources_of_blocks(block_lower: np.ndarray, block_upper: np.ndarray, p
     with np.errstate(invalid="ignore"):
         cost_v = np.cumsum(np.where(held, mass * bounds.values[table], 0.0), axis=1)
         cost_g = np.cumsum(np.where(held, mass * bounds.slopes[table], 0.0), axis=1)
-    fits = (cost_v <= np.asarray(value_left, np.float64)[:, None]) & (cost_g <= np.asarray(slope_left, np.float64)[:, None])
+    fits = (cost_v <= value_left[:, None]) & (cost_g <= slope_left[:, None])
     skipped = np.where(fits.all(axis=1), width, np.argmin(fits, axis=1))  # a prefix of the farthest bins
     cut = base + width - skipped  # bins >= cut are skipped
     return (bins < cut[block]) & positive

@@ -515,6 +515,17 @@ def _random_tiles(rng, scale, n_tiles, dim, walk):
     return centres, half
 
 
+def _random_sources(rng, tile_counts, top_scale, cols, walk):
+    """(scale, tile centres, points): D in 1..3, ``cols`` points per tile of :func:`_random_tiles` (scale up to
+    10^top_scale), a partial last tile."""
+    dim = int(rng.choice([1, 2, 3]))
+    n_tiles = int(rng.choice(tile_counts))
+    scale = 10.0 ** rng.uniform(0.0, top_scale)
+    centres, half = _random_tiles(rng, scale, n_tiles, dim, walk=walk)
+    points = (centres[:, None, :] + half[:, None, :] * rng.uniform(-1.0, 1.0, (n_tiles, cols, dim)))
+    return scale, centres, points.reshape(-1, dim)[: n_tiles * cols - int(rng.integers(0, cols))]
+
+
 def _random_blocks(rng, centres, scale, b=6):
     dim = centres.shape[1]
     block_centres = centres[rng.integers(0, len(centres), b)] + rng.normal(size=(b, dim)) * scale / 20.0
@@ -585,12 +596,7 @@ def test_tiles_then_sources_never_skip_more_than_the_budget(kernel):
     cols = 16
     computed_any = skipped_any = 0
     for trial in range(30):
-        dim = int(rng.choice([1, 2, 3]))
-        n_tiles = int(rng.choice([3, SUPER_TILES + 2, 120]))
-        scale = 10.0 ** rng.uniform(0.0, 3.5)
-        centres, half = _random_tiles(rng, scale, n_tiles, dim, walk=trial % 3 != 0)
-        points = (centres[:, None, :] + half[:, None, :] * rng.uniform(-1.0, 1.0, (n_tiles, cols, dim)))
-        points = points.reshape(-1, dim)[: n_tiles * cols - int(rng.integers(0, cols))]  # a partial last tile
+        scale, centres, points = _random_sources(rng, (3, SUPER_TILES + 2, 120), 3.5, cols, walk=trial % 3 != 0)
         weight = _random_weights(rng, len(points))
         index = tile_index(points, weight, cols)
         lower, upper = _random_blocks(rng, centres, scale)
@@ -660,12 +666,7 @@ def test_grouped_selection_equals_one_block_at_a_time(kernel):
     cols = 16
     kept_any = skipped_any = 0
     for trial in range(24):
-        dim = int(rng.choice([1, 2, 3]))
-        n_tiles = int(rng.choice([3, SUPER_TILES + 2, 90]))
-        scale = 10.0 ** rng.uniform(0.0, 3.0)
-        centres, half = _random_tiles(rng, scale, n_tiles, dim, walk=trial % 3 != 0)
-        points = (centres[:, None, :] + half[:, None, :] * rng.uniform(-1.0, 1.0, (n_tiles, cols, dim)))
-        points = points.reshape(-1, dim)[: n_tiles * cols - int(rng.integers(0, cols))]
+        scale, centres, points = _random_sources(rng, (3, SUPER_TILES + 2, 90), 3.0, cols, walk=trial % 3 != 0)
         if trial % 4 == 1:
             points[1::2] = points[::2][: len(points[1::2])]  # exact duplicates
         weight = np.ones(len(points)) if trial % 4 == 2 else _random_weights(rng, len(points))
