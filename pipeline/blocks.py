@@ -15,6 +15,7 @@ summed gradient g (b, D) is in units of k per unit of q, the kernel sum v (b,) i
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -25,7 +26,7 @@ from .kernels import KernelSpec
 from .precision import thread_x64, x64_active, x64_enabled
 from .sources import PreparedSources, split_hi_lo
 from .spatial import block_slices, morton_order
-from .tiles import TileShape, compiled_block, formulation, split_params
+from .tiles import TileShape, compiled_block, compiled_items, formulation, pack_layout, split_params
 
 
 def compute_rows(queries: np.ndarray, prepared: PreparedSources, spec: KernelSpec, mode: str, dtype: str,
@@ -144,23 +145,77 @@ def block_sums(queries, prepared: PreparedSources, spec: KernelSpec, mode: str, 
     variant = setup.variant
     if variant.uses_float64 and not x64_active():
         raise RuntimeError("this block computes in float64 but JAX's x64 switch is off (use x64_enabled)")
-    split = dtype == "float32"
-    q = np.empty((shape.rows, dim), dtype=dtype)
-    q_lo = np.empty((shape.rows, dim), dtype=dtype) if split else None
-    split_hi_lo(queries.astype(np.float64) - prepared.center, q[:b], q_lo[:b] if split else None)
-    q[b:] = q[0] if b else 0.0
-    if split:
-        q_lo[b:] = q_lo[0] if b else 0.0
-    delta = setup.center - prepared.center
-    offset = np.zeros((2, dim), dtype=dtype)
-    split_hi_lo(delta, offset[0], offset[1] if dtype == "float32" else None)
-    dynamic, static = split_params(spec, "float64" if variant.uses_float64 else dtype)
+    packed = pack_queries(queries, prepared.center, setup.center, dtype, shape.rows)
+    dynamic, static = device_params(spec, "float64" if variant.uses_float64 else dtype, x64_active())
     fn = compiled_block(spec.name, static, formulation(spec, mode), mode, dtype, shape, dim, variant)
     # Dispatch every call first (JAX runs them asynchronously), then add the partials in a fixed order.
-    partials = [fn(q, q_lo, offset, xs, xs_lo, ws, ws_lo, dynamic) for xs, xs_lo, ws, ws_lo in prepared.calls()]
+    partials = [fn(packed, sources, dynamic) for sources in prepared.calls()]
     g_total = np.zeros((shape.rows, dim))
     v_total = np.zeros(shape.rows)
     for g, v in partials:
         g_total += np.sum(np.asarray(g, dtype=np.float64), axis=0)
         v_total += np.sum(np.asarray(v, dtype=np.float64), axis=0)
     return g_total[:b], v_total[:b]
+
+
+def block_item_sums(queries, calls: list, center: np.ndarray, spec: KernelSpec, mode: str, dtype: str, rows: int,
+                    subs: int, setup: BlockSetup) -> tuple[np.ndarray, np.ndarray]:
+    """Summed gradient (b, D) and kernel sum (b,) in float64 for one query block of up to ``subs * rows``
+    rows cut into ``subs`` sub-blocks of ``rows`` consecutive rows, from items (:func:`pipeline.tiles.compiled_items`):
+    ``calls`` is a list of (packed sources (items, cols, S), ``item_sub`` (items,) int32, the number of real
+    items: the others are padding, in sub-block order), ``center`` the sources' centre.  Each item's partial
+    sums are added to its sub-block's rows in float64, call after call and item after item: the same bits
+    however blocks are spread over tasks."""
+    queries = np.asarray(queries)
+    b, dim = queries.shape
+    if b > subs * rows:
+        raise ValueError(f"block of {b} rows exceeds {subs} sub-blocks of {rows} rows")
+    variant = setup.variant
+    if variant.uses_float64 and not x64_active():
+        raise RuntimeError("this block computes in float64 but JAX's x64 switch is off (use x64_enabled)")
+    packed = pack_queries(queries, center, setup.center, dtype, subs * rows)
+    dynamic, static = device_params(spec, "float64" if variant.uses_float64 else dtype, x64_active())
+    g_total = np.zeros((subs, rows, dim))
+    v_total = np.zeros((subs, rows))
+    partials = []
+    for sources, item_sub, real in calls:
+        fn = compiled_items(spec.name, static, formulation(spec, mode), mode, dtype, rows, subs, dim, variant)
+        partials.append((fn(packed, sources, item_sub, dynamic), item_sub[:real]))
+    for (g, v), item_sub in partials:  # items in sub-block order: each run of one sub-block summed in order
+        runs = np.flatnonzero(np.diff(item_sub, prepend=-1))
+        real = len(item_sub)
+        g_total[item_sub[runs]] += np.add.reduceat(np.asarray(g, dtype=np.float64)[:real], runs, axis=0)
+        v_total[item_sub[runs]] += np.add.reduceat(np.asarray(v, dtype=np.float64)[:real], runs, axis=0)
+    return g_total.reshape(subs * rows, dim)[:b], v_total.reshape(subs * rows)[:b]
+
+
+def pack_queries(queries: np.ndarray, sources_center: np.ndarray, block_center: np.ndarray, dtype: str,
+                 rows: int) -> np.ndarray:
+    """A block's queries as one array for a compiled call: ``q`` (``rows``, relative to the sources'
+    centre, padded by repeating the first row), in float32 runs then its low part ``q_lo``, then the block's
+    centre minus the sources' centre as a hi/lo pair (:func:`pipeline.tiles.compiled_block`)."""
+    b, dim = queries.shape
+    split = dtype == "float32"
+    _, per_row = pack_layout(dtype, dim)
+    packed = np.zeros((per_row * rows + 2, dim), dtype=dtype)
+    q, q_lo = packed[:rows], (packed[rows:2 * rows] if split else None)
+    split_hi_lo(queries.astype(np.float64) - sources_center, q[:b], q_lo[:b] if split else None)
+    q[b:] = q[0] if b else 0.0
+    if split:
+        q_lo[b:] = q_lo[0] if b else 0.0
+    split_hi_lo(np.asarray(block_center, np.float64) - sources_center, packed[-2], packed[-1] if split else None)
+    return packed
+
+
+@functools.lru_cache(maxsize=64)
+def device_params(spec: KernelSpec, dtype: str, x64: bool) -> tuple[dict, tuple]:
+    """A kernel's parameters as (dynamic, static) (:func:`pipeline.tiles.split_params`), the dynamic ones
+    put on the device once per process rather than copied at every call.  ``x64``: JAX's switch as the
+    caller has it (a float64 array put with it off would be cast to float32: then the numpy arrays are
+    returned, which the call converts itself)."""
+    dynamic, static = split_params(spec, dtype)
+    with thread_x64(x64):
+        put = {name: jax.device_put(value) for name, value in dynamic.items()}
+    if any(put[name].dtype != value.dtype for name, value in dynamic.items()):
+        return dynamic, static
+    return put, static

@@ -5,9 +5,10 @@ Points and sources are put in one spatial order each, once per run (:func:`spati
 lengthscales).  In that order, query block ``b`` is rows ``[b * rows, (b + 1) * rows)`` and source tile
 ``t`` is rows ``[t * INDEX_TILE, (t + 1) * INDEX_TILE)``, wherever the rows are computed, so a block's bits do not
 depend on how blocks are grouped into tasks or spread over workers: the in-process API and ``kgrad run``
-give the same bits.  Each block gathers its kept tiles into the fixed-shape calls of the dense path
-(:func:`pipeline.blocks.block_sums`, zero-weight tiles as padding) and adds the partial sums in
-ascending tile order.
+give the same bits.  Each block is computed as sub-blocks of consecutive rows, each against the kept
+sources it cannot skip (:func:`sub_block_sources`), as *items* (a sub-block against one tile of those
+sources) in fixed-shape calls (:func:`pipeline.blocks.block_item_sums`, zero-weight sources and items as
+padding), the partial sums added in item order.
 
 Used by :func:`pipeline.api.kernel_gradients` (all tiles in memory) and by the workers (only the tiles
 their blocks need, read from the run's sorted copy).
@@ -21,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .block_precision import block_setup, needs_x64
-from .blocks import block_sums, run_blocks
+from .blocks import block_item_sums, run_blocks
 from .kernels import KernelSpec
-from .pruning import (INDEX_TILE, Budget, KernelBounds, Selection, TileIndex, select_sources,
+from .pruning import (INDEX_TILE, Budget, KernelBounds, Selection, TileIndex, select_mini_tiles, select_sources,
                       select_sources_of_blocks, select_tiles, tile_index)
 from .sources import PreparedSources, prepare_sources
 from .spatial import in_input_order, spatial_order, tile_rows
@@ -55,13 +56,13 @@ class SourceTiles:
     ``scaled`` and ``abs_weight`` (per position, float64) are what the per-source pruning level reads."""
 
     ids: np.ndarray
-    prepared: PreparedSources  # (held + 1 calls, 1 tile, cols, D)
+    prepared: PreparedSources  # (held + 1 calls, 1 tile, cols, S): packed rows
     scaled: np.ndarray  # (positions, D): coordinates in lengthscales
     abs_weight: np.ndarray  # (positions,): |w|, 0 on padding
 
     @property
     def cols(self) -> int:
-        return self.prepared.coords.shape[2]
+        return self.prepared.packed.shape[2]
 
     @classmethod
     def build(cls, ids: np.ndarray, sources: np.ndarray, weights: np.ndarray | None, spec: KernelSpec,
@@ -91,46 +92,96 @@ class SourceTiles:
             raise ValueError("a block needs a source tile that was not loaded")
         return tile_rows(tiles, counts, self.cols, slots=where)
 
-    def gather(self, positions: np.ndarray, shape: TileShape) -> PreparedSources:
-        """The sources at ``positions`` packed into whole calls of ``shape`` (padded with weight 0)."""
-        per_call = shape.cols * shape.tiles_per_call
-        calls = -(-len(positions) // per_call)
-        padded = np.full(calls * per_call, len(self.ids) * self.cols, np.int64)
-        padded[:len(positions)] = positions
-        p = self.prepared
-        dim = p.coords.shape[-1]
-
-        def pick(a, *tail):
-            if a is None:
-                return None
-            return a.reshape(-1, *tail)[padded].reshape(calls, shape.tiles_per_call, shape.cols, *tail)
-
-        return dataclasses.replace(p, coords=pick(p.coords, dim), weights=pick(p.weights),
-                                   coords_lo=pick(p.coords_lo, dim), weights_lo=pick(p.weights_lo))
-
-
-def call_pieces(positions: np.ndarray, shape: TileShape) -> list[tuple[np.ndarray, TileShape]]:
-    """Kept sources cut into calls: whole calls of ``shape`` first, then the rest in calls of 4, 2 and 1
-    tiles (each a power of two below ``tiles_per_call``), so that little of the last call is padding.  At
-    most ``log2(tiles_per_call) + 1`` compiled shapes per process; the order is fixed (deterministic)."""
-    pieces, start, per_tile = [], 0, shape.cols
-    full = len(positions) // shape.sources_per_call * shape.sources_per_call
-    if full:
-        pieces.append((positions[:full], shape))
-        start = full
-    left = -(-(len(positions) - start) // per_tile)  # tiles still needed
-    tiles = shape.tiles_per_call
-    while left > 0:
-        tiles = max(1, tiles // 2) if tiles > left else tiles
-        if tiles <= left or tiles == 1:
-            take = min(tiles, left)
-            pieces.append((positions[start:start + take * per_tile], TileShape(shape.rows, shape.cols, tiles)))
-            start += take * per_tile
-            left -= take
-    return pieces
-
 
 SOURCE_GROUP = 32  # query blocks whose single sources are selected at once (select_sources_of_blocks)
+SUB_BLOCKS = 4  # a query block is computed as this many sub-blocks of consecutive rows ...
+MINI_TILE = 16  # ... each against the mini-tiles (this many consecutive kept sources) it cannot skip
+SUB_SHARE = 0.125  # share of the budget left after the tile levels that the sub-block level may spend
+ITEMS_PER_CALL = (4, 8, 12, 16)  # items of one compiled call (a block's items: whole calls of 16, then the rest)
+
+
+def sub_block_rows(rows: int) -> int:
+    """Rows of a sub-block for query blocks of ``rows`` rows (the block itself when it does not split evenly)."""
+    return rows // SUB_BLOCKS if rows % SUB_BLOCKS == 0 and rows >= 16 * SUB_BLOCKS else rows
+
+
+def sub_block_sources(queries_scaled: list, kept: list, kept_scaled: list, kept_weight: list, bounds: KernelBounds,
+                      value_left: np.ndarray, slope_left: np.ndarray, sub_rows: int) -> list:
+    """For query blocks (each block's rows in lengthscales, (b, D)) and the sources each keeps (``kept``:
+    positions, ascending, with their scaled coordinates and ``|w|``): per block, per sub-block of ``sub_rows``
+    consecutive rows, the positions it computes.  Each block's kept sources are cut into mini-tiles of
+    :data:`MINI_TILE`; each sub-block keeps those it cannot skip with ``value_left`` / ``slope_left`` (per
+    block) of budget (:func:`~pipeline.pruning.select_mini_tiles`).  The result depends only on each
+    block's own rows and sources, not on how blocks are grouped."""
+    n_blocks = len(kept)
+    dim = queries_scaled[0].shape[1] if n_blocks else 0
+    counts = np.array([len(k) for k in kept], np.int64)
+    mini_count = -(-counts // MINI_TILE)
+    mini_start = np.concatenate([[0], np.cumsum(mini_count)[:-1]]).astype(np.int64)
+    if counts.sum():
+        points = np.concatenate(kept_scaled)
+        weight = np.concatenate(kept_weight)
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        firsts = np.concatenate([offsets[b] + np.arange(0, counts[b], MINI_TILE) for b in range(n_blocks)]).astype(np.int64)
+        mini_lower = np.minimum.reduceat(points, firsts, axis=0)
+        mini_upper = np.maximum.reduceat(points, firsts, axis=0)
+        mini_weight = np.add.reduceat(weight, firsts)
+    else:
+        mini_lower = mini_upper = np.zeros((0, dim))
+        mini_weight = np.zeros(0)
+    subs_of = [-(-len(q) // sub_rows) for q in queries_scaled]
+    sub_block = np.repeat(np.arange(n_blocks), subs_of)
+    sub_lower = np.concatenate([np.minimum.reduceat(q, np.arange(0, len(q), sub_rows), axis=0)
+                                for q in queries_scaled if len(q)] or [np.zeros((0, dim))])
+    sub_upper = np.concatenate([np.maximum.reduceat(q, np.arange(0, len(q), sub_rows), axis=0)
+                                for q in queries_scaled if len(q)] or [np.zeros((0, dim))])
+    chosen = select_mini_tiles(sub_lower, sub_upper, sub_block, mini_lower, mini_upper, mini_weight, mini_start,
+                               mini_count, bounds, np.asarray(value_left)[sub_block], np.asarray(slope_left)[sub_block])
+    out, row = [], 0
+    for b in range(n_blocks):
+        mine = []
+        for _ in range(subs_of[b]):
+            keep = np.zeros(mini_count[b], bool)
+            keep[chosen[row] - mini_start[b]] = True
+            mine.append(kept[b][np.repeat(keep, MINI_TILE)[:counts[b]]])
+            row += 1
+        out.append(mine)
+    return out
+
+
+def item_calls(sub_positions: list, tiles: "SourceTiles", cols: int) -> list:
+    """One block's items: each sub-block's positions cut into tiles of ``cols`` sources (the last padded with
+    the zero-weight source), in sub-block order, packed into calls of :data:`ITEMS_PER_CALL` items (whole
+    calls of the largest, then the rest rounded up with zero-weight items).  ``[(packed sources (I, cols, S),
+    item_sub (I,) int32, real items)]``."""
+    pad = len(tiles.ids) * tiles.cols  # the zero-weight tile's first position
+    slots, subs = [], []
+    for s, positions in enumerate(sub_positions):
+        n = -(-len(positions) // cols)
+        if n == 0:
+            continue
+        padded = np.full(n * cols, pad, np.int64)
+        padded[:len(positions)] = positions
+        slots.append(padded)
+        subs.append(np.full(n, s, np.int32))
+    if not slots:
+        return []
+    slots, subs = np.concatenate(slots), np.concatenate(subs)
+    items = len(subs)
+    packed = tiles.prepared.packed
+    width = packed.shape[-1]
+    rows = packed.reshape(-1, width)
+    calls, start, largest = [], 0, ITEMS_PER_CALL[-1]
+    while start < items:
+        size = next(c for c in ITEMS_PER_CALL if c >= min(items - start, largest))
+        take = min(size, items - start)
+        chosen = np.full(size * cols, pad, np.int64)
+        chosen[:take * cols] = slots[start * cols:(start + take) * cols]
+        item_sub = np.zeros(size, np.int32)
+        item_sub[:take] = subs[start:start + take]
+        calls.append((rows[chosen].reshape(size, cols, width), item_sub, take))
+        start += take
+    return calls
 
 
 def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles, counts: np.ndarray,
@@ -139,16 +190,21 @@ def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles
     """g (n, D), v (n,) in ``dtype`` and the pairs computed, for query rows (n, D) in spatial order cut into
     blocks of ``shape.rows`` rows: block ``b`` against the sources of its tiles ``selection.kept[b]`` that
     the rest of its budget cannot skip (:func:`~pipeline.pruning.select_sources_of_blocks`, for
-    :data:`SOURCE_GROUP` blocks at a time), packed into whole calls (``counts``: sources per tile, global)."""
+    :data:`SOURCE_GROUP` blocks at a time, with ``1 - SUB_SHARE`` of it), each of its sub-blocks against the
+    mini-tiles of those it cannot skip with the rest (:func:`sub_block_sources`), computed as items
+    (:func:`pipeline.blocks.block_item_sums`; ``counts``: sources per tile, global)."""
     queries = np.asarray(queries)
     n, dim = queries.shape
     g = np.empty((n, dim), dtype=dtype)
     v = np.empty(n, dtype=dtype)
     starts = list(range(0, n, shape.rows))
+    sub_rows = sub_block_rows(shape.rows)
+    subs = shape.rows // sub_rows
     setups = [block_setup(queries[s:s + shape.rows], tiles.prepared, spec, mode, dtype) for s in starts]
     computed = np.zeros(len(starts), np.int64)
     value_left = budget.value - selection.spent_value
     slope_left = budget.slope - selection.spent_slope
+    scale = np.asarray(spec.lengthscale, np.float64)
     x64 = needs_x64(spec, mode, dtype) or any(s.variant.uses_float64 for s in setups)
     for first in range(0, len(starts), SOURCE_GROUP):
         group = np.arange(first, min(first + SOURCE_GROUP, len(starts)))
@@ -156,20 +212,20 @@ def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles
         candidates = tiles.positions(np.concatenate(kept_tiles), counts)
         bounds_of = np.concatenate([[0], np.cumsum([int(counts[t].sum()) for t in kept_tiles])])
         keep = select_sources_of_blocks(selection.lower[group], selection.upper[group], tiles.scaled[candidates],
-                                        tiles.abs_weight[candidates], bounds_of, bounds, value_left[group],
-                                        slope_left[group])
+                                        tiles.abs_weight[candidates], bounds_of, bounds,
+                                        value_left[group] * (1.0 - SUB_SHARE), slope_left[group] * (1.0 - SUB_SHARE))
         kept = [candidates[a:z][keep[a:z]] for a, z in zip(bounds_of[:-1], bounds_of[1:])]
+        rows_of = [slice(starts[b], min(starts[b] + shape.rows, n)) for b in group]
+        per_sub = sub_block_sources([np.asarray(queries[r], np.float64) / scale for r in rows_of], kept,
+                                    [tiles.scaled[k] for k in kept], [tiles.abs_weight[k] for k in kept], bounds,
+                                    value_left[group] * SUB_SHARE, slope_left[group] * SUB_SHARE, sub_rows)
 
-        def one_block(k: int, first: int = first, kept: list = kept) -> None:
-            b = first + k
-            rows = slice(starts[b], min(starts[b] + shape.rows, n))
-            computed[b] = (rows.stop - rows.start) * len(kept[k])
-            g_sum, v_sum = 0.0, 0.0
-            for piece, piece_shape in call_pieces(kept[k], shape):
-                sources = tiles.gather(piece, piece_shape)
-                g_part, v_part = block_sums(queries[rows], sources, spec, mode, dtype, piece_shape, setups[b])
-                g_sum, v_sum = g_sum + g_part, v_sum + v_part
-            g[rows], v[rows] = g_sum, v_sum
+        def one_block(k: int, first: int = first, rows_of: list = rows_of, per_sub: list = per_sub) -> None:
+            b, rows = first + k, rows_of[k]
+            computed[b] = sum(min(sub_rows, rows.stop - rows.start - s * sub_rows) * len(p)
+                              for s, p in enumerate(per_sub[k]))
+            g[rows], v[rows] = block_item_sums(queries[rows], item_calls(per_sub[k], tiles, shape.cols), tiles.prepared.center,
+                                               spec, mode, dtype, sub_rows, subs, setups[b])
 
         run_blocks(one_block, len(group), x64, threads)
     return g, v, int(computed.sum())
@@ -235,17 +291,22 @@ def make_layout(points: np.ndarray, sources: np.ndarray | None, weights: np.ndar
         tile_pairs += len(q) * candidates
         if k >= n_fine:
             continue
-        # The per-source level: its share of the tile level's pairs, applied to the whole sample.
+        # The per-source and sub-block levels: their share of the tile level's pairs, applied to the whole sample.
         positions = tile_rows(tiles, index.counts, cols)
-        keep = select_sources(chosen.lower[0], chosen.upper[0], np.asarray(x[x_order[positions]], np.float64) / scale,
-                              w_abs[positions], bounds, budget.value - chosen.spent_value[0],
-                              budget.slope - chosen.spent_slope[0])
-        fine_pairs += len(q) * len(keep)
+        scaled = np.asarray(x[x_order[positions]], np.float64) / scale
+        value_left, slope_left = budget.value - chosen.spent_value[0], budget.slope - chosen.spent_slope[0]
+        keep = select_sources(chosen.lower[0], chosen.upper[0], scaled, w_abs[positions], bounds,
+                              value_left * (1.0 - SUB_SHARE), slope_left * (1.0 - SUB_SHARE))
+        sub_rows = sub_block_rows(rows)
+        per_sub = sub_block_sources([np.asarray(q, np.float64) / scale], [keep], [scaled[keep]],
+                                    [w_abs[positions][keep]], bounds, np.array([value_left * SUB_SHARE]),
+                                    np.array([slope_left * SUB_SHARE]), sub_rows)[0]
+        fine_pairs += sum(min(sub_rows, len(q) - s * sub_rows) * len(p) for s, p in enumerate(per_sub))
         fine_tile_pairs += len(q) * candidates
     share = fine_pairs / fine_tile_pairs if fine_tile_pairs else 1.0
     estimated = int(round(tile_pairs * share / max(sampled_rows, 1) * n))
     signed = bool(weights is not None and len(weights) and np.min(weights) < 0 < np.max(weights))
-    meta = PreparedSources(None, None, np.zeros(points.shape[1]), len(x), lower=np.min(x, 0).astype(np.float64),
+    meta = PreparedSources(None, np.zeros(points.shape[1]), len(x), lower=np.min(x, 0).astype(np.float64),
                            upper=np.max(x, 0).astype(np.float64), may_cancel=signed)
     return Layout(point_order, source_order, index, bounds, budget, weight_sum, tolerance, estimated, meta)
 

@@ -40,7 +40,8 @@ MAX_TILES_PER_CALL = 64
 # Rough single-process throughput (pairs per second, float32) used for the time estimate only.
 PAIR_RATE = {"radial": 1.2e9, "dot": 1.5e9, "generic": 0.15e9}
 FLOAT64_SLOWDOWN = 3.0
-PRUNED_SLOWDOWN = 5.0  # per pair, small gathered calls plus the per-block selection (measured: 10^6 clustered points, rbf)
+PRUNED_SLOWDOWN = 9.0  # per pair, small gathered calls plus the per-block selection (measured: 10^6 clustered points, rbf:
+# 9.2 ns per pair of the pruned plan on one core, its sub-block level counted)
 # The fixed cost of a run on a local cluster, whatever its size: starting the cluster, importing JAX in the
 # workers and compiling the first tiles (measured: about 4 s, benchmarks/pruning.py at N = 10^5, 2 cores).
 STARTUP_SECONDS = 4.0

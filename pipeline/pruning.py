@@ -12,8 +12,9 @@ tile; ``|grad_q k| = |f'(r)| |(q - x) / l^2| / r <= |f'(r)| / l_min``, the small
 of queries skips the sources farthest from its bounding box first, as long as the sum of those terms stays
 within the budget ``EPS * S * kmax`` (and ``EPS * S * sup |f'|`` for the gradient), so every query of the
 block keeps the bound: the skipped mass is counted against it, not just cut off at a radius.  The search
-has three levels: super-tiles (:data:`SUPER_TILES` tiles), tiles (:data:`INDEX_TILE` consecutive sources in
-spatial order), then single sources of the tiles left, each level spending a share of the budget.
+has four levels: super-tiles (:data:`SUPER_TILES` tiles), tiles (:data:`INDEX_TILE` consecutive sources in
+spatial order), single sources of the tiles left, then, for each sub-block of the block's rows, mini-tiles
+of the sources left (:func:`select_mini_tiles`), each level spending a share of the budget.
 
 Tail bounds come from a table of ``f`` and ``|f'|`` at fixed radii (float64, JAX's derivative of the
 kernel's own profile), read at the grid point at or below ``d``: both are non-increasing there, so the
@@ -44,6 +45,7 @@ LEVEL_ONE_SHARE = 0.25  # share of the budget the super-tile level may spend
 LEVEL_TWO_SHARE = 0.5  # ... and with the tile level; single sources get the rest
 LEVEL_ONE_GROUP = 8  # query blocks whose super-tile distances are computed at once
 LEVEL_TWO_ENTRIES = 1 << 16  # (block, tile) entries of the tile level worked on at once
+FAR_SHARE = 1.0 / 64  # share of a block's per-source budget its farthest sources may take, counted as one bin
 SHRINK = 1.0 - 1e-9  # distances are shrunk by this factor against rounding in the box arithmetic
 
 
@@ -306,6 +308,43 @@ def _groups(sizes: list, entries: int) -> list:
     return groups
 
 
+def far_bins(bounds: KernelBounds, total: np.ndarray, value_left: np.ndarray, slope_left: np.ndarray) -> np.ndarray:
+    """Per block, the first table bin at which sources of total weight ``total`` (all its candidates) would cost
+    at most :data:`FAR_SHARE` of the budget left: ``f(radius) <= FAR_SHARE * value_left / total``, and the same
+    for the slope.  Counting every farther source at this bin's radius costs at most that share, and the
+    rows of bins the per-source level sums over end there (about 7000 bins per block on clustered data
+    otherwise: the table's ratio is 1.00084 per bin, and candidates reach tens of lengthscales)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value_cap = FAR_SHARE * np.asarray(value_left, np.float64) / total
+        slope_cap = FAR_SHARE * np.asarray(slope_left, np.float64) / total
+    return np.maximum(np.searchsorted(-bounds.values, -value_cap), np.searchsorted(-bounds.slopes, -slope_cap))
+
+
+def select_mini_tiles(sub_lower: np.ndarray, sub_upper: np.ndarray, sub_block: np.ndarray, mini_lower: np.ndarray,
+                      mini_upper: np.ndarray, mini_weight: np.ndarray, mini_start: np.ndarray, mini_count: np.ndarray,
+                      bounds: KernelBounds, value_left: np.ndarray, slope_left: np.ndarray) -> list:
+    """The sub-block level: after a block's single sources are selected, its kept sources are cut into
+    *mini-tiles* (a few consecutive kept sources, boxes (T, D) scaled, ``|w|`` sums (T,)) and each of its
+    sub-blocks (boxes (S, D) scaled; ``sub_block[s]``: its block) skips the mini-tiles farthest from its own
+    box while its budget allows (``value_left``, ``slope_left``: per sub-block), by the rule of the
+    per-source level (:func:`skip_farthest`).  Block ``b``'s mini-tiles are ``[mini_start[b], mini_start[b] +
+    mini_count[b])``.  Returns, per sub-block, the ids of the mini-tiles it keeps (ascending).  Sub-blocks
+    are smaller than their block, so farther from most of its sources: on clustered data this halves the
+    pairs."""
+    n_sub = len(sub_lower)
+    per_row = np.asarray(mini_count, np.int64)[sub_block]
+    if n_sub == 0 or per_row.sum() == 0:
+        return [np.zeros(0, np.int64) for _ in range(n_sub)]
+    row_starts = np.concatenate([[0], np.cumsum(per_row)])
+    row = np.repeat(np.arange(n_sub), per_row)
+    ids = np.arange(row_starts[-1]) - row_starts[row] + np.asarray(mini_start, np.int64)[sub_block][row]
+    gap = np.maximum(mini_lower[ids] - sub_upper[row], sub_lower[row] - mini_upper[ids])
+    np.maximum(gap, 0.0, out=gap)
+    distance = np.sqrt(np.einsum("kd,kd->k", gap, gap))
+    keep = skip_farthest(distance, mini_weight[ids], row_starts, bounds, value_left, slope_left)
+    return [ids[a:z][keep[a:z]] for a, z in zip(row_starts[:-1], row_starts[1:])]
+
+
 def select_sources(block_lower: np.ndarray, block_upper: np.ndarray, points: np.ndarray, weight: np.ndarray,
                    bounds: KernelBounds, value_left: float, slope_left: float) -> np.ndarray:
     """The last level, for one block: of candidate sources (scaled points (K, D), ``|w|`` (K,)), the
@@ -332,19 +371,39 @@ def select_sources_of_blocks(block_lower: np.ndarray, block_upper: np.ndarray, p
     where skipping can happen.  The sums of a block are those of the block alone, in the same order, so the
     kept sets do not depend on how blocks are grouped."""
     points = np.asarray(points, np.float64)
+    starts = np.asarray(starts, np.int64)
+    if len(points) == 0:
+        return np.zeros(0, bool)
+    counts = np.diff(starts)
+    distance = point_box_distance(np.repeat(block_lower, counts, axis=0), np.repeat(block_upper, counts, axis=0),
+                                  points)
+    return skip_farthest(distance, weight, starts, bounds, value_left, slope_left)
+
+
+def skip_farthest(distance: np.ndarray, weight: np.ndarray, starts: np.ndarray, bounds: KernelBounds,
+                  value_left: np.ndarray, slope_left: np.ndarray) -> np.ndarray:
+    """The rule of :func:`select_sources_of_blocks` on distances already known: row ``b`` is entries
+    ``[starts[b], starts[b + 1])`` (distance (K,) in lengthscales, ``|w|`` (K,)) with ``value_left[b]`` and
+    ``slope_left[b]`` of budget.  Returns (K,) bool: the entries to compute."""
     weight = np.asarray(weight, np.float64)
     value_left = np.asarray(value_left, np.float64)
     slope_left = np.asarray(slope_left, np.float64)
     starts = np.asarray(starts, np.int64)
     n_blocks = len(starts) - 1
-    if len(points) == 0:
+    if len(distance) == 0:
         return np.zeros(0, bool)
     counts = np.diff(starts)
     block = np.repeat(np.arange(n_blocks), counts)
-    bins = bounds.bins(point_box_distance(block_lower[block], block_upper[block], points))
+    bins = bounds.bins(distance)
     positive = weight > 0
     if not positive.any():
         return positive
+    filled = counts > 0
+    # Sources so far that all of a block's candidates there would cost at most FAR_SHARE of its budget are
+    # counted at that radius (a larger tail: never less safe), so each block's row of bins ends there.
+    total = np.zeros(n_blocks)
+    total[filled] = np.add.reduceat(weight, starts[:-1][filled])
+    bins = np.minimum(bins, far_bins(bounds, total, value_left, slope_left)[block])
     # Bins below ``never`` cannot be skipped: w_min * f(radius) or w_min * |f'| is over the budget left.
     w_min = float(weight[positive].min())
     with np.errstate(invalid="ignore"):
@@ -352,7 +411,6 @@ def select_sources_of_blocks(block_lower: np.ndarray, block_upper: np.ndarray, p
                            np.searchsorted(-(bounds.slopes * w_min), -slope_left))
     lowest = np.full(n_blocks, TABLE_SIZE, np.int64)
     highest = np.full(n_blocks, -1, np.int64)
-    filled = counts > 0
     lowest[filled] = np.minimum.reduceat(bins, starts[:-1][filled])
     highest[filled] = np.maximum.reduceat(bins, starts[:-1][filled])
     base = np.maximum(np.maximum(never - 1, 0), np.minimum(lowest, TABLE_SIZE - 1))  # each block's first bin

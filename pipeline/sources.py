@@ -23,7 +23,7 @@ import numpy as np
 
 from .kernels import KernelSpec, get_kernel
 from .precision import on_cpu, thread_x64
-from .tiles import TileShape, split_params
+from .tiles import TileShape, pack_layout, split_params
 
 
 PREPARE_ROWS = 1 << 16  # sources re-centred in float64 this many rows at a time
@@ -44,35 +44,29 @@ class PreparedSources:
 
     float32 runs keep each coordinate and weight as a hi/lo pair of float32 (hi = float32(a), lo =
     float32(a - hi)): 48 bits, so blocks can be re-centred anywhere and float64 variants see (nearly) the
-    float64 inputs.  float64 runs keep one float64 array (``coords_lo``, ``weights_lo`` None).
+    float64 inputs.  float64 runs keep one float64 value.  Each source is one packed row
+    (:func:`pipeline.tiles.pack_layout`): ``[x (D), x_lo (D), w, w_lo]`` in float32 runs, ``[x (D), w]`` in
+    float64 runs, so a call takes its sources as one array.
     """
 
-    coords: np.ndarray  # (calls, tiles_per_call, cols, D), run dtype (or a list of device arrays)
-    weights: np.ndarray  # (calls, tiles_per_call, cols), run dtype; 0 on padding
+    packed: np.ndarray | None  # (calls, tiles_per_call, cols, S), run dtype (or a list of device arrays); w = 0 on padding
     center: np.ndarray  # (D,) float64, subtracted from sources and queries (zeros if not stationary)
     count: int
-    coords_lo: np.ndarray | None = None
-    weights_lo: np.ndarray | None = None
     lower: np.ndarray | None = None  # (D,) float64: the sources' bounding box, in input coordinates
     upper: np.ndarray | None = None
     may_cancel: bool = False  # float32 terms may cancel: weights of both signs, or (kernels not re-centred) a
     # sampled cancellation ratio above CANCELLATION_MAX; float32 runs then compute in float64
 
     def calls(self):
-        """Per call: (coords, coords_lo, weights, weights_lo)."""
-        n = len(self.coords)
-        lo_c = self.coords_lo if self.coords_lo is not None else [None] * n
-        lo_w = self.weights_lo if self.weights_lo is not None else [None] * n
-        return zip(self.coords, lo_c, self.weights, lo_w)
+        """Per call: its sources' packed rows (tiles_per_call, cols, S)."""
+        return iter(self.packed)
 
     def to_device(self) -> "PreparedSources":
         """The same sources held on an accelerator, one array per call: workers that reuse them for many
         query blocks move them over the bus once.  On the CPU it returns ``self`` (no second copy)."""
         if on_cpu():
             return self
-        put = lambda arrays: None if arrays is None else [jax.device_put(a) for a in arrays]  # noqa: E731
-        return dataclasses.replace(self, coords=put(self.coords), weights=put(self.weights),
-                                   coords_lo=put(self.coords_lo), weights_lo=put(self.weights_lo))
+        return dataclasses.replace(self, packed=[jax.device_put(a) for a in self.packed])
 
 
 def source_center(sources: np.ndarray, spec: KernelSpec) -> np.ndarray:
@@ -102,17 +96,20 @@ def prepare_sources(sources, weights, spec: KernelSpec, dtype: str, shape: TileS
     calls = max(1, -(-m // per_call))
     padded = calls * per_call
     split = dtype == "float32"
-    coords = np.empty((padded, dim), dtype=dtype)
-    coords_lo = np.empty((padded, dim), dtype=dtype) if split else None
+    width, _ = pack_layout(dtype, dim)
+    packed = np.empty((padded, width), dtype=dtype)
+    coords, w = packed[:, :dim], packed[:, width - (2 if split else 1)]
+    coords_lo = packed[:, dim:2 * dim] if split else None
+    w_lo = packed[:, -1] if split else None
     for start in range(0, m, PREPARE_ROWS):  # centre in float64, a block at a time (bounded memory)
         stop = min(start + PREPARE_ROWS, m)
         split_hi_lo(sources[start:stop].astype(np.float64) - center, coords[start:stop],
-               None if coords_lo is None else coords_lo[start:stop])
+                    None if coords_lo is None else coords_lo[start:stop])
     coords[m:] = coords[0] if m else 0.0  # a real point with weight 0: contributes exactly 0
     if split:
         coords_lo[m:] = coords_lo[0] if m else 0.0
-    w = np.zeros(padded, dtype=dtype)
-    w_lo = np.zeros(padded, dtype=dtype) if split else None
+        w_lo[:] = 0.0
+    w[:] = 0.0
     may_cancel = False
     if weights is None:
         w[:m] = 1.0
@@ -124,8 +121,7 @@ def prepare_sources(sources, weights, spec: KernelSpec, dtype: str, shape: TileS
         may_cancel = cancellation_ratio(spec, sources, weights) > CANCELLATION_MAX
     lower = np.min(sources, axis=0).astype(np.float64) if m else np.zeros(dim)
     upper = np.max(sources, axis=0).astype(np.float64) if m else np.zeros(dim)
-    lay = lambda a, *tail: None if a is None else a.reshape(calls, shape.tiles_per_call, shape.cols, *tail)  # noqa: E731
-    return PreparedSources(lay(coords, dim), lay(w), center, m, lay(coords_lo, dim), lay(w_lo),
+    return PreparedSources(packed.reshape(calls, shape.tiles_per_call, shape.cols, width), center, m,
                            lower, upper, may_cancel)
 
 

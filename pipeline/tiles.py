@@ -228,22 +228,60 @@ def _wide_radial_tile(profile, exponent, q, x, w, p):
     return g, jnp.matmul(f.astype(f64), w, precision=HIGHEST)
 
 
-@functools.lru_cache(maxsize=128)
-def compiled_block(name: str, static: tuple, form: str, mode: str, dtype: str, shape: TileShape, dim: int,
-                   variant: Variant | None = None):
-    """The jitted call for one (kernel, formulation, dtype, tile shape, variant): built lazily, once per
-    process.
+def pack_layout(dtype: str, dim: int) -> tuple[int, int]:
+    """Columns of one packed source row and the number of query rows per query row of a call, for a run in
+    ``dtype``: float32 runs hold ``[x (D), x_lo (D), w, w_lo]`` per source and ``q``, ``q_lo`` per query
+    (hi/lo pairs, :mod:`pipeline.sources`); float64 runs ``[x (D), w]`` and ``q``."""
+    return (2 * dim + 2, 2) if dtype == "float32" else (dim + 1, 1)
 
-    Signature: ``(q (rows, D), q_lo, offset (2, D), x (tiles, cols, D), x_lo, w (tiles, cols), w_lo,
-    dynamic params) -> (g, v)`` with ``g`` (tiles, rows, D) and ``v`` (tiles, rows): one partial sum per
-    source tile.  Queries and sources are relative to the sources' centre, in the run's dtype, with their
-    low parts ``q_lo``, ``x_lo``, ``w_lo`` in float32 runs (None in float64 runs); ``offset`` is the block's
-    centre minus the sources' centre as a hi/lo pair (lo = 0 in float64 runs).  Inside the call both are
-    moved to the block's coordinates in the variant's compute dtype.
-    """
+
+@dataclass(frozen=True)
+class _CallParts:
+    """What every compiled call of one (kernel, formulation, dtype, variant) is made of: the tile, the
+    kernel's static parameters, and how packed points are unpacked and moved to the block's coordinates."""
+
+    tile: object
+    extra: dict
+    split: bool  # float32 run: hi/lo pairs
+    shift: bool  # stationary kernel: coordinates move to the block's centre
+    compute: str  # dtype of the coordinates and weights inside the call
+    dim: int
+
+    def coords(self, x, x_lo, offset):
+        """Points relative to the sources' centre -> the block's coordinates, in the compute dtype."""
+        if not self.split:  # float64 run: one float64 array
+            return x - offset[0] if self.shift else x
+        if self.compute == "float32":  # hi/lo: (hi - c_hi) is exact for points near the block
+            return (x - offset[0]) + (x_lo - offset[1]) if self.shift else x
+        x64, lo64, off = x.astype(self.compute), x_lo.astype(self.compute), offset.astype(self.compute)
+        return (x64 - (off[0] + off[1])) + lo64 if self.shift else x64 + lo64
+
+    def weights(self, w, w_lo):
+        if not self.split or self.compute == "float32":
+            return w
+        return w.astype(self.compute) + w_lo.astype(self.compute)
+
+    def queries(self, packed, rows: int):
+        """Packed queries (rows * k + 2, D) -> (q in the block's coordinates, offset)."""
+        offset = packed[-2:]
+        q, q_lo = (packed[:rows], packed[rows:2 * rows]) if self.split else (packed[:rows], None)
+        # Queries are moved exactly as the sources are: a query equal to a source gets the same bits, so
+        # their difference is exactly 0 (Matern 1/2's gradient jumps there).
+        return self.coords(q, q_lo, offset), offset
+
+    def sources(self, tile_rows, offset):
+        """One tile's packed rows (cols, S) -> (x in the block's coordinates, w)."""
+        dim = self.dim
+        if not self.split:
+            return self.coords(tile_rows[:, :dim], None, offset), self.weights(tile_rows[:, dim], None)
+        return (self.coords(tile_rows[:, :dim], tile_rows[:, dim:2 * dim], offset),
+                self.weights(tile_rows[:, 2 * dim], tile_rows[:, 2 * dim + 1]))
+
+
+def _call_parts(name: str, static: tuple, form: str, mode: str, dtype: str, dim: int,
+                variant: Variant | None) -> _CallParts:
     variant = variant or Variant(dtype, "gemm")
     kernel = get_kernel(name)
-    extra = dict(static)
     compute = "float64" if variant.uses_float64 else variant.compute  # of the coordinates and weights
     if form == "radial" and variant.distances == "wide":
         gaussian = kernel.exponent if kernel.distances == "gemm" else None
@@ -262,33 +300,62 @@ def compiled_block(name: str, static: tuple, form: str, mode: str, dtype: str, s
     else:
         ad = jax.jacrev if mode == "jacrev" else jax.jacfwd
         tile = functools.partial(_generic_tile, kernel.evaluate, ad)
-    shift = kernel.stationary
-    split = dtype == "float32"
+    return _CallParts(tile, dict(static), dtype == "float32", kernel.stationary, compute, dim)
 
-    def coords(x, x_lo, offset):
-        """Points relative to the sources' centre -> the block's coordinates, in the compute dtype."""
-        if not split:  # float64 run: one float64 array
-            return x - offset[0] if shift else x
-        if compute == "float32":  # hi/lo: (hi - c_hi) is exact for points near the block
-            return (x - offset[0]) + (x_lo - offset[1]) if shift else x
-        x64, lo64, off = x.astype(compute), x_lo.astype(compute), offset.astype(compute)
-        return (x64 - (off[0] + off[1])) + lo64 if shift else x64 + lo64
 
-    def weights(w, w_lo):
-        if not split or compute == "float32":
-            return w
-        return w.astype(compute) + w_lo.astype(compute)
+@functools.lru_cache(maxsize=128)
+def compiled_block(name: str, static: tuple, form: str, mode: str, dtype: str, shape: TileShape, dim: int,
+                   variant: Variant | None = None):
+    """The jitted call for one (kernel, formulation, dtype, tile shape, variant): built lazily, once per
+    process.
 
-    def block(q, q_lo, offset, xs, xs_lo, ws, ws_lo, dynamic):
-        p = {**dynamic, **extra}
-        # Queries are moved exactly as the sources are: a query equal to a source gets the same bits, so
-        # their difference is exactly 0 (Matern 1/2's gradient jumps there).
-        q = coords(q, q_lo, offset)
+    Signature: ``(queries, sources, dynamic params) -> (g, v)`` with ``g`` (tiles, rows, D) and ``v``
+    (tiles, rows): one partial sum per source tile.  Each call takes two arrays (every numpy argument of a
+    jitted call is copied to the device on its own, ~12 us each on the CPU, which small pruned calls felt):
+    ``queries`` (rows * k + 2, D) stacks ``q``, in float32 runs its low part ``q_lo``, then ``offset``
+    (2, D), the block's centre minus the sources' centre as a hi/lo pair (lo = 0 in float64 runs);
+    ``sources`` (tiles, cols, S) holds each source's packed row (:func:`pack_layout`).  Queries and sources
+    are relative to the sources' centre, in the run's dtype; inside the call both are moved to the block's
+    coordinates in the variant's compute dtype.
+    """
+    parts = _call_parts(name, static, form, mode, dtype, dim, variant)
 
-        def step(carry, xw):
-            return carry, tile(q, coords(xw[0], xw[1], offset), weights(xw[2], xw[3]), p)
+    def block(queries, sources, dynamic):
+        p = {**dynamic, **parts.extra}
+        q, offset = parts.queries(queries, shape.rows)
 
-        _, (g, v) = jax.lax.scan(step, None, (xs, xs_lo, ws, ws_lo))
+        def step(carry, tile_rows):
+            return carry, parts.tile(q, *parts.sources(tile_rows, offset), p)
+
+        _, (g, v) = jax.lax.scan(step, None, sources)
         return g, v
 
     return jax.jit(block)
+
+
+@functools.lru_cache(maxsize=128)
+def compiled_items(name: str, static: tuple, form: str, mode: str, dtype: str, rows: int, subs: int, dim: int,
+                   variant: Variant | None = None):
+    """The jitted call for *items* of one query block cut into ``subs`` sub-blocks of ``rows`` rows: item
+    ``i`` is sub-block ``item_sub[i]`` against one tile of sources (the pruned method gives each sub-block the
+    sources it alone cannot skip).  Signature: ``(queries, sources, item_sub, dynamic) -> (g, v)`` with
+    ``queries`` (subs * rows * k + 2, D) packed as for :func:`compiled_block` (sub-block after sub-block,
+    then their low parts, then the block's offset), ``sources`` (items, cols, S), ``item_sub`` (items,)
+    int32; ``g`` (items, rows, D), ``v`` (items, rows).  Every sub-block is moved to the block's centre, in
+    the block's variant, so an item's bits depend only on its block."""
+    parts = _call_parts(name, static, form, mode, dtype, dim, variant)
+
+    def items(queries, sources, item_sub, dynamic):
+        p = {**dynamic, **parts.extra}
+        q, offset = parts.queries(queries, subs * rows)
+        q = q.reshape(subs, rows, dim)
+
+        def step(carry, item):
+            tile_rows, sub = item
+            mine = jax.lax.dynamic_index_in_dim(q, sub, 0, keepdims=False)
+            return carry, parts.tile(mine, *parts.sources(tile_rows, offset), p)
+
+        _, (g, v) = jax.lax.scan(step, None, (sources, item_sub))
+        return g, v
+
+    return jax.jit(items)

@@ -45,7 +45,7 @@ from pipeline.plan import PRUNED_TILES
 from pipeline.problem import make_problem
 import pipeline.methods.pruned  # noqa: E402
 from pipeline.kept_tiles import compute_in_memory
-from pipeline.pruning import (LEVEL_ONE_SHARE, LEVEL_TWO_SHARE, SUPER_TILES, TABLE_MAX, TABLE_MIN, Budget,
+from pipeline.pruning import (FAR_SHARE, LEVEL_ONE_SHARE, LEVEL_TWO_SHARE, SUPER_TILES, TABLE_MAX, TABLE_MIN, Budget,
                               TileIndex, box_distance, kernel_bounds, point_box_distance, prunes, select_sources,
                               select_sources_of_blocks, select_tiles, tile_index)
 
@@ -128,17 +128,18 @@ def as_2d(a):
     return a[:, None] if a.ndim == 1 else a
 
 
-def make(q, x, w, kernel, lengthscale, tolerance, variance=1.0):
+def make(q, x, w, kernel, lengthscale, tolerance, variance=1.0, method="auto"):
     """The problem kgrad solves for these inputs (float64): its layout says whether and how it prunes."""
     q2 = as_2d(q)
     return make_problem(q2, q2 if x is None else as_2d(x), kernel=kernel, lengthscale=lengthscale,
                         variance=variance, params=PARAMS.get(kernel, {}), dtype="float64", tolerance=tolerance,
-                        weights=None if w is None else np.asarray(w, np.float64), sources_are_points=x is None)
+                        weights=None if w is None else np.asarray(w, np.float64), sources_are_points=x is None,
+                        method=method)
 
 
-def run(q, x, w, kernel, lengthscale, tolerance, variance=1.0, dtype="float64"):
+def run(q, x, w, kernel, lengthscale, tolerance, variance=1.0, dtype="float64", method="auto"):
     g, v = kernel_gradients(q, x, w, kernel=kernel, lengthscale=lengthscale, variance=variance, dtype=dtype,
-                            tolerance=tolerance, return_value=True, **PARAMS.get(kernel, {}))
+                            tolerance=tolerance, return_value=True, method=method, **PARAMS.get(kernel, {}))
     return as_2d(g), v
 
 
@@ -373,9 +374,9 @@ def _at_the_bound(kernel, tolerance, dim, sign):
 def test_bound_is_kept_at_the_bound(kernel, tolerance, dim, sign, variance):
     q, x, w, ls, (spots, spot_weights) = _at_the_bound(kernel, tolerance, dim, sign)
     params = PARAMS.get(kernel, {})
-    problem = make(q, x, w, kernel, ls, tolerance, variance)
+    problem = make(q, x, w, kernel, ls, tolerance, variance, method="pruned")  # in 1-D the far field may be cheaper
     assert problem.pruned, problem.plan.exact_reason
-    g, v = run(q, x, w, kernel, ls, tolerance, variance)
+    g, v = run(q, x, w, kernel, ls, tolerance, variance, method="pruned")
     g2, v2, pairs = compute_in_memory(q, x, w, problem.layout, problem.spec, "auto", "float64", problem.shape,
                                       np.asarray(problem.center))
     assert pairs == TILE * TILE  # only the sources at the origin are computed
@@ -387,6 +388,30 @@ def test_bound_is_kept_at_the_bound(kernel, tolerance, dim, sign, variance):
     share_g, share_v = check_within(f"{kernel} D={dim} tolerance={tolerance:g}", g, v, as_2d(g_ref), v_ref,
                                     bound_g, bound_v)
     assert max(share_g, share_v) > 0.85, f"the layout no longer reaches the bound: {share_g:.3f}, {share_v:.3f}"
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "matern12"])
+def test_sub_blocks_skip_what_their_block_cannot(kernel):
+    """One query block holding two tight groups 40 lengthscales apart (the points are the sources): the
+    block's box reaches both groups, so the block and per-source levels keep every source; each sub-block
+    (64 rows of one group) skips the other group's mini-tiles.  Only the pairs within a group are computed,
+    and the result keeps the bound against the oracle."""
+    rng = np.random.default_rng(5)
+    half = TILE // 2
+    ls = np.array([0.5, 0.5, 0.5])
+    groups = [rng.uniform(-0.5, 0.5, (half, 3)) * ls, rng.uniform(-0.5, 0.5, (half, 3)) * ls]
+    groups[1][:, 0] += 40.0 * ls[0]
+    x = np.concatenate(groups) + 1e4  # far from the origin as well
+    w = rng.uniform(0.5, 2.0, len(x)) * rng.choice([-1.0, 1.0], len(x))
+    tolerance = 1e-6
+    problem = make(x, None, w, kernel, ls, tolerance)
+    assert problem.pruned, problem.plan.exact_reason
+    g, v, pairs = compute_in_memory(x, None, w, problem.layout, problem.spec, "auto", "float64", problem.shape,
+                                    np.asarray(problem.center))
+    assert pairs == 2 * half * half  # each query against its own group only
+    g_ref, v_ref = reference_gradients(x, x, w, kernel, ls, 1.0, **PARAMS.get(kernel, {}))
+    bound_g, bound_v = contract_bounds(kernel, PARAMS.get(kernel, {}), tolerance, w, len(x), ls)
+    check_within(f"{kernel} two groups", as_2d(g), v, as_2d(g_ref), v_ref, bound_g, bound_v)
 
 
 # --- 2. hypothesis ---------------------------------------------------------------------------------------------
@@ -641,8 +666,15 @@ def _one_block_skippable(d, weight, bounds, value_left, slope_left):
 
 def _one_block_sources(lower, upper, points, weight, bounds, value_left, slope_left):
     """The per-source level for one block, written out plainly: costs summed per table bin, bins skipped from
-    the farthest while the budget allows; the sources of positive weight in the other bins are computed."""
+    the farthest while the budget allows; the sources of positive weight in the other bins are computed.
+    Sources beyond the radius where all the block's candidates would cost FAR_SHARE of its budget are counted
+    at that radius."""
     bins = bounds.bins(point_box_distance(lower, upper, points))
+    total = float(np.add.reduceat(weight, [0])[0]) if len(weight) else 0.0  # summed as the selection sums
+    far = np.flatnonzero((bounds.values <= FAR_SHARE * value_left / total)
+                         & (bounds.slopes <= FAR_SHARE * slope_left / total)) if total > 0 else np.zeros(0)
+    if len(far):
+        bins = np.minimum(bins, far[0])
     cost_v = cost_g = 0.0
     cut = None
     for k in sorted(set(bins[weight > 0].tolist()), reverse=True):

@@ -197,10 +197,13 @@ def _source_tiles(job: Job, copy: SpatialCopy, index: TileIndex, tiles: np.ndarr
     rows = tile_rows(tiles, index.counts, INDEX_TILE)  # rows of the sorted sources, ascending
     needed = np.unique(rows // size)
     chunks = _source_rows(layout, copy, needed)
-    at = np.searchsorted(needed, rows // size) * size + rows % size  # the same rows in the chunks read
-    sources = np.concatenate([chunks[c][0] for c in needed])[at] if len(needed) else np.zeros((0, len(job.center)))
+    # rows are ascending: each chunk's rows are one run of them, picked from that chunk alone
+    cuts = np.searchsorted(rows, needed * size)
+    runs = [(chunks[c], rows[a:z] - c * size) for c, a, z in zip(needed, cuts, np.append(cuts[1:], len(rows)))]
+    sources = (np.concatenate([chunk[0][at] for chunk, at in runs]) if runs
+               else np.zeros((0, len(job.center))))
     weights = None
-    if len(needed) and chunks[needed[0]][1] is not None:  # weighted run (else unit weights)
-        weights = np.concatenate([chunks[c][1] for c in needed])[at]
+    if runs and runs[0][0][1] is not None:  # weighted run (else unit weights)
+        weights = np.concatenate([chunk[1][at] for chunk, at in runs])
     return SourceTiles.build(tiles, sources, weights, job.spec, job.dtype, INDEX_TILE, np.asarray(job.center),
                              layout.sources)
