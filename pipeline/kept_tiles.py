@@ -149,19 +149,6 @@ def sub_block_sources(queries_scaled: list, kept: list, kept_scaled: list, kept_
     return out
 
 
-SPLIT_PAYS = 0.6  # a block is computed as sub-blocks only where they leave at most this share of its pairs
-
-
-def split_pays(sub_positions: list, kept: np.ndarray, rows: int, sub_rows: int) -> tuple[bool, int]:
-    """Whether a block of ``rows`` rows is computed as its sub-blocks (each against ``sub_positions[s]``) rather
-    than whole against ``kept``, and the pairs it then computes.  Sub-blocks run at about 0.8 of the whole
-    block's rate per pair (smaller calls), so they pay only where they skip enough (:data:`SPLIT_PAYS`); the
-    choice depends only on the block, so the bits do not depend on how blocks are grouped."""
-    whole = rows * len(kept)
-    split = sum(min(sub_rows, rows - s * sub_rows) * len(p) for s, p in enumerate(sub_positions))
-    return (True, split) if split <= SPLIT_PAYS * whole else (False, whole)
-
-
 def item_calls(sub_positions: list, tiles: "SourceTiles", cols: int) -> list:
     """One block's items: each sub-block's positions cut into tiles of ``cols`` sources (the last padded with
     the zero-weight source), in sub-block order, packed into calls of :data:`ITEMS_PER_CALL` items (whole
@@ -233,14 +220,12 @@ def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles
                                     [tiles.scaled[k] for k in kept], [tiles.abs_weight[k] for k in kept], bounds,
                                     value_left[group] * SUB_SHARE, slope_left[group] * SUB_SHARE, sub_rows)
 
-        def one_block(k: int, first: int = first, rows_of: list = rows_of, per_sub: list = per_sub,
-                      kept: list = kept) -> None:
+        def one_block(k: int, first: int = first, rows_of: list = rows_of, per_sub: list = per_sub) -> None:
             b, rows = first + k, rows_of[k]
-            split, pairs = split_pays(per_sub[k], kept[k], rows.stop - rows.start, sub_rows)
-            computed[b] = pairs
-            parts, part_rows, parts_in = (per_sub[k], sub_rows, subs) if split else ([kept[k]], shape.rows, 1)
-            g[rows], v[rows] = block_item_sums(queries[rows], item_calls(parts, tiles, shape.cols),
-                                               tiles.prepared.center, spec, mode, dtype, part_rows, parts_in, setups[b])
+            computed[b] = sum(min(sub_rows, rows.stop - rows.start - s * sub_rows) * len(p)
+                              for s, p in enumerate(per_sub[k]))
+            g[rows], v[rows] = block_item_sums(queries[rows], item_calls(per_sub[k], tiles, shape.cols), tiles.prepared.center,
+                                               spec, mode, dtype, sub_rows, subs, setups[b])
 
         run_blocks(one_block, len(group), x64, threads)
     return g, v, int(computed.sum())
@@ -316,7 +301,7 @@ def make_layout(points: np.ndarray, sources: np.ndarray | None, weights: np.ndar
         per_sub = sub_block_sources([np.asarray(q, np.float64) / scale], [keep], [scaled[keep]],
                                     [w_abs[positions][keep]], bounds, np.array([value_left * SUB_SHARE]),
                                     np.array([slope_left * SUB_SHARE]), sub_rows)[0]
-        fine_pairs += split_pays(per_sub, keep, len(q), sub_rows)[1]
+        fine_pairs += sum(min(sub_rows, len(q) - s * sub_rows) * len(p) for s, p in enumerate(per_sub))
         fine_tile_pairs += len(q) * candidates
     share = fine_pairs / fine_tile_pairs if fine_tile_pairs else 1.0
     estimated = int(round(tile_pairs * share / max(sampled_rows, 1) * n))
