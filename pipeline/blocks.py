@@ -142,12 +142,8 @@ def block_sums(queries, prepared: PreparedSources, spec: KernelSpec, mode: str, 
     if b > shape.rows:
         raise ValueError(f"block of {b} rows exceeds the tile's {shape.rows} rows")
     setup = setup or block_setup(queries, prepared, spec, mode, dtype)
-    variant = setup.variant
-    if variant.uses_float64 and not x64_active():
-        raise RuntimeError("this block computes in float64 but JAX's x64 switch is off (use x64_enabled)")
-    packed = pack_queries(queries, prepared.center, setup.center, dtype, shape.rows)
-    dynamic, static = device_params(spec, "float64" if variant.uses_float64 else dtype, x64_active())
-    fn = compiled_block(spec.name, static, formulation(spec, mode), mode, dtype, shape, dim, variant)
+    packed, dynamic, static = _call_inputs(queries, prepared.center, setup, spec, dtype, shape.rows)
+    fn = compiled_block(spec.name, static, formulation(spec, mode), mode, dtype, shape, dim, setup.variant)
     # Dispatch every call first (JAX runs them asynchronously), then add the partials in a fixed order.
     partials = [fn(packed, sources, dynamic) for sources in prepared.calls()]
     g_total = np.zeros((shape.rows, dim))
@@ -170,23 +166,28 @@ def block_item_sums(queries, calls: list, center: np.ndarray, spec: KernelSpec, 
     b, dim = queries.shape
     if b > subs * rows:
         raise ValueError(f"block of {b} rows exceeds {subs} sub-blocks of {rows} rows")
-    variant = setup.variant
-    if variant.uses_float64 and not x64_active():
-        raise RuntimeError("this block computes in float64 but JAX's x64 switch is off (use x64_enabled)")
-    packed = pack_queries(queries, center, setup.center, dtype, subs * rows)
-    dynamic, static = device_params(spec, "float64" if variant.uses_float64 else dtype, x64_active())
+    packed, dynamic, static = _call_inputs(queries, center, setup, spec, dtype, subs * rows)
+    fn = compiled_items(spec.name, static, formulation(spec, mode), mode, dtype, rows, subs, dim, setup.variant)
     g_total = np.zeros((subs, rows, dim))
     v_total = np.zeros((subs, rows))
-    partials = []
-    for sources, item_sub, real in calls:
-        fn = compiled_items(spec.name, static, formulation(spec, mode), mode, dtype, rows, subs, dim, variant)
-        partials.append((fn(packed, sources, item_sub, dynamic), item_sub[:real]))
+    partials = [(fn(packed, sources, item_sub, dynamic), item_sub[:real]) for sources, item_sub, real in calls]
     for (g, v), item_sub in partials:  # items in sub-block order: each run of one sub-block summed in order
         runs = np.flatnonzero(np.diff(item_sub, prepend=-1))
         real = len(item_sub)
         g_total[item_sub[runs]] += np.add.reduceat(np.asarray(g, dtype=np.float64)[:real], runs, axis=0)
         v_total[item_sub[runs]] += np.add.reduceat(np.asarray(v, dtype=np.float64)[:real], runs, axis=0)
     return g_total.reshape(subs * rows, dim)[:b], v_total.reshape(subs * rows)[:b]
+
+
+def _call_inputs(queries: np.ndarray, sources_center: np.ndarray, setup: BlockSetup, spec: KernelSpec, dtype: str,
+                 rows: int) -> tuple[np.ndarray, dict, tuple]:
+    """What every compiled call of one block takes besides its sources: the packed queries
+    (:func:`pack_queries`) and the kernel's (dynamic, static) parameters in the block variant's dtype."""
+    variant = setup.variant
+    if variant.uses_float64 and not x64_active():
+        raise RuntimeError("this block computes in float64 but JAX's x64 switch is off (use x64_enabled)")
+    packed = pack_queries(queries, sources_center, setup.center, dtype, rows)
+    return (packed, *device_params(spec, "float64" if variant.uses_float64 else dtype, x64_active()))
 
 
 def pack_queries(queries: np.ndarray, sources_center: np.ndarray, block_center: np.ndarray, dtype: str,

@@ -149,6 +149,11 @@ def sub_block_sources(queries_scaled: list, kept: list, kept_scaled: list, kept_
     return out
 
 
+def sub_block_pairs(sub_positions: list, rows: int, sub_rows: int) -> int:
+    """The pairs a block of ``rows`` rows computes: each sub-block's rows times the sources it keeps."""
+    return sum(min(sub_rows, rows - s * sub_rows) * len(p) for s, p in enumerate(sub_positions))
+
+
 def item_calls(sub_positions: list, tiles: "SourceTiles", cols: int) -> list:
     """One block's items: each sub-block's positions cut into tiles of ``cols`` sources (the last padded with
     the zero-weight source), in sub-block order, packed into calls of :data:`ITEMS_PER_CALL` items (whole
@@ -222,8 +227,7 @@ def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles
 
         def one_block(k: int, first: int = first, rows_of: list = rows_of, per_sub: list = per_sub) -> None:
             b, rows = first + k, rows_of[k]
-            computed[b] = sum(min(sub_rows, rows.stop - rows.start - s * sub_rows) * len(p)
-                              for s, p in enumerate(per_sub[k]))
+            computed[b] = sub_block_pairs(per_sub[k], rows.stop - rows.start, sub_rows)
             g[rows], v[rows] = block_item_sums(queries[rows], item_calls(per_sub[k], tiles, shape.cols), tiles.prepared.center,
                                                spec, mode, dtype, sub_rows, subs, setups[b])
 
@@ -301,7 +305,7 @@ def make_layout(points: np.ndarray, sources: np.ndarray | None, weights: np.ndar
         per_sub = sub_block_sources([np.asarray(q, np.float64) / scale], [keep], [scaled[keep]],
                                     [w_abs[positions][keep]], bounds, np.array([value_left * SUB_SHARE]),
                                     np.array([slope_left * SUB_SHARE]), sub_rows)[0]
-        fine_pairs += sum(min(sub_rows, len(q) - s * sub_rows) * len(p) for s, p in enumerate(per_sub))
+        fine_pairs += sub_block_pairs(per_sub, len(q), sub_rows)
         fine_tile_pairs += len(q) * candidates
     share = fine_pairs / fine_tile_pairs if fine_tile_pairs else 1.0
     estimated = int(round(tile_pairs * share / max(sampled_rows, 1) * n))

@@ -97,7 +97,7 @@ def prepare_sources(sources, weights, spec: KernelSpec, dtype: str, shape: TileS
     padded = calls * per_call
     split = dtype == "float32"
     width, _ = pack_layout(dtype, dim)
-    packed = np.empty((padded, width), dtype=dtype)
+    packed = np.zeros((padded, width), dtype=dtype)  # weights 0 on padding
     coords, w = packed[:, :dim], packed[:, width - (2 if split else 1)]
     coords_lo = packed[:, dim:2 * dim] if split else None
     w_lo = packed[:, -1] if split else None
@@ -108,8 +108,6 @@ def prepare_sources(sources, weights, spec: KernelSpec, dtype: str, shape: TileS
     coords[m:] = coords[0] if m else 0.0  # a real point with weight 0: contributes exactly 0
     if split:
         coords_lo[m:] = coords_lo[0] if m else 0.0
-        w_lo[:] = 0.0
-    w[:] = 0.0
     may_cancel = False
     if weights is None:
         w[:m] = 1.0
