@@ -275,10 +275,22 @@ def restamp(location: str, storage_options: tuple, arrays: tuple[str, ...], acce
                 os.close(fd)
 
 
+def _group_names_only(root_fd: int, accept) -> bool:
+    """The group's ``zarr.json`` names no run but those in ``accept`` (its id, and the ids a removal or a
+    take-over keeps beside it): an array directory there without metadata yet is that output's, cut short
+    while being created.  A newer run names its own id in the group before it creates any array."""
+    try:
+        attributes = json.loads(_read_at(root_fd, "zarr.json")).get("attributes", {})
+    except FileNotFoundError:
+        return False
+    return accepted_ids(attributes) <= set(accept)
+
+
 def remove_tree(location: str, storage_options: tuple, name: str, check: str | None, accept) -> None:
     """Delete the directory ``name`` of the group at ``location`` (an array, or the ``order`` group), if it
     is there, only while its array ``check`` (a path inside it; None: ``name`` itself) carries one of
-    ``accept`` (None in it: an array without an id, as a half-made output has).
+    ``accept`` (None in it: an array without an id, as a half-made output has).  An array directory without
+    metadata (a run killed while zarr created it) goes when the group names no run outside ``accept``.
 
     The directory is opened and checked, renamed to a trash name relative to the group's descriptor, and
     deleted only if the renamed directory is the one checked (same inode); otherwise it is put back."""
@@ -312,9 +324,10 @@ def remove_tree(location: str, storage_options: tuple, name: str, check: str | N
             else:
                 try:
                     found = json.loads(_read_at(fd, "zarr.json")).get("attributes", {}).get(ID_KEY)
-                except FileNotFoundError:  # an array cut short before its metadata: carries no id
-                    found = None
-                if found not in accept:
+                    mine = found in accept
+                except FileNotFoundError:  # an array cut short before its metadata (a run killed creating it)
+                    found, mine = "none yet", None in accept or _group_names_only(root_fd, accept)
+                if not mine:
                     raise _lost(location, name, found)
             trash = f"{TRASH}{uuid.uuid4().hex}"
             os.rename(name, trash, src_dir_fd=root_fd, dst_dir_fd=root_fd)

@@ -473,6 +473,85 @@ def test_an_interrupted_removal_never_looks_complete(small_points, small_outputs
     assert read_attrs(out)["complete"] is True and read_attrs(out)["timings"]["tasks_skipped"] == 0
 
 
+def _create_cut_short(out, arrays_made: int, bare_dir: bool, monkeypatch):
+    """OutputGroup.create stopped (as by SIGKILL) after ``arrays_made`` arrays, with the next array's directory
+    made but not its metadata (``bare_dir``, zarr's temporary file in it), or before the run attributes
+    (``arrays_made`` 3).  Returns the OutputGroup."""
+    import zarr
+
+    from pipeline.output import OutputGroup
+
+    made = []
+    real_create_array = zarr.Group.create_array
+
+    def create_array(self, name, **kwargs):
+        if len(made) == arrays_made:
+            if bare_dir:
+                (out / name).mkdir()
+                (out / name / "zarr.0123456789abcdef0123456789abcdef.partial").write_bytes(b'{"zarr_fo')
+            raise KeyboardInterrupt
+        made.append(name)
+        return real_create_array(self, name, **kwargs)
+
+    def update(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    output = OutputGroup(str(out))
+    with monkeypatch.context() as patch:
+        patch.setattr(zarr.Group, "create_array", create_array)
+        patch.setattr(OutputGroup, "update", update)
+        with pytest.raises(KeyboardInterrupt):
+            output.create(n_points=300, dim=2, dtype="float32", rows_per_task=100, n_tasks=3,
+                          attributes={"run_fingerprint": "f"})
+    return output
+
+
+@pytest.mark.parametrize("arrays_made, bare_dir", [(0, False), (0, True), (1, True), (2, True), (3, False)])
+def test_an_output_cut_short_while_created_is_made_again(arrays_made, bare_dir, tmp_path, monkeypatch):
+    """A run killed inside OutputGroup.create leaves a half-made output (kgrad's marker, no run attributes):
+    whatever it has got to, the next run (--resume or --overwrite) removes it, arrays without metadata
+    included, and creates its own; a CI run once found the gradient's directory made but not its zarr.json,
+    and the removal refused it as another run's."""
+    from pipeline import fenced
+    from pipeline.output import ARRAYS
+
+    out = tmp_path / "out.zarr"
+    output = _create_cut_short(out, arrays_made, bare_dir, monkeypatch)
+    assert output.kind() == "kgrad" and output.half_created()
+    output.remove(fenced.accepted_ids(read_attrs(out)))  # what the next run does (pipeline/workflow.py)
+    assert sorted(p.name for p in out.iterdir()) == ["zarr.json"]
+    new_id = output.create(n_points=300, dim=2, dtype="float32", rows_per_task=100, n_tasks=3,
+                           attributes={"run_fingerprint": "f"})
+    for name in ARRAYS:
+        assert json.loads((out / name / "zarr.json").read_text())["attributes"][fenced.ID_KEY] == new_id
+    assert not output.half_created() and output.done_tasks().tolist() == [False] * 3
+
+
+def test_a_bare_array_directory_of_a_newer_output_is_never_removed(tmp_path, monkeypatch):
+    """A run frozen past its lease that wakes inside a removal must not delete an array that a newer run is
+    creating (its directory there, its metadata not yet): the group names the newer run's id."""
+    from pipeline import fenced
+    from pipeline.errors import RunEnded
+
+    out = tmp_path / "out.zarr"
+    output = _create_cut_short(out, 1, True, monkeypatch)
+    stale = fenced.accepted_ids(read_attrs(out))
+    output.remove(stale)
+    _create_cut_short(out, 1, True, monkeypatch)  # the newer run, mid-creation
+    with pytest.raises(RunEnded, match="another run"):
+        fenced.remove_tree(str(out), (), "value", None, stale)
+    assert (out / "value").is_dir() and (out / "gradient" / "zarr.json").exists()
+
+
+@pytest.mark.slow  # the whole path of test_an_output_cut_short_while_created_is_made_again, by the CLI
+def test_resume_after_a_cut_short_creation_by_the_cli(small_points, tmp_path, monkeypatch):
+    out = tmp_path / "out.zarr"
+    _create_cut_short(out, 1, True, monkeypatch)
+    again = kgrad(["run", "--points", small_points, "--out", out, "--workers", "1", "--no-progress", "--resume"])
+    assert again.returncode == 0, again.stderr
+    assert read_attrs(out)["complete"] is True and read_attrs(out)["timings"]["tasks_skipped"] == 0
+
+
 def test_workers_check_the_sources_when_they_are_the_points(tmp_path):
     """Without --sources the points are the sources: a worker that loads them changed refuses the task."""
     from pipeline.errors import InputsChanged
