@@ -18,11 +18,11 @@ from __future__ import annotations
 import functools
 from concurrent.futures import ThreadPoolExecutor
 
-import jax
 import numpy as np
 
 from .block_precision import BlockSetup, block_setup, needs_x64
 from .kernels import KernelSpec
+from .lazy_jax import jax
 from .precision import thread_x64, x64_active, x64_enabled
 from .sources import PreparedSources, split_hi_lo
 from .spatial import block_slices, morton_order

@@ -41,10 +41,10 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
         warnings.warn(f"kgrad: compilation cache {path!r} is writable by other users or not ours; "
                       f"not using it (chmod 700 it, or set KGRAD_CACHE_DIR)")
         return None
-    import jax
+    from .lazy_jax import set_option
 
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    set_option("jax_compilation_cache_dir", path)
+    set_option("jax_persistent_cache_min_compile_time_secs", 0.0)
+    set_option("jax_persistent_cache_min_entry_size_bytes", 0)
     _ENABLED = path
     return path

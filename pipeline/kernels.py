@@ -42,10 +42,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 
 from .errors import InputError
+from .lazy_jax import jnp
 
 SQRT3 = math.sqrt(3.0)
 SQRT5 = math.sqrt(5.0)
@@ -324,14 +324,14 @@ def user_kernel_code(spec: KernelSpec, dim: int) -> str | None:
     function's source, its module file's bytes (helpers, constants) and its jaxpr on two points of
     dimension ``dim`` (code it calls in other modules), so the run identity changes when any of them does.
     """
+    kernel = spec.kernel
+    if not kernel.user:
+        return None
     import hashlib
     import inspect
 
     import jax
 
-    kernel = spec.kernel
-    if not kernel.user:
-        return None
     fn = kernel.evaluate
     parts = []
     try:

@@ -17,7 +17,7 @@ spatial order), single sources of the tiles left, then, for each sub-block of th
 of the sources left (:func:`select_mini_tiles`), each level spending a share of the budget.
 
 Tail bounds come from a table of ``f`` and ``|f'|`` at fixed radii (float64, JAX's derivative of the
-kernel's own profile), read at the grid point at or below ``d``: both are non-increasing there, so the
+kernel's own profile, kept in the user's cache: :func:`profile_table`), read at the grid point at or below ``d``: both are non-increasing there, so the
 table value bounds every ``r >= d``.  Up to the peak of ``|f'|`` (where it is not yet decreasing) nothing
 is skipped.  Pure numpy after the table is built; deterministic.
 
@@ -27,6 +27,7 @@ so ARD is handled the same way in every dimension.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -113,19 +114,8 @@ def kernel_bounds(spec: KernelSpec) -> KernelBounds | None:
     """The tail tables of a pruning kernel (None for the others, or if the profile is not decreasing)."""
     if not prunes(spec):
         return None
-    import jax
-    import jax.numpy as jnp
-
-    from .precision import thread_x64
-    from .tiles import split_params
-
     radii = np.concatenate([[0.0], np.geomspace(TABLE_MIN, TABLE_MAX, TABLE_SIZE - 1)])
-    profile = spec.kernel.radial_profile
-    with thread_x64(True):
-        dynamic, static = split_params(spec, "float64")
-        p = {**dynamic, **dict(static)}
-        table = jax.jit(jax.vmap(jax.value_and_grad(lambda r2: profile(r2, p))))  # one compile: f and f'(r2)
-        f, df_dr2 = (np.asarray(a, np.float64) for a in table(jnp.asarray(radii ** 2)))
+    f, df_dr2 = profile_table(spec, radii)
     slope = np.abs(2.0 * radii * df_dr2)  # |df/dr| = 2 r |f'(r2)|
     if not (np.all(np.isfinite(f)) and np.all(np.isfinite(slope))):
         return None
@@ -142,6 +132,61 @@ def kernel_bounds(spec: KernelSpec) -> KernelBounds | None:
     slopes[: peak + 1] = np.inf  # the true peak lies between grid points peak - 1 and peak + 1
     return KernelBounds(kmax=float(f[0]), slope_max=float(slope[peak]),
                         min_lengthscale=float(min(spec.lengthscale)), radii=radii, values=values, slopes=slopes)
+
+
+def profile_table(spec: KernelSpec, radii: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``f(r^2)`` and ``f'(r^2)`` at ``radii`` (float64): JAX's derivative of the kernel's own profile, one
+    compile.  Kept in the user's private cache directory (:func:`pipeline.cache.private_dir`), keyed by the
+    kernel's name and parameters, the bytes of :mod:`pipeline.kernels`, the radii and JAX's version: a run's
+    client then plans without importing JAX (about a second) once a kernel's table has been made."""
+    import hashlib
+    import os
+
+    from . import kernels
+    from .cache import default_cache_dir, private_dir
+
+    with open(kernels.__file__, "rb") as source:
+        code = source.read()
+    try:
+        from importlib.metadata import version
+
+        jax_version = version("jax")
+    except Exception:  # noqa: BLE001 (no metadata: no caching)
+        jax_version = None
+    key = hashlib.sha256(repr((spec.name, float(spec.variance), spec.params, jax_version)).encode()
+                         + code + radii.tobytes()).hexdigest()[:32]
+    folder = os.path.join(default_cache_dir(), "kernel-tables")
+    path = os.path.join(folder, f"{key}.npy")
+    usable = jax_version is not None and not os.environ.get("KGRAD_NO_CACHE")
+    if usable:
+        try:
+            usable = private_dir(folder)
+            stored = np.load(path, allow_pickle=False)
+            if stored.shape == (2, len(radii)) and stored.dtype == np.float64:
+                return stored[0], stored[1]
+        except (OSError, ValueError):
+            pass
+    import jax
+    import jax.numpy as jnp
+
+    from .precision import thread_x64
+    from .tiles import split_params
+
+    profile = spec.kernel.radial_profile
+    with thread_x64(True):
+        dynamic, static = split_params(spec, "float64")
+        p = {**dynamic, **dict(static)}
+        table = jax.jit(jax.vmap(jax.value_and_grad(lambda r2: profile(r2, p))))  # one compile: f and f'(r2)
+        f, df_dr2 = (np.asarray(a, np.float64) for a in table(jnp.asarray(radii ** 2)))
+    if usable:
+        temporary = f"{path}.{os.getpid()}.partial.npy"
+        try:
+            np.save(temporary, np.stack([f, df_dr2]))
+            os.replace(temporary, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+    return f, df_dr2
 
 
 @dataclass(frozen=True)

@@ -20,16 +20,8 @@ from __future__ import annotations
 import contextlib
 import functools
 
-import jax
-import jax.numpy as jnp
-from jax import lax
-
-try:
-    from jax.extend.core import Literal
-except ImportError:  # JAX before jax.extend.core.Literal
-    from jax.core import Literal
-
-HIGHEST = lax.Precision.HIGHEST  # no reduced-precision passes (TF32 on GPUs)
+from .lazy_jax import jax, jnp, lax
+from .precision import HIGHEST
 
 
 def sums_as_dots(fn):
@@ -55,8 +47,18 @@ def _sum_as_dot(x, axes):
     return x
 
 
+@functools.cache
+def _literal():
+    try:
+        from jax.extend.core import Literal
+    except ImportError:  # JAX before jax.extend.core.Literal
+        from jax.core import Literal
+    return Literal
+
+
 def _evaluate(jaxpr, consts, args):
     env = {}
+    Literal = _literal()  # noqa: N806
 
     def read(v):
         return v.val if isinstance(v, Literal) else env[v]

@@ -18,10 +18,10 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
-import jax
 import numpy as np
 
 from .kernels import KernelSpec, get_kernel
+from .lazy_jax import jax
 from .precision import on_cpu, thread_x64
 from .tiles import TileShape, pack_layout, split_params
 

@@ -40,11 +40,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .kernels import KernelSpec, get_kernel
+from .lazy_jax import jax, jnp
 from .options import MODES
 from .precision import HIGHEST
 from .reductions import sums_as_dots

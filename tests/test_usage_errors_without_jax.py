@@ -1,11 +1,19 @@
-"""Usage errors are answered before JAX or dask is imported (importing them takes seconds): a bad kernel
-name, dtype or mode, a missing or unreadable input, a missing --out, a mistyped flag.  Each case runs
-``pipeline.cli.main`` in a fresh interpreter that then reports which of jax, dask and distributed were
-imported: no timing, only what was loaded."""
+"""What a process imports, not how long it takes (no timing here).
+
+* Usage errors are answered before JAX or dask is imported (importing them takes seconds): a bad kernel
+  name, dtype or mode, a missing or unreadable input, a missing --out, a mistyped flag.
+* The client of a run never imports JAX: it plans, writes the output and hands tasks to the workers
+  (JAX is imported where it is used, :mod:`pipeline.lazy_jax`); a ``--tolerance`` run's plan reads the
+  kernel's tail table from the user's cache once it has been made.
+* A task sets JAX's options before JAX is imported, so a far-field worker, which runs no JAX, never imports it.
+
+Each case runs ``pipeline.cli.main`` (or the task's set-up) in a fresh interpreter that then reports which of
+jax, dask and distributed were imported."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -57,8 +65,51 @@ def test_usage_error_exits_2_in_one_line_without_importing_jax_or_dask(data, arg
     assert result["imported"] == [], f"imported {result['imported']} before answering a usage error"
 
 
-def test_the_probe_sees_jax_when_there_is_work(data):
-    """The same probe on a valid plan: JAX is imported (so the test above can fail)."""
+def test_the_probe_sees_what_a_plan_imports(data):
+    """The same probe on a valid plan: dask and distributed are imported (so the test above can fail)."""
     result, stderr = probe(["plan", "--points", "p.npy"], data)
     assert result["code"] == 0, stderr
-    assert "jax" in result["imported"]
+    assert {"dask", "distributed"} <= set(result["imported"]), result
+
+
+def test_the_client_of_a_run_never_imports_jax(data, tmp_path, monkeypatch):
+    """A dense run, then a far-field run twice: the first makes the kernel's tail table (JAX, in the client:
+    the probe sees it), the second reads it from the cache and imports no JAX; both runs' results agree."""
+    monkeypatch.setenv("KGRAD_CACHE_DIR", str(tmp_path / "cache"))
+    np.save(data / "field.npy", np.random.default_rng(1).uniform(0.0, 100.0, (20000, 2)).astype(np.float32))
+    common = ["run", "--points", "field.npy", "--lengthscale", "5", "--workers", "1", "--no-progress"]
+    result, stderr = probe([*common, "--points", "p.npy", "--out", str(tmp_path / "dense.zarr")], data)
+    assert result["code"] == 0 and "jax" not in result["imported"], (result, stderr)
+    far = [*common, "--tolerance", "1e-6", "--overwrite"]
+    first, stderr = probe([*far, "--out", str(tmp_path / "first.zarr")], data)
+    assert first["code"] == 0 and "jax" in first["imported"], (first, stderr)
+    again, stderr = probe([*far, "--out", str(tmp_path / "again.zarr")], data)
+    assert again["code"] == 0 and "jax" not in again["imported"], (again, stderr)
+    import zarr
+
+    a, b = (zarr.open_group(str(tmp_path / name), mode="r") for name in ("first.zarr", "again.zarr"))
+    assert a.attrs["method"] == "far_field" == b.attrs["method"]
+    np.testing.assert_array_equal(a["gradient"][:], b["gradient"][:])
+
+
+TASK_PROBE = """
+import json, sys
+from pipeline.cache import enable_compilation_cache
+from pipeline.precision import enable_x64
+path = enable_compilation_cache(sys.argv[1])
+enable_x64()  # what every task does first (pipeline.task.start_task)
+before = "jax" in sys.modules
+import jax
+print(json.dumps({"before": before, "x64": jax.config.read("jax_enable_x64"), "path": path,
+                  "cache": jax.config.jax_compilation_cache_dir}))
+"""
+
+
+def test_a_task_sets_jax_options_before_jax_is_imported(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "KGRAD_NO_CACHE"}
+    proc = subprocess.run([sys.executable, "-c", TASK_PROBE, str(tmp_path / "cache")], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["before"] is False and result["x64"] is True, result
+    assert result["cache"] == result["path"] == str(tmp_path / "cache"), result

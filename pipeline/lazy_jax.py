@@ -1,0 +1,53 @@
+"""JAX, imported where it is first used rather than where kgrad's modules are imported.
+
+The client of a run on a cluster plans, writes the output and hands tasks to the workers; it never traces
+or runs a JAX function, and a far-field run's workers only interpolate with numpy.  Importing JAX costs
+about a second of every such process's start (XLA's shared library and its dtypes), so the modules that
+compute with JAX (:mod:`pipeline.kernels`, :mod:`pipeline.tiles`, :mod:`pipeline.blocks` ...) name it
+through the stand-ins below: ``jax.jit``, ``jnp.exp`` and ``lax.scan`` import JAX the first time one of
+them is looked up, and from then on are JAX's own objects (the look-up is one attribute access more, at
+trace time or once per call).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+
+class LazyModule:
+    """A module's stand-in: the module is imported at the first attribute looked up through it."""
+
+    __slots__ = ("_name", "_module")
+
+    def __init__(self, name: str):
+        self._name = name
+        self._module = None
+
+    def __getattr__(self, attribute: str):
+        module = self._module
+        if module is None:
+            module = importlib.import_module(self._name)
+            object.__setattr__(self, "_module", module)
+        return getattr(module, attribute)
+
+    def __repr__(self) -> str:
+        return f"<{self._name}, imported on first use{'' if self._module is None else ' (imported)'}>"
+
+
+jax = LazyModule("jax")
+jnp = LazyModule("jax.numpy")
+lax = LazyModule("jax.lax")
+
+
+def set_option(name: str, value) -> None:
+    """Set JAX's configuration option ``name`` for this process: now, if JAX is imported, else through its
+    environment variable (the name in capitals), which JAX reads as the option's value when it is imported.
+    A worker that runs no JAX (a far-field task) then never imports it."""
+    module = sys.modules.get("jax")
+    if module is not None:
+        module.config.update(name, value)
+    else:
+        os.environ[name.upper()] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+
