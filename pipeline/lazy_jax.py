@@ -26,11 +26,16 @@ class LazyModule:
         self._module = None
 
     def __getattr__(self, attribute: str):
+        if attribute.startswith("__") or attribute in self.__slots__:  # copy, pickle, inspect: not JAX's
+            raise AttributeError(attribute)
         module = self._module
         if module is None:
             module = importlib.import_module(self._name)
             object.__setattr__(self, "_module", module)
         return getattr(module, attribute)
+
+    def __reduce__(self):
+        return LazyModule, (self._name,)
 
     def __repr__(self) -> str:
         return f"<{self._name}, imported on first use{'' if self._module is None else ' (imported)'}>"

@@ -27,7 +27,6 @@ so ARD is handled the same way in every dimension.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -134,38 +133,53 @@ def kernel_bounds(spec: KernelSpec) -> KernelBounds | None:
                         min_lengthscale=float(min(spec.lengthscale)), radii=radii, values=values, slopes=slopes)
 
 
-def profile_table(spec: KernelSpec, radii: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``f(r^2)`` and ``f'(r^2)`` at ``radii`` (float64): JAX's derivative of the kernel's own profile, one
-    compile.  Kept in the user's private cache directory (:func:`pipeline.cache.private_dir`), keyed by the
-    kernel's name and parameters, the bytes of :mod:`pipeline.kernels`, the radii and JAX's version: a run's
-    client then plans without importing JAX (about a second) once a kernel's table has been made."""
+TABLE_FORMAT = 1  # what a cached table holds (f and f'(r^2) at the radii, float64): changed with its meaning
+
+
+def table_location(spec: KernelSpec, radii: np.ndarray) -> tuple[str, str] | None:
+    """Where :func:`profile_table` keeps the table of ``spec`` at ``radii``: (folder, file name), or None
+    (``KGRAD_NO_CACHE`` set, or no version metadata or source files to key it by).  The key covers the
+    kernel's name and parameters, the source of the modules that define and read the table, the radii, the
+    table format, JAX's and jaxlib's versions and ``XLA_FLAGS``."""
     import hashlib
     import os
+    import sys
+    from importlib.metadata import version
+    from pathlib import Path
 
-    from . import kernels
-    from .cache import default_cache_dir, private_dir
+    from . import kernels, tiles
+    from .cache import default_cache_dir
 
-    with open(kernels.__file__, "rb") as source:
-        code = source.read()
+    if os.environ.get("KGRAD_NO_CACHE"):
+        return None
     try:
-        from importlib.metadata import version
+        versions = (version("jax"), version("jaxlib"))
+        code = b"".join(Path(module.__file__).read_bytes() for module in (kernels, tiles, sys.modules[__name__]))
+    except Exception:  # noqa: BLE001 (no metadata or no source files: no caching)
+        return None
+    key = hashlib.sha256(repr((TABLE_FORMAT, spec.name, float(spec.variance), spec.params, versions,
+                               os.environ.get("XLA_FLAGS"))).encode() + code + radii.tobytes()).hexdigest()
+    return os.path.join(default_cache_dir(), "kernel-tables"), f"{key[:40]}.f64"
 
-        jax_version = version("jax")
-    except Exception:  # noqa: BLE001 (no metadata: no caching)
-        jax_version = None
-    key = hashlib.sha256(repr((spec.name, float(spec.variance), spec.params, jax_version)).encode()
-                         + code + radii.tobytes()).hexdigest()[:32]
-    folder = os.path.join(default_cache_dir(), "kernel-tables")
-    path = os.path.join(folder, f"{key}.npy")
-    usable = jax_version is not None and not os.environ.get("KGRAD_NO_CACHE")
-    if usable:
-        try:
-            usable = private_dir(folder)
-            stored = np.load(path, allow_pickle=False)
-            if stored.shape == (2, len(radii)) and stored.dtype == np.float64:
-                return stored[0], stored[1]
-        except (OSError, ValueError):
-            pass
+
+def profile_table(spec: KernelSpec, radii: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``f(r^2)`` and ``f'(r^2)`` at ``radii`` (float64): JAX's derivative of the kernel's own profile, one
+    compile, on the CPU.
+
+    A process that has not imported JAX (a run's client) keeps the table in the user's cache directory
+    (:func:`table_location`: private, each file checked by its SHA-256, :func:`pipeline.cache.load_checked`)
+    and reads it from there next time, so that it plans without importing JAX (about a second)."""
+    import sys
+
+    from .cache import load_checked, store_checked
+
+    where = table_location(spec, radii)
+    if where is not None:
+        data = load_checked(*where)
+        if data is not None and len(data) == 2 * radii.size * 8:
+            stored = np.frombuffer(data, np.float64).reshape(2, radii.size)
+            return stored[0].copy(), stored[1].copy()
+    keep = where is not None and "jax" not in sys.modules  # a process with JAX loaded (the API, a worker) only reads
     import jax
     import jax.numpy as jnp
 
@@ -173,19 +187,13 @@ def profile_table(spec: KernelSpec, radii: np.ndarray) -> tuple[np.ndarray, np.n
     from .tiles import split_params
 
     profile = spec.kernel.radial_profile
-    with thread_x64(True):
+    with thread_x64(True), jax.default_device(jax.devices("cpu")[0]):
         dynamic, static = split_params(spec, "float64")
         p = {**dynamic, **dict(static)}
         table = jax.jit(jax.vmap(jax.value_and_grad(lambda r2: profile(r2, p))))  # one compile: f and f'(r2)
         f, df_dr2 = (np.asarray(a, np.float64) for a in table(jnp.asarray(radii ** 2)))
-    if usable:
-        temporary = f"{path}.{os.getpid()}.partial.npy"
-        try:
-            np.save(temporary, np.stack([f, df_dr2]))
-            os.replace(temporary, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
+    if keep:
+        store_checked(*where, np.stack([f, df_dr2]).tobytes())
     return f, df_dr2
 
 

@@ -76,9 +76,11 @@ def test_the_client_of_a_run_never_imports_jax(data, tmp_path, monkeypatch):
     """A dense run, then a far-field run twice: the first makes the kernel's tail table (JAX, in the client:
     the probe sees it), the second reads it from the cache and imports no JAX; both runs' results agree."""
     monkeypatch.setenv("KGRAD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("KGRAD_NO_CACHE", raising=False)
     np.save(data / "field.npy", np.random.default_rng(1).uniform(0.0, 100.0, (20000, 2)).astype(np.float32))
     common = ["run", "--points", "field.npy", "--lengthscale", "5", "--workers", "1", "--no-progress"]
-    result, stderr = probe([*common, "--points", "p.npy", "--out", str(tmp_path / "dense.zarr")], data)
+    result, stderr = probe(["run", "--points", "p.npy", "--workers", "1", "--no-progress", "--out",
+                            str(tmp_path / "dense.zarr")], data)
     assert result["code"] == 0 and "jax" not in result["imported"], (result, stderr)
     far = [*common, "--tolerance", "1e-6", "--overwrite"]
     first, stderr = probe([*far, "--out", str(tmp_path / "first.zarr")], data)
@@ -101,7 +103,9 @@ enable_x64()  # what every task does first (pipeline.task.start_task)
 before = "jax" in sys.modules
 import jax
 print(json.dumps({"before": before, "x64": jax.config.read("jax_enable_x64"), "path": path,
-                  "cache": jax.config.jax_compilation_cache_dir}))
+                  "cache": jax.config.jax_compilation_cache_dir,
+                  "minimums": [jax.config.jax_persistent_cache_min_compile_time_secs,
+                               jax.config.jax_persistent_cache_min_entry_size_bytes]}))
 """
 
 
@@ -113,3 +117,4 @@ def test_a_task_sets_jax_options_before_jax_is_imported(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["before"] is False and result["x64"] is True, result
     assert result["cache"] == result["path"] == str(tmp_path / "cache"), result
+    assert result["minimums"] == [0.0, 0], result
