@@ -444,7 +444,7 @@ def _run_owned(prepared: Prepared, stream) -> dict:
             output.take_over(prepared.taken_ids, output_id)
         job = dataclasses.replace(job, output_id=output_id)
         prepared = dataclasses.replace(prepared, job=job)
-        link = dashboard_link(client)
+        link = dashboard_link(client, local=cluster is not None)
         n_workers = len(client.scheduler_info()["workers"])
         print(f"kgrad: {count(plan.n_tasks, 'task')} ({plan.n_points} x {plan.n_sources} pairs, D={plan.dim}, "
               f"{plan.dtype}, {plan.formulation}) on {count(n_workers, 'worker')}"
