@@ -55,4 +55,3 @@ def set_option(name: str, value) -> None:
         module.config.update(name, value)
     else:
         os.environ[name.upper()] = ("1" if value else "0") if isinstance(value, bool) else str(value)
-

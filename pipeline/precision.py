@@ -23,11 +23,8 @@ HIGHEST = "highest"  # lax.Precision.HIGHEST: no TF32 / bf16 passes on GPUs (r2 
 def enable_x64() -> None:
     """Turn on JAX's x64 switch for the rest of this process (worker processes: float64 runs, and float32
     runs that take some steps in float64).  Arrays are always cast explicitly, so float32 stays float32."""
-    if "jax" in sys.modules:
-        if not jax.config.read("jax_enable_x64"):
-            jax.config.update("jax_enable_x64", True)
-    else:  # read by JAX when a task first uses it (a far-field task never does)
-        set_option("jax_enable_x64", True)
+    if "jax" not in sys.modules or not jax.config.read("jax_enable_x64"):
+        set_option("jax_enable_x64", True)  # before JAX is imported: read when a task first uses it
 
 
 @contextlib.contextmanager

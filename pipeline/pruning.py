@@ -17,9 +17,10 @@ spatial order), single sources of the tiles left, then, for each sub-block of th
 of the sources left (:func:`select_mini_tiles`), each level spending a share of the budget.
 
 Tail bounds come from a table of ``f`` and ``|f'|`` at fixed radii (float64, JAX's derivative of the
-kernel's own profile, kept in the user's cache: :func:`profile_table`), read at the grid point at or below ``d``: both are non-increasing there, so the
-table value bounds every ``r >= d``.  Up to the peak of ``|f'|`` (where it is not yet decreasing) nothing
-is skipped.  Pure numpy after the table is built; deterministic.
+kernel's own profile, kept in the user's cache: :func:`profile_table`), read at the grid point at or below
+``d``: both are non-increasing there, so the table value bounds every ``r >= d``.  Up to the peak of
+``|f'|`` (where it is not yet decreasing) nothing is skipped.  Pure numpy after the table is built;
+deterministic.
 
 Distances are between bounding boxes in scaled coordinates (each dimension divided by its lengthscale),
 so ARD is handled the same way in every dimension.
