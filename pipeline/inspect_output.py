@@ -100,17 +100,20 @@ ROUNDING_BOUND = {"float32": "2e-5 (for float64 inputs)", "float64": "1e-10"}
 def _tolerance_line(info: dict) -> str:
     """The tolerance and what it bought: the per-query bounds and the share of pairs computed, or, for a run
     that computed every pair (the kernel does not prune, or pruning would have saved too little), that it
-    ran exact and only the dtype's rounding applies (its error bound is 0, not a bound of 0 on the result)."""
+    ran exact and only the dtype's rounding applies (its error bound is 0, not a bound of 0 on the result).
+    A run with bounds whose faster methods declined says why after them (``exact_reason`` holds the reasons of
+    every method that declined, so it is there for a pruned run whose far field declined too)."""
     tolerance, bound = info["tolerance"], info.get("error_bound") or {}
     pairs, total = info.get("pairs_computed"), info.get("pairs_total")
-    if info.get("exact_reason") or not (bound.get("gradient") or bound.get("value")):
-        reason = (info.get("exact_reason") or "every pair was computed").removesuffix(": the run is exact")
+    declined = (info.get("exact_reason") or "").removesuffix(": the run is exact")
+    if not (bound.get("gradient") or bound.get("value")):
+        reason = declined or "every pair was computed"
         rounding = ROUNDING_BOUND.get(info.get("dtype"), "the dtype's bound")
         return (f"{tolerance:g} asked, but the run was exact: {reason}; only {info.get('dtype')} rounding "
                 f"applies: max |g^ - g| within {rounding} of max |g|")
     share = f"; {pairs / total:.2%} of the pairs computed" if pairs and total else ""
     return (f"{tolerance:g}: per query |g^ - g| <= {bound.get('gradient', 0):.3g}, "
-            f"|v^ - v| <= {bound.get('value', 0):.3g}{share}")
+            f"|v^ - v| <= {bound.get('value', 0):.3g}{share}" + (f" ({declined})" if declined else ""))
 
 
 def _rate(info: dict) -> str:

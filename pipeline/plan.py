@@ -113,7 +113,8 @@ class Plan:
     tolerance: float = 0.0
     pruned: bool = False  # tolerance > 0 and the kernel prunes: tasks are ranges of the spatial order
     estimated_pairs: int | None = None  # pairs left after pruning (None: all N x M)
-    exact_reason: str = ""  # why a run with a tolerance computes every pair
+    exact_reason: str = ""  # with a tolerance: why the methods before the one chosen declined (for dense: why
+    # every pair is computed)
     parallel: int = 1  # tasks that run at once (workers, at most the cores): what the compute time divides by
     method_cost: tuple | None = None  # (compute seconds, the sum in words): a method whose cost is not per pair
 

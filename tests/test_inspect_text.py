@@ -47,3 +47,15 @@ def test_run_that_fell_back_to_exact_says_it_was_exact():
     float64 = _line(format_output(_info(tolerance=1e-9, dtype="float64", error_bound={"gradient": 0.0, "value": 0.0},
                                         exact_reason="kernel periodic does not decay")), "tolerance")
     assert "float64 rounding applies" in float64 and "1e-10" in float64, float64
+
+
+def test_pruned_run_whose_far_field_declined_keeps_its_bounds():
+    """A pruned run records why the far field declined; inspect still gives the run's bounds and share of pairs
+    (it computed only some pairs) and says why beside them, never that the run was exact."""
+    reason = "no far field: its grid would need at least 4.97e+10 nodes"
+    text = format_output(_info(tolerance=1e-9, pairs_computed=10**8, error_bound={"gradient": 1e-6, "value": 2e-6},
+                               exact_reason=reason))
+    tolerance = _line(text, "tolerance")
+    assert "exact" not in tolerance and "rounding applies" not in tolerance, tolerance
+    assert "|g^ - g| <= 1e-06" in tolerance and "1.00% of the pairs computed" in tolerance, tolerance
+    assert f"({reason})" in tolerance, tolerance
