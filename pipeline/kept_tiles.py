@@ -94,7 +94,7 @@ class SourceTiles:
 
 
 SOURCE_GROUP = 32  # query blocks whose single sources are selected at once (select_sources_of_blocks)
-SUB_BLOCKS = 4  # a query block is computed as this many sub-blocks of consecutive rows ...
+SUB_BLOCKS = 8  # a query block is computed as this many sub-blocks of consecutive rows ...
 MINI_TILE = 16  # ... each against the mini-tiles (this many consecutive kept sources) it cannot skip
 SUB_SHARE = 0.125  # share of the budget left after the tile levels that the sub-block level may spend
 ITEMS_PER_CALL = (4, 8, 12, 16)  # items of one compiled call (a block's items: whole calls of 16, then the rest)

@@ -32,9 +32,9 @@ DEFAULT_TILES = {
 }
 # Pruned runs (tolerance > 0): small tiles, so that a block gathers only the tiles it needs; a call holds
 # PRUNED_TILES_PER_CALL tiles (the kept tiles of a block are padded to whole calls).
-PRUNED_TILES = (256, 256)
+PRUNED_TILES = (512, 256)
 PRUNED_TILES_PER_CALL = 8
-PRUNED_BLOCKS_PER_TASK = 64
+PRUNED_BLOCKS_PER_TASK = 32
 PRUNED_HELD_SOURCES = 1 << 22  # sources a worker keeps prepared for pruned tasks (pipeline.worker)
 MAX_TILES_PER_CALL = 64
 # Rough single-process throughput (pairs per second, float32) used for the time estimate only.
