@@ -298,6 +298,8 @@ def test_plan_says_why_not():
     x2 = rng.normal(size=(3000, 2))
     cases = [
         (dict(kernel="matern32"), x2, "derived for the Gaussian scale mixtures rbf, rational_quadratic and imq only"),
+        (dict(kernel="matern12"), x2, "only finitely many derivatives where a query meets a source"),
+        (dict(kernel="periodic"), x2, "derived for the Gaussian scale mixtures rbf, rational_quadratic and imq only"),
         (dict(kernel="imq", mode="jacfwd"), x2, "that mode asks for the tiles' autodiff"),
         (dict(kernel="imq"), rng.normal(size=(3000, 3)) * 3, "entries in its FFT for imq"),
         # a far outlier: a grid of 10^9 nodes, declined on its size (its FFT bound is never evaluated)
