@@ -259,10 +259,32 @@ def spread_parts(sources: np.ndarray, weights: np.ndarray | None, grid: Grid) ->
     if m == 0:
         return []
     index, _ = stencils(x, grid)
-    order = np.lexsort((w,) + tuple(x[:, d] for d in range(dim - 1, -1, -1)) + (index,))
+    order = spreading_order(index, x, w)
     rows = _spread_block_rows(grid)
     size = rows * max(1, SPREAD_PART_SOURCES // rows)
     return [(x[order[start:start + size]], w[order[start:start + size]]) for start in range(0, m, size)]
+
+
+def spreading_order(index: np.ndarray, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The permutation that sorts sources by (stencil index, coordinates in order, weight): that of
+    ``np.lexsort`` on all ``D + 2`` keys, sorted by the first two keys, then rows tied on both (duplicates, or a
+    common first coordinate within a cell) re-sorted by every key.  Rows tied on both keys are adjacent, and
+    the full key orders their runs as the first two do, so each run's sorted rows go back into its places
+    (about a third of the time of the full sort on 10^6 distinct sources)."""
+    order = np.lexsort((x[:, 0], index))
+    if len(order) < 2:
+        return order
+    first, coordinate = index[order], x[order, 0]
+    same = (first[1:] == first[:-1]) & (coordinate[1:] == coordinate[:-1])
+    if same.any():
+        tied = np.zeros(len(order), bool)
+        tied[1:] |= same
+        tied[:-1] |= same
+        where = np.flatnonzero(tied)
+        rows = order[where]
+        order[where] = rows[np.lexsort((w[rows],) + tuple(x[rows, d] for d in range(x.shape[1] - 1, -1, -1))
+                                       + (index[rows],))]
+    return order
 
 
 def _spread_block_rows(grid: Grid) -> int:

@@ -568,3 +568,21 @@ def test_a_task_reading_only_its_box_gets_the_whole_grids_bits(dim):
     g, v = grid_sums.interpolate(queries, sums, grid)
     assert np.array_equal(g_box, g) and np.array_equal(v_box, v)
     assert grid_sums.fft_unit_roundoff() in (2.0 ** -64, 2.0 ** -53)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 3), st.integers(1, 400), st.integers(0, 2**32 - 1), st.sampled_from([1, 3, 1000]))
+def test_spreading_order_is_the_full_sort(dim, m, seed, levels):
+    """proxies.spreading_order (sorted by stencil and first coordinate, then ties re-sorted) is the permutation
+    of a lexsort on every key: (stencil index, each coordinate, weight), whatever the ties: duplicated rows,
+    rows equal in their first coordinate only, equal weights, -0.0 beside 0.0, few cells or many."""
+    from pipeline.proxies import spreading_order
+
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-levels, levels + 1, size=(m, dim)).astype(np.float64) / 2  # coarse: many ties
+    x[rng.random(m) < 0.2] = -0.0
+    x[m // 2:] = x[:m - m // 2] if rng.random() < 0.5 else x[m // 2:]  # duplicated rows
+    w = rng.integers(-2, 3, size=m).astype(np.float64)
+    index = rng.integers(0, max(1, m // levels), size=m)
+    full = np.lexsort((w,) + tuple(x[:, d] for d in range(dim - 1, -1, -1)) + (index,))
+    assert np.array_equal(spreading_order(index, x, w), full)
