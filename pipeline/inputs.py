@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InputError, user_fixable
+from .spatial import column_bounds
 
 
 def as_point_array(values, name: str) -> np.ndarray:
@@ -110,11 +111,13 @@ def check_lengthscale_range(points: np.ndarray, sources: np.ndarray, lengthscale
     warnings, then a row blamed for it); a huge one makes every squared distance (and so every gradient)
     underflow to 0, silently.  Overflow is judged on the data's bulk (the 10-90 % range per dimension; an
     outlier is named by :func:`check_range`), underflow on their whole extent."""
-    data = np.concatenate([np.asarray(points, np.float64), np.asarray(sources, np.float64)])
+    data = (np.asarray(points, np.float64) if sources is points  # the points are the sources: no copy
+            else np.concatenate([np.asarray(points, np.float64), np.asarray(sources, np.float64)]))
     dim = data.shape[1]
     scale = np.broadcast_to(np.asarray(lengthscale, np.float64), (dim,))
     with np.errstate(all="ignore"):
-        extent = data.max(axis=0) - data.min(axis=0)
+        lower, upper = column_bounds(data)
+        extent = upper - lower
         low, high = np.percentile(data, [10.0, 90.0], axis=0, method="nearest")  # one outlier in 11 rows is out
         bulk = np.where(high > low, high - low, extent)
     for d in range(dim):

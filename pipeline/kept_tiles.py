@@ -27,7 +27,7 @@ from .kernels import KernelSpec
 from .pruning import (INDEX_TILE, Budget, KernelBounds, Selection, TileIndex, select_mini_tiles, select_sources,
                       select_sources_of_blocks, select_tiles, tile_index)
 from .sources import PreparedSources, prepare_sources
-from .spatial import in_input_order, spatial_order, tile_rows
+from .spatial import column_bounds, in_input_order, spatial_order, tile_rows
 from .tiles import TileShape
 
 
@@ -310,8 +310,8 @@ def make_layout(points: np.ndarray, sources: np.ndarray | None, weights: np.ndar
     share = fine_pairs / fine_tile_pairs if fine_tile_pairs else 1.0
     estimated = int(round(tile_pairs * share / max(sampled_rows, 1) * n))
     signed = bool(weights is not None and len(weights) and np.min(weights) < 0 < np.max(weights))
-    meta = PreparedSources(None, np.zeros(points.shape[1]), len(x), lower=np.min(x, 0).astype(np.float64),
-                           upper=np.max(x, 0).astype(np.float64), may_cancel=signed)
+    lower, upper = column_bounds(x)
+    meta = PreparedSources(None, np.zeros(points.shape[1]), len(x), lower=lower, upper=upper, may_cancel=signed)
     return Layout(point_order, source_order, index, bounds, budget, weight_sum, tolerance, estimated, meta)
 
 

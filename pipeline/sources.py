@@ -23,6 +23,7 @@ import numpy as np
 from .kernels import KernelSpec, get_kernel
 from .lazy_jax import jax
 from .precision import on_cpu, thread_x64
+from .spatial import column_bounds
 from .tiles import TileShape, pack_layout, split_params
 
 
@@ -75,8 +76,7 @@ def source_center(sources: np.ndarray, spec: KernelSpec) -> np.ndarray:
     dim = sources.shape[1]
     if not spec.kernel.stationary or len(sources) == 0:
         return np.zeros(dim)
-    lo = np.min(sources, axis=0).astype(np.float64)
-    hi = np.max(sources, axis=0).astype(np.float64)
+    lo, hi = column_bounds(sources)
     return 0.5 * (lo + hi)
 
 
@@ -117,8 +117,7 @@ def prepare_sources(sources, weights, spec: KernelSpec, dtype: str, shape: TileS
         may_cancel = bool(m and w64.min() < 0 < w64.max())
     if split and m and not may_cancel and not spec.kernel.stationary:
         may_cancel = cancellation_ratio(spec, sources, weights) > CANCELLATION_MAX
-    lower = np.min(sources, axis=0).astype(np.float64) if m else np.zeros(dim)
-    upper = np.max(sources, axis=0).astype(np.float64) if m else np.zeros(dim)
+    lower, upper = column_bounds(sources) if m else (np.zeros(dim), np.zeros(dim))
     return PreparedSources(packed.reshape(calls, shape.tiles_per_call, shape.cols, width), center, m,
                            lower, upper, may_cancel)
 

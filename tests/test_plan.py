@@ -298,3 +298,52 @@ def test_exact_plan_says_why_a_tolerance_would_not_help(tmp_path, capsys, case, 
     pruning = _plan_lines(capsys, ["--points", str(tmp_path / "p.npy"), "--workers", "2", *argv])["pruning"]
     assert pruning.startswith("none (exact: every pair); --tolerance 1e-09 would not help here: "), pruning
     assert why in pruning, pruning
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 300), st.integers(1, 5), st.sampled_from(["float32", "float64"]), st.integers(0, 2**32 - 1))
+def test_column_bounds_are_numpys_axis_reductions(n, d, dtype, seed):
+    """spatial.column_bounds (one strided column at a time) gives numpy's min and max along axis 0, as
+    float64, with ties, -0.0 and huge magnitudes."""
+    from pipeline.spatial import column_bounds
+
+    rng = np.random.default_rng(seed)
+    x = (rng.integers(-3, 4, size=(n, d)) * 10.0 ** rng.integers(-30, 30, size=(1, d))).astype(dtype)
+    x[rng.random(n) < 0.3] = -0.0
+    lower, upper = column_bounds(x)
+    assert lower.dtype == upper.dtype == np.float64
+    assert np.array_equal(lower, x.min(axis=0).astype(np.float64))
+    assert np.array_equal(upper, x.max(axis=0).astype(np.float64))
+
+
+@pytest.mark.parametrize("layout, weighted, chosen, orders", [
+    ("wide", False, "far_field", 1),  # pruning declines (a far field pays): its order is the far field's
+    ("narrow-4d", False, "dense", 1),  # pruning declines, no far field in 4-D: dense takes pruning's order
+    ("narrow-4d", True, "dense", 2),  # ... unless weights break pruning's ties: dense sorts again, unweighted
+])
+def test_the_points_are_put_in_spatial_order_once(monkeypatch, layout, weighted, chosen, orders):
+    """Where the pruned method plans first and declines, the method chosen takes the spatial order pruning
+    computed (the same call), not a second sort of all points; the order is the one it would compute."""
+    import pipeline.kept_tiles as kept_tiles
+    import pipeline.methods.dense as dense
+    import pipeline.methods.far_field as far_field
+    from pipeline.problem import make_problem
+    from pipeline.spatial import spatial_order
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4000, 2)) if layout == "wide" else rng.normal(size=(4000, 4))
+    w = rng.normal(size=len(x)) if weighted else None
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return spatial_order(*args, **kwargs)
+
+    for module in (kept_tiles, dense, far_field):
+        monkeypatch.setattr(module, "spatial_order", counted)
+    problem = make_problem(x, x, lengthscale=2.0 if layout == "wide" else 3.0, tolerance=1e-6, weights=w,
+                           sources_are_points=True)
+    assert problem.method.name == chosen, problem.plan.exact_reason
+    assert len(calls) == orders
+    expected = spatial_order(x, problem.spec.lengthscale, w if chosen != "dense" else None)
+    assert np.array_equal(problem.layout.point_order, expected)

@@ -26,6 +26,7 @@ from ..spatial import in_input_order, spatial_order
 from ..task import Job, check_lease, check_same_data, start_task
 from .base import ClientRun, Planned, PlanRequest
 from .in_order import InOrderData, InSpatialOrder, task_copy
+from .pruned import PRUNED
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,10 @@ class Dense(InSpatialOrder):
     def plan(self, request: PlanRequest) -> Planned:
         (n, dim), m = request.points.shape, request.sources.shape[0]
         plan = with_pruning(make_plan(n, m, dim, **request.plan_options), request.tolerance, None)
-        return Planned(plan, DenseLayout(spatial_order(request.points, request.spec.lengthscale)))
+        order = PRUNED.point_order(request)  # the same call where weights cannot break ties (pruned planned first)
+        if order is None or (request.sources_are_points and request.weights is not None):
+            order = spatial_order(request.points, request.spec.lengthscale)
+        return Planned(plan, DenseLayout(order))
 
     def compute(self, problem, request: PlanRequest, threads: int) -> tuple[np.ndarray, np.ndarray, int]:
         prepared = prepare_sources(request.sources, request.weights, problem.spec, problem.dtype, problem.shape,

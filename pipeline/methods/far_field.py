@@ -41,7 +41,7 @@ from ..plan import Task, make_plan, project, with_pruning
 from ..proxies import GRID_MAX_NODES, ORDERS, Grid, make_grid, spread
 from ..pruning import kernel_bounds
 from ..scale_mixtures import GaussianMixture, mixture_for
-from ..spatial import in_input_order, spatial_order
+from ..spatial import column_bounds, in_input_order, spatial_order
 from ..task import Job, check_lease, start_task
 from .base import ClientRun, Planned, PlanRequest
 from .in_order import InOrderData, InSpatialOrder, task_copy
@@ -182,8 +182,10 @@ class FarField(InSpatialOrder):
         lengthscale = np.asarray(spec.lengthscale, np.float64)
         points = np.asarray(request.points, np.float64)
         sources = points if request.sources_are_points else np.asarray(request.sources, np.float64)
-        lower = np.minimum(points.min(axis=0), sources.min(axis=0))
-        upper = np.maximum(points.max(axis=0), sources.max(axis=0))
+        lower, upper = column_bounds(points)
+        if sources is not points:
+            source_lower, source_upper = column_bounds(sources)
+            lower, upper = np.minimum(lower, source_lower), np.maximum(upper, source_upper)
         found = choose_grid(lower, upper, lengthscale, n, m, tolerance, kernel)
         if isinstance(found, str):
             return found
@@ -193,8 +195,7 @@ class FarField(InSpatialOrder):
         if not request.forced(self.name):
             baseline = PRUNED.plan(request)
             other = baseline.plan if isinstance(baseline, Planned) else None
-            if other is not None:  # its spatial order of the points is this method's too (the same call)
-                point_order = baseline.layout.point_order
+            point_order = PRUNED.point_order(request)  # this method's order too (the same call), declined or not
             name = "pruning"
             if other is None:  # the dense method's projection
                 other = with_pruning(make_plan(n, m, dim, **request.plan_options), tolerance, None)
