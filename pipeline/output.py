@@ -40,6 +40,11 @@ FORMAT_VERSION = 1
 # there is somebody else's, and kgrad never deletes it.
 ARRAYS = ("gradient", "value", "task_done")
 LEASE_FILE = ".kgrad-lease.json"
+# The sorted copy is scratch, written by the client and the tasks and read back by both: compressed with
+# lz4 after a bit shuffle (numcodecs' blosc, which zarr itself depends on), not zarr's default zstd.  Measured
+# on 10^7 x 2 float64 coordinates: written in 1.0 s (zstd: 3.0 s, none: 1.0 s), read in 0.33 s (1.2 s,
+# 0.38 s), 69 MB (82 MB, 160 MB).  The output's own arrays keep zarr's defaults.
+COPY_COMPRESSORS = (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),)
 GRID_CHUNK = {1: (1 << 16,), 2: (256, 256), 3: (16, 64, 64)}  # chunks of the far field's node sums (OUT/order/grid)
 ORDER = "order"  # a run's scratch group while it runs (pipeline.methods.in_order)
 ORDER_ARRAYS = ("index", "source_index", "points", "sources", "weights", "tiles", "grid", "gradient", "value",
@@ -351,7 +356,8 @@ class SpatialCopy:
         names = []
 
         def add(name, shape, chunks, dtype, data=None, **extra):
-            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, attributes=mine, **extra)
+            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, attributes=mine,
+                               compressors=COPY_COMPRESSORS, **extra)
             names.append(name)
             if data is not None:
                 fenced.write_rows(*where, f"{ORDER}/{name}", run_id, 0, data)
