@@ -36,8 +36,8 @@ def kernel_gradients(points, sources=None, weights=None, *, kernel="rbf", length
         matern12/32/52, rational_quadratic, imq) skip far sources, with, per query j,
         ``|g^_j - g_j| <= EPS * sum|w| * gmax`` and ``|v^_j - v_j| <= EPS * sum|w| * kmax`` (``kmax = max k``,
         ``gmax = max |grad_q k|``; see :mod:`pipeline.pruning`), on top of the dtype's own rounding.  For
-        rbf in D <= 3 the far field (:mod:`pipeline.methods.far_field`) keeps the same bound at every
-        lengthscale, where it is faster.
+        rbf, rational_quadratic, imq and the Matern kernels in D <= 3 the far field
+        (:mod:`pipeline.methods.far_field`) keeps the same bound at every lengthscale, where it is faster.
     method : ``"auto"`` (the first of ``far_field``, ``pruned``, ``dense`` that can run the problem and is
         expected to be faster than the next), or one of those names (an error saying why if it cannot).
     **params : the kernel's own parameters (``alpha``, ``c``, ``beta``, ``period``, ``degree``).

@@ -95,13 +95,9 @@ def mixture_for(spec) -> GaussianMixture | str:
     if spec.name == "imq":
         c, beta = float(params["c"]), float(params["beta"])
         return GaussianMixture("imq", float(spec.variance) * c ** (-2.0 * beta), beta, c * c / 2.0)
-    if spec.name.startswith("matern"):  # a scale mixture too, but its precision's moments of high order are infinite
-        return (f"no far field for kernel {spec.describe()}: a Matern kernel has only finitely many derivatives "
-                f"where a query meets a source (at r = 0), and the grid's bound needs more, so close pairs would "
-                f"need a sum of their own; a rigorous interpolation bound is derived for the Gaussian scale "
-                f"mixtures rbf, rational_quadratic and imq only")
     return (f"no far field for kernel {spec.describe()}: a rigorous interpolation bound is derived for the "
-            f"Gaussian scale mixtures rbf, rational_quadratic and imq only")
+            f"Gaussian scale mixtures rbf, rational_quadratic, imq and (split, pipeline.matern_split) the Matern "
+            f"kernels only")
 
 
 RBF = GaussianMixture("rbf", 1.0)

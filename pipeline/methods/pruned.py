@@ -137,7 +137,7 @@ class Pruned(InSpatialOrder):
         layout: SortedLayout = job.data
         copy = task_copy(job)
         queries = copy.read("points", task.start, task.stop)
-        index = _tile_index(layout, copy)
+        index = tile_index_cached(layout, copy)
         bounds = kernel_bounds(job.spec)
         computed = time.perf_counter()
         selection = blocks_to_compute(queries, job.spec, job.shape.rows, index, bounds, layout.budget)
@@ -166,7 +166,7 @@ _CHUNKS: collections.OrderedDict = collections.OrderedDict()  # (copy id, chunk)
 _LOCK = threading.Lock()  # the caches are shared by a worker's threads
 
 
-def _tile_index(layout: SortedLayout, copy: SpatialCopy) -> TileIndex:
+def tile_index_cached(layout: SortedLayout, copy: SpatialCopy) -> TileIndex:
     with _LOCK:
         found = _INDEX.get(layout.copy_id)
     if found is None:
@@ -201,20 +201,29 @@ def _source_rows(layout: SortedLayout, copy: SpatialCopy, chunks: np.ndarray) ->
     return found
 
 
-def _source_tiles(job: Job, copy: SpatialCopy, index: TileIndex, tiles: np.ndarray) -> SourceTiles:
-    """The prepared source tiles ``tiles`` (global ids, ascending) for this task."""
-    layout: SortedLayout = job.data
+def read_sorted_sources(layout: InOrderData, copy: SpatialCopy, rows: np.ndarray,
+                        dim: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows ``rows`` (ascending) of the run's sorted sources (``dim`` columns) and their weights (None: unit
+    weights), through this
+    process's chunk cache.  ``layout``: a method's task data with ``separate_sources`` (else the sorted points
+    are the sources), ``copy_chunk`` and ``copy_id``."""
     size = layout.copy_chunk
-    rows = tile_rows(tiles, index.counts, INDEX_TILE)  # rows of the sorted sources, ascending
     needed = np.unique(rows // size)
     chunks = _source_rows(layout, copy, needed)
     # rows are ascending: each chunk's rows are one run of them, picked from that chunk alone
     cuts = np.searchsorted(rows, needed * size)
     runs = [(chunks[c], rows[a:z] - c * size) for c, a, z in zip(needed, cuts, np.append(cuts[1:], len(rows)))]
-    sources = (np.concatenate([chunk[0][at] for chunk, at in runs]) if runs
-               else np.zeros((0, len(job.center))))
+    sources = np.concatenate([chunk[0][at] for chunk, at in runs]) if runs else np.zeros((0, dim))
     weights = None
     if runs and runs[0][0][1] is not None:  # weighted run (else unit weights)
         weights = np.concatenate([chunk[1][at] for chunk, at in runs])
+    return sources, weights
+
+
+def _source_tiles(job: Job, copy: SpatialCopy, index: TileIndex, tiles: np.ndarray) -> SourceTiles:
+    """The prepared source tiles ``tiles`` (global ids, ascending) for this task."""
+    layout: SortedLayout = job.data
+    rows = tile_rows(tiles, index.counts, INDEX_TILE)  # rows of the sorted sources, ascending
+    sources, weights = read_sorted_sources(layout, copy, rows, len(job.center))
     return SourceTiles.build(tiles, sources, weights, job.spec, job.dtype, INDEX_TILE, np.asarray(job.center),
                              layout.sources)

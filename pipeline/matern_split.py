@@ -1,0 +1,225 @@
+"""The Matern kernels in the far field: a smooth part on the grid plus a short-range part summed over close pairs.
+
+A Matern kernel of smoothness ``nu`` (1/2, 3/2, 5/2; r in lengthscales) is a Gaussian scale mixture,
+
+    f(r) / s2 = E[exp(-tau r^2 / 2)]          tau = nu / t,  t ~ Gamma(shape nu, rate 1),
+
+but ``E[tau^n]`` is infinite for ``n >= nu``: the kernel has finitely many derivatives at r = 0, and the grid's
+bound (:mod:`pipeline.grid_sums`) needs every one.  Split the mixture at a precision ``T`` (lengthscales^-2):
+
+    f = f_s + f_n,   f_s(r) = s2 E[exp(-tau r^2 / 2) 1{tau <= T}],   f_n(r) = s2 E[exp(-tau r^2 / 2) 1{tau > T}].
+
+* ``f_s`` is a Gaussian scale mixture whose every moment is finite,
+  ``E[tau^n 1{tau <= T}] = nu^n Gamma(nu - n, nu / T) / Gamma(nu)`` (upper incomplete gamma, first argument
+  possibly <= 0: :func:`upper_gamma`), so the far field's grid and its rigorous bound apply to it unchanged
+  (:class:`TruncatedMatern`, the same interface as :class:`pipeline.scale_mixtures.GaussianMixture`; node sums by
+  FFT of ``f_s = f - f_n`` at the grid's offsets).
+* ``f_n`` is short-ranged: ``f_n(r) <= mass exp(-T r^2 / 2)`` and, for ``T r^2 >= 2``, ``|f_n'(r)| <= mass T r
+  exp(-T r^2 / 2)`` (each term ``tau r exp(-tau r^2 / 2)`` decreases in ``tau`` there), ``mass = P(tau > T)``.
+  So the pairs closer than a radius ``R`` (:meth:`TruncatedMatern.near_radius`) are summed exactly with
+  ``f_n`` (:func:`near_sums`), and the farther ones' ``f_n`` is left out within its share of the bound.
+
+``f_n`` in closed form: with ``a = nu r^2 / 2``, ``c = nu / T`` and ``F_m(a, c) = int_0^c t^(m-1) exp(-t - a/t) dt``,
+``f_n / s2 = F_nu / Gamma(nu)`` and ``d(f_n / s2) / d(r^2) = -(nu / 2) F_(nu-1) / Gamma(nu)``.  With
+``b = sqrt(a)``, ``S = sqrt(c)``, ``u = b / S``, ``P = exp(-(a / c + c))`` and ``E_pm = erfcx(u -+ S)``:
+
+    F_(1/2)      = (sqrt(pi) / 2) P (E_- - E_+)
+    a F_(-1/2)   = (b sqrt(pi) / 2) P (E_- + E_+)
+    F_(m+1)      = m F_m + a F_(m-1) - c^m P          (integration by parts)
+
+(from the antiderivatives of ``exp(-s^2 - b^2/s^2)`` with ``erf(s -+ b/s)``, ``t = s^2``; erfcx keeps every term
+finite).  Everything here is numpy and scipy in float64.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import special
+
+NU = {"matern12": 0.5, "matern32": 1.5, "matern52": 2.5}
+# sup_r |f'(r)| / f(0) of each Matern kernel: 1 at r = 0 (nu = 1/2); sqrt(3)/e at r = 1/sqrt(3) (3/2);
+# (5/3) r (1 + sqrt5 r) exp(-sqrt5 r) at r = (sqrt5 + 5) / 10 (5/2).
+_R52 = (math.sqrt(5.0) + 5.0) / 10.0
+SLOPE = {0.5: 1.0, 1.5: math.sqrt(3.0) / math.e,
+         2.5: (5.0 / 3.0) * _R52 * (1.0 + math.sqrt(5.0) * _R52) * math.exp(-math.sqrt(5.0) * _R52)}
+NEAR_SHARE = 0.125  # of the tolerance, left for the close pairs' cut-off at R (the grid gets the rest)
+
+
+def upper_gamma(s: float, c: float) -> float:
+    """``Gamma(s, c) = int_c^inf t^(s-1) exp(-t) dt`` for any real ``s`` and ``c > 0``: scipy's regularised
+    function for ``s > 0``, ``E_1(c)`` for ``s = 0``, and below by ``Gamma(s, c) = (Gamma(s + 1, c) - c^s
+    exp(-c)) / s`` (both terms of one sign for ``s < 0``: no cancellation)."""
+    if s > 0:
+        return float(special.gamma(s) * special.gammaincc(s, c))
+    steps = math.ceil(-s) if s != math.floor(s) else int(-s)
+    start = s + steps  # in (0, 1), or 0
+    value = float(special.exp1(c)) if start == 0 else float(special.gamma(start) * special.gammaincc(start, c))
+    for k in range(steps):
+        t = start - 1 - k
+        value = (value - c ** t * math.exp(-c)) / t
+    return value
+
+
+@functools.lru_cache(maxsize=4096)
+def truncated_moment(nu: float, threshold: float, n: float) -> float:
+    """``E[tau^n 1{tau <= T}] = nu^n Gamma(nu - n, nu / T) / Gamma(nu)`` (the plan asks for the same ones often)."""
+    return nu ** n * upper_gamma(nu - n, nu / threshold) / math.gamma(nu)
+
+
+def matern_profile(nu: float, r2: np.ndarray) -> np.ndarray:
+    """``f / s2`` of the Matern kernel of smoothness ``nu`` at squared distances ``r2`` (lengthscales^2)."""
+    r = np.sqrt(np.asarray(r2, np.float64))
+    if nu == 0.5:
+        return np.exp(-r)
+    if nu == 1.5:
+        a = math.sqrt(3.0) * r
+        return (1.0 + a) * np.exp(-a)
+    a = math.sqrt(5.0) * r
+    return (1.0 + a + a * a / 3.0) * np.exp(-a)
+
+
+def tail_terms(nu: float, threshold: float, r2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(f_n / s2, d(f_n / s2) / d(r^2))`` at squared distances ``r2`` (lengthscales^2), float64 (see the module
+    docstring).  For ``nu = 1/2`` the derivative is infinite at r = 0; there it is returned as 0 (the gradient
+    of a pair at distance 0 is 0, as for the kernel itself)."""
+    r2 = np.asarray(r2, np.float64)
+    c = nu / threshold
+    a = 0.5 * nu * r2
+    b = np.sqrt(a)
+    root_c = math.sqrt(c)
+    u = b / root_c
+    p = np.exp(-(a / c + c))
+    minus, plus = special.erfcx(u - root_c), special.erfcx(u + root_c)
+    half = (math.sqrt(math.pi) / 2.0) * p * (minus - plus)  # F_(1/2)
+    a_minus_half = (math.sqrt(math.pi) / 2.0) * b * p * (minus + plus)  # a F_(-1/2)
+    if nu == 0.5:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slope = np.where(a > 0, -0.25 * a_minus_half / np.where(a > 0, a, 1.0), 0.0)
+        return half / math.sqrt(math.pi), slope / math.sqrt(math.pi)
+    three_halves = 0.5 * half + a_minus_half - root_c * p  # F_(3/2)
+    if nu == 1.5:
+        gamma = math.sqrt(math.pi) / 2.0
+        return three_halves / gamma, -0.75 * half / gamma
+    five_halves = 1.5 * three_halves + a * half - c * root_c * p  # F_(5/2)
+    gamma = 0.75 * math.sqrt(math.pi)
+    return five_halves / gamma, -1.25 * three_halves / gamma
+
+
+@dataclass(frozen=True)
+class TruncatedMatern:
+    """The smooth part ``f_s`` of a Matern kernel (precisions ``tau <= threshold``), in the interface of
+    :class:`pipeline.scale_mixtures.GaussianMixture`; bounds are in units of the whole kernel's ``kmax = s2`` and
+    ``gmax = slope s2 / l_min``."""
+
+    name: str
+    kmax: float  # s2, the whole kernel's f(0)
+    nu: float
+    threshold: float  # T, lengthscales^-2
+
+    separable = False  # not a product over dimensions: node sums by FFT
+
+    def moment(self, n: float) -> float:
+        """``E[tau^n 1{tau <= T}]`` (finite for every n)."""
+        return truncated_moment(self.nu, self.threshold, n)
+
+    @property
+    def slope(self) -> float:
+        """The whole kernel's ``sup |f'| / f(0)``: the run's gmax is the Matern kernel's."""
+        return SLOPE[self.nu]
+
+    @property
+    def mass(self) -> float:
+        """``P(tau > T) = f_n(0) / s2``."""
+        return float(special.gammainc(self.nu, self.nu / self.threshold))
+
+    def profile(self, r2: np.ndarray) -> np.ndarray:
+        """``f_s / s2 = f / s2 - f_n / s2`` at squared distances ``r2`` (lengthscales^2), float64."""
+        return matern_profile(self.nu, r2) - tail_terms(self.nu, self.threshold, r2)[0]
+
+    def offset_sum_bound(self, shape: tuple, spacing: float) -> float:
+        """An upper bound on ``sum_m f_s(|m| h) / s2`` over the offsets ``|m_d| < shape[d]``: ``0 <= f_s <= f``
+        and ``f`` decreases, so each offset counts at most ``f(h max_d |m_d|)``; offsets with ``max_d |m_d| = j``
+        number at most ``(2 j + 1)^D - (2 j - 1)^D``."""
+        dim = len(shape)
+        j = np.arange(max(shape), dtype=np.float64)
+        count = (2.0 * j + 1.0) ** dim - np.maximum(2.0 * j - 1.0, 0.0) ** dim
+        return float((count * matern_profile(self.nu, (j * spacing) ** 2)).sum())
+
+    def near_radius(self, error: float) -> float:
+        """The smallest ``R`` (lengthscales, at least ``sqrt(2 / T)``) beyond which ``f_n``'s pairs, left out,
+        change a query's value by at most ``error S kmax`` and its gradient by at most ``error S gmax``:
+        ``mass exp(-T R^2 / 2) <= error`` and ``mass T R exp(-T R^2 / 2) / slope <= error`` (both decrease in
+        ``R`` there)."""
+        t, mass = self.threshold, self.mass
+
+        def excess(radius: float) -> float:
+            tail = mass * math.exp(-0.5 * t * radius * radius)
+            return max(tail, tail * t * radius / self.slope) - error
+
+        lower = math.sqrt(2.0 / t)
+        if excess(lower) <= 0:
+            return lower
+        upper = 2.0 * lower
+        while excess(upper) > 0:
+            upper *= 2.0
+        for _ in range(60):
+            middle = 0.5 * (lower + upper)
+            lower, upper = (lower, middle) if excess(middle) <= 0 else (middle, upper)
+        return upper
+
+
+    def cut_off_error(self, radius: float) -> tuple[float, float]:
+        """``(value, gradient)``: the bound per unit of S (kmax, gmax units) on leaving out ``f_n`` beyond
+        ``radius`` lengthscales (:meth:`near_radius`)."""
+        tail = self.mass * math.exp(-0.5 * self.threshold * radius * radius)
+        return tail, tail * self.threshold * radius / self.slope
+
+
+def split_for(name: str, variance: float, threshold: float) -> TruncatedMatern:
+    return TruncatedMatern(name, float(variance), NU[name], float(threshold))
+
+
+NEAR_ROWS = 1 << 12  # queries whose close pairs are found and summed at a time (bounded temporaries)
+
+
+def near_sums(queries: np.ndarray, sources: np.ndarray, weights: np.ndarray | None, kernel: TruncatedMatern, lengthscale, radius: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """``g`` (r, D), ``v`` (r,) of ``f_n`` over the pairs closer than ``radius`` lengthscales, and the number of
+    such pairs (float64).  ``sources`` must hold every source within ``radius`` of the queries (it may hold
+    more), in one fixed order of all the sources (a subsequence of it): each query sums its pairs in that
+    order, so the bits do not depend on which other queries or sources were passed along."""
+    from scipy.spatial import cKDTree
+
+    scale = np.asarray(lengthscale, np.float64)
+    q = np.asarray(queries, np.float64) / scale
+    x = np.asarray(sources, np.float64) / scale
+    r, dim = q.shape
+    g, v = np.zeros((r, dim)), np.zeros(r)
+    if len(x) == 0 or r == 0:
+        return g, v, 0
+    w = None if weights is None else np.asarray(weights, np.float64)
+    tree = cKDTree(x, balanced_tree=False, compact_nodes=False)
+    squared = radius * radius
+    pairs = 0
+    for start in range(0, r, NEAR_ROWS):
+        stop = min(start + NEAR_ROWS, r)
+        found = cKDTree(q[start:stop]).sparse_distance_matrix(tree, radius * (1.0 + 1e-9), output_type="ndarray")
+        # Each query's pairs in source order.
+        order = np.argsort(found["i"].astype(np.int64) * len(x) + found["j"], kind="stable")
+        i, j = found["i"][order].astype(np.int64), found["j"][order].astype(np.int64)
+        diff = q[start:stop][i] - x[j]
+        r2 = np.einsum("kd,kd->k", diff, diff)
+        keep = r2 < squared
+        i, j, diff, r2 = i[keep], j[keep], diff[keep], r2[keep]
+        value, slope = tail_terms(kernel.nu, kernel.threshold, r2)
+        if w is not None:
+            value, slope = value * w[j], slope * w[j]
+        rows = stop - start
+        v[start:stop] = np.bincount(i, value, minlength=rows)
+        for d in range(dim):  # grad_q f_n = f_n'(r^2) 2 (q - x) / l^2 (diff is already in lengthscales)
+            g[start:stop, d] = np.bincount(i, slope * diff[:, d], minlength=rows) * (2.0 / scale[d])
+        pairs += len(i)
+    return kernel.kmax * g, kernel.kmax * v, pairs
