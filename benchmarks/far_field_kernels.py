@@ -1,12 +1,14 @@
-"""The far field for the three kernels it handles, side by side on one data set, in one run.
+"""The far field for each kernel it handles, side by side on one data set, in one run.
 
     python benchmarks/far_field_kernels.py              # N = 10^5, 10^6 -> results/far_field_kernels.json + BENCHMARKS.md
     python benchmarks/far_field_kernels.py --max-n 1e5  # N = 10^5 only
 
 Data: the GP field of ``benchmarks/far_field.py`` (2-D, uniform in a 100-box, lengthscale 5, weights of both
-signs; the same files).  For rbf, rational_quadratic (alpha = 1) and imq (c = 1, beta = 1/2): ``kgrad run
---tolerance 1e-6`` end to end (float32, g and v, 2 local workers: the method the plan chooses), ``kgrad run
---method dense`` at N = 10^5 (projected to 10^6 as x 100, marked ``~``), and for imq ferreus-bbfmm's
+signs; the same files).  For rbf, rational_quadratic (alpha = 1), imq (c = 1, beta = 1/2) and the Matern
+kernels (split: pipeline/matern_split.py): ``kgrad run --tolerance 1e-6`` end to end (float32, g and v, 2 local
+workers: the method the plan chooses), ``kgrad run --method dense`` at N = 10^5 (projected to 10^6 as x 100,
+marked ``~``), for the Matern kernels ``--method pruned`` likewise (what they ran before the split), and for
+imq ferreus-bbfmm's
 inverse multiquadric at Chebyshev order 8 (values only, in memory; its kernel is 1 / sqrt(1 + (6.5 r)^2), so
 points are divided by 6.5 lengthscales).  Errors at 200 random queries against a float64 numpy oracle, in the
 bound's units (S gmax, S kmax).  Writes benchmarks/results/far_field_kernels.json and the section of
@@ -38,7 +40,27 @@ KERNELS = {  # name -> (kgrad flags, the profile f(r2) / kmax and df/dr2 / kmax,
     "rational_quadratic": (("--kernel", "rational_quadratic", "--param", "alpha=1"),
                            lambda r2: (1 / (1 + r2 / 2), -0.5 / (1 + r2 / 2) ** 2), None),
     "imq": (("--kernel", "imq"), lambda r2: ((1 + r2) ** -0.5, -0.5 * (1 + r2) ** -1.5), None),
+    "matern52": (("--kernel", "matern52"), lambda r2: _matern52(np.sqrt(5 * r2)), None),
+    "matern32": (("--kernel", "matern32"), lambda r2: _matern32(np.sqrt(3 * r2)), None),
+    "matern12": (("--kernel", "matern12"), lambda r2: _matern12(np.sqrt(r2)), None),
 }
+PRUNED_FOR = ("matern52", "matern32", "matern12")  # kernels whose run before the far field was pruning
+
+
+def _matern52(a):  # a = sqrt5 r: f and df/dr2 = f'(r) / (2 r)
+    e = np.exp(-a)
+    return (1 + a + a * a / 3) * e, -(5.0 / 6.0) * (1 + a) * e
+
+
+def _matern32(a):  # a = sqrt3 r
+    e = np.exp(-a)
+    return (1 + a) * e, -1.5 * e
+
+
+def _matern12(r):  # a pair at distance 0 gets no gradient (as in kgrad)
+    e = np.exp(-r)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return e, np.where(r > 0, -e / (2 * np.where(r > 0, r, 1.0)), 0.0)
 FERREUS_IMQ_SCALE = 6.5  # ferreus-bbfmm's InverseMultiquadraticRbf is 1 / sqrt(1 + (6.5 r)^2) (measured)
 
 
@@ -46,6 +68,10 @@ def slope(kernel: str) -> float:
     from pipeline.kernels import make_spec
     from pipeline.scale_mixtures import mixture_for
 
+    if kernel.startswith("matern"):
+        from pipeline.matern_split import NU, SLOPE
+
+        return SLOPE[NU[kernel]]
     flags = KERNELS[kernel][0]
     params = {k: float(v) for k, v in (a.split("=") for a in flags[3:4])}
     return mixture_for(make_spec(kernel, 2, **params)).slope
@@ -109,17 +135,20 @@ def markdown(results) -> str:
              "of the far-field section (2-D, uniform in a 100-box, lengthscale 5, weights of both signs), "
              f"EPS = {EPS:g}, float32, g and v, `kgrad run` end to end on 2 local workers (about 5 s of it fixed "
              "start-up). `~`: dense projected from N = 10^5 as N^2. ferreus-bbfmm: inverse multiquadric, order 8, "
-             "values only, in memory. Errors at 200 random queries against a float64 oracle, in units of S gmax "
+             "values only, in memory. kgrad pruned: `--method pruned` (the Matern kernels' path before the far field), "
+             "projected likewise. Errors at 200 random queries against a float64 oracle, in units of S gmax "
              "(g) and S kmax (v).", "",
-             "| kernel | N | kgrad auto | method used | kgrad dense | ferreus-bbfmm o8 (v only) | kgrad error g / v |",
-             "|---|---|---|---|---|---|---|"]
+             "| kernel | N | kgrad auto | method used | kgrad pruned | kgrad dense | ferreus-bbfmm o8 (v only) | kgrad error g / v |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         dense = r.get("dense_seconds")
         dense = "-" if dense is None else ("~" if r.get("dense_projected") else "") + report._s(dense)
+        pruned = r.get("pruned_seconds")
+        pruned = "-" if pruned is None else ("~" if r.get("pruned_projected") else "") + report._s(pruned)
         fer = r.get("ferreus_seconds")
         fer = "-" if fer is None else f"{report._s(fer)} (err v {r['ferreus_value_error']:.1e})"
         acc = r["accuracy"]
-        lines.append(f"| {r['kernel']} | {r['N']:.0e} | {report._s(r['seconds'])} | {r['method_used']} | {dense} | "
+        lines.append(f"| {r['kernel']} | {r['N']:.0e} | {report._s(r['seconds'])} | {r['method_used']} | {pruned} | {dense} | "
                      f"{fer} | {acc['gradient_over_scale']:.1e} / {acc['value_over_scale']:.1e} |")
     lines += ["", report.KERNELS_END]
     return "\n".join(lines)
@@ -151,6 +180,12 @@ def main() -> int:
             elif kernel in dense:
                 n0, seconds = dense[kernel]
                 row["dense_seconds"], row["dense_projected"] = seconds * (n / n0) ** 2, True
+            if kernel in PRUNED_FOR and n <= DENSE_MAX:
+                dense[kernel, "pruned"] = (n, kgrad(data, kernel, "pruned", work)["seconds"])
+                row["pruned_seconds"] = dense[kernel, "pruned"][1]
+            elif (kernel, "pruned") in dense:  # uniform data: the share of pairs kept does not change with N
+                n0, seconds = dense[kernel, "pruned"]
+                row["pruned_seconds"], row["pruned_projected"] = seconds * (n / n0) ** 2, True
             if kernel == "imq":
                 try:
                     fer = ferreus_imq(data, rows)

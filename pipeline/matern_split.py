@@ -186,13 +186,17 @@ def split_for(name: str, variance: float, threshold: float) -> TruncatedMatern:
 NEAR_ROWS = 1 << 12  # queries whose close pairs are found and summed at a time (bounded temporaries)
 
 
-def near_sums(queries: np.ndarray, sources: np.ndarray, weights: np.ndarray | None, kernel: TruncatedMatern, lengthscale, radius: float) -> tuple[np.ndarray, np.ndarray, int]:
+def near_sums(queries: np.ndarray, sources: np.ndarray, weights: np.ndarray | None, kernel: TruncatedMatern,
+              lengthscale, radius: float) -> tuple[np.ndarray, np.ndarray, int]:
     """``g`` (r, D), ``v`` (r,) of ``f_n`` over the pairs closer than ``radius`` lengthscales, and the number of
     such pairs (float64).  ``sources`` must hold every source within ``radius`` of the queries (it may hold
-    more), in one fixed order of all the sources (a subsequence of it): each query sums its pairs in that
-    order, so the bits do not depend on which other queries or sources were passed along."""
-    from scipy.spatial import cKDTree
+    more), in one fixed order of all the sources (a subsequence of it).
 
+    The pairs are found in cells: the sources binned in cubes a little wider than ``radius`` (lengthscales,
+    fixed at the origin), each query's candidates are the sources of the 3^D cells around its own, in a fixed
+    order of those cells and, within a cell, in the sources' order.  So each query sums its pairs in an order
+    that depends on its own position and the sources' order only: the bits do not depend on which other
+    queries or sources were passed along."""
     scale = np.asarray(lengthscale, np.float64)
     q = np.asarray(queries, np.float64) / scale
     x = np.asarray(sources, np.float64) / scale
@@ -201,23 +205,56 @@ def near_sums(queries: np.ndarray, sources: np.ndarray, weights: np.ndarray | No
     if len(x) == 0 or r == 0:
         return g, v, 0
     w = None if weights is None else np.asarray(weights, np.float64)
-    tree = cKDTree(x, balanced_tree=False, compact_nodes=False)
+    width = radius * (1.0 + 1e-9)  # a pair closer than radius is at most one cell apart along each axis
+    cells = np.floor(x / width).astype(np.int64)
+    low = cells.min(axis=0) - 1
+    shape = tuple(int(n) for n in cells.max(axis=0) - low + 2)  # a margin of one cell on each side
+    keys = np.ravel_multi_index(tuple((cells - low).T), shape)
+    by_cell = np.argsort(keys, kind="stable")  # within a cell: the sources' own order
+    keys, first, counts = np.unique(keys[by_cell], return_index=True, return_counts=True)
+    x = x[by_cell]  # the sources cell by cell (each query's candidates are a few runs of consecutive rows)
+    w = None if w is None else w[by_cell]
+    n_cells = math.prod(shape)
+    table = None
+    if n_cells <= max(4 * len(keys), 1 << 20):  # few cells: a dense table instead of a search per lookup
+        table = np.zeros((n_cells, 2), np.int64)
+        table[keys, 0], table[keys, 1] = first, counts
+    steps = np.stack(np.meshgrid(*([np.arange(-1, 2)] * dim), indexing="ij"), axis=-1).reshape(-1, dim)
     squared = radius * radius
     pairs = 0
     for start in range(0, r, NEAR_ROWS):
         stop = min(start + NEAR_ROWS, r)
-        found = cKDTree(q[start:stop]).sparse_distance_matrix(tree, radius * (1.0 + 1e-9), output_type="ndarray")
-        # Each query's pairs in source order.
-        order = np.argsort(found["i"].astype(np.int64) * len(x) + found["j"], kind="stable")
-        i, j = found["i"][order].astype(np.int64), found["j"][order].astype(np.int64)
-        diff = q[start:stop][i] - x[j]
+        rows = stop - start
+        home = np.floor(q[start:stop] / width).astype(np.int64) - low
+        begin = np.zeros((rows, len(steps)), np.int64)
+        size = np.zeros((rows, len(steps)), np.int64)
+        for k, step in enumerate(steps):
+            cell = home + step
+            inside = np.all((cell >= 0) & (cell < np.asarray(shape)), axis=1)
+            key = np.ravel_multi_index(tuple(np.where(inside[:, None], cell, 0).T), shape)
+            if table is not None:
+                begin[:, k] = table[key, 0]
+                size[:, k] = np.where(inside, table[key, 1], 0)
+            else:
+                at = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
+                begin[:, k] = first[at]
+                size[:, k] = np.where(inside & (keys[at] == key), counts[at], 0)
+        # Candidates query by query, each query's cells in the order of `steps`: (i, row of the sources by cell).
+        flat_size = size.ravel()
+        total = int(flat_size.sum())
+        i = np.repeat(np.arange(rows), size.sum(axis=1))
+        ends = np.cumsum(flat_size)
+        j = np.arange(total) - np.repeat(ends - flat_size - begin.ravel(), flat_size)
+        block = q[start:stop]
+        diff = np.empty((total, dim))
+        for d in range(dim):  # one column at a time: numpy gathers 1-D arrays fastest
+            diff[:, d] = block[:, d][i] - x[:, d][j]
         r2 = np.einsum("kd,kd->k", diff, diff)
-        keep = r2 < squared
+        keep = np.flatnonzero(r2 < squared)
         i, j, diff, r2 = i[keep], j[keep], diff[keep], r2[keep]
         value, slope = tail_terms(kernel.nu, kernel.threshold, r2)
         if w is not None:
             value, slope = value * w[j], slope * w[j]
-        rows = stop - start
         v[start:stop] = np.bincount(i, value, minlength=rows)
         for d in range(dim):  # grad_q f_n = f_n'(r^2) 2 (q - x) / l^2 (diff is already in lengthscales)
             g[start:stop, d] = np.bincount(i, slope * diff[:, d], minlength=rows) * (2.0 / scale[d])

@@ -1,5 +1,6 @@
 """The computation methods of kgrad as the guarantee tests select them: one :class:`MethodCase` per method
-registered in ``pipeline.methods.METHODS``.
+registered in ``pipeline.methods.METHODS``, and variants where a method takes a path of its own (the far
+field on a Matern kernel).
 
 A case says which data and which options make a run use that method (the CLI's flags and the in-process API's
 keyword arguments), how to read how far a run of it has got (its tasks' done flags), and which client steps it
@@ -64,7 +65,7 @@ def sorted_copy_exists(out) -> bool:
 
 @dataclass(frozen=True)
 class MethodCase:
-    name: str  # its key in pipeline.methods.METHODS, and the output's attribute "method"
+    name: str  # the case's key in CASES: a method's key in pipeline.methods.METHODS, or a variant of one
     points: Callable[[], np.ndarray]  # the data that makes the method pay (float32, same every call)
     lengthscale: float
     tolerance: float | None  # --tolerance (None: not given)
@@ -80,6 +81,11 @@ class MethodCase:
     expect: dict = field(default_factory=dict)  # other attributes a run of this case writes
     cli_extra: tuple = ()  # further `kgrad run` flags this method needs
     api_extra: dict = field(default_factory=dict)  # further kernel_gradients keyword arguments
+    method: str = ""  # the method it runs (its key in METHODS, the output's attribute "method"); "": name
+
+    @property
+    def method_name(self) -> str:
+        return self.method or self.name
 
     def cli_args(self, tolerance="same") -> list[str]:
         """The `kgrad run` flags that select this method (``tolerance``: another value, or None for none)."""
@@ -120,7 +126,15 @@ FAR_FIELD = MethodCase(
     other_tolerances=("1e-3", None), progress=sorted_copy_task_done, before_tasks=sorted_copy_exists,
     after_tasks=True, expect={"method": "far_field"})
 
-CASES: dict[str, MethodCase] = {case.name: case for case in (DENSE, PRUNED, FAR_FIELD)}
+# The far field on a Matern kernel: the grid takes the kernel's smooth part, and each task also sums its rows'
+# close pairs from the sorted sources near them (pipeline/matern_split.py): a path of its own through the tasks.
+FAR_FIELD_MATERN = MethodCase(
+    name="far_field_matern", method="far_field", points=lambda: _FAR_POINTS, lengthscale=0.5, tolerance=1e-6,
+    other_tolerances=("1e-3",), progress=sorted_copy_task_done, before_tasks=sorted_copy_exists,
+    after_tasks=True, expect={"method": "far_field"}, cli_extra=("--kernel", "matern32", "--method", "far_field"),
+    api_extra={"kernel": "matern32", "method": "far_field"})
+
+CASES: dict[str, MethodCase] = {case.name: case for case in (DENSE, PRUNED, FAR_FIELD, FAR_FIELD_MATERN)}
 
 
 # ------------------------------------------------------------------------------------------ kill moments

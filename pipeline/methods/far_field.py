@@ -75,7 +75,7 @@ FFT_MAX_PADDED = 1 << 26
 # the seconds per close pair summed with the short-range part (numpy, float64, one core), and the sample
 # that estimates how many pairs are closer than the cut-off radius.
 SPLIT_THRESHOLDS = tuple(float(4 ** k) for k in range(1, 8))  # 4 .. 16384
-NEAR_PAIR_SECONDS = 4e-7
+NEAR_PAIR_SECONDS = 2e-7
 NEAR_SAMPLE_QUERIES = 2000
 NEAR_SAMPLE_SOURCES = 200_000
 NEAR_BLOCK_ROWS = 256  # task rows whose bounding box selects the source tiles of their close pairs
