@@ -216,25 +216,31 @@ def test_auto_picks_the_split_for_a_gp_field_and_plan_says_so():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,dim", [("matern32", 2), ("matern12", 1), ("matern52", 3)])
-def test_kgrad_run_with_a_matern_kernel_writes_the_apis_bits(tmp_path, name, dim):
+@pytest.mark.parametrize("name,dim,separate", [("matern32", 2, False), ("matern12", 1, False), ("matern52", 3, False),
+                                               ("matern32", 2, True)])
+def test_kgrad_run_with_a_matern_kernel_writes_the_apis_bits(tmp_path, name, dim, separate):
     """`kgrad run --kernel maternXY --tolerance 1e-6 --method far_field` on 2 local workers (each task reads the
     sorted sources of the tiles near its rows for the close pairs) writes what kernel_gradients returns, bit for
-    bit, with weights."""
+    bit, with weights; with sources of their own (`--sources`) too."""
     from cluster_fixtures import kgrad
     from test_cli import read_output
 
     rng = np.random.default_rng(21)
     x = rng.normal(size=(12000, dim)) * 2.0
-    w = rng.normal(size=len(x))
+    sources = rng.normal(size=(9000, dim)) * 2.0 + 0.5 if separate else None
+    w = rng.normal(size=len(x) if sources is None else len(sources))
     np.save(tmp_path / "points.npy", x)
     np.save(tmp_path / "weights.npy", w)
+    extra = []
+    if separate:
+        np.save(tmp_path / "sources.npy", sources)
+        extra = ["--sources", str(tmp_path / "sources.npy")]
     out = tmp_path / "out.zarr"
     run = kgrad(["run", "--points", str(tmp_path / "points.npy"), "--weights", str(tmp_path / "weights.npy"),
-                 "--kernel", name, "--lengthscale", "0.7", "--tolerance", "1e-6", "--dtype", "float64",
+                 *extra, "--kernel", name, "--lengthscale", "0.7", "--tolerance", "1e-6", "--dtype", "float64",
                  "--workers", "2", "--method", "far_field", "--out", str(out)])
     assert run.returncode == 0, run.stderr
     ds, attrs = read_output(out)
-    g, v = kernel_gradients(x, weights=w, kernel=name, lengthscale=0.7, tolerance=1e-6, dtype="float64",
+    g, v = kernel_gradients(x, sources, weights=w, kernel=name, lengthscale=0.7, tolerance=1e-6, dtype="float64",
                             return_value=True, method="far_field")
     assert np.array_equal(ds["gradient"].values.reshape(g.shape), g) and np.array_equal(ds["value"].values, v)

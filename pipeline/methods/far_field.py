@@ -38,10 +38,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..finite import check_finite_result
-from ..kept_tiles import block_boxes, tile_index_of
-from ..matern_split import NEAR_SHARE, NU, TruncatedMatern, near_sums, split_for
 from ..grid_sums import (MIN_TOLERANCE, fft_entries, fft_rounding, box_range, interpolate, node_sums, spacing_for,
                          total_error)
+from ..kept_tiles import block_boxes, tile_index_of
+from ..matern_split import NEAR_SHARE, NU, TruncatedMatern, near_sums, split_for
 from ..plan import Task, make_plan, project, with_pruning
 from ..proxies import GRID_MAX_NODES, ORDERS, Grid, make_grid, spread
 from ..pruning import INDEX_TILE, TileIndex, box_distance, kernel_bounds
