@@ -31,6 +31,7 @@ result depends on its own stencil only, so the bits do not depend on how rows ar
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -79,6 +80,12 @@ NEAR_PAIR_SECONDS = 2e-7
 NEAR_SAMPLE_QUERIES = 2000
 NEAR_SAMPLE_SOURCES = 200_000
 NEAR_BLOCK_ROWS = 256  # task rows whose bounding box selects the source tiles of their close pairs
+# A task's fixed cost (reading its rows and box of nodes, writing its results, the scheduler) is about 17 ms
+# on the 2-core machine, and interpolating a row costs p^D x 8 ns: tasks get rows for at least this many
+# projected seconds (GP field at 10^6, p = 8: 62 tasks of 16384 rows 5.90 s, 16 of 65536 rows 5.27 s, medians
+# of 3), but never fewer than MIN_TASKS tasks (progress, resume and the workers' balance).
+TASK_SECONDS = 0.05
+MIN_TASKS = 16
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,15 @@ def projected_seconds(n: int, m: int, grid: Grid, kernel: GaussianMixture,
     stencil = grid.stencil_size
     client = m * stencil * SPREAD_SECONDS + node_sum_seconds(grid, kernel)
     return client, (n * stencil * INTERPOLATE_SECONDS + near_pairs * NEAR_PAIR_SECONDS) / max(1, parallel)
+
+
+def task_rows(n: int, grid: Grid, near_pairs: float, multiple: int, default: int) -> int:
+    """Rows per task: enough for :data:`TASK_SECONDS` of projected interpolation and close pairs, but at most
+    ``n / MIN_TASKS``; never fewer than the plan's ``default``; a multiple of ``multiple`` (the plan's block).
+    Independent of the cluster."""
+    per_row = grid.stencil_size * INTERPOLATE_SECONDS + near_pairs / max(n, 1) * NEAR_PAIR_SECONDS
+    rows = min(math.ceil(TASK_SECONDS / per_row), math.ceil(n / MIN_TASKS))
+    return max(default, -(-rows // multiple) * multiple)
 
 
 def near_pair_counter(points: np.ndarray, sources: np.ndarray, lengthscale: np.ndarray):
@@ -270,6 +286,10 @@ class FarField(InSpatialOrder):
             if isinstance(found, str):
                 return found
             grid, rounding = found
+        if request.plan_options.get("rows_per_task") is None:
+            plan = make_plan(n, m, dim, pruned=True, **{**request.plan_options,
+                                                          "rows_per_task": task_rows(n, grid, near_pairs, plan.rows,
+                                                                                    plan.rows_per_task)})
         client, tasks = projected_seconds(n, m, grid, kernel, plan.parallel, near_pairs)
         point_order = None
         if not request.forced(self.name):
