@@ -51,8 +51,9 @@ NEAR_SHARE = 0.125  # of the tolerance, left for the close pairs' cut-off at R (
 
 def upper_gamma(s: float, c: float) -> float:
     """``Gamma(s, c) = int_c^inf t^(s-1) exp(-t) dt`` for any real ``s`` and ``c > 0``: scipy's regularised
-    function for ``s > 0``, ``E_1(c)`` for ``s = 0``, and below by ``Gamma(s, c) = (Gamma(s + 1, c) - c^s
-    exp(-c)) / s`` (both terms of one sign for ``s < 0``: no cancellation)."""
+    function for ``s > 0``, ``E_1(c)`` for ``s = 0``, and below by ``Gamma(s, c) = (c^s exp(-c) - Gamma(s + 1, c))
+    / (-s)``: a difference of two positive terms whose first dominates for the ``c = nu / T <= 0.625`` the plan
+    uses (within 3e-14 relative of quadrature there; it loses digits only for c of tens)."""
     if s > 0:
         return float(special.gamma(s) * special.gammaincc(s, c))
     steps = math.ceil(-s) if s != math.floor(s) else int(-s)
@@ -183,7 +184,9 @@ def split_for(name: str, variance: float, threshold: float) -> TruncatedMatern:
     return TruncatedMatern(name, float(variance), NU[name], float(threshold))
 
 
-NEAR_ROWS = 1 << 12  # queries whose close pairs are found and summed at a time (bounded temporaries)
+NEAR_ROWS = 1 << 12  # queries whose cells are looked up at a time ...
+NEAR_CANDIDATES = 1 << 22  # ... and whose candidate pairs are summed at a time (more rows where they have few)
+NEAR_TABLE_CELLS = 1 << 22  # up to this many cells in the sources' box: a dense table (64 MiB), else a search
 
 
 def near_sums(queries: np.ndarray, sources: np.ndarray, weights: np.ndarray | None, kernel: TruncatedMatern,
@@ -216,7 +219,7 @@ def near_sums(queries: np.ndarray, sources: np.ndarray, weights: np.ndarray | No
     w = None if w is None else w[by_cell]
     n_cells = math.prod(shape)
     table = None
-    if n_cells <= max(4 * len(keys), 1 << 20):  # few cells: a dense table instead of a search per lookup
+    if n_cells <= NEAR_TABLE_CELLS:  # few cells: a dense table instead of a search per lookup
         table = np.zeros((n_cells, 2), np.int64)
         table[keys, 0], table[keys, 1] = first, counts
     steps = np.stack(np.meshgrid(*([np.arange(-1, 2)] * dim), indexing="ij"), axis=-1).reshape(-1, dim)
@@ -239,24 +242,39 @@ def near_sums(queries: np.ndarray, sources: np.ndarray, weights: np.ndarray | No
                 at = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
                 begin[:, k] = first[at]
                 size[:, k] = np.where(inside & (keys[at] == key), counts[at], 0)
-        # Candidates query by query, each query's cells in the order of `steps`: (i, row of the sources by cell).
-        flat_size = size.ravel()
-        total = int(flat_size.sum())
-        i = np.repeat(np.arange(rows), size.sum(axis=1))
-        ends = np.cumsum(flat_size)
-        j = np.arange(total) - np.repeat(ends - flat_size - begin.ravel(), flat_size)
-        block = q[start:stop]
-        diff = np.empty((total, dim))
-        for d in range(dim):  # one column at a time: numpy gathers 1-D arrays fastest
-            diff[:, d] = block[:, d][i] - x[:, d][j]
-        r2 = np.einsum("kd,kd->k", diff, diff)
-        keep = np.flatnonzero(r2 < squared)
-        i, j, diff, r2 = i[keep], j[keep], diff[keep], r2[keep]
-        value, slope = tail_terms(kernel.nu, kernel.threshold, r2)
-        if w is not None:
-            value, slope = value * w[j], slope * w[j]
-        v[start:stop] = np.bincount(i, value, minlength=rows)
-        for d in range(dim):  # grad_q f_n = f_n'(r^2) 2 (q - x) / l^2 (diff is already in lengthscales)
-            g[start:stop, d] = np.bincount(i, slope * diff[:, d], minlength=rows) * (2.0 / scale[d])
-        pairs += len(i)
+        # Candidates query by query, each query's cells in the order of `steps`: (i, row of the sources by cell),
+        # at most about NEAR_CANDIDATES at a time (a query with more, e.g. among many duplicates, goes alone).
+        per_row = size.sum(axis=1)
+        cuts = np.searchsorted(np.cumsum(per_row), np.arange(1, 1 + per_row.sum() // NEAR_CANDIDATES)
+                               * NEAR_CANDIDATES, side="right")
+        bounds = np.unique(np.concatenate([[0], cuts, [rows]]))
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            pairs += _close_pairs(q[start + a:start + b], x, w, begin[a:b], size[a:b], kernel, squared, scale,
+                                  g[start + a:start + b], v[start + a:start + b])
     return kernel.kmax * g, kernel.kmax * v, pairs
+
+
+def _close_pairs(block: np.ndarray, x: np.ndarray, w: np.ndarray | None, begin: np.ndarray, size: np.ndarray,
+                 kernel: TruncatedMatern, squared: float, scale: np.ndarray, g: np.ndarray, v: np.ndarray) -> int:
+    """Sum ``f_n`` over the candidates of ``block`` (queries in lengthscales; ``begin``, ``size``: the runs of
+    rows of ``x`` (the sources by cell, in lengthscales) of each query's cells) closer than ``sqrt(squared)``,
+    into ``g`` and ``v`` (per unit of s2); returns the pairs summed."""
+    rows, dim = block.shape
+    flat_size = size.ravel()
+    total = int(flat_size.sum())
+    i = np.repeat(np.arange(rows), size.sum(axis=1))
+    ends = np.cumsum(flat_size)
+    j = np.arange(total) - np.repeat(ends - flat_size - begin.ravel(), flat_size)
+    diff = np.empty((total, dim))
+    for d in range(dim):  # one column at a time: numpy gathers 1-D arrays fastest
+        diff[:, d] = block[:, d][i] - x[:, d][j]
+    r2 = np.einsum("kd,kd->k", diff, diff)
+    keep = np.flatnonzero(r2 < squared)
+    i, j, diff, r2 = i[keep], j[keep], diff[keep], r2[keep]
+    value, slope = tail_terms(kernel.nu, kernel.threshold, r2)
+    if w is not None:
+        value, slope = value * w[j], slope * w[j]
+    v[:] = np.bincount(i, value, minlength=rows)
+    for d in range(dim):  # grad_q f_n = f_n'(r^2) 2 (q - x) / l^2 (diff is already in lengthscales)
+        g[:, d] = np.bincount(i, slope * diff[:, d], minlength=rows) * (2.0 / scale[d])
+    return len(i)

@@ -53,9 +53,8 @@ pytest_plugins = ["cluster_fixtures", "methods"]
 # Beyond the reference runs (kgrad's local cluster) they use the dask CLI cluster: its workers are warm (JAX
 # imported, kernels compiled), and the default suite starts it anyway (test_worker_loss, test_dashboard).
 DEFAULT = {
-    # the in-process API equals the CLI (the reference run), for each method (its variants: slow)
-    "same_bits": {(m, "api", None) for m in CASES if CASES[m].method_name == m},
-    "records_method": {(m,) for m in CASES if CASES[m].method_name == m},  # the reference runs
+    "same_bits": {(m, "api", None) for m in CASES},  # the in-process API equals the CLI (the reference run)
+    "records_method": {(m,) for m in CASES},  # the reference runs
     "resume": {("pruned", "dask-cli", "some-tasks")},
     "worker_loss": {("dense", "dask-cli", 1)},
     "refusal": {("pruned", "dask-cli", "other-points"), ("pruned", "dask-cli", "tolerance=1e-3")},

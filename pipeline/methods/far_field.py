@@ -83,7 +83,7 @@ NEAR_BLOCK_ROWS = 256  # task rows whose bounding box selects the source tiles o
 # A task's fixed cost (reading its rows and box of nodes, writing its results, the scheduler) is about 17 ms
 # on the 2-core machine, and interpolating a row costs p^D x 8 ns: tasks get rows for at least this many
 # projected seconds (GP field at 10^6, p = 8: 62 tasks of 16384 rows 5.90 s, 16 of 65536 rows 5.27 s, medians
-# of 3), but never fewer than MIN_TASKS tasks (progress, resume and the workers' balance).
+# of 3), but at most N / MIN_TASKS rows (progress, resume and the workers' balance).
 TASK_SECONDS = 0.05
 MIN_TASKS = 16
 
@@ -146,17 +146,19 @@ def task_rows(n: int, grid: Grid, near_pairs: float, multiple: int, default: int
     return max(default, -(-rows // multiple) * multiple)
 
 
-def near_pair_counter(points: np.ndarray, sources: np.ndarray, lengthscale: np.ndarray):
+def near_pair_counter(points: np.ndarray, point_order: np.ndarray, sources: np.ndarray, source_order: np.ndarray,
+                      lengthscale: np.ndarray):
     """A function ``radius -> estimated pairs`` (query, source) closer than ``radius`` lengthscales: counted for
     :data:`NEAR_SAMPLE_QUERIES` queries against every k-th source (at most :data:`NEAR_SAMPLE_SOURCES`) and
-    scaled up.  Evenly spaced rows: the estimate, and so the plan, does not depend on chance."""
+    scaled up.  Evenly spaced rows of the spatial orders: the estimate, and so the plan, depends neither on
+    chance nor on the input's row order."""
     from scipy.spatial import cKDTree
 
     n, m = len(points), len(sources)
-    queries = np.asarray(points[np.linspace(0, n - 1, min(n, NEAR_SAMPLE_QUERIES)).astype(np.int64)],
-                         np.float64) / lengthscale
+    picked = point_order[np.linspace(0, n - 1, min(n, NEAR_SAMPLE_QUERIES)).astype(np.int64)]
+    queries = np.asarray(points[picked], np.float64) / lengthscale
     step = max(1, -(-m // NEAR_SAMPLE_SOURCES))
-    kept = np.asarray(sources[::step], np.float64) / lengthscale
+    kept = np.asarray(sources[source_order[::step]], np.float64) / lengthscale
     tree = cKDTree(kept)
     scale = (n / len(queries)) * (m / len(kept))
 
@@ -274,10 +276,15 @@ class FarField(InSpatialOrder):
         if sources is not points:
             source_lower, source_upper = column_bounds(sources)
             lower, upper = np.minimum(lower, source_lower), np.maximum(upper, source_upper)
-        near_pairs, radius = 0.0, 0.0
-        if split:
+        near_pairs, radius, point_order = 0.0, 0.0, None
+        if split:  # the spatial orders first: the close pairs' sample is taken in them
+            point_order = self._point_order(request)
+            weights = None if request.weights is None else np.asarray(request.weights, np.float64)
+            source_order = None if request.sources_are_points else spatial_order(sources, spec.lengthscale,
+                                                                                 weights)
+            x_order = point_order if source_order is None else source_order
             found = choose_split(lower, upper, lengthscale, n, m, tolerance, spec,
-                                 near_pair_counter(points, sources, lengthscale))
+                                 near_pair_counter(points, point_order, sources, x_order, lengthscale))
             if isinstance(found, str):
                 return found
             grid, rounding, kernel, radius, near_pairs = found
@@ -291,11 +298,11 @@ class FarField(InSpatialOrder):
                                                           "rows_per_task": task_rows(n, grid, near_pairs, plan.rows,
                                                                                     plan.rows_per_task)})
         client, tasks = projected_seconds(n, m, grid, kernel, plan.parallel, near_pairs)
-        point_order = None
         if not request.forced(self.name):
             baseline = PRUNED.plan(request)
             other = baseline.plan if isinstance(baseline, Planned) else None
-            point_order = PRUNED.point_order(request)  # this method's order too (the same call), declined or not
+            if point_order is None:  # this method's order too (the same call), declined or not
+                point_order = PRUNED.point_order(request)
             name = "pruning"
             if other is None:  # the dense method's projection
                 other = with_pruning(make_plan(n, m, dim, **request.plan_options), tolerance, None)
@@ -320,10 +327,6 @@ class FarField(InSpatialOrder):
         bound = total_error(grid.order, grid.spacing, dim, kernel, rounding)
         near = None
         if split:
-            weights = None if request.weights is None else np.asarray(request.weights, np.float64)
-            source_order = None if request.sources_are_points else spatial_order(sources, spec.lengthscale,
-                                                                                 weights)
-            x_order = point_order if source_order is None else source_order
             index = tile_index_of(sources, x_order, None if weights is None else weights[x_order], lengthscale,
                                   INDEX_TILE)
             near = NearPart(radius, source_order, index, near_pairs)
@@ -331,6 +334,18 @@ class FarField(InSpatialOrder):
         layout = FarFieldLayout(point_order, grid, kernel, bound, near)
         weight_sum = float(m if request.weights is None else np.abs(np.asarray(request.weights, np.float64)).sum())
         return Planned(plan, layout, kernel_bounds(spec).error_bounds(tolerance, weight_sum))
+
+    def _point_order(self, request: PlanRequest) -> np.ndarray:
+        """The points' spatial order: the pruned method's (it plans first unless this method is forced, and
+        computes the order declined or not), else as it would compute it."""
+        order = None
+        if not request.forced(self.name):
+            PRUNED.plan(request)  # kept for the comparison below: planned once
+            order = PRUNED.point_order(request)
+        if order is None:
+            order = spatial_order(request.points, request.spec.lengthscale,
+                                  request.weights if request.sources_are_points else None)
+        return order
 
     def describe(self, planned: Planned) -> str:
         layout: FarFieldLayout = planned.layout
