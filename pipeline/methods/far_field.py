@@ -272,10 +272,8 @@ class FarField(InSpatialOrder):
         lengthscale = np.asarray(spec.lengthscale, np.float64)
         points = np.asarray(request.points, np.float64)
         sources = points if request.sources_are_points else np.asarray(request.sources, np.float64)
-        lower, upper = column_bounds(points)
-        if sources is not points:
-            source_lower, source_upper = column_bounds(sources)
-            lower, upper = np.minimum(lower, source_lower), np.maximum(upper, source_upper)
+        (lower, upper), (source_lower, source_upper) = column_bounds(points), column_bounds(sources)
+        lower, upper = np.minimum(lower, source_lower), np.maximum(upper, source_upper)
         near_pairs, radius, point_order = 0.0, 0.0, None
         if split:  # the spatial orders first: the close pairs' sample is taken in them
             point_order = self._point_order(request)
@@ -301,8 +299,6 @@ class FarField(InSpatialOrder):
         if not request.forced(self.name):
             baseline = PRUNED.plan(request)
             other = baseline.plan if isinstance(baseline, Planned) else None
-            if point_order is None:  # this method's order too (the same call), declined or not
-                point_order = PRUNED.point_order(request)
             name = "pruning"
             if other is None:  # the dense method's projection
                 other = with_pruning(make_plan(n, m, dim, **request.plan_options), tolerance, None)
@@ -321,9 +317,8 @@ class FarField(InSpatialOrder):
                  f"{plan.parallel} worker{'s' if plan.parallel != 1 else ''} ({tasks:.3g} s)")
         plan = dataclasses.replace(plan, tolerance=tolerance, estimated_pairs=int(n * stencil + near_pairs),
                                    estimated_seconds=client + tasks, method_cost=(client + tasks, terms))
-        if point_order is None:  # as the pruned method orders the points (ties by weight where they are the sources)
-            point_order = spatial_order(request.points, spec.lengthscale,
-                                        request.weights if request.sources_are_points else None)
+        if point_order is None:
+            point_order = self._point_order(request)
         bound = total_error(grid.order, grid.spacing, dim, kernel, rounding)
         near = None
         if split:

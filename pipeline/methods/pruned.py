@@ -204,9 +204,8 @@ def _source_rows(layout: SortedLayout, copy: SpatialCopy, chunks: np.ndarray) ->
 def read_sorted_sources(layout: InOrderData, copy: SpatialCopy, rows: np.ndarray,
                         dim: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Rows ``rows`` (ascending) of the run's sorted sources (``dim`` columns) and their weights (None: unit
-    weights), through this
-    process's chunk cache.  ``layout``: a method's task data with ``separate_sources`` (else the sorted points
-    are the sources), ``copy_chunk`` and ``copy_id``."""
+    weights), through this process's chunk cache.  ``layout``: a method's task data with ``separate_sources``
+    (else the sorted points are the sources), ``copy_chunk`` and ``copy_id``."""
     size = layout.copy_chunk
     needed = np.unique(rows // size)
     chunks = _source_rows(layout, copy, needed)
