@@ -177,10 +177,9 @@ def _tolerance_hint(prepared) -> str:
 
 def cmd_run(args) -> int:
     config = _checked_options(args)
-    from .workflow import prepare, run_prepared  # JAX and dask: only now that there is work
+    from .workflow import run_workflow  # JAX and dask: only now that there is work
 
-    prepared = prepare(config)
-    run_prepared(prepared)
+    run_workflow(config)
     return 0
 
 

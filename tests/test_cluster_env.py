@@ -4,7 +4,9 @@ starting workers uses it: ``local_cluster``'s nannies, cluster/cluster_common.py
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -99,18 +101,68 @@ def test_kubernetes_manifests_repeat_it(manifest):
         assert {k: env.get(k) for k in WORKER_ENVIRONMENT} == WORKER_ENVIRONMENT
 
 
-@pytest.mark.parametrize("before", ["clean", "after_a_plain_local_cluster"])
-def test_local_cluster_workers_start_with_it(before, monkeypatch):
-    """Also after a plain LocalCluster in the same process, which leaves distributed's
-    MALLOC_TRIM_THRESHOLD_=65536 in this process's environment (a nanny lets that override its config)."""
-    from distributed import Client
+@contextlib.contextmanager
+def _started(how: str):
+    """A 1-worker kgrad local cluster, started in this thread or in the background (the way a run starts it)."""
+    from pipeline.cluster import StartingCluster, local_cluster
 
-    from pipeline.cluster import local_cluster
+    if how == "local_cluster":
+        with local_cluster(1, memory_limit="1GiB") as cluster:
+            yield cluster
+        return
+    starting = StartingCluster(1, memory_limit="1GiB")
+    try:
+        with starting.result() as cluster:
+            yield cluster
+    finally:
+        starting.cancel()
+
+
+@pytest.mark.parametrize("how", ["local_cluster", "background"])
+@pytest.mark.parametrize("before", ["clean", "after_a_plain_local_cluster"])
+def test_local_cluster_workers_start_with_it(before, how, monkeypatch):
+    """Also after a plain LocalCluster in the same process, which leaves distributed's
+    MALLOC_TRIM_THRESHOLD_=65536 in this process's environment (a nanny lets that override its config).
+    Started in the background (while a run plans), the same; the workers ignore Ctrl-C either way (the
+    client handles it), and this process's environment is the same afterwards."""
+    from distributed import Client
 
     if before != "clean":
         monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
-    with local_cluster(1, memory_limit="1GiB") as cluster, Client(cluster) as client:
+    else:
+        monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    before_env = {k: os.environ.get(k) for k in WORKER_ENVIRONMENT}
+    with _started(how) as cluster, Client(cluster) as client:
         env = client.run(lambda: {k: os.environ.get(k) for k in WORKER_ENVIRONMENT})
+        sigint = client.run(lambda: signal.getsignal(signal.SIGINT))
     assert env and all(e == WORKER_ENVIRONMENT for e in env.values()), env
-    if before != "clean":
-        assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536", "this process's environment is put back"
+    assert sigint and all(h == signal.SIG_IGN for h in sigint.values()), sigint
+    assert {k: os.environ.get(k) for k in WORKER_ENVIRONMENT} == before_env, "this process's environment is put back"
+
+
+def test_a_background_start_that_fails_raises_in_the_caller():
+    from pipeline.cluster import StartingCluster
+
+    starting = StartingCluster(1, memory_limit="not a size")
+    with pytest.raises(ValueError, match="byte unit"):
+        starting.result()
+    starting.cancel()  # nothing to close; does not raise
+
+
+def test_a_refused_run_starts_no_cluster(tmp_path, monkeypatch):
+    """A run refused for its output (here: a folder of someone else's files) is refused at once: no local
+    cluster was started for it in the background (one is only for runs that create or overwrite)."""
+    import numpy as np
+
+    import pipeline.workflow as workflow
+
+    started = []
+    monkeypatch.setattr(workflow, "StartingCluster", lambda *a, **k: started.append(a) or pytest.fail("started"))
+    points = tmp_path / "p.npy"
+    np.save(points, np.zeros((10, 2)))
+    out = tmp_path / "out.zarr"
+    out.mkdir()
+    (out / "something").write_text("not kgrad's")
+    with pytest.raises(workflow.InputError, match="not a kgrad output"):
+        workflow.run_workflow(workflow.RunOptions(points=str(points), out=str(out), kernel="rbf"))
+    assert not started
