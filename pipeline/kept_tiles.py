@@ -1,11 +1,11 @@
 """The pruned method's computation (``tolerance > 0``, :mod:`pipeline.methods.pruned`): query blocks in the
 run's spatial order against the source tiles each block keeps (:mod:`pipeline.pruning` decides which).
 
-Points and sources are put in one spatial order each, once per run (:func:`spatial_order`: Morton order in
-lengthscales).  In that order, query block ``b`` is rows ``[b * rows, (b + 1) * rows)`` and source tile
-``t`` is rows ``[t * INDEX_TILE, (t + 1) * INDEX_TILE)``, wherever the rows are computed, so a block's bits do not
-depend on how blocks are grouped into tasks or spread over workers: the in-process API and ``kgrad run``
-give the same bits.  Each block is computed as sub-blocks of consecutive rows, each against the kept
+Points and sources are put in one spatial order each, once per run (:func:`compact_order`: the leaves of a
+k-d tree in lengthscales, refining the Morton order of :func:`spatial_order`).  In that order, query block
+``b`` is rows ``[b * rows, (b + 1) * rows)`` and source tile ``t`` is rows ``[t * INDEX_TILE, (t + 1) *
+INDEX_TILE)``, wherever the rows are computed, so a block's bits do not depend on how blocks are grouped into
+tasks or spread over workers: the in-process API and ``kgrad run`` give the same bits.  Each block is computed as sub-blocks of consecutive rows, each against the kept
 sources it cannot skip (:func:`sub_block_sources`), as *items* (a sub-block against one tile of those
 sources) in fixed-shape calls (:func:`pipeline.blocks.block_item_sums`, zero-weight sources and items as
 padding), the partial sums added in item order.
@@ -27,7 +27,7 @@ from .kernels import KernelSpec
 from .pruning import (INDEX_TILE, Budget, KernelBounds, Selection, TileIndex, select_mini_tiles, select_sources,
                       select_sources_of_blocks, select_tiles, tile_index)
 from .sources import PreparedSources, prepare_sources
-from .spatial import column_bounds, in_input_order, spatial_order, tile_rows
+from .spatial import column_bounds, compact_order, in_input_order, spatial_order, tile_rows
 from .tiles import TileShape
 
 
@@ -244,7 +244,7 @@ ESTIMATE_DENSE_EARLY = 0.8  # those alone leave more than this share of the pair
 class Layout:
     """A pruned run's spatial order and pruning data, fixed before any block runs."""
 
-    point_order: np.ndarray  # (N,) int64: input row of each position in spatial order
+    point_order: np.ndarray  # (N,) int64: input row of each position in the run's order (compact_order)
     source_order: np.ndarray | None  # (M,) or None: the points are the sources (same order)
     index: TileIndex  # source tiles in spatial order
     bounds: KernelBounds
@@ -253,6 +253,7 @@ class Layout:
     tolerance: float
     estimated_pairs: int  # from a sample of blocks (the run records the exact count)
     meta: PreparedSources = dataclasses.field(repr=False, default=None)  # count, box, may_cancel of all sources
+    spatial_order: np.ndarray | None = dataclasses.field(repr=False, default=None)  # the points' spatial_order
 
     @property
     def error_bounds(self) -> dict:
@@ -262,10 +263,14 @@ class Layout:
 def make_layout(points: np.ndarray, sources: np.ndarray | None, weights: np.ndarray | None, spec: KernelSpec,
                 tolerance: float, bounds: KernelBounds, rows: int, cols: int = INDEX_TILE) -> Layout:
     """Spatial orders, the tile index and an estimate of the pairs a pruned run computes.  ``sources``
-    None: the points are the sources."""
+    None: the points are the sources.  The run's orders are :func:`~pipeline.spatial.compact_order` (k-d
+    leaves) of the points' and sources' :func:`~pipeline.spatial.spatial_order`; the points' spatial order
+    is kept too (``spatial_order``: the other methods' order, which they take from here)."""
     points = np.asarray(points)
-    point_order = spatial_order(points, spec.lengthscale, weights if sources is None else None)
-    source_order = None if sources is None else spatial_order(sources, spec.lengthscale, weights)
+    morton = spatial_order(points, spec.lengthscale, weights if sources is None else None)
+    point_order = compact_order(points, spec.lengthscale, morton)
+    source_order = (None if sources is None else
+                    compact_order(sources, spec.lengthscale, spatial_order(sources, spec.lengthscale, weights)))
     x = points if sources is None else np.asarray(sources)
     x_order = point_order if source_order is None else source_order
     scale = np.asarray(spec.lengthscale, np.float64)
@@ -312,7 +317,7 @@ def make_layout(points: np.ndarray, sources: np.ndarray | None, weights: np.ndar
     signed = bool(weights is not None and len(weights) and np.min(weights) < 0 < np.max(weights))
     lower, upper = column_bounds(x)
     meta = PreparedSources(None, np.zeros(points.shape[1]), len(x), lower=lower, upper=upper, may_cancel=signed)
-    return Layout(point_order, source_order, index, bounds, budget, weight_sum, tolerance, estimated, meta)
+    return Layout(point_order, source_order, index, bounds, budget, weight_sum, tolerance, estimated, meta, morton)
 
 
 def tile_index_of(sources: np.ndarray, order: np.ndarray, weights_sorted: np.ndarray | None, scale: np.ndarray,

@@ -8,7 +8,8 @@ use the same blocks and their boxes to skip far sources.
 * :func:`morton_order` -- the permutation that sorts points by their Morton key;
 * :func:`block_slices` -- consecutive blocks of ``rows`` entries of an order;
 * :func:`block_box` -- a block's bounding box, mid-range centre and half-diagonal (its radius);
-* :func:`spatial_order` -- a run's order of its points (and sources): Morton order, ties broken by value.
+* :func:`spatial_order` -- a run's order of its points (and sources): Morton order, ties broken by value;
+* :func:`compact_order` -- that order refined into the leaves of a k-d tree (the pruned method's blocks).
 
 Points are given *scaled* (e.g. divided by the kernel's lengthscales), so that "close" means close in the
 kernel's own units in every dimension.
@@ -144,3 +145,72 @@ def spatial_order(points: np.ndarray, lengthscale, weights: np.ndarray | None = 
         columns += [scaled[rows, d] for d in range(scaled.shape[1] - 1, -1, -1)] + [keys[rows]]
         order[where] = rows[np.lexsort(columns)]
     return order.astype(np.int64)
+
+
+# compact_order: leaves of this many rows (the pruned method's sub-blocks: 64 of a 512-row block); ranges of
+# at most KD_BATCH rows are split a whole tree level at a time (temporaries: D x KD_BATCH float32 and int64).
+KD_LEAF = 64
+KD_BATCH = 1 << 20
+
+
+def compact_order(points: np.ndarray, lengthscale, order: np.ndarray, leaf: int = KD_LEAF) -> np.ndarray:
+    """:func:`spatial_order`'s ``order`` of points (N, D) rearranged into the leaves of a k-d tree (in
+    lengthscales): each range of rows is split along its widest dimension into a first part of ``2^k`` rows
+    (the largest power of two below its size: those with the smallest coordinates there) and the rest,
+    down to ranges of at most ``leaf`` rows.  So every aligned range of ``2^j >= leaf`` rows inside a
+    ``2^k`` part is a subtree: the pruned method's query blocks (512 rows), their sub-blocks (64) and its
+    index tiles of sources (64) are compact boxes.  Morton order alone cuts blocks across the gaps between
+    clusters: on 10^6 clustered points (benchmarks/pruning.py's data) 512-row blocks have radii of 45 / 78
+    lengthscales (median / 90th percentile) against 34 / 45 here, and a pruned run computes 44% fewer pairs.
+
+    Deterministic: the result depends only on ``order`` and the coordinates (numpy's introselect on the
+    same input), so the canonical ``order`` of :func:`spatial_order` (ties broken by value) gives a canonical
+    result, whatever the input's row order.  Coordinates are compared in float32 relative to each column's
+    minimum: the order only needs to be compact, and equal keys fall on one side or the other the same way
+    every time.  About 0.22 s per 10^6 points."""
+    scaled = np.asarray(points, np.float64) / np.asarray(lengthscale, np.float64)
+    return kd_refine(scaled, order, leaf)
+
+
+def kd_refine(scaled: np.ndarray, order: np.ndarray, leaf: int = KD_LEAF) -> np.ndarray:
+    """:func:`compact_order` on points already in lengthscales (N, D)."""
+    order = np.array(order, np.int64, copy=True)
+    if len(order) <= leaf:
+        return order
+    top = float(np.finfo(np.float32).max)
+    columns = [np.minimum(scaled[:, d] - scaled[:, d].min(), top).astype(np.float32)
+               for d in range(scaled.shape[1])]
+    pending = [(0, len(order))]
+    while pending:
+        start, stop = pending.pop()
+        size = stop - start
+        if size <= leaf:
+            continue
+        first = 1 << ((size - 1).bit_length() - 1)  # the largest power of two below size
+        if first == size // 2 and size == 2 * first and size <= KD_BATCH:
+            order[start:stop] = _split_levels(order[start:stop], columns, leaf)
+            continue
+        rows = order[start:stop]
+        cols = [c[rows] for c in columns]
+        widest = int(np.argmax([c.max() - c.min() for c in cols]))
+        order[start:stop] = rows[np.argpartition(cols[widest], first - 1)]
+        pending += [(start + first, stop), (start, start + first)]
+    return order
+
+
+def _split_levels(rows: np.ndarray, columns: list, leaf: int) -> np.ndarray:
+    """:func:`kd_refine` on ``2^k`` rows, a whole level of the tree at a time: each row of a (ranges, size)
+    array is cut at its median along its own widest dimension."""
+    size = len(rows)
+    rows = rows.reshape(1, size)
+    points = np.stack([c[rows] for c in columns])  # (D, ranges, size)
+    while size > leaf:
+        ranges = rows.shape[0]
+        widest = np.argmax(points.max(axis=2) - points.min(axis=2), axis=0)
+        key = points[widest, np.arange(ranges)]
+        flat = (np.argpartition(key, size // 2 - 1, axis=1) + (np.arange(ranges) * size)[:, None]).ravel()
+        size //= 2
+        rows = rows.ravel()[flat].reshape(-1, size)
+        # one coordinate at a time: contiguous results (fancy indexing the pair of axes would not be)
+        points = np.stack([p[flat] for p in points.reshape(len(columns), -1)]).reshape(len(columns), -1, size)
+    return rows.ravel()

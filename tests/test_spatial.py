@@ -1,9 +1,11 @@
-"""pipeline.spatial (Morton order, block boxes) and the per-block variant choice of pipeline.block_precision."""
+"""pipeline.spatial (Morton order, the k-d refinement, block boxes) and the per-block variant choice of pipeline.block_precision."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.spatial import block_box, block_slices, morton_keys, morton_order
 
@@ -127,3 +129,70 @@ def test_wide_blocks_are_split_into_compact_ones():
                                                      "float32") for r in blocks], prepared, spec, "auto", "float32",
                              shape)
     assert len(same[0]) == len(blocks)
+
+
+def _separated(rows: np.ndarray, size: int) -> bool:
+    """The first ``size`` rows and the rest lie on two sides of one coordinate (in compact_order's float32
+    keys, relative to each column's minimum)."""
+    left, right = rows[:size], rows[size:]
+    return any(left[:, d].max() <= right[:, d].min() for d in range(rows.shape[1]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3000), st.integers(1, 4), st.sampled_from([4, 16, 64]), st.booleans(),
+       st.integers(0, 2**32 - 1))
+def test_compact_order_is_a_k_d_tree(n, dim, leaf, clustered, seed):
+    """compact_order: a permutation, each range split along one coordinate into a power-of-two first part
+    and the rest, and every aligned power-of-two range of the first part split into halves the same way, down
+    to ``leaf`` rows (with duplicates and ties: equal keys may sit on both sides of a cut)."""
+    from pipeline.spatial import compact_order, spatial_order
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim)) * rng.choice([1e-3, 1.0, 1e3])
+    if clustered:
+        x = np.round(x, 1) + rng.integers(0, 3, size=(n, 1)) * 1e4  # duplicates, clusters far apart
+    lengthscale = rng.uniform(0.1, 10.0, size=dim)
+    order = compact_order(x, lengthscale, spatial_order(x, lengthscale), leaf)
+    assert order.dtype == np.int64 and np.array_equal(np.sort(order), np.arange(n))
+    scaled = x / lengthscale
+    keys = np.minimum(scaled - scaled.min(axis=0), np.finfo(np.float32).max).astype(np.float32)[order]
+    start = 0
+    while n - start > leaf:  # the spine: [start, n) = a part of 2^k rows, then the rest
+        first = 1 << ((n - start - 1).bit_length() - 1)
+        assert _separated(keys[start:], first)
+        size = first
+        while size > leaf:
+            for a in range(start, start + first, size):
+                assert _separated(keys[a:a + size], size // 2), (a, size)
+            size //= 2
+        start += first
+
+
+def test_compact_order_does_not_depend_on_the_row_order():
+    """The same rows in another order give the same sequence of rows (duplicates included)."""
+    from pipeline.spatial import compact_order, spatial_order
+
+    rng = np.random.default_rng(4)
+    x = np.round(rng.normal(size=(5000, 3)), 1)  # many duplicates and ties
+    w = rng.integers(1, 3, size=len(x)).astype(float)
+    perm = rng.permutation(len(x))
+    a = compact_order(x, 0.3, spatial_order(x, 0.3, w))
+    b = compact_order(x[perm], 0.3, spatial_order(x[perm], 0.3, w[perm]))
+    assert np.array_equal(x[a], x[perm][b]) and np.array_equal(w[a], w[perm][b])
+
+
+def test_compact_order_blocks_are_smaller_than_morton_blocks():
+    """On clustered data (benchmarks/pruning.py's kind, smaller) 64-row and 512-row blocks of the k-d order
+    are more compact than Morton's, most of all in the tail (blocks that straddle clusters)."""
+    from pipeline.spatial import compact_order, spatial_order
+
+    rng = np.random.default_rng(5)
+    centres = rng.uniform(0, 100, size=(200, 3))
+    x = centres[rng.integers(0, 200, size=100_000)] + rng.normal(size=(100_000, 3))
+    morton = spatial_order(x, 0.2)
+    compact = compact_order(x, 0.2, morton)
+    for rows in (64, 512):
+        radii = {name: np.array([block_box(x[o[s]] / 0.2)[2] for s in block_slices(len(x), rows)])
+                 for name, o in (("morton", morton), ("compact", compact))}
+        assert np.median(radii["compact"]) < np.median(radii["morton"])
+        assert np.percentile(radii["compact"], 90) < 0.8 * np.percentile(radii["morton"], 90)

@@ -1,7 +1,7 @@
 """The client's steps for methods whose tasks compute ranges of the run's spatial order (dense and pruned).
 
 Query rows are taken in the run's spatial order (:func:`pipeline.spatial.spatial_order`: Morton order in
-lengthscales), so that every block of consecutive rows is compact whatever the input's row order, and task
+lengthscales; the pruned method refines it into k-d leaves, :func:`pipeline.spatial.compact_order`), so that every block of consecutive rows is compact whatever the input's row order, and task
 ``t`` computes rows ``[t.start, t.stop)`` of that order.  The output keeps input order, so such a run works
 in a scratch group ``OUT/order/`` (:class:`pipeline.output.SpatialCopy`):
 
