@@ -255,6 +255,20 @@ def make_plan(n_points: int, n_sources: int, dim: int, *, dtype: str = "float32"
                 memory, worker_memory_bytes, workers, estimated, pruned=pruned, parallel=parallel)
 
 
+# Methods that know their work per row give tasks rows for at least a set number of projected seconds (a
+# task's fixed cost: reading its rows, writing its results, the scheduler, a pruned task's per-task
+# selection), but at most N / MIN_TASKS rows (progress, resume and the workers' balance).
+MIN_TASKS = 16
+
+
+def task_rows(n: int, seconds_per_row: float, task_seconds: float, multiple: int, default: int) -> int:
+    """Rows per task: enough for ``task_seconds`` of projected work at ``seconds_per_row``, at most
+    ``n / MIN_TASKS``, never fewer than the plan's ``default``; a multiple of ``multiple`` (the plan's
+    block).  Independent of the cluster, so the task list is the same however many workers run it."""
+    rows = min(math.ceil(task_seconds / max(seconds_per_row, 1e-15)), math.ceil(n / MIN_TASKS))
+    return max(default, -(-rows // multiple) * multiple)
+
+
 def pair_seconds(formulation: str, dim: int, dtype: str, pruned: bool = False) -> float:
     """Seconds one worker spends per pair: the measured rate of the formulation (:data:`PAIR_RATE`, float32,
     D = 3), times the measured growth with D, :data:`FLOAT64_SLOWDOWN` for float64 and

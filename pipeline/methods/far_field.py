@@ -31,7 +31,6 @@ result depends on its own stencil only, so the bits do not depend on how rows ar
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from ..grid_sums import (MIN_TOLERANCE, fft_entries, fft_rounding, box_range, in
                          total_error)
 from ..kept_tiles import block_boxes, tile_index_of
 from ..matern_split import NEAR_SHARE, NU, TruncatedMatern, near_sums, split_for
-from ..plan import Task, make_plan, project, with_pruning
+from ..plan import Task, make_plan, project, task_rows, with_pruning
 from ..proxies import GRID_MAX_NODES, ORDERS, Grid, make_grid, spread
 from ..pruning import INDEX_TILE, TileIndex, box_distance, kernel_bounds
 from ..scale_mixtures import GaussianMixture, mixture_for
@@ -83,9 +82,8 @@ NEAR_BLOCK_ROWS = 256  # task rows whose bounding box selects the source tiles o
 # A task's fixed cost (reading its rows and box of nodes, writing its results, the scheduler) is about 17 ms
 # on the 2-core machine, and interpolating a row costs p^D x 8 ns: tasks get rows for at least this many
 # projected seconds (GP field at 10^6, p = 8: 62 tasks of 16384 rows 5.90 s, 16 of 65536 rows 5.27 s, medians
-# of 3), but at most N / MIN_TASKS rows (progress, resume and the workers' balance).
+# of 3), but at most N / MIN_TASKS rows (pipeline.plan.task_rows).
 TASK_SECONDS = 0.05
-MIN_TASKS = 16
 
 
 @dataclass(frozen=True)
@@ -137,13 +135,11 @@ def projected_seconds(n: int, m: int, grid: Grid, kernel: GaussianMixture,
     return client, (n * stencil * INTERPOLATE_SECONDS + near_pairs * NEAR_PAIR_SECONDS) / max(1, parallel)
 
 
-def task_rows(n: int, grid: Grid, near_pairs: float, multiple: int, default: int) -> int:
-    """Rows per task: enough for :data:`TASK_SECONDS` of projected interpolation and close pairs, but at most
-    ``n / MIN_TASKS``; never fewer than the plan's ``default``; a multiple of ``multiple`` (the plan's block).
-    Independent of the cluster."""
+def far_field_task_rows(n: int, grid: Grid, near_pairs: float, multiple: int, default: int) -> int:
+    """Rows per task (:func:`pipeline.plan.task_rows`): enough for :data:`TASK_SECONDS` of projected
+    interpolation and close pairs."""
     per_row = grid.stencil_size * INTERPOLATE_SECONDS + near_pairs / max(n, 1) * NEAR_PAIR_SECONDS
-    rows = min(math.ceil(TASK_SECONDS / per_row), math.ceil(n / MIN_TASKS))
-    return max(default, -(-rows // multiple) * multiple)
+    return task_rows(n, per_row, TASK_SECONDS, multiple, default)
 
 
 def near_pair_counter(points: np.ndarray, point_order: np.ndarray, sources: np.ndarray, source_order: np.ndarray,
@@ -292,9 +288,8 @@ class FarField(InSpatialOrder):
                 return found
             grid, rounding = found
         if request.plan_options.get("rows_per_task") is None:
-            plan = make_plan(n, m, dim, pruned=True, **{**request.plan_options,
-                                                          "rows_per_task": task_rows(n, grid, near_pairs, plan.rows,
-                                                                                    plan.rows_per_task)})
+            rows = far_field_task_rows(n, grid, near_pairs, plan.rows, plan.rows_per_task)
+            plan = make_plan(n, m, dim, pruned=True, **{**request.plan_options, "rows_per_task": rows})
         client, tasks = projected_seconds(n, m, grid, kernel, plan.parallel, near_pairs)
         if not request.forced(self.name):
             baseline = PRUNED.plan(request)
