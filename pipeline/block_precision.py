@@ -106,7 +106,7 @@ def block_setup(queries, prepared: PreparedSources, spec: KernelSpec, mode: str,
         return BlockSetup(prepared.center, 0.0, choose_variant(spec, mode, dtype, 0.0, prepared.may_cancel))
     lengthscale = np.asarray(spec.lengthscale, np.float64)
     center, half, radius = block_box(queries, lengthscale)
-    if len(queries) > 1:  # rows in computing (Morton) order: neighbours in space follow each other
+    if len(queries) > 1:  # rows in the run's spatial order: neighbours in space mostly follow each other
         steps = np.diff(np.asarray(queries, np.float64) / lengthscale, axis=0)
         spacing = float(np.sqrt(np.min(np.sum(steps * steps, axis=1))))
     else:

@@ -113,28 +113,44 @@ class StartingCluster:
     (reading and planning the run).  :meth:`result` waits for it and returns it; :meth:`cancel` closes it
     if the caller ends up not needing it.  One of the two must be called, in the thread that made it.
 
-    What a start changes for the whole process (dask's config, :data:`WORKER_ENVIRONMENT` in this process's
-    environment) is put in place here, in the calling thread, before the thread starts, and put back by
-    :meth:`result` or :meth:`cancel`: the background thread itself changes no process-wide state while the
-    caller runs.  A signal's disposition can only be set from the main thread, so the workers ignore Ctrl-C
-    themselves (:mod:`pipeline.worker_setup`, their preload)."""
+    What a start changes for the whole process (dask's config; :data:`WORKER_ENVIRONMENT` and the nannies'
+    PYTHONHASHSEED in this process's environment, which each nanny writes again from its event loop) is put
+    in place here, in the calling thread, before the thread starts, and put back by :meth:`result` or
+    :meth:`cancel`: while the caller runs, the start only rewrites environment entries that already exist
+    (no reallocation of the environment under a concurrent ``getenv``).  A signal's disposition can only be
+    set from the main thread, so the workers ignore Ctrl-C themselves from their preload
+    (:mod:`pipeline.worker_setup`), about half a second into their start: a Ctrl-C before that (while the
+    client plans) can make a starting worker print a traceback as it dies; the client stops as it would
+    anyway and closes the cluster.  If the caller stops waiting (a second Ctrl-C in :meth:`cancel`), the
+    thread closes the cluster itself once it is up."""
 
     def __init__(self, workers: int, memory_limit: int | str = "auto", threads_per_worker: int = 1):
         import threading
 
         self._settings = contextlib.ExitStack()
         self._settings.enter_context(_cluster_settings())
+        self._lock = threading.Lock()
         self._cluster = self._error = None
-        self._taken = False
-        self._thread = threading.Thread(target=self._start, args=(workers, memory_limit, threads_per_worker),
-                                        name="kgrad-cluster-start", daemon=True)
-        self._thread.start()
+        self._cancelled = self._taken = False
+        try:
+            self._thread = threading.Thread(target=self._start, args=(workers, memory_limit, threads_per_worker),
+                                            name="kgrad-cluster-start", daemon=True)
+            self._thread.start()
+        except BaseException:
+            self._settings.close()
+            raise
 
     def _start(self, workers: int, memory_limit: int | str, threads_per_worker: int) -> None:
         try:
-            self._cluster = _new_local_cluster(workers, memory_limit, threads_per_worker)
+            cluster = _new_local_cluster(workers, memory_limit, threads_per_worker)
         except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread by result()
             self._error = exc
+            return
+        with self._lock:
+            if not self._cancelled:
+                self._cluster = cluster
+                return
+        _close_quietly(cluster)  # cancelled while it started: nobody will take it
 
     def _wait(self) -> None:
         try:
@@ -147,21 +163,31 @@ class StartingCluster:
         self._wait()
         if self._error is not None:
             raise self._error
-        self._taken = True
-        return self._cluster
+        with self._lock:
+            self._taken = True
+            return self._cluster
 
     def cancel(self) -> None:
-        """Close the cluster (waiting for its start first) unless :meth:`result` handed it over."""
+        """Close the cluster unless :meth:`result` handed it over (waiting for its start first; if that wait
+        is interrupted, the starting thread closes it)."""
+        with self._lock:
+            self._cancelled = True
+            cluster = None if self._taken else self._cluster
+            self._cluster = None
         self._wait()
-        if self._cluster is not None and not self._taken:
-            self._taken = True
-            try:
-                self._cluster.close(timeout=10)
-            except Exception:  # noqa: BLE001 - closing what nobody used: nothing to report
-                pass
+        if cluster is not None:
+            _close_quietly(cluster)
+
+
+def _close_quietly(cluster) -> None:
+    try:
+        cluster.close(timeout=10)
+    except Exception:  # noqa: BLE001 - closing what nobody used: nothing to report
+        pass
 
 
 WORKER_PRELOAD = "pipeline.worker_setup"  # run by each local worker as it starts (distributed's preload)
+NANNY_HASH_SEED = "6640"  # the PYTHONHASHSEED distributed's nannies set when none (or "0") is
 
 
 @contextlib.contextmanager
@@ -171,9 +197,13 @@ def _cluster_settings():
     import dask
     import distributed  # noqa: F401
 
+    # Each nanny also sets PYTHONHASHSEED (its own value unless one other than "0" is set) in this
+    # process's environment: set first, it is an existing entry by then.
+    seed = os.environ.get("PYTHONHASHSEED")
+    values = {**WORKER_ENVIRONMENT, "PYTHONHASHSEED": seed if seed not in (None, "0") else NANNY_HASH_SEED}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": dict(WORKER_ENVIRONMENT),
                           "distributed.scheduler.allowed-failures": 5,
-                          "distributed.worker.daemon": False}), _environment(WORKER_ENVIRONMENT):
+                          "distributed.worker.daemon": False}), _environment(values):
         yield
 
 

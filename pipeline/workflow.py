@@ -414,12 +414,20 @@ def _run_owned(prepared: Prepared, stream, starting: StartingCluster | None = No
     started = time.perf_counter()
     cluster = None
     if config.scheduler == "local":
-        cluster = (starting.result() if starting is not None else
-                   local_cluster(plan.workers, memory_limit=config.memory_limit,
-                                 threads_per_worker=config.threads_per_worker))
+        try:
+            cluster = (starting.result() if starting is not None else
+                       local_cluster(plan.workers, memory_limit=config.memory_limit,
+                                     threads_per_worker=config.threads_per_worker))
+        except KeyboardInterrupt:  # waiting for the cluster: this run has written nothing yet
+            raise KeyboardInterrupt(_incomplete(config, "interrupted", step="finish it with 'kgrad run ... --resume'")
+                                    if prepared.action == "resume" else "interrupted; nothing was written") from None
         from distributed import Client
 
-        client = Client(cluster)
+        try:
+            client = Client(cluster)
+        except BaseException:
+            close(None, cluster)
+            raise
     else:
         try:
             client = connect(config.scheduler, security(config.scheduler, config.security))
@@ -544,8 +552,9 @@ def _needs_local_cluster(options: RunOptions) -> bool:
     try:
         if lease.is_live(lease.read(options.out, opts)):
             return False
-        return options.overwrite or OutputGroup(options.out, opts).kind() in ("absent", "empty")
-    except (InputError, OSError):
+        kind = OutputGroup(options.out, opts).kind()  # raises for what no flag lets a run touch
+        return kind in ("absent", "empty") or options.overwrite
+    except Exception:  # noqa: BLE001 - only a head start: anything odd is found and reported by the run itself
         return False
 
 
@@ -558,6 +567,8 @@ def run_workflow(config: RunOptions | str, **overrides) -> dict:
     options = check_options(config)
     # A local cluster starts while the inputs are read and the run is planned (about 0.9 s of its start
     # overlaps them), when the run will need it whatever the plan says.
+    if options.scheduler == "local":
+        quiet_dask_logs()
     starting = (StartingCluster(options.workers, options.memory_limit, options.threads_per_worker)
                 if _needs_local_cluster(options) else None)
     try:

@@ -149,9 +149,11 @@ def test_a_background_start_that_fails_raises_in_the_caller():
     starting.cancel()  # nothing to close; does not raise
 
 
-def test_a_refused_run_starts_no_cluster(tmp_path, monkeypatch):
-    """A run refused for its output (here: a folder of someone else's files) is refused at once: no local
-    cluster was started for it in the background (one is only for runs that create or overwrite)."""
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_refused_run_starts_no_cluster(tmp_path, monkeypatch, overwrite):
+    """A run refused for its output (here: a folder of someone else's files, which even --overwrite does not
+    touch) is refused at once: no local cluster was started for it in the background (one is only for runs
+    that create or overwrite a kgrad output)."""
     import numpy as np
 
     import pipeline.workflow as workflow
@@ -164,5 +166,33 @@ def test_a_refused_run_starts_no_cluster(tmp_path, monkeypatch):
     out.mkdir()
     (out / "something").write_text("not kgrad's")
     with pytest.raises(workflow.InputError, match="not a kgrad output"):
-        workflow.run_workflow(workflow.RunOptions(points=str(points), out=str(out), kernel="rbf"))
+        workflow.run_workflow(workflow.RunOptions(points=str(points), out=str(out), kernel="rbf",
+                                                  overwrite=overwrite))
     assert not started
+
+
+def test_a_cluster_started_for_a_run_that_fails_to_plan_is_closed(tmp_path, monkeypatch):
+    """The background cluster of a run refused after it started (non-finite points) is cancelled, not
+    taken: its workers do not outlive the refusal."""
+    import numpy as np
+
+    import pipeline.workflow as workflow
+
+    calls = []
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            calls.append("start")
+
+        def result(self):
+            calls.append("result")
+
+        def cancel(self):
+            calls.append("cancel")
+
+    monkeypatch.setattr(workflow, "StartingCluster", Spy)
+    points = tmp_path / "p.npy"
+    np.save(points, np.array([[0.0, 1.0], [np.nan, 2.0]]))
+    with pytest.raises(workflow.InputError):
+        workflow.run_workflow(workflow.RunOptions(points=str(points), out=str(tmp_path / "out.zarr"), kernel="rbf"))
+    assert calls == ["start", "cancel"]

@@ -347,3 +347,42 @@ def test_the_points_are_put_in_spatial_order_once(monkeypatch, layout, weighted,
     assert len(calls) == orders
     expected = spatial_order(x, problem.spec.lengthscale, w if chosen != "dense" else None)
     assert np.array_equal(problem.layout.point_order, expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 10**9), st.floats(1e-12, 10.0), st.floats(0.01, 1.0), st.sampled_from([1, 64, 512]),
+       st.integers(1, 10**6))
+def test_task_rows_bounds(n, per_row, seconds, multiple, default):
+    """plan.task_rows: a multiple of the block, never below the default, at most N / MIN_TASKS (rounded up to
+    a block) unless the default is larger, and at least the rows for ``seconds`` of work below that cap."""
+    from pipeline.plan import MIN_TASKS, task_rows
+
+    default = -(-default // multiple) * multiple
+    rows = task_rows(n, per_row, seconds, multiple, default)
+    cap = -(-math.ceil(n / MIN_TASKS) // multiple) * multiple
+    assert rows % multiple == 0 and rows >= default
+    assert rows <= max(default, cap)
+    assert rows >= min(math.ceil(seconds / per_row), math.ceil(n / MIN_TASKS))
+
+
+def test_pruned_tasks_are_sized_by_their_work():
+    """A pruned plan on clustered data gets tasks of several default tasks' rows (their own cost is ~20-30 ms),
+    whole blocks, at most MAX_TASK_BLOCKS of them, the same for any number of workers; rows_per_task given
+    is kept."""
+    from pipeline.methods.pruned import MAX_TASK_BLOCKS
+    from pipeline.plan import make_plan
+    from pipeline.problem import make_problem
+
+    rng = np.random.default_rng(7)
+    centres = rng.uniform(0, 100, size=(200, 3))
+    x = centres[rng.integers(0, 200, size=300_000)] + rng.normal(size=(300_000, 3))
+    plans = [make_problem(x, x, lengthscale=0.2, tolerance=1e-9, sources_are_points=True, workers=w).plan
+             for w in (1, 3)]
+    default = make_plan(len(x), len(x), 3, pruned=True).rows_per_task
+    plan = plans[0]
+    assert plan.pruned and plan.rows_per_task == plans[1].rows_per_task
+    assert plan.rows_per_task % plan.rows == 0
+    assert default < plan.rows_per_task <= MAX_TASK_BLOCKS * plan.rows
+    given_rows = make_problem(x, x, lengthscale=0.2, tolerance=1e-9, sources_are_points=True,
+                              rows_per_task=4096).plan
+    assert given_rows.rows_per_task == 4096

@@ -168,6 +168,48 @@ def test_compact_order_is_a_k_d_tree(n, dim, leaf, clustered, seed):
         start += first
 
 
+def _reference_compact_order(points, lengthscale, order, leaf):
+    """compact_order by its definition, one range at a time: float32 keys, the widest dimension (the first
+    of equal widths), the ``first`` smallest keys by a stable sort (ties in row order), each part keeping
+    its rows' order."""
+    scaled = np.asarray(points, np.float64) / np.asarray(lengthscale, np.float64)
+    keys = np.minimum(scaled - scaled.min(axis=0), np.finfo(np.float32).max).astype(np.float32)
+
+    def split(rows):
+        if len(rows) <= leaf:
+            return rows
+        first = 1 << ((len(rows) - 1).bit_length() - 1)
+        part = keys[rows]
+        widest = int(np.argmax(part.max(axis=0) - part.min(axis=0)))
+        chosen = np.sort(np.argsort(part[:, widest], kind="stable")[:first])
+        left = np.zeros(len(rows), bool)
+        left[chosen] = True
+        return np.concatenate([split(rows[left]), split(rows[~left])])
+
+    return split(np.asarray(order, np.int64))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 1500), st.integers(1, 6), st.sampled_from([2, 8, 64]), st.sampled_from([16, 256, 1 << 21]),
+       st.integers(0, 2**32 - 1))
+def test_compact_order_is_its_definition(n, dim, leaf, batch, seed):
+    """The exact order, against a one-range-at-a-time reference (both the vectorised levels and the general
+    path: KD_BATCH made small), with ties everywhere: the result is defined by the rows alone, not by the
+    partition algorithm numpy picks for this CPU."""
+    import pipeline.spatial as spatial
+
+    rng = np.random.default_rng(seed)
+    x = np.round(rng.normal(size=(n, dim)) * rng.choice([1.0, 10.0]), 0)  # many ties and duplicates
+    order = spatial.spatial_order(x, 1.0)
+    saved = spatial.KD_BATCH
+    spatial.KD_BATCH = batch
+    try:
+        got = spatial.compact_order(x, 1.0, order, leaf)
+    finally:
+        spatial.KD_BATCH = saved
+    assert np.array_equal(got, _reference_compact_order(x, 1.0, order, leaf))
+
+
 def test_compact_order_does_not_depend_on_the_row_order():
     """The same rows in another order give the same sequence of rows (duplicates included)."""
     from pipeline.spatial import compact_order, spatial_order
@@ -196,3 +238,17 @@ def test_compact_order_blocks_are_smaller_than_morton_blocks():
                  for name, o in (("morton", morton), ("compact", compact))}
         assert np.median(radii["compact"]) < np.median(radii["morton"])
         assert np.percentile(radii["compact"], 90) < 0.8 * np.percentile(radii["morton"], 90)
+
+
+def test_compact_order_takes_extreme_coordinates_quietly():
+    """Coordinates near the float64 limits: a permutation, no overflow warnings (the keys are capped)."""
+    import warnings
+
+    from pipeline.spatial import compact_order
+
+    x = np.array([[1e308, -1e308], [-1e308, 1e308], [0.0, 0.0], [1e-300, 5.0]] * 50)
+    morton = np.arange(len(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        order = compact_order(x, 1e-3, morton, 4)
+    assert np.array_equal(np.sort(order), np.arange(len(x)))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InputError
 from ..finite import check_finite_result
 from ..kept_tiles import (Layout, SourceTiles, blocks_to_compute, compute_blocks, compute_in_memory,
                           make_layout)
@@ -44,6 +45,7 @@ DENSE_ABOVE = 1.0 / PRUNED_SLOWDOWN  # where the pruned run's estimated time rea
 # ms.  Clustered data at 10^6 points (EPS 1e-9): 62 tasks of 16384 rows 7.79 s end to end, 31 of 32768 7.20 s,
 # 16 of 65536 7.15 s (medians of 3, alternating).
 TASK_SECONDS = 0.25
+MAX_TASK_BLOCKS = 128  # ... and at most this many blocks (a task's selection holds blocks x super-tiles flags)
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,13 @@ class Pruned(InSpatialOrder):
                     f"computed (faster with the dense tiles; the bound holds exactly)")
         if request.plan_options.get("rows_per_task") is None:
             per_row = pair_seconds(plan.formulation, dim, plan.dtype, pruned=True) * layout.estimated_pairs / n
-            rows = task_rows(n, per_row, TASK_SECONDS, plan.rows, plan.rows_per_task)
-            plan = make_plan(n, m, dim, pruned=True, **{**request.plan_options, "rows_per_task": rows})
+            rows = min(task_rows(n, per_row, TASK_SECONDS, plan.rows, plan.rows_per_task),
+                       max(plan.rows_per_task, MAX_TASK_BLOCKS * plan.rows))
+            if rows != plan.rows_per_task:
+                try:
+                    plan = make_plan(n, m, dim, pruned=True, **{**request.plan_options, "rows_per_task": rows})
+                except InputError:  # bigger tasks do not fit the workers' memory: the default ones did
+                    pass
         return Planned(with_pruning(plan, request.tolerance, layout.estimated_pairs), layout, layout.error_bounds)
 
     def compute(self, problem, request: PlanRequest, threads: int) -> tuple[np.ndarray, np.ndarray, int]:
