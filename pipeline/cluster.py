@@ -150,7 +150,7 @@ class StartingCluster:
             if not self._cancelled:
                 self._cluster = cluster
                 return
-        _close_quietly(cluster)  # cancelled while it started: nobody will take it
+        close(None, cluster)  # cancelled while it started: nobody will take it
 
     def _wait(self) -> None:
         try:
@@ -176,14 +176,7 @@ class StartingCluster:
             self._cluster = None
         self._wait()
         if cluster is not None:
-            _close_quietly(cluster)
-
-
-def _close_quietly(cluster) -> None:
-    try:
-        cluster.close(timeout=10)
-    except Exception:  # noqa: BLE001 - closing what nobody used: nothing to report
-        pass
+            close(None, cluster)
 
 
 WORKER_PRELOAD = "pipeline.worker_setup"  # run by each local worker as it starts (distributed's preload)
@@ -452,10 +445,11 @@ def check_cluster_memory(client, plan: Plan) -> None:
 
 
 def close(client, cluster=None) -> None:
-    """Close the client and a local cluster, each within a bounded time (a frozen scheduler never
-    answers), whatever the state they are in."""
+    """Close the client (None: none) and a local cluster, each within a bounded time (a frozen scheduler
+    never answers), whatever the state they are in."""
     try:
-        client.close(timeout=5)
+        if client is not None:
+            client.close(timeout=5)
     except Exception:  # noqa: BLE001 - already closed, or the scheduler is gone
         pass
     if cluster is not None:

@@ -5,10 +5,11 @@ Points and sources are put in one spatial order each, once per run (:func:`compa
 k-d tree in lengthscales, refining the Morton order of :func:`spatial_order`).  In that order, query block
 ``b`` is rows ``[b * rows, (b + 1) * rows)`` and source tile ``t`` is rows ``[t * INDEX_TILE, (t + 1) *
 INDEX_TILE)``, wherever the rows are computed, so a block's bits do not depend on how blocks are grouped into
-tasks or spread over workers: the in-process API and ``kgrad run`` give the same bits.  Each block is computed as sub-blocks of consecutive rows, each against the kept
-sources it cannot skip (:func:`sub_block_sources`), as *items* (a sub-block against one tile of those
-sources) in fixed-shape calls (:func:`pipeline.blocks.block_item_sums`, zero-weight sources and items as
-padding), the partial sums added in item order.
+tasks or spread over workers: the in-process API and ``kgrad run`` give the same bits.  Each block is
+computed as sub-blocks of consecutive rows, each against the kept sources it cannot skip
+(:func:`sub_block_sources`), as *items* (a sub-block against one tile of those sources) in fixed-shape calls
+(:func:`pipeline.blocks.block_item_sums`, zero-weight sources and items as padding), the partial sums added in
+item order.
 
 Used by :func:`pipeline.api.kernel_gradients` (all tiles in memory) and by the workers (only the tiles
 their blocks need, read from the run's sorted copy).
