@@ -548,6 +548,30 @@ def _e(value) -> str:
     return "-" if value is None else f"{value:.2g}"
 
 
+def near_field_rates(results) -> str:
+    """The pruned runs' rate of computed pairs against the dense tiles' on the same data: execute time (the
+    tasks, the workers' start-up included), and between the two largest N (what each added pair cost)."""
+    small, dense = results.get("dense_small"), next((r for r in results["measurements"] if r["method"] == "kgrad_dense"
+                                                      and not r["extrapolated"]), None)
+    pruned = sorted((r for r in results["measurements"] if r["method"] == "kgrad_tolerance" and r.get("execute_s")),
+                    key=lambda r: r["N"])
+    if not (small and dense and pruned):
+        return "Near-field rate: not measured (needs the dense runs and the pruned runs)."
+    dense_rate = (dense["N"] ** 2 - small["N"] ** 2) / (dense["execute_s"] - small["execute_s"])
+    parts = [f"{report._g(r['pairs_computed'] / r['execute_s'])} at N = {r['N']} "
+             f"({r['pairs_computed'] / r['execute_s'] / dense_rate:.2f} of dense)" for r in pruned]
+    text = (f"Near-field rate (pairs computed per second of execute, both workers): the dense tiles "
+            f"{report._g(dense_rate)} (the added pairs between N = {small['N']} and {dense['N']}); the pruned runs "
+            + ", ".join(parts))
+    if len(pruned) >= 2:
+        a, b = pruned[-2], pruned[-1]
+        added = (b["pairs_computed"] - a["pairs_computed"]) / (b["execute_s"] - a["execute_s"])
+        text += (f"; the added pairs between N = {a['N']} and {b['N']}: {report._g(added)} "
+                 f"({added / dense_rate:.2f} of dense)")
+    return text + ". A pruned run's execute time includes each worker's start-up (JAX, compiled code) and its " \
+        "selection of the pairs, which weigh most at small N."
+
+
 def markdown(results, png_path: str, md_path: str) -> str:
     """The pruning section, markers included."""
     m = results.get("machine", {})
@@ -617,14 +641,15 @@ def markdown(results, png_path: str, md_path: str) -> str:
         lines += ["kgrad's runs:", ""]
         lines += report._table(
             ["run", "N", "wall", "kgrad total", "cluster start", "execute", "task compute (sum)", "pairs computed",
-             "of N*M", "plan's estimate: pairs, compute", "peak RSS / worker"],
+             "of N*M", "pairs computed / s of execute", "plan's estimate: pairs, compute", "peak RSS / worker"],
             [[r["label"], r["N"], report._s(r["seconds"]), report._s(r.get("kgrad_total_s")),
               report._s(r.get("cluster_start_s")), report._s(r.get("execute_s")), report._s(r.get("compute_s_total")),
               f"{r.get('pairs_computed', r['pairs']):.3g}", _e(r.get("pairs_fraction", 1.0)),
+              report._g(r.get("pairs_computed", r["pairs"]) / r["execute_s"]) if r.get("execute_s") else "-",
               f"{r['plan_estimated_pairs']:.3g}, {report._s(r.get('plan_estimated_seconds'))}"
               if r.get("plan_estimated_pairs") else "-", report._b(r.get("peak_rss_worker_max_bytes"))]
              for r in sorted(kgrad_rows, key=lambda r: (r["N"], r["method"]))])
-        lines += [""]
+        lines += ["", near_field_rates(results), ""]
     acc_rows = [r for r in results["measurements"] if r.get("accuracy")]
     if acc_rows:
         lines += [

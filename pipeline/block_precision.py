@@ -118,3 +118,29 @@ def block_setup(queries, prepared: PreparedSources, spec: KernelSpec, mode: str,
         reach = float(np.max(far / period * np.maximum(1.0, 1.0 / lengthscale ** 2)))
     variant = choose_variant(spec, mode, dtype, radius, prepared.may_cancel, reach, spacing)
     return BlockSetup(center, radius, variant)
+
+
+def block_setups(queries, rows: int, prepared: PreparedSources, spec: KernelSpec, mode: str,
+                 dtype: str) -> list[BlockSetup]:
+    """:func:`block_setup` of each block of ``rows`` consecutive query rows, the same values computed for all
+    blocks at once (radial and dot kernels; periodic ones block by block)."""
+    queries = np.asarray(queries)
+    n = len(queries)
+    kernel = spec.kernel
+    if not kernel.stationary or kernel.radial_profile is None or n == 0:
+        return [block_setup(queries[s:s + rows], prepared, spec, mode, dtype) for s in range(0, n, rows)]
+    lengthscale = np.asarray(spec.lengthscale, np.float64)
+    points = np.asarray(queries, np.float64)
+    starts = np.arange(0, n, rows)
+    lower, upper = np.minimum.reduceat(points, starts, axis=0), np.maximum.reduceat(points, starts, axis=0)
+    centers = 0.5 * (lower + upper)
+    half = 0.5 * (upper - lower) / lengthscale
+    radii = np.sqrt(np.sum(half * half, axis=1))
+    steps = np.diff(points / lengthscale, axis=0)
+    step2 = np.sum(steps * steps, axis=1)
+    step2[starts[1:] - 1] = np.inf  # the step from one block's last row to the next block's first
+    step2 = np.append(step2, np.inf)  # a block of one row has no step
+    spacing = np.sqrt(np.minimum.reduceat(step2, starts))
+    return [BlockSetup(center, float(radius), choose_variant(spec, mode, dtype, float(radius), prepared.may_cancel,
+                                                            0.0, float(gap)))
+            for center, radius, gap in zip(centers, radii, spacing)]

@@ -159,9 +159,9 @@ def block_item_sums(queries, calls: list, center: np.ndarray, spec: KernelSpec, 
     """Summed gradient (b, D) and kernel sum (b,) in float64 for one query block of up to ``subs * rows``
     rows cut into ``subs`` sub-blocks of ``rows`` consecutive rows, from items (:func:`pipeline.tiles.compiled_items`):
     ``calls`` is a list of (packed sources (items, cols, S), ``item_sub`` (items,) int32, the number of real
-    items: the others are padding, in sub-block order), ``center`` the sources' centre.  Each item's partial
-    sums are added to its sub-block's rows in float64, call after call and item after item: the same bits
-    however blocks are spread over tasks."""
+    items: the others are padding, in sub-block order), ``center`` the sources' centre.  Each sub-block's
+    rows are the sum of its items' partial sums in float64, item after item: the same bits however blocks
+    are spread over tasks."""
     queries = np.asarray(queries)
     b, dim = queries.shape
     if b > subs * rows:
@@ -170,12 +170,14 @@ def block_item_sums(queries, calls: list, center: np.ndarray, spec: KernelSpec, 
     fn = compiled_items(spec.name, static, formulation(spec, mode), mode, dtype, rows, subs, dim, setup.variant)
     g_total = np.zeros((subs, rows, dim))
     v_total = np.zeros((subs, rows))
-    partials = [(fn(packed, sources, item_sub, dynamic), item_sub[:real]) for sources, item_sub, real in calls]
-    for (g, v), item_sub in partials:  # items in sub-block order: each run of one sub-block summed in order
+    partials = [(fn(packed, sources, item_sub, dynamic), real) for sources, item_sub, real in calls]
+    if partials:  # items in sub-block order: each sub-block's items are one run, summed in item order
+        item_sub = np.concatenate([item_sub[:real] for _, item_sub, real in calls])
         runs = np.flatnonzero(np.diff(item_sub, prepend=-1))
-        real = len(item_sub)
-        g_total[item_sub[runs]] += np.add.reduceat(np.asarray(g, dtype=np.float64)[:real], runs, axis=0)
-        v_total[item_sub[runs]] += np.add.reduceat(np.asarray(v, dtype=np.float64)[:real], runs, axis=0)
+        g = np.concatenate([np.asarray(g, dtype=np.float64)[:real] for (g, _), real in partials])
+        v = np.concatenate([np.asarray(v, dtype=np.float64)[:real] for (_, v), real in partials])
+        g_total[item_sub[runs]] += np.add.reduceat(g, runs, axis=0)
+        v_total[item_sub[runs]] += np.add.reduceat(v, runs, axis=0)
     return g_total.reshape(subs * rows, dim)[:b], v_total.reshape(subs * rows)[:b]
 
 

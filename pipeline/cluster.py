@@ -414,6 +414,18 @@ def _worker_memory_fraction() -> float:
     return memory_fraction()
 
 
+def import_jax_on_workers(client) -> None:
+    """Have every worker start importing JAX in a thread (:func:`pipeline.lazy_jax.import_in_background`,
+    about 0.9 s) while the client writes the output and submits the tasks, instead of in its first task.
+    Only an early start: a worker that cannot (an old kgrad) imports JAX in its first task as before."""
+    from .lazy_jax import import_in_background
+
+    try:
+        client.run(import_in_background)
+    except Exception:  # noqa: BLE001 - the tasks import it anyway
+        pass
+
+
 def check_cluster_memory(client, plan: Plan) -> None:
     """Refuse, before anything is written, a plan whose tasks cannot fit the smallest worker below the
     memory fraction at which that worker's dask pauses it (each worker reports its own)."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .block_precision import block_setup, needs_x64
+from .block_precision import block_setups, needs_x64
 from .blocks import block_item_sums, run_blocks
 from .kernels import KernelSpec
 from .pruning import (INDEX_TILE, Budget, KernelBounds, Selection, TileIndex, select_mini_tiles, select_sources,
@@ -98,7 +98,8 @@ SOURCE_GROUP = 32  # query blocks whose single sources are selected at once (sel
 SUB_BLOCKS = 8  # a query block is computed as this many sub-blocks of consecutive rows ...
 MINI_TILE = 16  # ... each against the mini-tiles (this many consecutive kept sources) it cannot skip
 SUB_SHARE = 0.125  # share of the budget left after the tile levels that the sub-block level may spend
-ITEMS_PER_CALL = (4, 8, 12, 16)  # items of one compiled call (a block's items: whole calls of 16, then the rest)
+ITEMS_PER_CALL = (8, 16, 32)  # items of one compiled call (a block's items: whole calls of 32, then the rest;
+# padding items are skipped inside the call, so they cost their transfer only)
 
 
 def sub_block_rows(rows: int) -> int:
@@ -158,35 +159,37 @@ def sub_block_pairs(sub_positions: list, rows: int, sub_rows: int) -> int:
 def item_calls(sub_positions: list, tiles: "SourceTiles", cols: int) -> list:
     """One block's items: each sub-block's positions cut into tiles of ``cols`` sources (the last padded with
     the zero-weight source), in sub-block order, packed into calls of :data:`ITEMS_PER_CALL` items (whole
-    calls of the largest, then the rest rounded up with zero-weight items).  ``[(packed sources (I, cols, S),
-    item_sub (I,) int32, real items)]``."""
-    pad = len(tiles.ids) * tiles.cols  # the zero-weight tile's first position
-    slots, subs = [], []
-    for s, positions in enumerate(sub_positions):
-        n = -(-len(positions) // cols)
-        if n == 0:
-            continue
-        padded = np.full(n * cols, pad, np.int64)
-        padded[:len(positions)] = positions
-        slots.append(padded)
-        subs.append(np.full(n, s, np.int32))
-    if not slots:
+    calls of the largest, then the rest rounded up with padding items: zero-weight sources, sub-block -1).
+    ``[(packed sources (I, cols, S), item_sub (I,) int32, real items)]``; the sources of all calls are
+    gathered at once."""
+    lengths = np.array([len(p) for p in sub_positions], np.int64)
+    per_sub = -(-lengths // cols)
+    items = int(per_sub.sum())
+    if items == 0:
         return []
-    slots, subs = np.concatenate(slots), np.concatenate(subs)
-    items = len(subs)
+    sizes, left, largest = [], items, ITEMS_PER_CALL[-1]
+    while left > 0:
+        size = next(c for c in ITEMS_PER_CALL if c >= min(left, largest))
+        sizes.append((size, min(size, left)))
+        left -= sizes[-1][1]
+    # Item k's first slot: its call's first slot plus its place in the call (padding items end each call).
+    item_slot = np.concatenate([(first + np.arange(take)) * cols for first, (_, take) in
+                                zip(np.cumsum([0] + [size for size, _ in sizes[:-1]]), sizes)])
+    total = sum(size for size, _ in sizes)
+    slots = np.full(total * cols, len(tiles.ids) * tiles.cols, np.int64)  # the zero-weight tile's first position
+    item_sub = np.full(total, -1, np.int32)  # -1: a padding item (skipped)
+    item_sub[item_slot // cols] = np.repeat(np.arange(len(sub_positions), dtype=np.int32), per_sub)
+    # Position t of sub-block s goes to slot t % cols of the sub-block's item t // cols.
+    place = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    first_item = np.repeat(np.cumsum(per_sub) - per_sub, lengths)
+    slots[item_slot[first_item + place // cols] + place % cols] = np.concatenate(sub_positions)
     packed = tiles.prepared.packed
     width = packed.shape[-1]
-    rows = packed.reshape(-1, width)
-    calls, start, largest = [], 0, ITEMS_PER_CALL[-1]
-    while start < items:
-        size = next(c for c in ITEMS_PER_CALL if c >= min(items - start, largest))
-        take = min(size, items - start)
-        chosen = np.full(size * cols, pad, np.int64)
-        chosen[:take * cols] = slots[start * cols:(start + take) * cols]
-        item_sub = np.zeros(size, np.int32)
-        item_sub[:take] = subs[start:start + take]
-        calls.append((rows[chosen].reshape(size, cols, width), item_sub, take))
-        start += take
+    gathered = packed.reshape(-1, width)[slots].reshape(total, cols, width)
+    calls, first = [], 0
+    for size, take in sizes:
+        calls.append((gathered[first:first + size], item_sub[first:first + size], take))
+        first += size
     return calls
 
 
@@ -206,7 +209,7 @@ def compute_blocks(queries: np.ndarray, selection: Selection, tiles: SourceTiles
     starts = list(range(0, n, shape.rows))
     sub_rows = sub_block_rows(shape.rows)
     subs = shape.rows // sub_rows
-    setups = [block_setup(queries[s:s + shape.rows], tiles.prepared, spec, mode, dtype) for s in starts]
+    setups = block_setups(queries, shape.rows, tiles.prepared, spec, mode, dtype)
     computed = np.zeros(len(starts), np.int64)
     value_left = budget.value - selection.spent_value
     slope_left = budget.slope - selection.spent_slope

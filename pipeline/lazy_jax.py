@@ -6,7 +6,8 @@ about a second of every such process's start (XLA's shared library and its dtype
 compute with JAX (:mod:`pipeline.kernels`, :mod:`pipeline.tiles`, :mod:`pipeline.blocks` ...) name it
 through the stand-ins below: ``jax.jit``, ``jnp.exp`` and ``lax.scan`` import JAX the first time one of
 them is looked up, and from then on are JAX's own objects (the look-up is one attribute access more, at
-trace time or once per call).
+trace time or once per call).  kgrad's local workers start importing it in a thread as they start
+(:func:`import_in_background`, from :mod:`pipeline.worker_setup`), while the client plans.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import threading
 
 
 class LazyModule:
@@ -46,11 +48,39 @@ jnp = LazyModule("jax.numpy")
 lax = LazyModule("jax.lax")
 
 
+_BACKGROUND: threading.Thread | None = None  # a background import of JAX (import_in_background), if started
+
+
+def import_in_background() -> None:
+    """Start importing JAX in a daemon thread, so that a process that will compute with it (a local worker,
+    while its client plans) finds it imported when its first task starts.  The import is the same as a first
+    use's: a failure is left to that use to raise.  :func:`imported` waits for it to finish."""
+    global _BACKGROUND
+    if _BACKGROUND is None and "jax" not in sys.modules:
+        _BACKGROUND = threading.Thread(target=_import_jax_quietly, name="kgrad-import-jax", daemon=True)
+        _BACKGROUND.start()
+
+
+def _import_jax_quietly() -> None:
+    try:
+        importlib.import_module("jax")
+    except Exception:  # noqa: BLE001  (the first use imports it again and raises there)
+        pass
+
+
+def imported():
+    """JAX's module if this process has imported it, else None; waits for a background import to finish
+    first (a module still being imported is in ``sys.modules`` before its attributes are)."""
+    if _BACKGROUND is not None:
+        _BACKGROUND.join()
+    return sys.modules.get("jax")
+
+
 def set_option(name: str, value) -> None:
     """Set JAX's configuration option ``name`` for this process: now, if JAX is imported, else through its
     environment variable (the name in capitals), which JAX reads as the option's value when it is imported.
-    A worker that runs no JAX (a far-field task) then never imports it."""
-    module = sys.modules.get("jax")
+    A process that runs no JAX (a run's client) then never imports it."""
+    module = imported()
     if module is not None:
         module.config.update(name, value)
     else:

@@ -11,11 +11,10 @@ No units: these are switches, not quantities.
 from __future__ import annotations
 
 import contextlib
-import sys
 
 import numpy as np
 
-from .lazy_jax import jax, set_option
+from .lazy_jax import imported, jax, set_option
 
 HIGHEST = "highest"  # lax.Precision.HIGHEST: no TF32 / bf16 passes on GPUs (r2 needs full precision)
 
@@ -23,7 +22,7 @@ HIGHEST = "highest"  # lax.Precision.HIGHEST: no TF32 / bf16 passes on GPUs (r2 
 def enable_x64() -> None:
     """Turn on JAX's x64 switch for the rest of this process (worker processes: float64 runs, and float32
     runs that take some steps in float64).  Arrays are always cast explicitly, so float32 stays float32."""
-    if "jax" not in sys.modules or not jax.config.read("jax_enable_x64"):
+    if imported() is None or not jax.config.read("jax_enable_x64"):
         set_option("jax_enable_x64", True)  # before JAX is imported: read when a task first uses it
 
 

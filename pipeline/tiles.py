@@ -340,7 +340,8 @@ def compiled_items(name: str, static: tuple, form: str, mode: str, dtype: str, r
     sources it alone cannot skip).  Signature: ``(queries, sources, item_sub, dynamic) -> (g, v)`` with
     ``queries`` (subs * rows * k + 2, D) packed as for :func:`compiled_block` (sub-block after sub-block,
     then their low parts, then the block's offset), ``sources`` (items, cols, S), ``item_sub`` (items,)
-    int32; ``g`` (items, rows, D), ``v`` (items, rows).  Every sub-block is moved to the block's centre, in
+    int32, -1 for a padding item (skipped: its sums are 0, at no cost, so one call size serves any number of
+    items); ``g`` (items, rows, D), ``v`` (items, rows).  Every sub-block is moved to the block's centre, in
     the block's variant, so an item's bits depend only on its block."""
     parts = _call_parts(name, static, form, mode, dtype, dim, variant)
 
@@ -351,8 +352,15 @@ def compiled_items(name: str, static: tuple, form: str, mode: str, dtype: str, r
 
         def step(carry, item):
             tile_rows, sub = item
-            mine = jax.lax.dynamic_index_in_dim(q, sub, 0, keepdims=False)
-            return carry, parts.tile(mine, *parts.sources(tile_rows, offset), p)
+            mine = jax.lax.dynamic_index_in_dim(q, jnp.maximum(sub, 0), 0, keepdims=False)
+
+            def compute():
+                return parts.tile(mine, *parts.sources(tile_rows, offset), p)
+
+            def skip():
+                return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(compute))
+
+            return carry, jax.lax.cond(sub >= 0, compute, skip)
 
         _, (g, v) = jax.lax.scan(step, None, (sources, item_sub))
         return g, v

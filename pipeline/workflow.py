@@ -27,8 +27,8 @@ import numpy as np
 
 from . import __version__ as VERSION  # noqa: N812
 from . import lease, store
-from .cluster import (CONNECT_SECONDS, StartingCluster, check_cluster_memory, close, connect, local_cluster,
-                      performance_report, probe_scheduler, quiet_dask_logs, security)
+from .cluster import (CONNECT_SECONDS, StartingCluster, check_cluster_memory, close, connect, import_jax_on_workers,
+                      local_cluster, performance_report, probe_scheduler, quiet_dask_logs, security)
 from .dashboard import dashboard_link
 from .errors import ENDED_STEP, RESTART_STEP, RESUME_STEP, InputError, RunEnded, RunFailed
 from .execute import execute, map_on_workers
@@ -37,6 +37,7 @@ from .fenced import ID_KEY, accepted_ids, new_id
 from .kernels import user_kernel_code
 from .options import RunOptions, check_usage, load_workflow
 from .methods import ClientRun
+from .methods import get as get_method
 from .output import OutputGroup
 from .plan import Plan, memory_fraction, usable_cores
 from .problem import Problem, make_problem
@@ -439,6 +440,8 @@ def _run_owned(prepared: Prepared, stream, starting: StartingCluster | None = No
     cluster_seconds = time.perf_counter() - started
     output_exists = prepared.action == "resume"
     try:
+        if get_method(job.method).workers_use_jax:
+            import_jax_on_workers(client)
         check_cluster_memory(client, plan)
         if prepared.action == "overwrite":
             output_exists = True

@@ -196,3 +196,21 @@ def test_a_cluster_started_for_a_run_that_fails_to_plan_is_closed(tmp_path, monk
     with pytest.raises(workflow.InputError):
         workflow.run_workflow(workflow.RunOptions(points=str(points), out=str(tmp_path / "out.zarr"), kernel="rbf"))
     assert calls == ["start", "cancel"]
+
+
+def test_workers_import_jax_when_the_run_asks_before_the_first_task():
+    """A run whose method computes with JAX has its workers start importing it as soon as the client is
+    connected (:func:`pipeline.cluster.import_jax_on_workers`); a worker does not import it by itself (a
+    far-field run's workers never do)."""
+    from distributed import Client
+
+    from pipeline.cluster import import_jax_on_workers, local_cluster
+    from pipeline.methods import get
+
+    assert get("dense").workers_use_jax and get("pruned").workers_use_jax and not get("far_field").workers_use_jax
+    with local_cluster(1, memory_limit="1GiB") as cluster, Client(cluster) as client:
+        before = client.run(lambda: "jax" in __import__("sys").modules)
+        import_jax_on_workers(client)
+        after = client.run(lambda: __import__("pipeline.lazy_jax", fromlist=["imported"]).imported() is not None)
+    assert before and not any(before.values()), before
+    assert after and all(after.values()), after

@@ -414,6 +414,68 @@ def test_sub_blocks_skip_what_their_block_cannot(kernel):
     check_within(f"{kernel} two groups", as_2d(g), v, as_2d(g_ref), v_ref, bound_g, bound_v)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_item_calls_pack_each_sub_block_in_order_and_skip_padding_items(dtype):
+    """A block's items: each sub-block's positions cut into tiles in order (the last padded with the
+    zero-weight source), whole calls of the largest size then the rest in the smallest size that holds it;
+    padding items (sub-block -1) only at the end, skipped inside the call (their sums are exactly 0 even when
+    their sources have weight).  The sums per sub-block equal the float64 oracle of its rows against its
+    positions."""
+    from pipeline.block_precision import block_setup
+    from pipeline.blocks import block_item_sums
+    from pipeline.kept_tiles import ITEMS_PER_CALL, SourceTiles, item_calls
+    from pipeline.precision import x64_enabled
+    from pipeline.tiles import compiled_items, formulation
+
+    rng = np.random.default_rng(2)
+    ls = np.array([0.5, 0.5, 0.5])
+    spec = make_spec("rbf", 3, lengthscale=ls)
+    n_tiles, subs, rows, cols = 40, 8, 16, 32
+    sources = rng.normal(size=(n_tiles * TILE, 3)) + 1e3
+    w = rng.uniform(0.5, 2.0, len(sources))
+    tiles = SourceTiles.build(np.arange(n_tiles), sources, w, spec, dtype, TILE, np.asarray(sources.mean(0)))
+    lengths = [0, 1, cols, cols + 1, 300, 5, 2 * cols, 700]
+    per_sub = [-(-n // cols) for n in lengths]
+    sub_positions = [np.sort(rng.choice(len(sources), n, replace=False)) for n in lengths]
+    calls = item_calls(sub_positions, tiles, cols)
+    sizes = [len(item_sub) for _, item_sub, _ in calls]
+    assert sum(per_sub) == 39 and sizes == [ITEMS_PER_CALL[-1], 8]
+    assert [real for _, _, real in calls] == [32, 7]
+    item_sub = np.concatenate([s[:real] for _, s, real in calls])
+    np.testing.assert_array_equal(item_sub, np.repeat(np.arange(subs), per_sub))
+    assert all(np.all(s[real:] == -1) for _, s, real in calls)
+    packed = tiles.prepared.packed.reshape(-1, tiles.prepared.packed.shape[-1])
+    zero = packed[n_tiles * TILE]
+    items = np.concatenate([c[:real] for c, _, real in calls])
+    for s, positions in enumerate(sub_positions):
+        mine = items[item_sub == s].reshape(-1, items.shape[-1])
+        np.testing.assert_array_equal(mine[:len(positions)], packed[positions])
+        np.testing.assert_array_equal(mine[len(positions):], np.broadcast_to(zero, mine[len(positions):].shape))
+    queries = rng.normal(size=(subs * rows, 3)) + 1e3
+    setup = block_setup(queries, tiles.prepared, spec, "auto", dtype)
+    with x64_enabled(setup.variant.uses_float64 or dtype == "float64"):
+        g, v = block_item_sums(queries, calls, tiles.prepared.center, spec, "auto", dtype, rows, subs, setup)
+        # a padding item whose sources have weight is still skipped
+        from pipeline.blocks import _call_inputs
+        packed_q, dynamic, static = _call_inputs(queries, tiles.prepared.center, setup, spec, dtype, subs * rows)
+        fn = compiled_items(spec.name, static, formulation(spec, "auto"), "auto", dtype, rows, subs, 3, setup.variant)
+        last, last_sub, real = calls[-1]
+        loaded = last.copy()
+        loaded[real:] = last[0]
+        g_pad, v_pad = (np.asarray(a) for a in fn(packed_q, loaded, last_sub, dynamic))
+    assert np.all(g_pad[real:] == 0) and np.all(v_pad[real:] == 0) and np.any(v_pad[:real] != 0)
+    scale = float(np.abs(w).sum())
+    for s, positions in enumerate(sub_positions):
+        part = slice(s * rows, (s + 1) * rows)
+        if len(positions) == 0:
+            assert np.all(g[part] == 0) and np.all(v[part] == 0)
+            continue
+        g_ref, v_ref = reference_gradients(queries[part], sources[positions], w[positions], "rbf", ls)
+        tol = 1e-10 if dtype == "float64" else 2e-5
+        np.testing.assert_allclose(g[part], g_ref, rtol=0, atol=tol * max(np.abs(g_ref).max(), 1e-300) + 1e-14 * scale)
+        np.testing.assert_allclose(v[part], v_ref, rtol=0, atol=tol * v_ref.max() + 1e-14 * scale)
+
+
 # --- 2. hypothesis ---------------------------------------------------------------------------------------------
 
 N_RANDOM, M_RANDOM = 768, 1024  # fixed sizes: queries (when separate) and sources

@@ -252,3 +252,32 @@ def test_compact_order_takes_extreme_coordinates_quietly():
         warnings.simplefilter("error")
         order = compact_order(x, 1e-3, morton, 4)
     assert np.array_equal(np.sort(order), np.arange(len(x)))
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "matern12", "periodic", "linear"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_block_setups_of_all_blocks_equal_one_block_at_a_time(kernel, dtype):
+    """The pruned method's setups of every block at once (:func:`block_setups`) are exactly those of
+    :func:`block_setup` block by block: centres (the bits of every result depend on them), radii and variants,
+    with a last block of one row, duplicated rows, a block on the boundary of the spacing rule, data far from
+    the origin."""
+    from pipeline.block_precision import SPACING_FLOAT32, block_setup, block_setups
+    from pipeline.kernels import make_spec
+    from pipeline.sources import PreparedSources
+
+    rng = np.random.default_rng(3)
+    rows, ls = 64, 0.3
+    x = rng.normal(size=(5 * rows + 1, 3)) * 4.0 + 1e4
+    x[10:30] = x[10]  # duplicates: spacing 0
+    x[rows:2 * rows] = x[rows] + np.arange(rows)[:, None] * (SPACING_FLOAT32 * ls / np.sqrt(3))  # spacing at the limit
+    x[2 * rows:3 * rows] = rng.uniform(-1, 1, (rows, 3)) * ls * 3 + 1e4  # compact: float32 tiles where allowed
+    spec = make_spec(kernel, 3, lengthscale=ls) if kernel != "linear" else make_spec(kernel, 3)
+    prepared = PreparedSources(None, np.zeros(3), len(x), lower=x.min(0), upper=x.max(0), may_cancel=False)
+    one_by_one = [block_setup(x[s:s + rows], prepared, spec, "auto", dtype) for s in range(0, len(x), rows)]
+    at_once = block_setups(x, rows, prepared, spec, "auto", dtype)
+    assert len(at_once) == len(one_by_one) == 6
+    for a, b in zip(at_once, one_by_one):
+        np.testing.assert_array_equal(a.center, b.center)
+        assert a.radius == b.radius and a.variant == b.variant
+    if kernel == "rbf" and dtype == "float32":
+        assert len({s.variant for s in at_once}) > 1  # the cases above reach more than one variant

@@ -118,3 +118,24 @@ def test_a_task_sets_jax_options_before_jax_is_imported(tmp_path):
     assert result["before"] is False and result["x64"] is True, result
     assert result["cache"] == result["path"] == str(tmp_path / "cache"), result
     assert result["minimums"] == [0.0, 0], result
+
+
+BACKGROUND_PROBE = """
+import json, os, sys
+from pipeline import lazy_jax
+lazy_jax.import_in_background()
+lazy_jax.set_option("jax_enable_x64", True)  # while the import may still be under way
+import jax
+print(json.dumps({"x64": jax.config.read("jax_enable_x64"), "env": os.environ.get("JAX_ENABLE_X64")}))
+"""
+
+
+def test_an_option_set_during_a_background_import_reaches_jax():
+    """:func:`pipeline.lazy_jax.set_option` waits for a background import of JAX (a module being imported is in
+    ``sys.modules`` before its attributes are), then sets the option on JAX itself."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    proc = subprocess.run([sys.executable, "-c", BACKGROUND_PROBE], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"x64": True, "env": None}, result

@@ -87,6 +87,7 @@ RunTasks = Callable[..., dict]  # execute(job, done=...) -> timings (pipeline.ex
 
 class Method(Protocol):
     name: str
+    workers_use_jax: bool  # its tasks compute with JAX (the run has the workers import it before the first task)
 
     def plan(self, request: PlanRequest) -> Planned | str:
         """The plan, or one sentence saying why this method does not run this problem."""

@@ -247,6 +247,7 @@ def choose_grid(lower: np.ndarray, upper: np.ndarray, lengthscale: np.ndarray, n
 
 class FarField(InSpatialOrder):
     name = "far_field"
+    workers_use_jax = False  # interpolation and close pairs in numpy
 
     def plan(self, request: PlanRequest) -> Planned | str:
         spec, tolerance = request.spec, request.tolerance

@@ -48,6 +48,8 @@ class InSpatialOrder(abc.ABC):
     """The client's steps shared by the methods whose tasks are ranges of the run's spatial order.  A method
     built on it says what its copy holds (:meth:`copy_contents`) and computes its tasks."""
 
+    workers_use_jax = True
+
     @abc.abstractmethod
     def copy_contents(self, run: ClientRun) -> dict:
         """The sorted copy's inputs: ``point_index`` and ``points`` at least (:meth:`SpatialCopy.create`)."""
