@@ -159,9 +159,9 @@ def sub_block_pairs(sub_positions: list, rows: int, sub_rows: int) -> int:
 def item_calls(sub_positions: list, tiles: "SourceTiles", cols: int) -> list:
     """One block's items: each sub-block's positions cut into tiles of ``cols`` sources (the last padded with
     the zero-weight source), in sub-block order, packed into calls of :data:`ITEMS_PER_CALL` items (whole
-    calls of the largest, then the rest rounded up with padding items: zero-weight sources, sub-block -1).
-    ``[(packed sources (I, cols, S), item_sub (I,) int32, real items)]``; the sources of all calls are
-    gathered at once."""
+    calls of the largest, then the rest in the smallest that holds it, ended by padding items: sub-block -1,
+    skipped in the call, their sources left 0).  ``[(packed sources (I, cols, S), item_sub (I,) int32, real
+    items)]``; the sources of all calls are gathered at once."""
     lengths = np.array([len(p) for p in sub_positions], np.int64)
     per_sub = -(-lengths // cols)
     items = int(per_sub.sum())
@@ -172,20 +172,19 @@ def item_calls(sub_positions: list, tiles: "SourceTiles", cols: int) -> list:
         size = next(c for c in ITEMS_PER_CALL if c >= min(left, largest))
         sizes.append((size, min(size, left)))
         left -= sizes[-1][1]
-    # Item k's first slot: its call's first slot plus its place in the call (padding items end each call).
-    item_slot = np.concatenate([(first + np.arange(take)) * cols for first, (_, take) in
-                                zip(np.cumsum([0] + [size for size, _ in sizes[:-1]]), sizes)])
-    total = sum(size for size, _ in sizes)
-    slots = np.full(total * cols, len(tiles.ids) * tiles.cols, np.int64)  # the zero-weight tile's first position
-    item_sub = np.full(total, -1, np.int32)  # -1: a padding item (skipped)
-    item_sub[item_slot // cols] = np.repeat(np.arange(len(sub_positions), dtype=np.int32), per_sub)
+    total = sum(size for size, _ in sizes)  # the real items are the first ``items`` (only the last call pads)
+    item_sub = np.full(total, -1, np.int32)
+    item_sub[:items] = np.repeat(np.arange(len(sub_positions), dtype=np.int32), per_sub)
     # Position t of sub-block s goes to slot t % cols of the sub-block's item t // cols.
+    slots = np.full(items * cols, len(tiles.ids) * tiles.cols, np.int64)  # the zero-weight tile's first position
     place = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     first_item = np.repeat(np.cumsum(per_sub) - per_sub, lengths)
-    slots[item_slot[first_item + place // cols] + place % cols] = np.concatenate(sub_positions)
+    slots[(first_item + place // cols) * cols + place % cols] = np.concatenate(sub_positions)
     packed = tiles.prepared.packed
     width = packed.shape[-1]
-    gathered = packed.reshape(-1, width)[slots].reshape(total, cols, width)
+    gathered = np.zeros((total * cols, width), packed.dtype)
+    np.take(packed.reshape(-1, width), slots, axis=0, out=gathered[:items * cols])
+    gathered = gathered.reshape(total, cols, width)
     calls, first = [], 0
     for size, take in sizes:
         calls.append((gathered[first:first + size], item_sub[first:first + size], take))

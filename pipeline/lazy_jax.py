@@ -6,8 +6,9 @@ about a second of every such process's start (XLA's shared library and its dtype
 compute with JAX (:mod:`pipeline.kernels`, :mod:`pipeline.tiles`, :mod:`pipeline.blocks` ...) name it
 through the stand-ins below: ``jax.jit``, ``jnp.exp`` and ``lax.scan`` import JAX the first time one of
 them is looked up, and from then on are JAX's own objects (the look-up is one attribute access more, at
-trace time or once per call).  kgrad's local workers start importing it in a thread as they start
-(:func:`import_in_background`, from :mod:`pipeline.worker_setup`), while the client plans.
+trace time or once per call).  The workers of a run whose tasks compute with JAX start importing it in a
+thread as soon as the client is connected (:func:`import_in_background`, from
+:func:`pipeline.cluster.import_jax_on_workers`), while the client writes the output and submits the tasks.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ _BACKGROUND: threading.Thread | None = None  # a background import of JAX (impor
 
 
 def import_in_background() -> None:
-    """Start importing JAX in a daemon thread, so that a process that will compute with it (a local worker,
-    while its client plans) finds it imported when its first task starts.  The import is the same as a first
+    """Start importing JAX in a daemon thread, so that a process that will compute with it (a worker of a
+    dense or pruned run) finds it imported when its first task starts.  The import is the same as a first
     use's: a failure is left to that use to raise.  :func:`imported` waits for it to finish."""
     global _BACKGROUND
     if _BACKGROUND is None and "jax" not in sys.modules:

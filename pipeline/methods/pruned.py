@@ -41,10 +41,13 @@ from .in_order import COPY_CHUNK, InOrderData, InSpatialOrder, check_copy, task_
 # (its bigger tiles are faster than gathering nearly every tile; the bound then holds trivially).
 DENSE_ABOVE = 1.0 / PRUNED_SLOWDOWN  # where the pruned run's estimated time reaches the dense run's
 # Tasks get rows for at least this many projected seconds (pipeline.plan.task_rows): a pruned task's own
-# cost (its rows, the super-tile level over all blocks, the source chunks it reads, its writes) is about 20-30
-# ms.  Clustered data at 10^6 points (EPS 1e-9): 62 tasks of 16384 rows 7.79 s end to end, 31 of 32768 7.20 s,
-# 16 of 65536 7.15 s (medians of 3, alternating).
-TASK_SECONDS = 0.25
+# cost (its rows, the super-tile level over all blocks, the source chunks it reads, preparing the sources its
+# blocks need, its writes) is about 20-30 ms, and neighbouring tasks prepare the sources between them twice.
+# Clustered data at 10^6 points (EPS 1e-9): 62 tasks of 16384 rows 7.79 s end to end, 31 of 32768 7.20 s,
+# 16 of 65536 7.15 s (medians of 3, alternating); at 10^7: 611 tasks of 16384 rows 84.7 s (execute 58.2 s),
+# 153 of 65536 76.5 s (53.4 s).  The projection per pair (pipeline.plan.pair_seconds) is about 1.5x the
+# measured cost there, so this asks for about 0.7 s of measured work.
+TASK_SECONDS = 1.0
 MAX_TASK_BLOCKS = 128  # ... and at most this many blocks (a task's selection holds blocks x super-tiles flags)
 
 
