@@ -33,6 +33,7 @@ class LazyModule:
             raise AttributeError(attribute)
         module = self._module
         if module is None:
+            imported()  # a background import of JAX under way: wait (a submodule's import would not)
             module = importlib.import_module(self._name)
             object.__setattr__(self, "_module", module)
         return getattr(module, attribute)

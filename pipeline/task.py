@@ -21,6 +21,7 @@ from . import lease, store
 from .cache import enable_compilation_cache
 from .errors import ENDED_STEP, InputsChanged, RunEnded, RunFailed
 from .kernels import KernelSpec
+from .lazy_jax import imported
 from .precision import enable_x64
 from .tiles import TileShape
 
@@ -62,7 +63,9 @@ class Job:
 
 def start_task(job: Job) -> None:
     """What every task does first: pin the worker to its core (local clusters), use the compilation cache,
-    and turn on JAX's x64 switch (float64 tiles and sums)."""
+    and turn on JAX's x64 switch (float64 tiles and sums).  A background import of JAX is waited for first,
+    so that the threads it starts are pinned too."""
+    imported()
     if job.pin_cores:
         pin_to_core()
     enable_compilation_cache(job.cache_dir)

@@ -124,18 +124,22 @@ BACKGROUND_PROBE = """
 import json, os, sys
 from pipeline import lazy_jax
 lazy_jax.import_in_background()
-lazy_jax.set_option("jax_enable_x64", True)  # while the import may still be under way
-import jax
-print(json.dumps({"x64": jax.config.read("jax_enable_x64"), "env": os.environ.get("JAX_ENABLE_X64")}))
+if sys.argv[1] == "option":
+    lazy_jax.set_option("jax_enable_x64", True)  # while the import may still be under way
+    import jax
+    print(json.dumps({"x64": jax.config.read("jax_enable_x64"), "env": os.environ.get("JAX_ENABLE_X64")}))
+else:  # a submodule through a stand-in, at once: Python would not wait for the package being imported
+    print(json.dumps({"sum": float(lazy_jax.jnp.ones(2).sum())}))
 """
 
 
-def test_an_option_set_during_a_background_import_reaches_jax():
-    """:func:`pipeline.lazy_jax.set_option` waits for a background import of JAX (a module being imported is in
-    ``sys.modules`` before its attributes are), then sets the option on JAX itself."""
+@pytest.mark.parametrize("use,expected", [("option", {"x64": True, "env": None}), ("submodule", {"sum": 2.0})])
+def test_jax_used_during_a_background_import_waits_for_it(use, expected):
+    """:func:`pipeline.lazy_jax.set_option` and the stand-ins wait for a background import of JAX (a module
+    being imported is in ``sys.modules`` before its attributes are, and importing ``jax.numpy`` meanwhile
+    fails), then use JAX itself."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    proc = subprocess.run([sys.executable, "-c", BACKGROUND_PROBE], capture_output=True, text=True, timeout=300,
-                          env=env)
+    proc = subprocess.run([sys.executable, "-c", BACKGROUND_PROBE, use], capture_output=True, text=True,
+                          timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == {"x64": True, "env": None}, result
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
