@@ -79,9 +79,18 @@ def check_range(array: np.ndarray, name: str, center, lengthscale, dtype: str) -
     mid-range centre, so distances from the centre would point at an innocent row)."""
     data = np.asarray(array, np.float64)
     scale = np.asarray(lengthscale, np.float64)
+    limit = float(np.sqrt(np.finfo(dtype).max / (4 * max(1, data.shape[-1]))))
+    if not data.size:
+        return
+    # |(x - c) / l| is monotone in x on each side of c: its largest value is at a column's smallest or
+    # largest x, so the bounds decide (the same numbers as scaling every row, without N x D temporaries)
+    lower, upper = column_bounds(data.reshape(-1, data.shape[-1]))
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = np.abs((np.stack([lower, upper]) - np.asarray(center)) / scale)
+    if not np.isnan(scaled).any() and scaled.max() <= limit:
+        return
     scaled = np.abs((data - np.asarray(center)) / scale)
-    limit = float(np.sqrt(np.finfo(dtype).max / (4 * max(1, scaled.shape[-1]))))
-    if not scaled.size or scaled.max() <= limit:
+    if scaled.max() <= limit:
         return
     with np.errstate(over="ignore", invalid="ignore"):
         spread = np.nan_to_num(np.abs((data - np.median(data, axis=0)) / scale).max(axis=1), nan=np.inf)
@@ -118,6 +127,12 @@ def check_lengthscale_range(points: np.ndarray, sources: np.ndarray, lengthscale
     with np.errstate(all="ignore"):
         lower, upper = column_bounds(data)
         extent = upper - lower
+        # the bulk is within the extent, so a lengthscale that fits the whole extent fits the bulk too:
+        # the percentiles (a second pass over the data) only where that does not settle it
+        settled = all(_lengthscale_range(float(extent[d]), float(extent[d]), dim, dtype)[0] <= float(scale[d])
+                      <= _lengthscale_range(float(extent[d]), float(extent[d]), dim, dtype)[1] for d in range(dim))
+        if settled:
+            return
         low, high = np.percentile(data, [10.0, 90.0], axis=0, method="nearest")  # one outlier in 11 rows is out
         bulk = np.where(high > low, high - low, extent)
     for d in range(dim):

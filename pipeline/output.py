@@ -393,6 +393,15 @@ class SpatialCopy:
             return None
         return np.asarray(group[name][start:stop])
 
+    def arrays(self, *names: str) -> dict:
+        """The arrays ``names``, opened once for many reads (a name the run has no array for maps to None)."""
+        group = self._open()
+        found = {}
+        for name in names:
+            member = group.get(name)
+            found[name] = member if isinstance(member, zarr.Array) else None
+        return found
+
     def read_box(self, name: str, lower, upper) -> np.ndarray:
         """The box ``[lower_d, upper_d)`` along every axis of one array."""
         return np.asarray(self._open()[name][tuple(slice(int(a), int(b)) for a, b in zip(lower, upper))])

@@ -75,6 +75,14 @@ class KernelBounds:
     def gmax(self) -> float:
         return self.slope_max / self.min_lengthscale
 
+    @functools.cached_property
+    def free_radius(self) -> float:
+        """The smallest table radius from which both tables are 0 (inf if none): a source at least this far
+        (after :data:`SHRINK`) costs exactly nothing to skip."""
+        nonzero = np.flatnonzero((self.values > 0) | (self.slopes > 0))
+        last = int(nonzero[-1]) + 1 if len(nonzero) else 0
+        return float(self.radii[last]) if last < len(self.radii) else np.inf
+
     def bins(self, d) -> np.ndarray:
         """Index of the largest table radius <= d (after :data:`SHRINK`): the radii are 0 then geometric, so
         the index comes from a logarithm, corrected so that ``radii[index] <= d < radii[index + 1]``."""
@@ -269,22 +277,66 @@ class Budget:
 
 def _skippable(d: np.ndarray, weight: np.ndarray, bounds: KernelBounds, value_left, slope_left) -> tuple:
     """Along the last axis, farthest first: which entries fit in the budget left (a prefix of that order),
-    and the budget each row spends.  Entries of zero weight cost nothing."""
+    and the budget each row spends.  Entries of zero weight cost nothing.
+
+    Entries at or beyond :attr:`KernelBounds.free_radius` cost exactly 0 and come first in that order (most
+    of a level's entries on data spanning many lengthscales), so only the others are sorted, each row's in
+    one padded row: the same cumulative sums, in the same order, as sorting every entry."""
+    d = np.asarray(d, np.float64)
+    rows_shape = d.shape[:-1]
+    d2 = d.reshape(-1, d.shape[-1]) if d.ndim > 1 else d[None]
+    w2 = np.broadcast_to(weight, d.shape).reshape(d2.shape)
+    value_left = np.broadcast_to(np.asarray(value_left, np.float64), rows_shape).reshape(-1)
+    slope_left = np.broadcast_to(np.asarray(slope_left, np.float64), rows_shape).reshape(-1)
+    free = d2 * SHRINK >= bounds.free_radius
+    paid = ~free
+    counts = paid.sum(axis=-1)
+    width = int(counts.max(initial=0))
+    if width * 2 > d2.shape[-1]:  # few free entries: sort them all
+        skip, spent_v, spent_g = _skippable_sorted(d2, w2, bounds, value_left, slope_left)
+    else:
+        rows, cols = np.nonzero(paid)  # row by row, columns ascending
+        order = np.lexsort((-d2[rows, cols], rows))  # stable: ties keep column order, as the full sort does
+        rows, cols = rows[order], cols[order]
+        place = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+        dp = np.zeros((len(d2), width))
+        wp = np.zeros((len(d2), width))
+        dp[rows, place] = d2[rows, cols]
+        wp[rows, place] = w2[rows, cols]
+        # free entries fit when the budget left is not negative (their cost is 0), and come first
+        start_ok = (value_left >= 0.0) & (slope_left >= 0.0)
+        fits, spent_v, spent_g = _prefix_fits(dp, wp, bounds, value_left, slope_left)
+        fits &= start_ok[:, None]
+        skip = free & start_ok[:, None]
+        skip[rows, cols] = fits[rows, place]
+    return skip.reshape(d.shape), spent_v.reshape(rows_shape), spent_g.reshape(rows_shape)
+
+
+def _skippable_sorted(d: np.ndarray, weight: np.ndarray, bounds: KernelBounds, value_left: np.ndarray,
+                      slope_left: np.ndarray) -> tuple:
+    """:func:`_skippable` for rows (R, K), every entry sorted."""
     order = np.argsort(-d, axis=-1, kind="stable")
-    d_sorted = np.take_along_axis(d, order, axis=-1)
-    w_sorted = np.take_along_axis(np.broadcast_to(weight, d.shape), order, axis=-1)
+    fits, spent_v, spent_g = _prefix_fits(np.take_along_axis(d, order, axis=-1),
+                                          np.take_along_axis(weight, order, axis=-1), bounds, value_left, slope_left)
+    skip = np.zeros(d.shape, bool)
+    np.put_along_axis(skip, order, fits, axis=-1)
+    return skip, spent_v, spent_g
+
+
+def _prefix_fits(d_sorted: np.ndarray, w_sorted: np.ndarray, bounds: KernelBounds, value_left: np.ndarray,
+                 slope_left: np.ndarray) -> tuple:
+    """Rows (R, K) farthest first: which entries are in the prefix that fits the budget left (R,), and
+    what each row's prefix spends."""
     has = w_sorted > 0
     bins = bounds.bins(d_sorted)  # the tails of both tables are read at the same radius
     with np.errstate(invalid="ignore"):  # 0 * inf where a tile of zero weight is close: costs nothing
         cost_v = np.cumsum(np.where(has, w_sorted * bounds.values[bins], 0.0), axis=-1)
         cost_g = np.cumsum(np.where(has, w_sorted * bounds.slopes[bins], 0.0), axis=-1)
-    fits = (cost_v <= np.expand_dims(value_left, -1)) & (cost_g <= np.expand_dims(slope_left, -1))
+    fits = (cost_v <= value_left[:, None]) & (cost_g <= slope_left[:, None])
     fits = np.cumprod(fits, axis=-1).astype(bool)  # a prefix: stop at the first that does not fit
     spent_v = np.where(fits, cost_v, 0.0).max(axis=-1, initial=0.0)
     spent_g = np.where(fits, cost_g, 0.0).max(axis=-1, initial=0.0)
-    skip = np.zeros(d.shape, bool)
-    np.put_along_axis(skip, order, fits, axis=-1)
-    return skip, spent_v, spent_g
+    return fits, spent_v, spent_g
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from pipeline.plan import PRUNED_TILES
 from pipeline.problem import make_problem
 import pipeline.methods.pruned  # noqa: E402
 from pipeline.kept_tiles import compute_in_memory
-from pipeline.pruning import (FAR_SHARE, LEVEL_ONE_SHARE, LEVEL_TWO_SHARE, SUPER_TILES, TABLE_MAX, TABLE_MIN, Budget,
+from pipeline.pruning import (FAR_SHARE, LEVEL_ONE_SHARE, LEVEL_TWO_SHARE, SHRINK, SUPER_TILES, TABLE_MAX, TABLE_MIN, Budget,
                               TileIndex, box_distance, kernel_bounds, point_box_distance, prunes, select_sources,
                               select_sources_of_blocks, select_tiles, tile_index)
 
@@ -673,6 +673,42 @@ def test_select_tiles_never_skips_more_than_the_budget(kernel):
 
 
 @pytest.mark.parametrize("kernel", PRUNING)
+def test_skip_rule_sorts_only_what_costs_something(kernel):
+    """The tile levels' rule (farthest first, while the budget allows) sorts only the entries nearer than the
+    kernel's free radius (beyond it both tables are 0): the same skips and the same spent budget, bit for
+    bit, as sorting every entry, on rows with ties, zero weights, entries at distance 0, rows that span the
+    free radius or lie wholly beyond it, and a negative budget left."""
+    from pipeline.pruning import _skippable, _skippable_sorted
+
+    bounds = kernel_bounds(make_spec(kernel, 1, 1.0, 1.0, **PARAMS.get(kernel, {})))
+    free = bounds.free_radius
+    reach = free if np.isfinite(free) else 50.0
+    rng = np.random.default_rng(21)
+    fast_rows = 0
+    for trial in range(120):
+        rows, entries = int(rng.integers(1, 9)), int(rng.integers(1, 300))
+        d = np.abs(rng.normal(0.0, reach * float(rng.choice([0.05, 0.5, 1.0, 2.0, 30.0])), (rows, entries)))
+        if trial % 3 == 0:
+            d = np.round(d)  # ties
+        if trial % 4 == 1:
+            d[:, : entries // 3] = 0.0
+        if trial % 5 == 2:
+            d[0] = free if np.isfinite(free) else 1e6  # a row at the free radius exactly
+        weight = (rng.random(entries) * (rng.random(entries) > 0.2) if trial % 2 else
+                  rng.random((rows, entries)) * 10.0 ** rng.uniform(-3, 3))
+        value_left = rng.random(rows) * 10.0 ** rng.uniform(-9, 2)
+        slope_left = rng.random(rows) * 10.0 ** rng.uniform(-9, 2)
+        if trial % 7 == 3:
+            value_left[0] = -1.0
+        fast_rows += int(np.sum(d * SHRINK < free, axis=1).max() * 2 <= entries)  # calls that sort a part
+        expected = _skippable_sorted(d, np.broadcast_to(weight, d.shape), bounds, value_left, slope_left)
+        found = _skippable(d, weight, bounds, value_left, slope_left)
+        for a, b in zip(expected, found):
+            assert a.shape == b.shape and np.array_equal(a, b), trial
+    assert fast_rows > 10 or not np.isfinite(free)  # the short path ran (kernels whose tails reach 0)
+
+
+@pytest.mark.parametrize("kernel", PRUNING)
 def test_tiles_then_sources_never_skip_more_than_the_budget(kernel):
     """All levels together, as a pruned run uses them: select_tiles, then select_sources on the sources of the
     kept tiles with the budget left.  Summed over every source a block does not compute, |w_i| * tail(distance
@@ -994,3 +1030,54 @@ def test_float32_pruned_run_keeps_the_bound_on_top_of_float32_rounding():
     bound_g, bound_v = contract_bounds("rbf", {}, 1e-3, w, len(x), ls)
     assert row_norms(g - g_ref).max() <= bound_g + 2e-5 * row_norms(g_ref).max()
     assert np.abs(v - v_ref).max() <= bound_v + 2e-5 * np.abs(v_ref).max()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("separate", [False, True])
+def test_sorted_sources_are_read_a_run_of_chunks_at_a_time(weighted, separate):
+    """A task's rows of the sorted sources (pipeline.methods.pruned.read_sorted_sources): the chunks a
+    worker has not cached are read one run of consecutive chunks at a time (a partial last chunk too), the
+    cached ones not again, and the rows and weights are the copy's, whatever was cached before."""
+    from pipeline.methods import pruned as P
+
+    class Recorded:
+        def __init__(self, data):
+            self.data, self.reads = data, []
+
+        def __getitem__(self, rows):
+            self.reads.append((rows.start, rows.stop))
+            return self.data[rows]
+
+    class Copy:
+        def __init__(self, arrays):
+            self.held = arrays
+
+        def arrays(self, *names):
+            return {name: self.held.get(name) for name in names}
+
+    rng = np.random.default_rng(3)
+    size, m, dim = 8, 61, 2  # 8 chunks, the last of 5 rows
+    name = "sources" if separate else "points"
+    arrays = {name: Recorded(rng.normal(size=(m, dim)))}
+    if weighted:
+        arrays["weights"] = Recorded(rng.normal(size=m))
+    layout = P.SortedLayout(copy_chunk=size, copy_id=f"test-{weighted}-{separate}", separate_sources=separate)
+    copy = Copy(arrays)
+    P._CHUNKS.clear()
+    rows = np.array([1, 2, 9, 17, 40, 41, 47, 60])  # chunks 0, 1, 2, 5, 7 (runs 0-2, 5, 7)
+    sources, weights = P.read_sorted_sources(layout, copy, rows, dim)
+    np.testing.assert_array_equal(sources, arrays[name].data[rows])
+    assert arrays[name].reads == [(0, 24), (40, 48), (56, 64)]
+    if weighted:
+        np.testing.assert_array_equal(weights, arrays["weights"].data[rows])
+        assert arrays["weights"].reads == arrays[name].reads
+    else:
+        assert weights is None
+    arrays[name].reads.clear()
+    rows = np.array([3, 30, 31, 33, 45, 52])  # chunks 0, 3, 4 (a run of two not cached), 5, 6
+    sources, weights = P.read_sorted_sources(layout, copy, rows, dim)
+    np.testing.assert_array_equal(sources, arrays[name].data[rows])
+    assert arrays[name].reads == [(24, 40), (48, 56)]
+    if weighted:
+        np.testing.assert_array_equal(weights, arrays["weights"].data[rows])
+    P._CHUNKS.clear()

@@ -197,11 +197,13 @@ def tile_index_cached(layout: SortedLayout, copy: SpatialCopy) -> TileIndex:
 
 
 def _source_rows(layout: SortedLayout, copy: SpatialCopy, chunks: np.ndarray) -> dict:
-    """The sorted sources' chunks ``chunks`` (rows, weights), from this process's cache or the copy.  The
-    cache keeps at most :data:`pipeline.plan.PRUNED_HELD_SOURCES` rows beyond what one task needs."""
+    """The sorted sources' chunks ``chunks`` (ascending: rows, weights), from this process's cache or the
+    copy: the chunks not cached are read a run of consecutive chunks at a time (one read each, the arrays
+    opened once).  The cache keeps at most :data:`pipeline.plan.PRUNED_HELD_SOURCES` rows beyond what one
+    task needs."""
     name = "sources" if layout.separate_sources else "points"
     size = layout.copy_chunk
-    found = {}
+    found, missing = {}, []
     for chunk in (int(c) for c in chunks):
         key = (layout.copy_id, chunk)
         with _LOCK:
@@ -209,11 +211,22 @@ def _source_rows(layout: SortedLayout, copy: SpatialCopy, chunks: np.ndarray) ->
             if cached is not None:
                 _CHUNKS.move_to_end(key)
         if cached is None:
-            start, stop = chunk * size, (chunk + 1) * size
-            cached = (copy.read(name, start, stop), copy.read("weights", start, stop))
-            with _LOCK:
-                _CHUNKS[key] = cached
-        found[chunk] = cached
+            missing.append(chunk)
+        else:
+            found[chunk] = cached
+    if missing:
+        arrays = copy.arrays(name, "weights")
+        breaks = np.flatnonzero(np.diff(missing) != 1) + 1
+        for run in np.split(np.asarray(missing, np.int64), breaks):
+            start, stop = int(run[0]) * size, (int(run[-1]) + 1) * size
+            rows = np.asarray(arrays[name][start:stop])
+            weights = None if arrays["weights"] is None else np.asarray(arrays["weights"][start:stop])
+            for k, chunk in enumerate(int(c) for c in run):
+                part = slice(k * size, (k + 1) * size)  # copies: a cached chunk holds its own rows only
+                cached = (rows[part].copy(), None if weights is None else weights[part].copy())
+                with _LOCK:
+                    _CHUNKS[(layout.copy_id, chunk)] = cached
+                found[chunk] = cached
     with _LOCK:
         while len(_CHUNKS) * size > PRUNED_HELD_SOURCES and len(_CHUNKS) > len(found):
             _CHUNKS.popitem(last=False)
