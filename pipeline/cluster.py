@@ -416,7 +416,7 @@ def _worker_memory_fraction() -> float:
 
 def import_jax_on_workers(client) -> None:
     """Have every worker start importing JAX in a thread (:func:`pipeline.lazy_jax.import_in_background`,
-    about 0.9 s) while the client writes the output and submits the tasks, instead of in its first task.
+    about 0.3 s) while the client writes the output and submits the tasks, instead of in its first task.
     Only an early start: a worker that cannot (an old kgrad) imports JAX in its first task as before."""
     from .lazy_jax import import_in_background
 
