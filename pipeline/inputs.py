@@ -89,7 +89,8 @@ def check_range(array: np.ndarray, name: str, center, lengthscale, dtype: str) -
         scaled = np.abs((np.stack([lower, upper]) - np.asarray(center)) / scale)
     if not np.isnan(scaled).any() and scaled.max() <= limit:
         return
-    scaled = np.abs((data - np.asarray(center)) / scale)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf is above the limit: the message names the row
+        scaled = np.abs((data - np.asarray(center)) / scale)
     if scaled.max() <= limit:
         return
     with np.errstate(over="ignore", invalid="ignore"):

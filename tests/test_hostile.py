@@ -378,3 +378,43 @@ def test_inspect_names_the_run_that_is_writing_the_output(complete_output):
         held.release()
     proc, _ = kgrad(["inspect", complete_output])  # the run gone: incomplete, resumable
     assert "INCOMPLETE" in proc.stdout and "--resume" in proc.stdout, proc.stdout
+
+
+def test_input_range_checks_decide_from_the_bounds_as_from_every_row(monkeypatch):
+    """check_range decides from each column's bounds (|(x - c) / l| is largest at a column's smallest or
+    largest x): the same decision as scaling every row, on data with outliers up to the float limits.
+    check_lengthscale_range takes percentiles (a second pass over the data) only where the whole extent
+    does not settle it: one far outlier lets a lengthscale that fits the bulk pass, not one that does not."""
+    from pipeline.inputs import check_lengthscale_range, check_range
+    from pipeline.errors import InputError
+
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        dtype = ("float32", "float64")[trial % 2]
+        x = rng.normal(size=(int(rng.integers(1, 40)), int(rng.integers(1, 4)))) * 10.0 ** rng.uniform(-3, 3)
+        if trial % 3:
+            x[rng.integers(len(x)), rng.integers(x.shape[1])] = 10.0 ** rng.uniform(10, 300) * rng.choice([-1, 1])
+        center = 0.5 * (x.min(axis=0) + x.max(axis=0))
+        scale = 10.0 ** rng.uniform(-20, 20)
+        with np.errstate(over="ignore"):
+            scaled = np.abs((x - center) / scale)
+        expected = scaled.max() > np.sqrt(np.finfo(dtype).max / (4 * x.shape[1]))
+        try:
+            check_range(x, "points", center, scale, dtype)
+            raised = False
+        except InputError:
+            raised = True
+        assert raised == expected, (trial, dtype, scale)
+
+    bulk = rng.normal(size=(1000, 2))
+    spread = bulk.copy()
+    spread[7] = [1e25, 0.0]  # one outlier: the extent is 1e25, the bulk about 2.6
+    def no_percentiles(*args, **kwargs):
+        raise AssertionError("percentiles taken where the extent settles the check")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(np, "percentile", no_percentiles)
+        check_lengthscale_range(bulk, bulk, 0.3, "float32")  # fits the extent: settled without them
+    check_lengthscale_range(spread, spread, 1e-15, "float32")  # the extent would overflow, the bulk does not
+    with pytest.raises(InputError, match="lengthscale=1e-19"):
+        check_lengthscale_range(spread, spread, 1e-19, "float32")  # the bulk overflows too
