@@ -83,7 +83,7 @@ def check_range(array: np.ndarray, name: str, center, lengthscale, dtype: str) -
     if not data.size:
         return
     # |(x - c) / l| is monotone in x on each side of c: its largest value is at a column's smallest or
-    # largest x, so the bounds decide (the same numbers as scaling every row, without N x D temporaries)
+    # largest x, so the bounds decide (the same numbers as scaling every row, without its N x D passes)
     lower, upper = column_bounds(data.reshape(-1, data.shape[-1]))
     with np.errstate(over="ignore", invalid="ignore"):
         scaled = np.abs((np.stack([lower, upper]) - np.asarray(center)) / scale)

@@ -2,8 +2,8 @@
 
 The client of a run on a cluster plans, writes the output and hands tasks to the workers; it never traces
 or runs a JAX function, and a far-field run's workers only interpolate with numpy.  Importing JAX costs
-about a second of every such process's start (XLA's shared library and its dtypes), so the modules that
-compute with JAX (:mod:`pipeline.kernels`, :mod:`pipeline.tiles`, :mod:`pipeline.blocks` ...) name it
+0.3 s of every such process's start (XLA's shared library and its dtypes; 0.85 s with ml_dtypes 0.7.0), so
+the modules that compute with JAX (:mod:`pipeline.kernels`, :mod:`pipeline.tiles`, :mod:`pipeline.blocks` ...) name it
 through the stand-ins below: ``jax.jit``, ``jnp.exp`` and ``lax.scan`` import JAX the first time one of
 them is looked up, and from then on are JAX's own objects (the look-up is one attribute access more, at
 trace time or once per call).  The workers of a run whose tasks compute with JAX start importing it in a

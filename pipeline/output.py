@@ -398,7 +398,10 @@ class SpatialCopy:
         group = self._open()
         found = {}
         for name in names:
-            member = group.get(name)
+            try:
+                member = group[name]
+            except KeyError:
+                member = None
             found[name] = member if isinstance(member, zarr.Array) else None
         return found
 

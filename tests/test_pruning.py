@@ -692,8 +692,11 @@ def test_skip_rule_sorts_only_what_costs_something(kernel):
             d = np.round(d)  # ties
         if trial % 4 == 1:
             d[:, : entries // 3] = 0.0
-        if trial % 5 == 2:
-            d[0] = free if np.isfinite(free) else 1e6  # a row at the free radius exactly
+        if trial % 5 == 2:  # rows at the free radius: just inside it, at it (after SHRINK), beyond; inf
+            d[0] = free if np.isfinite(free) else 1e6
+            d[-1, ::2] = free / SHRINK if np.isfinite(free) else np.inf
+        if trial % 11 == 4:
+            d[-1, ::3] = np.inf
         weight = (rng.random(entries) * (rng.random(entries) > 0.2) if trial % 2 else
                   rng.random((rows, entries)) * 10.0 ** rng.uniform(-3, 3))
         value_left = rng.random(rows) * 10.0 ** rng.uniform(-9, 2)
@@ -706,6 +709,13 @@ def test_skip_rule_sorts_only_what_costs_something(kernel):
         for a, b in zip(expected, found):
             assert a.shape == b.shape and np.array_equal(a, b), trial
     assert fast_rows > 10 or not np.isfinite(free)  # the short path ran (kernels whose tails reach 0)
+    for shape in ((3, 0), (0, 5), (0,)):  # no entries, or no rows
+        d = np.zeros(shape)
+        left = np.ones(shape[:-1])
+        rows = (int(np.prod(shape[:-1])), shape[-1])
+        for a, b in zip(_skippable_sorted(d.reshape(rows), d.reshape(rows), bounds, left.reshape(-1), left.reshape(-1)),
+                        _skippable(d, np.zeros(shape), bounds, left, left)):
+            assert np.array_equal(a.reshape(b.shape), b)
 
 
 @pytest.mark.parametrize("kernel", PRUNING)
@@ -1034,7 +1044,7 @@ def test_float32_pruned_run_keeps_the_bound_on_top_of_float32_rounding():
 
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("separate", [False, True])
-def test_sorted_sources_are_read_a_run_of_chunks_at_a_time(weighted, separate):
+def test_sorted_sources_are_read_a_run_of_chunks_at_a_time(weighted, separate, monkeypatch):
     """A task's rows of the sorted sources (pipeline.methods.pruned.read_sorted_sources): the chunks a
     worker has not cached are read one run of consecutive chunks at a time (a partial last chunk too), the
     cached ones not again, and the rows and weights are the copy's, whatever was cached before."""
@@ -1080,4 +1090,11 @@ def test_sorted_sources_are_read_a_run_of_chunks_at_a_time(weighted, separate):
     assert arrays[name].reads == [(24, 40), (48, 56)]
     if weighted:
         np.testing.assert_array_equal(weights, arrays["weights"].data[rows])
+    P._CHUNKS.clear()
+    arrays[name].reads.clear()
+    monkeypatch.setattr(P, "READ_RUN", 3)  # a long run is read a few chunks at a time
+    rows = np.arange(0, m, 5)
+    sources, weights = P.read_sorted_sources(layout, copy, rows, dim)
+    np.testing.assert_array_equal(sources, arrays[name].data[rows])
+    assert arrays[name].reads == [(0, 24), (24, 48), (48, 64)]
     P._CHUNKS.clear()

@@ -196,11 +196,14 @@ def tile_index_cached(layout: SortedLayout, copy: SpatialCopy) -> TileIndex:
     return found
 
 
+READ_RUN = 32  # chunks read at once by a worker (the read's rows are held twice while the chunks are cut)
+
+
 def _source_rows(layout: SortedLayout, copy: SpatialCopy, chunks: np.ndarray) -> dict:
-    """The sorted sources' chunks ``chunks`` (ascending: rows, weights), from this process's cache or the
-    copy: the chunks not cached are read a run of consecutive chunks at a time (one read each, the arrays
-    opened once).  The cache keeps at most :data:`pipeline.plan.PRUNED_HELD_SOURCES` rows beyond what one
-    task needs."""
+    """The sorted sources' chunks ``chunks`` (ascending chunk numbers) as {chunk: (rows, weights or None)},
+    from this process's cache or the copy: the chunks not cached are read a run of up to :data:`READ_RUN`
+    consecutive chunks at a time (one read each, the arrays opened once).  The cache keeps at most
+    :data:`pipeline.plan.PRUNED_HELD_SOURCES` rows beyond what one task needs."""
     name = "sources" if layout.separate_sources else "points"
     size = layout.copy_chunk
     found, missing = {}, []
@@ -216,8 +219,9 @@ def _source_rows(layout: SortedLayout, copy: SpatialCopy, chunks: np.ndarray) ->
             found[chunk] = cached
     if missing:
         arrays = copy.arrays(name, "weights")
-        breaks = np.flatnonzero(np.diff(missing) != 1) + 1
-        for run in np.split(np.asarray(missing, np.int64), breaks):
+        missing = np.asarray(missing, np.int64)
+        breaks = np.flatnonzero((np.diff(missing) != 1) | (np.arange(1, len(missing)) % READ_RUN == 0)) + 1
+        for run in np.split(missing, breaks):  # runs of consecutive chunks, READ_RUN at most (bounded copies)
             start, stop = int(run[0]) * size, (int(run[-1]) + 1) * size
             rows = np.asarray(arrays[name][start:stop])
             weights = None if arrays["weights"] is None else np.asarray(arrays["weights"][start:stop])
